@@ -1,0 +1,5 @@
+import sys
+
+from psmamba.cli import main
+
+sys.exit(main())

@@ -1,0 +1,66 @@
+"""The ``psmamba`` command line: a thin layer over the library.
+
+Each sub-command lives in its own module under :mod:`psmamba.commands` and provides
+
+* ``HELP``: a one-line description,
+* ``add_arguments(parser)``: its argparse options,
+* ``run(args) -> int``: the work, with heavy imports inside the function so that
+  ``psmamba --help`` stays fast.
+
+User errors (:class:`psmamba.PsmambaError`, missing files, ...) print one line
+``psmamba: error: ...`` and exit with status 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import pkgutil
+import sys
+
+from psmamba import __version__
+from psmamba.errors import PsmambaError
+
+
+def _command_modules():
+    import psmamba.commands as pkg
+
+    for info in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda i: i.name):
+        if info.name.startswith("_"):
+            continue
+        yield info.name.replace("_", "-"), importlib.import_module(f"psmamba.commands.{info.name}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="psmamba",
+        description="PSMamba-Net deformable registration of 3-D medical images.",
+    )
+    parser.add_argument("--version", action="version", version=f"psmamba {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, module in _command_modules():
+        p = sub.add_parser(name, help=module.HELP, description=module.HELP)
+        module.add_arguments(p)
+        p.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "_run", None) is None:
+        parser.print_help()
+        return 0
+    try:
+        return int(args._run(args) or 0)
+    except (PsmambaError, FileNotFoundError, IsADirectoryError, PermissionError) as exc:
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"psmamba: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("psmamba: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
