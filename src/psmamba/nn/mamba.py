@@ -1,0 +1,215 @@
+"""A Mamba (v1) layer with ``mamba_ssm.Mamba``'s parameters, running on any scan backend.
+
+The parameter names, shapes and initialisation are those of ``mamba_ssm.Mamba`` (v1, the
+"simple" module), so a state dict moves between the two with ``strict=True``:
+
+==============  =====================================  =========================================
+name            shape                                  initialisation
+==============  =====================================  =========================================
+in_proj.weight  (2E, D)                                nn.Linear default (no bias by default)
+conv1d.weight   (E, 1, d_conv)                         nn.Conv1d default (depthwise, groups=E)
+conv1d.bias     (E,)                                   nn.Conv1d default
+x_proj.weight   (dt_rank + 2N, E)                      nn.Linear default, no bias
+dt_proj.weight  (E, dt_rank)                           U(-s, s), s = dt_rank^-0.5 * dt_scale
+dt_proj.bias    (E,)                                   softplus^-1(dt), dt log-uniform in [dt_min, dt_max]
+A_log           (E, N)                                 log(1..N) in every row (S4D-real)
+D               (E,)                                   ones
+out_proj.weight (D, E)                                 nn.Linear default (no bias by default)
+==============  =====================================  =========================================
+
+with ``E = expand * d_model`` and ``dt_rank = ceil(d_model / 16)`` when ``"auto"``. ``A_log``
+and ``D`` carry ``_no_weight_decay = True`` as in ``mamba_ssm``.
+
+Long sequences: without autograd (``torch.no_grad()`` or no parameter needing a gradient) the
+layer runs in chunks of :attr:`Mamba.inference_chunk` tokens, carrying the scan state and the
+last ``d_conv - 1`` convolution inputs from one chunk to the next, so a 4.9 M-token level never
+holds several ``(B, L, 2E)`` tensors at once. The result equals the one-piece computation.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from psmamba.errors import PsmambaError
+from psmamba.nn.scan import resolve_backend, selective_scan
+
+__all__ = ["Mamba"]
+
+
+class Mamba(nn.Module):
+    """Mamba v1 token mixer: ``(B, L, d_model) -> (B, L, d_model)``.
+
+    Per token: ``in_proj`` gives ``x`` and ``z`` (``E`` each); ``x`` goes through a causal
+    depthwise Conv1d and SiLU; ``x_proj`` gives ``dt`` (``dt_rank``), ``B`` and ``C`` (``N``
+    each); ``delta = softplus(dt_proj(dt))``; ``y = selective_scan(x, delta, -exp(A_log), B, C, D)``;
+    the output is ``out_proj(y * SiLU(z))``.
+
+    Args:
+        d_model: token width ``D``.
+        d_state: state size ``N`` per channel.
+        d_conv: causal convolution width.
+        expand: ``E = expand * d_model``.
+        dt_rank: rank of the ``dt`` projection, ``"auto"`` = ``ceil(d_model / 16)``.
+        dt_min, dt_max, dt_init, dt_scale, dt_init_floor: ``mamba_ssm``'s dt initialisation.
+        conv_bias: bias on the depthwise convolution.
+        bias: bias on ``in_proj`` and ``out_proj``.
+        backend: scan backend (see :mod:`psmamba.nn.scan`); may be changed later through the
+            ``backend`` attribute.
+    """
+
+    #: tokens per piece when running without autograd (see the module docstring)
+    inference_chunk: int = 2**18
+
+    def __init__(
+        self,
+        d_model: int,
+        d_state: int = 16,
+        d_conv: int = 4,
+        expand: int = 2,
+        dt_rank: int | str = "auto",
+        dt_min: float = 0.001,
+        dt_max: float = 0.1,
+        dt_init: str = "random",
+        dt_scale: float = 1.0,
+        dt_init_floor: float = 1e-4,
+        conv_bias: bool = True,
+        bias: bool = False,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        for name, value in (("d_model", d_model), ("d_state", d_state), ("d_conv", d_conv), ("expand", expand)):
+            if not isinstance(value, int) or value < 1:
+                raise PsmambaError(f"Mamba: {name} must be a positive integer, got {value!r}")
+        if dt_rank != "auto" and (not isinstance(dt_rank, int) or dt_rank < 1):
+            raise PsmambaError(f"Mamba: dt_rank must be 'auto' or a positive integer, got {dt_rank!r}")
+        if not 0 < dt_min <= dt_max:
+            raise PsmambaError(f"Mamba: need 0 < dt_min <= dt_max, got dt_min={dt_min}, dt_max={dt_max}")
+        if dt_init not in ("random", "constant"):
+            raise PsmambaError(f"Mamba: dt_init must be 'random' or 'constant', got {dt_init!r}")
+        self.d_model = d_model
+        self.d_state = d_state
+        self.d_conv = d_conv
+        self.expand = expand
+        self.d_inner = expand * d_model
+        self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else int(dt_rank)
+        self.backend = backend
+
+        e = self.d_inner
+        self.in_proj = nn.Linear(d_model, 2 * e, bias=bias)
+        self.conv1d = nn.Conv1d(e, e, kernel_size=d_conv, groups=e, padding=d_conv - 1, bias=conv_bias)
+        self.act = nn.SiLU()
+        self.x_proj = nn.Linear(e, self.dt_rank + 2 * d_state, bias=False)
+        self.dt_proj = nn.Linear(self.dt_rank, e, bias=True)
+
+        # dt initialisation of mamba_ssm: weights keep the variance of dt_proj's output at
+        # dt_scale^2/3 ...
+        std = self.dt_rank**-0.5 * dt_scale
+        with torch.no_grad():
+            if dt_init == "constant":
+                self.dt_proj.weight.fill_(std)
+            else:
+                self.dt_proj.weight.uniform_(-std, std)
+            # ... and the bias makes softplus(bias) log-uniform in [dt_min, dt_max] (floored).
+            dt = torch.exp(torch.rand(e) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+            dt = dt.clamp(min=dt_init_floor)
+            # softplus^-1(dt) = log(exp(dt) - 1) = dt + log(1 - exp(-dt)), stable for small dt.
+            self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+        self.dt_proj.bias._no_reinit = True
+
+        # S4D-real initialisation: A = -(1..N) in every channel, stored as its log.
+        a = torch.arange(1, d_state + 1, dtype=torch.float32).repeat(e, 1)
+        self.A_log = nn.Parameter(torch.log(a))
+        self.A_log._no_weight_decay = True
+        self.D = nn.Parameter(torch.ones(e))
+        self.D._no_weight_decay = True
+        self.out_proj = nn.Linear(e, d_model, bias=bias)
+
+    def extra_repr(self) -> str:
+        return (
+            f"d_model={self.d_model}, d_state={self.d_state}, d_conv={self.d_conv}, "
+            f"expand={self.expand}, dt_rank={self.dt_rank}, backend={self.backend!r}"
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Mix tokens along the sequence.
+
+        Args:
+            x: ``(B, L, d_model)``.
+
+        Returns:
+            ``(B, L, d_model)``.
+        """
+        if x.ndim != 3 or x.shape[-1] != self.d_model:
+            raise PsmambaError(f"Mamba: input must be (B, L, {self.d_model}), got {tuple(x.shape)}")
+        batch, length, _ = x.shape
+        needs_grad = torch.is_grad_enabled() and (
+            x.requires_grad or any(p.requires_grad for p in self.parameters())
+        )
+        chunk = int(self.inference_chunk)
+        can_carry = resolve_backend(self.backend, x) != "cuda"  # mamba_ssm takes no initial state
+        if needs_grad or length <= chunk or not can_carry or chunk < 1:
+            out, _, _ = self._forward_piece(x, None, None)
+            return out
+
+        # Inference on a long sequence: pieces of `chunk` tokens, carrying the causal-conv
+        # history and the scan state, so only one piece's intermediates live at a time.
+        out = x.new_empty(batch, length, self.d_model)
+        conv_hist, h = None, None
+        for start in range(0, length, chunk):
+            piece = x[:, start : start + chunk]
+            out[:, start : start + chunk], conv_hist, h = self._forward_piece(piece, conv_hist, h)
+        return out
+
+    def _forward_piece(
+        self,
+        x: torch.Tensor,
+        conv_hist: torch.Tensor | None,
+        h0: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One piece of the sequence.
+
+        Args:
+            x: ``(B, l, d_model)``.
+            conv_hist: the previous ``d_conv - 1`` inputs of the convolution ``(B, E, d_conv - 1)``
+                or ``None`` (start of the sequence: zeros, as the causal padding).
+            h0: scan state ``(B, E, N)`` or ``None``.
+
+        Returns:
+            ``(out (B, l, d_model), conv_hist (B, E, d_conv - 1), h_last (B, E, N))``.
+        """
+        batch, length, _ = x.shape
+        e, n, k = self.d_inner, self.d_state, self.d_conv
+        xz = self.in_proj(x)  # (B, l, 2E)
+        xs, z = xz.split(e, dim=-1)  # (B, l, E) each
+        xs = xs.transpose(1, 2)  # (B, E, l): channels first for the convolution and the scan
+        if conv_hist is None:
+            conv_hist = xs.new_zeros(batch, e, k - 1)
+        # Causal depthwise convolution: prepend the history instead of padding on both sides
+        # and cropping (same numbers as conv1d(x)[..., :l], and it carries across pieces).
+        xpad = torch.cat([conv_hist, xs], dim=-1)  # (B, E, k - 1 + l)
+        new_hist = xpad[..., xpad.shape[-1] - (k - 1) :]
+        xc = self.act(F.conv1d(xpad, self.conv1d.weight, self.conv1d.bias, groups=e))  # (B, E, l)
+        del xpad, xs
+
+        x_dbl = self.x_proj(xc.transpose(1, 2))  # (B, l, dt_rank + 2N)
+        dt, b_in, c_out = x_dbl.split([self.dt_rank, n, n], dim=-1)
+        delta = F.softplus(self.dt_proj(dt)).transpose(1, 2)  # (B, E, l)
+        A = -torch.exp(self.A_log.float())  # (E, N)
+        y, h_last = selective_scan(
+            xc,
+            delta,
+            A,
+            b_in.transpose(1, 2),  # (B, N, l)
+            c_out.transpose(1, 2),  # (B, N, l)
+            self.D.float(),
+            h0=h0,
+            backend=self.backend,
+            return_state=True,
+        )
+        del delta, x_dbl
+        y = y.transpose(1, 2) * self.act(z)  # (B, l, E)
+        return self.out_proj(y), new_hist, h_last

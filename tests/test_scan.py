@@ -1,0 +1,163 @@
+"""The selective scan: every backend against the float64 loop of the recurrence."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from psmamba.errors import PsmambaError
+from psmamba.nn import scan as scan_mod
+from psmamba.nn.scan import available_backends, register_backend, resolve_backend, selective_scan
+
+
+def make_inputs(batch=2, e=5, n=16, length=53, dtype=torch.float64, seed=0, h0=True, grad=False):
+    """Random inputs with the ranges a trained Mamba sees: dt in ~[1e-3, 0.5], A = -(1..N)."""
+    g = torch.Generator().manual_seed(seed)
+    u = torch.randn(batch, e, length, generator=g, dtype=dtype)
+    delta = F.softplus(torch.randn(batch, e, length, generator=g, dtype=dtype) - 4.0) + 1e-3
+    # a few large steps so that exp(delta * A) reaches deep underflow territory too
+    delta[:, 0, ::7] = 0.5
+    a_log = torch.log(torch.arange(1, n + 1, dtype=dtype)).repeat(e, 1)
+    a_log = a_log + 0.1 * torch.randn(e, n, generator=g, dtype=dtype)
+    A = -torch.exp(a_log)
+    B = torch.randn(batch, n, length, generator=g, dtype=dtype)
+    C = torch.randn(batch, n, length, generator=g, dtype=dtype)
+    D = torch.randn(e, generator=g, dtype=dtype)
+    hinit = torch.randn(batch, e, n, generator=g, dtype=dtype) if h0 else None
+    tensors = [u, delta, A, B, C, D] + ([hinit] if h0 else [])
+    if grad:
+        for t in tensors:
+            t.requires_grad_(True)
+    return u, delta, A, B, C, D, hinit
+
+
+def naive_numpy_like(u, delta, A, B, C, D, h0):
+    """An independent scalar-loop statement of the recurrence (a check of the 'loop' oracle)."""
+    batch, e, length = u.shape
+    n = A.shape[1]
+    y = torch.zeros(batch, e, length, dtype=torch.float64)
+    hl = torch.zeros(batch, e, n, dtype=torch.float64)
+    for b in range(batch):
+        for c in range(e):
+            for s in range(n):
+                h = 0.0 if h0 is None else float(h0[b, c, s])
+                for t in range(length):
+                    dt = float(delta[b, c, t])
+                    h = math.exp(dt * float(A[c, s])) * h + dt * float(B[b, s, t]) * float(u[b, c, t])
+                    y[b, c, t] += float(C[b, s, t]) * h
+                hl[b, c, s] = h
+            if D is not None:
+                y[b, c] += float(D[c]) * u[b, c].double()
+    return y, hl
+
+
+def test_loop_matches_scalar_statement():
+    args = make_inputs(batch=2, e=2, n=3, length=9)
+    y, h = selective_scan(*args, backend="loop", return_state=True)
+    y_ref, h_ref = naive_numpy_like(*args)
+    torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(h, h_ref, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("length", [1, 2, 53, 100, 257])
+@pytest.mark.parametrize("with_h0", [True, False])
+def test_reference_matches_loop_float64(length, with_h0):
+    args = make_inputs(length=length, h0=with_h0, seed=length)
+    y_l, h_l = selective_scan(*args, backend="loop", return_state=True)
+    y_r, h_r = selective_scan(*args, backend="reference", return_state=True)
+    torch.testing.assert_close(y_r, y_l, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(h_r, h_l, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 7, 64])
+def test_reference_any_chunk_size(chunk):
+    u, delta, A, B, C, D, h0 = make_inputs(length=50, seed=3)
+    y_l, h_l = scan_mod._scan_loop(u, delta, A, B, C, D, h0)
+    y_r, h_r = scan_mod._scan_reference(u, delta, A, B, C, D, h0, chunk=chunk)
+    torch.testing.assert_close(y_r, y_l, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(h_r, h_l, rtol=1e-10, atol=1e-10)
+
+
+def test_reference_without_D():
+    u, delta, A, B, C, _, h0 = make_inputs(length=20)
+    y_l = selective_scan(u, delta, A, B, C, None, h0, backend="loop")
+    y_r = selective_scan(u, delta, A, B, C, None, h0, backend="reference")
+    torch.testing.assert_close(y_r, y_l, rtol=1e-10, atol=1e-10)
+
+
+def test_reference_gradients_match_loop():
+    names = ["u", "delta", "A", "B", "C", "D", "h0"]
+    args_l = make_inputs(batch=2, e=3, n=4, length=37, grad=True, seed=5)
+    args_r = [t.detach().clone().requires_grad_(True) for t in args_l]
+    g = torch.Generator().manual_seed(11)
+    w_y = torch.randn(2, 3, 37, generator=g, dtype=torch.float64)
+    w_h = torch.randn(2, 3, 4, generator=g, dtype=torch.float64)
+    for args, backend in ((args_l, "loop"), (args_r, "reference")):
+        y, h = selective_scan(*args, backend=backend, return_state=True)
+        ((y * w_y).sum() + (h * w_h).sum()).backward()
+    for name, a, b in zip(names, args_l, args_r):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-10, atol=1e-10, msg=f"grad of {name}")
+
+
+def test_reference_gradcheck_tiny():
+    args = make_inputs(batch=1, e=2, n=3, length=6, grad=True, seed=2)
+    assert torch.autograd.gradcheck(
+        lambda *a: selective_scan(*a, backend="reference", return_state=True), args
+    )
+
+
+def test_float32_reference_close_to_loop():
+    args = make_inputs(length=300, dtype=torch.float32, seed=9)
+    y_l = selective_scan(*args, backend="loop")
+    y_r = selective_scan(*args, backend="reference")
+    assert y_r.dtype == torch.float32 and y_l.dtype == torch.float32
+    torch.testing.assert_close(y_r, y_l, rtol=1e-4, atol=1e-4)
+
+
+def test_bad_inputs_raise_one_line_errors():
+    u, delta, A, B, C, D, h0 = make_inputs(length=10)
+    with pytest.raises(PsmambaError, match="delta"):
+        selective_scan(u, delta[..., :5], A, B, C)
+    with pytest.raises(PsmambaError, match="A must be"):
+        selective_scan(u, delta, A[:2], B, C)
+    with pytest.raises(PsmambaError, match="B must be"):
+        selective_scan(u, delta, A, B[:, :3], C)
+    with pytest.raises(PsmambaError, match="h0 must be"):
+        selective_scan(u, delta, A, B, C, D, h0[:, :1])
+    with pytest.raises(PsmambaError, match="u must be"):
+        selective_scan(u[0], delta, A, B, C)
+    with pytest.raises(PsmambaError, match="unknown backend"):
+        selective_scan(u, delta, A, B, C, backend="nope")
+
+
+def test_cuda_backend_without_gpu_is_a_clear_error():
+    u, delta, A, B, C, D, h0 = make_inputs(length=10)
+    with pytest.raises(PsmambaError, match="cuda"):
+        selective_scan(u, delta, A, B, C, D, backend="cuda")
+
+
+def test_registry_seam():
+    assert {"loop", "reference"} <= set(available_backends())
+    calls = []
+
+    def fake(u, delta, A, B, C, D, h0):
+        calls.append(u.shape)
+        return scan_mod._scan_loop(u, delta, A, B, C, D, h0)
+
+    register_backend("test_fake", fake)
+    try:
+        args = make_inputs(length=8)
+        y = selective_scan(*args, backend="test_fake")
+        assert calls and y.shape == args[0].shape
+    finally:
+        scan_mod._REGISTRY.pop("test_fake")
+    with pytest.raises(PsmambaError):
+        register_backend("auto", fake)
+
+
+def test_auto_on_cpu_never_picks_cuda():
+    u = torch.zeros(1, 2, 3)
+    assert resolve_backend("auto", u) in ("cpu", "reference")
