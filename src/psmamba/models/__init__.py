@@ -1,0 +1,73 @@
+"""PSMamba-Net as one configurable model.
+
+Public API::
+
+    from psmamba.models import build_model, PRESETS, ModelConfig
+    model = build_model("paper")                   # or "paper_diff", "baseline_conv", ...
+    out = model(moving, fixed)                     # RegistrationOutput(warped, ddf)
+    save_checkpoint("model.pt", model, epoch=3)
+    model, ckpt = load_checkpoint("model.pt")
+
+Modules: :mod:`~psmamba.models.config` (``ModelConfig``), :mod:`~psmamba.models.encoder`,
+:mod:`~psmamba.models.decoder`, :mod:`~psmamba.models.refinement` (SIR),
+:mod:`~psmamba.models.net` (``PSMambaNet``), :mod:`~psmamba.models.presets`,
+:mod:`~psmamba.models.checkpoint`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from psmamba.models.config import ModelConfig
+from psmamba.models.presets import PRESETS, get_config
+
+if TYPE_CHECKING:  # the torch-heavy names are imported on first use (PEP 562, see __getattr__)
+    from psmamba.models.checkpoint import load_checkpoint, save_checkpoint
+    from psmamba.models.net import PSMambaNet, RegistrationOutput
+
+__all__ = [
+    "ModelConfig",
+    "PSMambaNet",
+    "RegistrationOutput",
+    "PRESETS",
+    "build_model",
+    "get_config",
+    "save_checkpoint",
+    "load_checkpoint",
+]
+
+# Configs and presets import without torch (a CLI can validate a config file quickly);
+# the network and checkpoint code load torch when first touched.
+_LAZY = {
+    "PSMambaNet": "psmamba.models.net",
+    "RegistrationOutput": "psmamba.models.net",
+    "save_checkpoint": "psmamba.models.checkpoint",
+    "load_checkpoint": "psmamba.models.checkpoint",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'psmamba.models' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+def build_model(name_or_config: str | ModelConfig | Mapping[str, Any] = "paper", **overrides: Any) -> PSMambaNet:
+    """Build a freshly initialised :class:`PSMambaNet`.
+
+    Args:
+        name_or_config: a preset name (see :data:`PRESETS`), a :class:`ModelConfig` or a dict
+            of its fields.
+        **overrides: config fields to change, e.g. ``sir_iters=5`` or ``mamba_backend="reference"``.
+    """
+    from psmamba.models.net import PSMambaNet
+
+    return PSMambaNet(get_config(name_or_config, **overrides))
