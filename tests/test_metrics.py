@@ -1,0 +1,178 @@
+"""Metrics: golden Dice numbers, Jacobians of affine and hand-made fields, HD95 hand cases."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.ndimage
+import torch
+
+from psmamba.errors import PsmambaError
+from psmamba.metrics import (
+    dice,
+    folding_percent,
+    hd95,
+    jacobian_determinant,
+    mean_dice,
+    sdlogj,
+    sdlogj_l2r,
+)
+
+# ------------------------------------------------------------------------------------- Dice
+FIXED = np.array([1, 1, 2, 0, 1, 0, 0, 3]).reshape(2, 2, 2)
+WARPED = np.array([1, 0, 2, 2, 1, 1, 0, 0]).reshape(2, 2, 2)
+
+
+def test_dice_golden_2x2x2():
+    d = dice(FIXED, WARPED)
+    # label 1: |F| = 3, |W| = 3, overlap 2 -> 4/6; label 2: 1, 2, 1 -> 2/3; label 3 only in F -> 0
+    assert list(d) == [1, 2, 3]
+    assert d[1] == pytest.approx(4 / 6) and d[2] == pytest.approx(2 / 3) and d[3] == 0.0
+    assert isinstance(d[1], float) and isinstance(d[1], np.floating)
+    assert mean_dice(FIXED, WARPED) == pytest.approx(4 / 9)
+
+
+def test_dice_absent_label_rules():
+    d = dice(FIXED, WARPED, labels=[3, 5, 1])
+    assert list(d) == [3, 5, 1]
+    assert d[3] == 0.0  # present in one map only: a complete miss
+    assert np.isnan(d[5])  # absent from both: not scored
+    # mean skips the NaN: (0 + 4/6) / 2
+    assert mean_dice(FIXED, WARPED, labels=[3, 5, 1]) == pytest.approx(1 / 3)
+    assert np.isnan(mean_dice(FIXED, WARPED, labels=[7]))
+    assert dice(FIXED, FIXED) == {1: 1.0, 2: 1.0, 3: 1.0}
+
+
+def test_dice_accepts_torch_and_float_labels_and_rejects_bad_input():
+    d = dice(torch.from_numpy(FIXED)[None, None], torch.from_numpy(WARPED.astype(np.float64))[None, None])
+    assert d[1] == pytest.approx(4 / 6)
+    with pytest.raises(PsmambaError, match="same shape"):
+        dice(FIXED, WARPED[:1])
+    with pytest.raises(PsmambaError, match="integer"):
+        dice(FIXED, WARPED + 0.5)
+
+
+# ------------------------------------------------------------------------------- Jacobian
+def affine_field(matrix: np.ndarray, shift, shape) -> np.ndarray:
+    """Displacement of ``x -> M x + shift`` on the voxel grid: ``(M - I) x + shift``, (3, D, H, W)."""
+    x = np.stack(np.meshgrid(*[np.arange(s, dtype=np.float64) for s in shape], indexing="ij"))
+    return np.einsum("ij,j...->i...", matrix - np.eye(3), x) + np.asarray(shift, dtype=np.float64).reshape(3, 1, 1, 1)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_jacobian_of_affine_field_is_matrix_determinant(seed):
+    r = np.random.default_rng(seed)
+    m = np.eye(3) + 0.3 * r.normal(size=(3, 3))
+    u = affine_field(m, r.normal(size=3), (6, 7, 8))
+    det = jacobian_determinant(u)
+    assert det.shape == (6, 7, 8)
+    # numpy.gradient is exact for linear functions, at the faces too
+    assert np.allclose(det, np.linalg.det(m), atol=1e-12)
+    assert np.allclose(jacobian_determinant(torch.from_numpy(u)[None]), np.linalg.det(m), atol=1e-12)
+
+
+def test_folding_of_a_reflection_and_of_a_collapse():
+    flip = np.diag([1.0, -1.0, 1.0])
+    assert folding_percent(affine_field(flip, (0, 0, 0), (5, 5, 5))) == 100.0
+    collapse = np.diag([0.0, 1.0, 1.0])  # det exactly 0 counts as folded (det <= 0)
+    assert folding_percent(affine_field(collapse, (0, 0, 0), (5, 5, 5))) == 100.0
+    assert folding_percent(np.zeros((3, 5, 5, 5))) == 0.0
+
+
+def slab_field(profile) -> np.ndarray:
+    """Field displacing only axis 0 by ``profile[x0]`` on a (len, 4, 5) grid."""
+    u = np.zeros((3, len(profile), 4, 5))
+    u[0] = np.asarray(profile, dtype=np.float64)[:, None, None]
+    return u
+
+
+def test_folding_percent_on_a_partly_folded_field():
+    # det = 1 + d profile / dx0 (numpy.gradient): x0 = 0 (one-sided) .. 3 -> 1 - 1.5 < 0;
+    # x0 = 4: 1 + (-6 + 4.5) / 2 = 0.25; x0 >= 5: 1. Folded: 4 of 10 slices -> 40 %.
+    profile = [-1.5 * k for k in range(5)] + [-6.0] * 5
+    det = jacobian_determinant(slab_field(profile))
+    assert np.allclose(det[:4], -0.5) and np.allclose(det[4], 0.25) and np.allclose(det[5:], 1.0)
+    assert folding_percent(slab_field(profile)) == pytest.approx(40.0)
+
+
+def test_sdlogj_by_hand():
+    # det: 2 on slices 0..3, 1.5 on slice 4, 1 on slices 5..9
+    profile = [float(k) for k in range(5)] + [4.0] * 5
+    logs = np.log(np.array([2.0] * 4 + [1.5] + [1.0] * 5))
+    assert sdlogj(slab_field(profile)) == pytest.approx(logs.std(), rel=1e-12)
+    assert sdlogj(affine_field(np.diag([1.2, 0.9, 1.1]), (1, 2, 3), (5, 6, 7))) == pytest.approx(0, abs=1e-12)
+    # folded voxels are clipped to det = 1e-9 before the log: finite, and large
+    folded = [-1.5 * k for k in range(5)] + [-6.0] * 5
+    value = sdlogj(slab_field(folded))
+    assert np.isfinite(value) and value > 5
+
+
+def l2r_sdlogj_reference(disp: np.ndarray) -> float:
+    """The Learn2Reg evaluation procedure, written out independently for the test.
+
+    ``disp``: (3, D, H, W). Zero-padded central differences, ``J[j, i] = d u_i / d x_j + I``,
+    crop 2 voxels per face, ``log(clip(det + 3, 1e-9, 1e9))``, standard deviation.
+    """
+    k = np.array([-0.5, 0.0, 0.5])
+    grads = np.empty((3, 3) + disp.shape[1:])
+    for j in range(3):
+        shape = [1, 1, 1]
+        shape[j] = 3
+        for i in range(3):
+            grads[j, i] = scipy.ndimage.correlate(disp[i], k.reshape(shape), mode="constant", cval=0.0)
+    jac = grads + np.eye(3).reshape(3, 3, 1, 1, 1)
+    jac = jac[:, :, 2:-2, 2:-2, 2:-2]
+    det = np.linalg.det(np.moveaxis(jac, (0, 1), (-2, -1)))
+    return float(np.log(np.clip(det + 3, 1e-9, 1e9)).std())
+
+
+def test_sdlogj_l2r_matches_learn2reg_procedure(rng):
+    smooth = scipy.ndimage.gaussian_filter(rng.normal(size=(3, 12, 11, 10)), sigma=(0, 1.5, 1.5, 1.5)) * 4
+    assert sdlogj_l2r(smooth) == pytest.approx(l2r_sdlogj_reference(smooth), rel=1e-10)
+    # the challenge's "+3" makes it about 4x smaller than the plain SDlogJ for small deformations
+    ratio = sdlogj(smooth) / sdlogj_l2r(smooth)
+    assert 2.5 < ratio < 6
+    assert sdlogj_l2r(affine_field(np.diag([1.1, 1.0, 0.9]), (0, 0, 0), (6, 6, 6))) == pytest.approx(0, abs=1e-12)
+
+
+def test_field_metrics_reject_bad_input():
+    with pytest.raises(PsmambaError, match=r"\(3, D, H, W\)"):
+        jacobian_determinant(np.zeros((2, 4, 4, 4)))
+    with pytest.raises(PsmambaError, match="batch"):
+        folding_percent(np.zeros((2, 3, 4, 4, 4)))
+    with pytest.raises(PsmambaError, match=">= 5"):
+        sdlogj_l2r(np.zeros((3, 4, 8, 8)))
+
+
+# ------------------------------------------------------------------------------------ HD95
+def test_hd95_single_voxels_anisotropic_spacing():
+    a = np.zeros((8, 8, 8), dtype=np.int16)
+    b = np.zeros_like(a)
+    a[2, 2, 2] = 3
+    b[2, 2, 5] = 3
+    assert hd95(a, b, spacing=(1.0, 1.0, 2.0)) == {3: pytest.approx(6.0)}  # 3 voxels x 2 mm
+    assert hd95(a, b, spacing=(2.0, 2.0, 0.5))[3] == pytest.approx(1.5)
+
+
+def test_hd95_percentile_ignores_a_lone_outlier():
+    # A: a line of 10 voxels; B: the same line plus one voxel 11 voxels away along axis 0.
+    # A->B distances are all 0; B->A distances are ten 0s and 11 voxels (22 mm at 2 mm).
+    # 95th percentile with linear interpolation over 11 values: position 9.5 -> (0 + 22) / 2.
+    a = np.zeros((16, 8, 12), dtype=np.uint8)
+    a[4, 4, 0:10] = 1
+    b = a.copy()
+    b[15, 4, 5] = 1
+    assert hd95(a, b, spacing=(2.0, 1.0, 1.0)) == {1: pytest.approx(11.0)}  # max would be 22
+
+
+def test_hd95_absent_label_rules_and_bad_input():
+    a = np.zeros((4, 5, 6), dtype=np.int32)
+    a[1, 1, 1] = 2
+    out = hd95(a, np.zeros_like(a), spacing=(1.0, 2.0, 3.0), labels=[2, 9])
+    assert out[2] == pytest.approx(np.sqrt(4**2 + 10**2 + 18**2))  # diagonal in mm
+    assert np.isnan(out[9])
+    assert hd95(a, a, spacing=1.0) == {2: 0.0}
+    with pytest.raises(PsmambaError, match="spacing"):
+        hd95(a, a, spacing=(1.0, 0.0, 1.0))
+    with pytest.raises(PsmambaError, match="3-D"):
+        hd95(a[0], a[0], spacing=1.0)
