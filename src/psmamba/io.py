@@ -1,0 +1,383 @@
+"""Read and write NIfTI (``.nii``, ``.nii.gz``) and Analyze (``.hdr``/``.img``) volumes with nibabel.
+
+Orientation: none is changed, ever
+----------------------------------
+Every array here is in the **file's own voxel order**: ``data[i, j, k]`` is the voxel that the
+file stores at index ``(i, j, k)``; nothing is reoriented or flipped. The 4x4 ``affine`` maps a
+voxel index ``(i, j, k, 1)`` to world coordinates in millimetres, RAS+ (nibabel's convention:
++x towards the subject's Right, +y Anterior, +z Superior). Array axis 0 of a volume is axis ``D`` of a
+``(B, C, D, H, W)`` tensor and channel ``i`` of a displacement field (see
+:mod:`psmamba.spatial`). Outputs of a registration (warped image, warped labels, the field,
+Jacobian maps) live on the fixed image's grid, so writing them with the FIXED image's affine
+keeps every output aligned with the fixed image in any viewer.
+
+Plain Analyze 7.5 files (LPBA40's ``.hdr``/``.img``) store voxel sizes and an origin but no
+orientation; their affine is nibabel's reading of them (x axis flipped, the radiological
+convention that format assumes). ``.hdr``/``.img`` files written here are NIfTI pairs, which
+store the full affine.
+
+Writes are atomic: the volume is written to a hidden temporary file in the destination folder
+and renamed over the destination (``os.replace``); on any error the temporary file is removed
+and the destination is untouched. (An Analyze/NIfTI pair is two files, renamed one after the
+other: ``.img`` first, then ``.hdr``.)
+
+Errors are :class:`psmamba.errors.PsmambaError` with one line naming the file.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+
+from psmamba.errors import PsmambaError
+
+__all__ = [
+    "Image",
+    "load_image",
+    "load_labels",
+    "load_ddf",
+    "save_image",
+    "save_labels",
+    "save_ddf",
+    "SUFFIXES",
+]
+
+#: File name endings read and written here. ``.img`` and ``.hdr`` name the same pair.
+SUFFIXES = (".nii.gz", ".nii", ".hdr", ".img")
+
+
+@dataclass
+class Image:
+    """A volume read from disk.
+
+    Attributes:
+        data: the voxels in the file's voxel order and dtype (after nibabel's scaling, if the
+            file has a slope/intercept): ``(D, H, W)`` for images and labels, ``(D, H, W, 3)``
+            for a displacement field read by :func:`load_ddf`.
+        affine: ``(4, 4)`` float64, voxel index -> world RAS+ mm.
+        header: the nibabel header (``Nifti1Header``, ``Nifti1PairHeader`` or ``AnalyzeHeader``).
+        path: the file read.
+    """
+
+    data: np.ndarray
+    affine: np.ndarray
+    header: Any
+    path: Path
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        """Voxel size in mm along the three array axes (the header's zooms)."""
+        if self.header is not None:
+            zooms = self.header.get_zooms()
+            if len(zooms) >= 3:
+                return tuple(float(z) for z in zooms[:3])  # type: ignore[return-value]
+        return tuple(float(v) for v in np.linalg.norm(self.affine[:3, :3], axis=0))  # type: ignore[return-value]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.data.shape)
+
+
+# --------------------------------------------------------------------------- helpers
+def _suffix(path: Path) -> str:
+    name = path.name.lower()
+    for suffix in SUFFIXES:
+        if name.endswith(suffix):
+            return suffix
+    return ""
+
+
+def _short(exc: BaseException) -> str:
+    """First line of an exception message, with its type when the message is empty."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+def _read(path, what: str) -> tuple[Any, np.ndarray, Path]:
+    """Open ``path`` with nibabel and read its voxels; any failure -> one-line PsmambaError."""
+    p = Path(path)
+    suffix = _suffix(p)
+    if not suffix:
+        raise PsmambaError(f"{what} {p}: unsupported file type (expected one of {', '.join(SUFFIXES)})")
+    if suffix in (".hdr", ".img"):
+        # an Analyze/NIfTI pair needs both halves
+        for part in (p.with_suffix(".hdr"), p.with_suffix(".img")):
+            if not part.is_file():
+                raise PsmambaError(f"{what} {p}: file not found ({part.name} of the .hdr/.img pair is missing)")
+    elif not p.exists():
+        raise PsmambaError(f"{what} {p}: file not found")
+    elif not p.is_file():
+        raise PsmambaError(f"{what} {p}: not a file")
+    try:
+        # mmap=False: a private in-memory array, no open file handle kept behind it
+        img = nib.load(str(p), mmap=False)
+        data = np.asanyarray(img.dataobj)
+    except MemoryError:
+        raise
+    except Exception as exc:  # nibabel, gzip, zlib and OS errors all mean "unreadable"
+        raise PsmambaError(f"{what} {p}: cannot be read as NIfTI/Analyze ({_short(exc)})") from exc
+    return img, np.asarray(data), p
+
+
+def _squeeze_to(data: np.ndarray, ndim: int) -> np.ndarray:
+    """Drop trailing singleton axes beyond ``ndim`` (a 4-D file with one volume -> 3-D)."""
+    while data.ndim > ndim and data.shape[-1] == 1:
+        data = data[..., 0]
+    return data
+
+
+def _check_finite(data: np.ndarray, what: str, p: Path) -> None:
+    if np.issubdtype(data.dtype, np.floating) or np.issubdtype(data.dtype, np.complexfloating):
+        bad = data.size - int(np.count_nonzero(np.isfinite(data)))
+        if bad:
+            raise PsmambaError(f"{what} {p}: holds {bad} NaN/Inf voxel value(s)")
+
+
+def _integer_labels(data: np.ndarray, what: str, p) -> np.ndarray:
+    """Integer-valued array -> the smallest of uint8/int16/int32 that holds its values."""
+    if data.dtype == bool:
+        return data.astype(np.uint8)
+    if np.issubdtype(data.dtype, np.floating):
+        bad = data.size - int(np.count_nonzero(np.isfinite(data)))
+        if bad:
+            raise PsmambaError(f"{what} {p}: a label map holds {bad} NaN/Inf value(s)")
+        frac = data != np.round(data)
+        if frac.any():
+            example = float(data[frac].flat[0])
+            raise PsmambaError(
+                f"{what} {p}: a label map must hold integer values, found {int(frac.sum())} "
+                f"non-integer voxel(s) (e.g. {example:g})"
+            )
+    elif not np.issubdtype(data.dtype, np.integer):
+        raise PsmambaError(f"{what} {p}: a label map must hold integers, got dtype {data.dtype}")
+    if data.size == 0:
+        return data.astype(np.uint8)
+    lo, hi = data.min(), data.max()
+    for dtype in (np.uint8, np.int16, np.int32):
+        info = np.iinfo(dtype)
+        if info.min <= lo and hi <= info.max:
+            return data.astype(dtype, copy=False) if data.dtype == dtype else data.astype(dtype)
+    raise PsmambaError(f"{what} {p}: label values {lo}..{hi} do not fit in int32")
+
+
+# --------------------------------------------------------------------------- reading
+def load_image(path, what: str = "image") -> Image:
+    """Read a 3-D volume.
+
+    Args:
+        path: ``.nii``, ``.nii.gz``, or either half of an Analyze/NIfTI ``.hdr``/``.img`` pair.
+        what: how the file is named in error messages (e.g. ``"fixed image"``).
+
+    Returns:
+        :class:`Image` with ``data`` ``(D, H, W)`` in the file's voxel order and dtype (a 4-D
+        file whose 4th axis has length 1 is squeezed to 3-D).
+
+    Raises:
+        PsmambaError: file missing, unreadable or corrupt, not 3-D, or holding NaN/Inf.
+    """
+    img, data, p = _read(path, what)
+    data = _squeeze_to(data, 3)
+    if data.ndim != 3:
+        raise PsmambaError(f"{what} {p}: expected a 3-D volume, got shape {tuple(data.shape)}")
+    _check_finite(data, what, p)
+    return Image(data=data, affine=np.asarray(img.affine, dtype=np.float64), header=img.header, path=p)
+
+
+def load_labels(path, what: str = "labels") -> Image:
+    """Read a 3-D label map: like :func:`load_image`, but the values must be integers.
+
+    Float-stored maps holding whole numbers are accepted (many tools write them); the data
+    comes back in the smallest of ``uint8``/``int16``/``int32`` that holds the values.
+
+    Raises:
+        PsmambaError: as :func:`load_image`, or a non-integer value (naming the file).
+    """
+    image = load_image(path, what)
+    image.data = _integer_labels(image.data, what, image.path)
+    return image
+
+
+def load_ddf(path, what: str = "displacement field") -> Image:
+    """Read a displacement field in the Learn2Reg layout ``(D, H, W, 3)``, voxel units.
+
+    NIfTI vector images stored as ``(D, H, W, 1, 3)`` are accepted too. ``data`` comes back as
+    float32 ``(D, H, W, 3)``; use :func:`psmamba.spatial.ddf_from_l2r` for the tensor layout.
+    """
+    img, data, p = _read(path, what)
+    if data.ndim == 5 and data.shape[3] == 1:
+        data = data[:, :, :, 0, :]
+    if data.ndim != 4 or data.shape[-1] != 3:
+        raise PsmambaError(f"{what} {p}: expected shape (D, H, W, 3), got {tuple(data.shape)}")
+    _check_finite(data, what, p)
+    return Image(
+        data=data.astype(np.float32, copy=False),
+        affine=np.asarray(img.affine, dtype=np.float64),
+        header=img.header,
+        path=p,
+    )
+
+
+# --------------------------------------------------------------------------- writing
+def _to_numpy(x, name: str) -> np.ndarray:
+    try:
+        import torch
+
+        if torch.is_tensor(x):
+            return x.detach().cpu().numpy()
+    except ImportError:  # pragma: no cover - torch is a dependency
+        pass
+    return np.asarray(x)
+
+
+def _volume(data, name: str, p: Path) -> np.ndarray:
+    """Array or tensor ``(D, H, W)``, ``(1, D, H, W)`` or ``(1, 1, D, H, W)`` -> ``(D, H, W)``."""
+    arr = _to_numpy(data, name)
+    while arr.ndim > 3 and arr.shape[0] == 1:
+        arr = arr[0]
+    if arr.ndim != 3:
+        raise PsmambaError(f"{name} for {p}: expected a 3-D volume, got shape {tuple(_to_numpy(data, name).shape)}")
+    return arr
+
+
+def _affine(affine, p: Path) -> np.ndarray:
+    a = np.asarray(_to_numpy(affine, "affine"), dtype=np.float64)
+    if a.shape != (4, 4) or not np.all(np.isfinite(a)):
+        raise PsmambaError(f"affine for {p}: must be a finite 4x4 matrix, got shape {a.shape}")
+    if abs(np.linalg.det(a[:3, :3])) < 1e-12:
+        raise PsmambaError(f"affine for {p}: its 3x3 part is singular")
+    return a
+
+
+def _destination(path) -> tuple[Path, str]:
+    p = Path(path)
+    suffix = _suffix(p)
+    if not suffix:
+        raise PsmambaError(f"output {p}: unsupported file type (expected one of {', '.join(SUFFIXES)})")
+    parent = p.parent if str(p.parent) else Path(".")
+    if not parent.is_dir():
+        raise PsmambaError(f"output {p}: folder {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise PsmambaError(f"output {p}: folder {parent} is not writable")
+    return p, suffix
+
+
+def _atomic_save(img, path) -> Path:
+    """``nib.save`` to a temporary name in the destination folder, then rename over ``path``."""
+    p, suffix = _destination(path)
+    token = uuid.uuid4().hex[:10]
+    stem = p.name[: -len(suffix)]
+    if suffix in (".hdr", ".img"):
+        final = [p.with_name(stem + ".img"), p.with_name(stem + ".hdr")]  # data first, header last
+        temp = [p.with_name(f".{stem}.{token}.tmp.img"), p.with_name(f".{stem}.{token}.tmp.hdr")]
+        target = temp[1]
+    else:
+        final = [p]
+        temp = [p.with_name(f".{stem}.{token}.tmp{suffix}")]
+        target = temp[0]
+    try:
+        # nibabel picks the format (single file, gzip, or .hdr/.img pair) from the name
+        nib.save(img, str(target))
+        for src, dst in zip(temp, final):
+            os.replace(src, dst)
+    except BaseException as exc:
+        for t in temp:
+            try:
+                t.unlink()
+            except OSError:
+                pass
+        if isinstance(exc, (KeyboardInterrupt, SystemExit, MemoryError, PsmambaError)):
+            raise
+        raise PsmambaError(f"output {p}: cannot be written ({_short(exc)})") from exc
+    return p
+
+
+def _nifti_header(header) -> nib.Nifti1Header | None:
+    if header is None:
+        return None
+    try:
+        hdr = nib.Nifti1Header.from_header(header)
+    except Exception as exc:
+        raise PsmambaError(f"header: cannot be used as a NIfTI header ({_short(exc)})") from exc
+    return hdr
+
+
+def _build(arr: np.ndarray, affine: np.ndarray, header=None) -> nib.Nifti1Image:
+    img = nib.Nifti1Image(arr, affine, header=_nifti_header(header))
+    # the data decides the stored type, never a template header (it may come from another file)
+    img.set_data_dtype(arr.dtype)
+    img.header.set_slope_inter(None, None)  # no scaling: values are stored as given
+    img.header.set_xyzt_units("mm")
+    return img
+
+
+def save_image(path, data, affine, header=None) -> Path:
+    """Write a 3-D image atomically.
+
+    Args:
+        path: destination, ``.nii``, ``.nii.gz`` or ``.hdr``/``.img`` (written as a NIfTI pair,
+            which keeps the full affine; plain Analyze 7.5 cannot store a rotation).
+        data: ``(D, H, W)`` array or tensor (leading singleton batch/channel axes are dropped).
+            Its dtype is kept (bool -> uint8, float16 -> float32, int64 -> int32 when it fits).
+        affine: ``(4, 4)`` voxel -> world mm matrix, normally the fixed image's.
+        header: optional template header (e.g. ``Image.header`` of the fixed image) for the
+            remaining fields; dtype, scaling and the affine always come from ``data``/``affine``.
+
+    Returns:
+        The path written. Raises PsmambaError on bad input or when the file cannot be written.
+    """
+    p = Path(path)
+    arr = _volume(data, "image", p)
+    if arr.dtype == bool:
+        arr = arr.astype(np.uint8)
+    elif arr.dtype == np.float16:
+        arr = arr.astype(np.float32)
+    elif arr.dtype in (np.int64, np.uint64, np.uint32):
+        if arr.size and (arr.min() < np.iinfo(np.int32).min or arr.max() > np.iinfo(np.int32).max):
+            raise PsmambaError(f"image for {p}: integer values do not fit in int32")
+        arr = arr.astype(np.int32)
+    elif not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
+        raise PsmambaError(f"image for {p}: unsupported dtype {arr.dtype}")
+    _check_finite(arr, "image for", p)
+    return _atomic_save(_build(np.ascontiguousarray(arr), _affine(affine, p), header), p)
+
+
+def save_labels(path, labels, affine, header=None) -> Path:
+    """Write an integer label map atomically (stored as uint8, int16 or int32, the smallest fit).
+
+    Args:
+        path: as :func:`save_image`.
+        labels: ``(D, H, W)`` integer-valued array or tensor (floats holding whole numbers are
+            accepted; any fractional value is an error).
+        affine: ``(4, 4)``, normally the fixed image's.
+        header: optional template header.
+    """
+    p = Path(path)
+    arr = _integer_labels(_volume(labels, "labels", p), "labels for", p)
+    return _atomic_save(_build(np.ascontiguousarray(arr), _affine(affine, p), header), p)
+
+
+def save_ddf(path, ddf, affine) -> Path:
+    """Write a displacement field atomically in the Learn2Reg layout: float32 ``(D, H, W, 3)`` voxels.
+
+    Args:
+        path: destination (``.nii.gz`` usually).
+        ddf: ``(1, 3, D, H, W)`` or ``(3, D, H, W)`` voxel displacements on the fixed grid
+            (the :mod:`psmamba.spatial` convention), tensor or array.
+        affine: the fixed image's ``(4, 4)`` affine (a displacement in mm is
+            ``affine[:3, :3] @ d``, see :func:`psmamba.spatial.ddf_to_mm`).
+    """
+    from psmamba.spatial import ddf_to_l2r
+
+    p = Path(path)
+    arr = _to_numpy(ddf, "ddf")
+    if arr.ndim not in (4, 5) or arr.shape[-4] != 3 or (arr.ndim == 5 and arr.shape[0] != 1):
+        raise PsmambaError(f"ddf for {p}: expected shape (1, 3, D, H, W) or (3, D, H, W), got {tuple(arr.shape)}")
+    field = ddf_to_l2r(arr).astype(np.float32)
+    _check_finite(field, "ddf for", p)
+    return _atomic_save(_build(field, _affine(affine, p)), p)

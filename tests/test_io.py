@@ -1,0 +1,209 @@
+"""NIfTI/Analyze I/O: round trips keep data, dtype and affine; bad files give one-line errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from psmamba import io
+from psmamba.errors import PsmambaError
+from psmamba.io import load_ddf, load_image, load_labels, save_ddf, save_image, save_labels
+from psmamba.spatial import ddf_from_l2r
+
+SUFFIXES = [".nii", ".nii.gz", ".hdr", ".img"]
+
+
+def listing(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+@pytest.mark.parametrize("suffix", SUFFIXES)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.int16, np.uint8, np.int32])
+def test_image_round_trip_keeps_data_dtype_and_affine(tmp_path, suffix, dtype, rng, oblique_affine):
+    data = (rng.random((5, 6, 7)) * 200 - (0 if dtype == np.uint8 else 100)).astype(dtype)
+    path = save_image(tmp_path / f"img{suffix}", data, oblique_affine)
+    image = load_image(path)
+    assert image.data.dtype == dtype
+    assert np.array_equal(image.data, data)
+    assert np.array_equal(image.affine, oblique_affine)  # values chosen exact in float32
+    assert image.spacing == (1.5, 2.0, 3.0)
+    assert image.path == path
+    # an Analyze/NIfTI pair is two files; nothing else (no temporary file) is left behind
+    expected = ["img.hdr", "img.img"] if suffix in (".hdr", ".img") else [f"img{suffix}"]
+    assert listing(tmp_path) == expected
+
+
+def test_save_accepts_tensors_with_singleton_axes(tmp_path, oblique_affine):
+    x = torch.rand(1, 1, 4, 5, 6)
+    image = load_image(save_image(tmp_path / "t.nii.gz", x, torch.from_numpy(oblique_affine)))
+    assert image.data.dtype == np.float32 and np.array_equal(image.data, x[0, 0].numpy())
+
+
+def test_template_header_never_rescales_the_data(tmp_path, rng, oblique_affine):
+    # a CT-like file stored as int16 with a slope/intercept
+    raw = rng.integers(0, 1000, (4, 4, 4)).astype(np.int16)
+    ct = nib.Nifti1Image(raw, oblique_affine)
+    ct.header.set_slope_inter(2.0, -1024.0)
+    nib.save(ct, tmp_path / "ct.nii.gz")
+    source = load_image(tmp_path / "ct.nii.gz")
+    assert np.allclose(source.data, raw * 2.0 - 1024.0)  # nibabel's scaling applied on read
+    out = rng.random((4, 4, 4)).astype(np.float32)
+    back = load_image(save_image(tmp_path / "out.nii.gz", out, source.affine, header=source.header))
+    assert back.data.dtype == np.float32 and np.array_equal(back.data, out)
+
+
+def test_reads_plain_analyze_pairs(tmp_path, rng):
+    data = rng.integers(0, 50, (6, 5, 4)).astype(np.int16)
+    img = nib.AnalyzeImage(data, np.diag([1.2, 1.0, 1.5, 1.0]))
+    nib.save(img, tmp_path / "S01.delineation.structure.label.hdr")
+    for name in ("S01.delineation.structure.label.hdr", "S01.delineation.structure.label.img"):
+        image = load_labels(tmp_path / name)
+        assert np.array_equal(image.data, data)
+        assert image.spacing == pytest.approx((1.2, 1.0, 1.5))
+        # Analyze 7.5 stores no orientation: we keep nibabel's reading of it (x flipped, origin
+        # from the header), never a reorientation of the voxels
+        assert np.array_equal(image.affine, nib.load(tmp_path / name).affine)
+        assert image.affine[0, 0] < 0
+
+
+def test_labels_round_trip_and_dtype_choice(tmp_path, oblique_affine):
+    labels = np.zeros((4, 5, 6), dtype=np.int64)
+    labels[1:3, 1:3, 1:3] = 2035  # a DKT code
+    labels[0, 0, 0] = 7
+    back = load_labels(save_labels(tmp_path / "lab.nii.gz", labels, oblique_affine))
+    assert back.data.dtype == np.int16 and np.array_equal(back.data, labels)
+    small = load_labels(save_labels(tmp_path / "small.nii", labels.clip(0, 200).astype(np.float64), oblique_affine))
+    assert small.data.dtype == np.uint8 and np.array_equal(small.data, labels.clip(0, 200))
+    with pytest.raises(PsmambaError, match="integer"):
+        save_labels(tmp_path / "bad.nii.gz", labels + 0.5, oblique_affine)
+    assert not (tmp_path / "bad.nii.gz").exists()
+
+
+def test_float_stored_label_maps(tmp_path):
+    whole = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
+    nib.save(nib.Nifti1Image(whole, np.eye(4)), tmp_path / "whole.nii.gz")
+    image = load_labels(tmp_path / "whole.nii.gz")
+    assert np.issubdtype(image.data.dtype, np.integer) and np.array_equal(image.data, whole)
+    nib.save(nib.Nifti1Image(whole + 0.25, np.eye(4)), tmp_path / "prob.nii.gz")
+    with pytest.raises(PsmambaError, match=r"prob\.nii\.gz.*integer"):
+        load_labels(tmp_path / "prob.nii.gz")
+
+
+def test_ddf_is_written_in_learn2reg_layout(tmp_path, oblique_affine, torch_seed):
+    ddf = torch.randn(1, 3, 4, 5, 6, dtype=torch.float64)
+    path = save_ddf(tmp_path / "ddf.nii.gz", ddf, oblique_affine)
+    raw = nib.load(path)  # what a Learn2Reg evaluation script reads
+    assert raw.shape == (4, 5, 6, 3) and raw.get_data_dtype() == np.float32
+    assert np.array_equal(raw.affine, oblique_affine)
+    assert np.allclose(raw.get_fdata()[1, 2, 3], ddf[0, :, 1, 2, 3].numpy(), atol=1e-6)
+    field = load_ddf(path)
+    assert torch.allclose(ddf_from_l2r(field.data, dtype=torch.float64), ddf, atol=1e-6)
+    assert np.allclose(load_ddf(save_ddf(tmp_path / "d2.nii", ddf[0].numpy(), oblique_affine)).data, field.data)
+    with pytest.raises(PsmambaError, match="ddf"):
+        save_ddf(tmp_path / "bad.nii.gz", torch.zeros(1, 2, 4, 4, 4), oblique_affine)
+
+
+def assert_one_line_naming(info: pytest.ExceptionInfo, name: str) -> None:
+    message = str(info.value)
+    assert "\n" not in message and name in message, message
+
+
+def test_missing_and_unsupported_files(tmp_path):
+    with pytest.raises(PsmambaError, match="not found") as info:
+        load_image(tmp_path / "nope.nii.gz", what="fixed image")
+    assert_one_line_naming(info, "nope.nii.gz")
+    assert str(info.value).startswith("fixed image ")
+    (tmp_path / "half.hdr").write_bytes(b"")
+    with pytest.raises(PsmambaError, match=r"half\.img") as info:
+        load_image(tmp_path / "half.hdr")
+    with pytest.raises(PsmambaError, match="unsupported") as info:
+        load_image(tmp_path / "scan.mha")
+    assert_one_line_naming(info, "scan.mha")
+    (tmp_path / "folder.nii").mkdir()
+    with pytest.raises(PsmambaError, match="not a file"):
+        load_image(tmp_path / "folder.nii")
+
+
+@pytest.mark.parametrize("name", ["junk.nii.gz", "junk.nii"])
+def test_corrupt_files(tmp_path, name):
+    (tmp_path / name).write_bytes(np.random.default_rng(0).integers(0, 256, 4000, dtype=np.uint8).tobytes())
+    with pytest.raises(PsmambaError, match="cannot be read") as info:
+        load_image(tmp_path / name)
+    assert_one_line_naming(info, name)
+
+
+def test_truncated_gzip(tmp_path, rng):
+    nib.save(nib.Nifti1Image(rng.random((10, 10, 10)).astype(np.float32), np.eye(4)), tmp_path / "ok.nii.gz")
+    blob = (tmp_path / "ok.nii.gz").read_bytes()
+    (tmp_path / "cut.nii.gz").write_bytes(blob[: len(blob) // 2])
+    with pytest.raises(PsmambaError, match="cannot be read") as info:
+        load_image(tmp_path / "cut.nii.gz")
+    assert_one_line_naming(info, "cut.nii.gz")
+
+
+def test_dimensions(tmp_path, rng):
+    nib.save(nib.Nifti1Image(rng.random((6, 7)).astype(np.float32), np.eye(4)), tmp_path / "slice.nii.gz")
+    with pytest.raises(PsmambaError, match="3-D") as info:
+        load_image(tmp_path / "slice.nii.gz")
+    assert_one_line_naming(info, "slice.nii.gz")
+    nib.save(nib.Nifti1Image(rng.random((4, 5, 6, 2)).astype(np.float32), np.eye(4)), tmp_path / "fmri.nii.gz")
+    with pytest.raises(PsmambaError, match=r"3-D.*\(4, 5, 6, 2\)") as info:
+        load_image(tmp_path / "fmri.nii.gz")
+    assert_one_line_naming(info, "fmri.nii.gz")
+    single = rng.random((4, 5, 6, 1)).astype(np.float32)
+    nib.save(nib.Nifti1Image(single, np.eye(4)), tmp_path / "one.nii.gz")
+    assert np.array_equal(load_image(tmp_path / "one.nii.gz").data, single[..., 0])
+    with pytest.raises(PsmambaError, match="3-D"):
+        save_image(tmp_path / "x.nii.gz", np.zeros((3, 4)), np.eye(4))
+
+
+def test_non_finite_images(tmp_path):
+    data = np.ones((3, 3, 3), dtype=np.float32)
+    data[1, 1, 1] = np.nan
+    data[0, 0, 0] = np.inf
+    nib.save(nib.Nifti1Image(data, np.eye(4)), tmp_path / "nan.nii.gz")
+    with pytest.raises(PsmambaError, match="2 NaN/Inf") as info:
+        load_image(tmp_path / "nan.nii.gz")
+    assert_one_line_naming(info, "nan.nii.gz")
+    with pytest.raises(PsmambaError, match="NaN/Inf"):
+        save_image(tmp_path / "out.nii.gz", data, np.eye(4))
+    assert listing(tmp_path) == ["nan.nii.gz"]
+
+
+def test_bad_destinations_and_affines(tmp_path):
+    data = np.zeros((3, 3, 3), dtype=np.float32)
+    with pytest.raises(PsmambaError, match="does not exist") as info:
+        save_image(tmp_path / "missing" / "out.nii.gz", data, np.eye(4))
+    assert_one_line_naming(info, "out.nii.gz")
+    with pytest.raises(PsmambaError, match="unsupported"):
+        save_image(tmp_path / "out.png", data, np.eye(4))
+    with pytest.raises(PsmambaError, match="4x4"):
+        save_image(tmp_path / "out.nii.gz", data, np.eye(3))
+    with pytest.raises(PsmambaError, match="singular"):
+        save_image(tmp_path / "out.nii.gz", data, np.zeros((4, 4)))
+    (tmp_path / "taken.nii.gz").mkdir()  # the destination is a folder: the rename fails
+    with pytest.raises(PsmambaError, match="cannot be written") as info:
+        save_image(tmp_path / "taken.nii.gz", data, np.eye(4))
+    assert_one_line_naming(info, "taken.nii.gz")
+    assert listing(tmp_path) == ["taken.nii.gz"]  # no temporary file left behind
+
+
+def test_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path, monkeypatch):
+    old = np.full((3, 3, 3), 5, dtype=np.int16)
+    target = save_labels(tmp_path / "labels.nii.gz", old, np.eye(4))
+    real_save = nib.save
+
+    def crash_halfway(img, filename):
+        real_save(img, filename)  # the temporary file exists ...
+        raise OSError("disk full")  # ... and then the write fails
+
+    monkeypatch.setattr(io.nib, "save", crash_halfway)
+    with pytest.raises(PsmambaError, match="disk full"):
+        save_labels(target, np.zeros((3, 3, 3), dtype=np.int16), np.eye(4))
+    monkeypatch.undo()
+    assert listing(tmp_path) == ["labels.nii.gz"]
+    assert np.array_equal(load_labels(target).data, old)
