@@ -1,0 +1,277 @@
+"""Any folder of scans, or a CSV/JSON manifest that lists them.
+
+Folder matching (:func:`read_folder`):
+
+* with ``image_glob`` (and optionally ``label_glob``): the text matched by the wildcards
+  (``*``, ``?``, ``**/``) of each glob, without the file extension, is the volume id; an image
+  and a label map with the same id belong together. Example: ``image_glob="img/*_t1.nii.gz"``,
+  ``label_glob="seg/*_labels.nii.gz"`` pairs ``img/sub1_t1.nii.gz`` with ``seg/sub1_labels.nii.gz``.
+  Files matching ``label_glob`` are never taken as images.
+* without globs: ``images*/`` + ``labels*/`` (or ``segs/``, ``masks/``) sub-folders are matched by
+  file name (an nnU-Net ``_0000`` channel suffix is ignored); otherwise every image file below
+  the folder is read, and files named ``<id>_seg``/``_label(s)``/``_aseg``/``_dseg``/``_mask``
+  are the label maps of ``<id>`` in the same folder.
+
+Manifest (:func:`read_manifest`): CSV with a header, or JSON (a list of objects, or
+``{"volumes": [...], "pairs": {"train": [[moving, fixed], ...]}}``); columns/keys ``image``
+(required), ``label``/``labels``, ``id``, ``subject``, ``split``. Paths are relative to the
+manifest's folder.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from psmamba.data.labels import LabelMap, as_label_map
+from psmamba.data.sources import IMAGE_EXTS, Skipped, SourceData, find_files, image_ext, strip_image_ext
+from psmamba.data.volume import FileVolumeRef
+from psmamba.errors import PsmambaError
+
+__all__ = ["read_folder", "read_manifest", "glob_to_regex"]
+
+_LABEL_SUFFIX = re.compile(r"^(?P<id>.+?)[_.-](seg|segmentation|label|labels|labelmap|aseg|dseg|mask|parc)$", re.I)
+_IMAGE_DIRS = ("images", "imagesTr", "imagesTs", "image", "imgs", "img")
+_LABEL_DIRS = ("labels", "labelsTr", "labelsTs", "label", "segs", "seg", "segmentations", "masks")
+
+
+def glob_to_regex(pattern: str) -> re.Pattern:
+    """A glob as a regular expression whose groups capture what each wildcard matched."""
+    out, i = [], 0
+    while i < len(pattern):
+        if pattern.startswith("**/", i):
+            out.append(r"((?:[^/]+/)*)")
+            i += 3
+        elif pattern[i] == "*":
+            out.append(r"([^/]*)")
+            i += 1
+        elif pattern[i] == "?":
+            out.append(r"([^/])")
+            i += 1
+        else:
+            out.append(re.escape(pattern[i]))
+            i += 1
+    return re.compile("".join(out) + r"$")
+
+
+def _glob_id(rel: str, rx: re.Pattern) -> str | None:
+    m = rx.match(rel)
+    if m is None:
+        return None
+    captured = "".join(g for g in m.groups() if g)
+    return strip_image_ext(captured).strip("_.-/") or None
+
+
+def _as_list(x: str | Sequence[str]) -> list[str]:
+    return [x] if isinstance(x, str) else list(x)
+
+
+def read_folder(
+    root: str | os.PathLike,
+    image_glob: str | Sequence[str] | None = None,
+    label_glob: str | Sequence[str] | None = None,
+    label_map: LabelMap | str | Sequence[int] | None = None,
+    subject_pattern: str | None = None,
+    require_labels: bool = False,
+    preprocessing: str = "minmax",
+) -> SourceData:
+    """List the scans of a folder, matching label maps to images (see the module doc).
+
+    Args:
+        root: the folder.
+        image_glob, label_glob: globs relative to ``root`` (strings or lists of strings).
+        label_map: protocol for the codes (a :class:`LabelMap`, a protocol name, or a list of
+            codes mapped to ``1..K`` in order); ``None`` keeps the codes found.
+        subject_pattern: regular expression whose first group, searched in the id, is the
+            subject (for data with several scans per person); default: the id.
+        require_labels: leave out (and report) images without a label map.
+        preprocessing: preset name used by :meth:`SourceData.pair_dataset`.
+
+    Raises:
+        PsmambaError: missing folder, or no image file found.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise PsmambaError(f"{root}: folder not found")
+    label_map = as_label_map(label_map)
+    skipped: list[Skipped] = []
+    notes: list[str] = []
+    images: dict[str, Path] = {}
+    labels: dict[str, Path] = {}
+
+    def add(table: dict[str, Path], vid: str | None, p: Path, what: str) -> None:
+        if vid is None:
+            skipped.append(Skipped(str(p), f"could not derive a volume id for this {what}"))
+        elif vid in table:
+            skipped.append(Skipped(str(p), f"second {what} for id {vid} (using {table[vid].name})"))
+        else:
+            table[vid] = p
+
+    if image_glob is not None:
+        label_files: list[Path] = []
+        if label_glob is not None:
+            label_files = find_files(root, _as_list(label_glob), skipped)
+            rxs = [glob_to_regex(g) for g in _as_list(label_glob)]
+            for p in label_files:
+                rel = p.relative_to(root).as_posix()
+                add(labels, next((i for i in (_glob_id(rel, rx) for rx in rxs) if i), None), p, "label map")
+        label_set = set(label_files)
+        rxs = [glob_to_regex(g) for g in _as_list(image_glob)]
+        for p in find_files(root, _as_list(image_glob), skipped):
+            if p in label_set:
+                continue
+            rel = p.relative_to(root).as_posix()
+            add(images, next((i for i in (_glob_id(rel, rx) for rx in rxs) if i), None), p, "image")
+        expected = f"files matching {image_glob!r}"
+    else:
+        img_dir = next((root / d for d in _IMAGE_DIRS if (root / d).is_dir()), None)
+        lab_dir = next((root / d for d in _LABEL_DIRS if (root / d).is_dir()), None)
+        if img_dir is not None:
+            for p in find_files(img_dir, "*", skipped):
+                add(images, re.sub(r"_0000$", "", strip_image_ext(p.name)), p, "image")
+            if lab_dir is not None:
+                for p in find_files(lab_dir, "*", skipped):
+                    add(labels, re.sub(r"_0000$", "", strip_image_ext(p.name)), p, "label map")
+            notes.append(f"images from {img_dir.name}/" + (f", labels from {lab_dir.name}/" if lab_dir else ", no label folder"))
+            expected = f"image files in {img_dir}"
+        else:
+            for p in find_files(root, "**/*", skipped):
+                rel = p.relative_to(root)
+                stem = strip_image_ext(p.name)
+                prefix = "" if rel.parent == Path(".") else rel.parent.as_posix() + "/"
+                m = _LABEL_SUFFIX.match(stem)
+                if m:
+                    add(labels, prefix + m.group("id"), p, "label map")
+                else:
+                    add(images, prefix + stem, p, "image")
+            expected = f"image files ({', '.join(IMAGE_EXTS)}) below {root}"
+    if not images:
+        raise PsmambaError(f"{root}: no images found (expected {expected})")
+
+    volumes: list[FileVolumeRef] = []
+    for vid in sorted(images, key=_natural_key):
+        lab = labels.pop(vid, None)
+        if lab is None and require_labels:
+            skipped.append(Skipped(str(images[vid]), f"no label map with id {vid}"))
+            continue
+        subject = vid
+        if subject_pattern:
+            m = re.search(subject_pattern, vid)
+            subject = m.group(1) if m and m.groups() else (m.group(0) if m else vid)
+        volumes.append(FileVolumeRef(vid, images[vid], lab, subject=subject, label_map=label_map))
+    for vid, p in labels.items():
+        skipped.append(Skipped(str(p), f"label map without an image (id {vid})"))
+    n_lab = sum(v.has_labels for v in volumes)
+    if 0 < n_lab < len(volumes):
+        notes.append(f"{len(volumes) - n_lab} of {len(volumes)} images have no label map")
+    return SourceData(layout="folder", root=root, volumes=volumes, label_map=label_map,
+                      skipped=skipped, notes=notes, preprocessing=preprocessing)
+
+
+def _natural_key(text: str):
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", text)]
+
+
+def _read_rows(path: Path) -> tuple[list[dict[str, Any]], Any]:
+    if path.suffix.lower() == ".json":
+        try:
+            data = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise PsmambaError(f"{path}: not valid JSON ({exc})") from None
+        pairs = None
+        if isinstance(data, dict):
+            if "volumes" not in data:
+                raise PsmambaError(f"{path}: a JSON manifest object needs a 'volumes' list")
+            pairs = data.get("pairs")
+            data = data["volumes"]
+        if not isinstance(data, list):
+            raise PsmambaError(f"{path}: expected a list of volume entries")
+        for i, row in enumerate(data):
+            if not isinstance(row, dict):
+                raise PsmambaError(f"{path}: entry {i} must be an object with an 'image' key, got {row!r:.60}")
+        return data, pairs
+    delim = "\t" if path.suffix.lower() == ".tsv" else ","
+    try:
+        with path.open(newline="") as f:
+            rows = list(csv.DictReader(f, delimiter=delim))
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise PsmambaError(f"{path}: not a readable CSV file ({exc})") from None
+    return [{(k or "").strip().lower(): (v or "").strip() for k, v in r.items()} for r in rows], None
+
+
+def read_manifest(
+    path: str | os.PathLike,
+    label_map: LabelMap | str | Sequence[int] | None = None,
+    preprocessing: str = "minmax",
+) -> SourceData:
+    """List the volumes of a CSV/JSON manifest (see the module doc).
+
+    Raises:
+        PsmambaError: unreadable manifest, an entry without ``image``, duplicate ids, an
+            unknown split name, or pairs naming unknown ids; the message names the entry.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise PsmambaError(f"{path}: manifest not found")
+    label_map = as_label_map(label_map)
+    rows, pairs_raw = _read_rows(path)
+    if not rows:
+        raise PsmambaError(f"{path}: the manifest lists no volumes")
+    base = path.parent
+    volumes: list[FileVolumeRef] = []
+    skipped: list[Skipped] = []
+    splits: dict[str, list[str]] = {}
+    for i, row in enumerate(rows):
+        where = f"entry {i}" if path.suffix.lower() == ".json" else f"row {i + 2}"
+        image = row.get("image")
+        if not image:
+            raise PsmambaError(f"{path}: {where} has no 'image' entry")
+        img = (base / str(image)).resolve() if not Path(str(image)).is_absolute() else Path(str(image))
+        lab_rel = row.get("label") or row.get("labels") or row.get("seg")
+        lab = None
+        if lab_rel:
+            lab = (base / str(lab_rel)).resolve() if not Path(str(lab_rel)).is_absolute() else Path(str(lab_rel))
+        vid = str(row.get("id") or strip_image_ext(img.name))
+        if any(v.id == vid for v in volumes):
+            raise PsmambaError(f"{path}: {where} repeats the id {vid!r}; ids must be unique")
+        if not img.is_file() or image_ext(img.name) is None:
+            skipped.append(Skipped(str(img), f"{where} of {path.name}: image file not found or not NIfTI/Analyze"))
+            continue
+        if lab is not None and not lab.is_file():
+            skipped.append(Skipped(str(lab), f"{where} of {path.name}: label file not found (volume left out)"))
+            continue
+        volumes.append(FileVolumeRef(vid, img, lab, subject=str(row.get("subject") or vid), label_map=label_map))
+        split = str(row.get("split") or "").lower()
+        if split:
+            if split not in ("train", "val", "test"):
+                raise PsmambaError(f"{path}: {where} has split {split!r}; use train, val or test")
+            splits.setdefault(split, []).append(vid)
+    if not volumes:
+        raise PsmambaError(f"{path}: none of the listed images exist (first: {skipped[0]})")
+    pairs: dict[str, list[tuple[str, str]]] = {}
+    if pairs_raw is not None:
+        known = {v.id for v in volumes}
+        groups = pairs_raw if isinstance(pairs_raw, dict) else {"all": pairs_raw}
+        for name, items in groups.items():
+            out = []
+            for j, item in enumerate(items or []):
+                if isinstance(item, dict):
+                    if "moving" not in item or "fixed" not in item:
+                        raise PsmambaError(f"{path}: pairs {name}[{j}] needs 'moving' and 'fixed' entries")
+                    m, f = str(item["moving"]), str(item["fixed"])
+                elif isinstance(item, (list, tuple)) and len(item) == 2:
+                    m, f = str(item[0]), str(item[1])
+                else:
+                    raise PsmambaError(f"{path}: pairs {name}[{j}] must be [moving, fixed] or {{moving, fixed}}")
+                for v in (m, f):
+                    if v not in known:
+                        raise PsmambaError(f"{path}: pairs {name}[{j}] names {v!r}, which is not a usable volume")
+                out.append((m, f))
+            pairs[name] = out
+    return SourceData(layout="manifest", root=path, volumes=volumes, label_map=label_map, splits=splits,
+                      pairs=pairs, skipped=skipped, preprocessing=preprocessing)

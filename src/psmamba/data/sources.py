@@ -1,0 +1,305 @@
+"""What every reader returns (:class:`SourceData`), shared file-finding helpers, and
+:func:`open_source`, which picks the reader for a path (or takes ``layout=``).
+
+A reader never drops a file without saying so: everything it found but could not use is a
+:class:`Skipped` entry (file, reason) and :meth:`SourceData.summary` prints them.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from psmamba.data.labels import LabelMap
+from psmamba.data.volume import VolumeRef
+from psmamba.errors import PsmambaError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from psmamba.data.dataset import PairDataset
+    from psmamba.data.preprocess import Pipeline
+
+__all__ = [
+    "Skipped",
+    "SourceData",
+    "LAYOUTS",
+    "open_source",
+    "detect_layout",
+    "find_files",
+    "strip_image_ext",
+    "IMAGE_EXTS",
+]
+
+# Extensions psmamba.io reads, longest first so ".nii.gz" wins over ".gz" style matches.
+IMAGE_EXTS: tuple[str, ...] = (".nii.gz", ".hdr.gz", ".img.gz", ".nii", ".hdr", ".img")
+
+
+def strip_image_ext(name: str) -> str:
+    """``"S01.delineation.skullstripped.img"`` -> ``"S01.delineation.skullstripped"``."""
+    low = name.lower()
+    for ext in IMAGE_EXTS:
+        if low.endswith(ext):
+            return name[: -len(ext)]
+    return name
+
+
+def image_ext(name: str) -> str | None:
+    """The image extension of a file name (``".nii.gz"``), or ``None`` if it is not an image."""
+    low = name.lower()
+    for ext in IMAGE_EXTS:
+        if low.endswith(ext):
+            return ext
+    return None
+
+
+def find_files(root: Path, patterns: str | Sequence[str], skipped: list["Skipped"] | None = None) -> list[Path]:
+    """Image files under ``root`` matching any glob in ``patterns`` (``**`` recurses), sorted.
+
+    An Analyze pair counts once, as its ``.hdr``; a lone ``.img`` without header is reported in
+    ``skipped``. Files with no image extension are ignored (they are not candidates).
+    """
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    found: set[Path] = set()
+    for pat in patterns:
+        for p in root.glob(pat):
+            if p.is_file() and image_ext(p.name) is not None:
+                found.add(p)
+    out = []
+    for p in sorted(found):
+        ext = image_ext(p.name)
+        if ext in (".img", ".img.gz"):
+            hdr = p.with_name(p.name[: -len(ext)] + ext.replace("img", "hdr"))
+            if not hdr.exists():
+                if skipped is not None:
+                    skipped.append(Skipped(str(p), f"Analyze image without its header {hdr.name}"))
+                continue
+            if hdr in found:
+                continue  # the pair is listed once, through its header
+            out.append(hdr)
+            continue
+        if ext in (".hdr", ".hdr.gz"):
+            img = p.with_name(p.name[: -len(ext)] + ext.replace("hdr", "img"))
+            if not img.exists():
+                if skipped is not None:
+                    skipped.append(Skipped(str(p), f"Analyze header without its image {img.name}"))
+                continue
+        out.append(p)
+    return sorted(set(out))
+
+
+@dataclass
+class Skipped:
+    """Something a reader found and did not use: ``what`` (a file or subject) and ``reason``."""
+
+    what: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.what}: {self.reason}"
+
+
+@dataclass
+class SourceData:
+    """The volumes of one data set and its protocol.
+
+    Attributes:
+        layout: reader name (``"lpba40"``, ``"mindboggle"``, ``"abdomen"``, ``"pickle"``, ``"folder"``,
+            ``"manifest"``, ``"demo"``).
+        root: folder (or file) it was read from.
+        volumes: lazy handles, in a stable order.
+        label_map: the protocol turning codes into ``1..K`` (``None``: codes kept as they are).
+        label_names: ``{label: name}``.
+        splits: the published split by volume id (``{"train": [...], "test": [...]}``), or empty.
+        pairs: explicit ordered ``(moving_id, fixed_id)`` lists per split (e.g. Learn2Reg's
+            ``registration_val``); splits without one use all ordered pairs.
+        skipped: what was found and left out, with the reason.
+        notes: other remarks (missing subjects, assumptions such as "no affine in pickles").
+        preprocessing: name of the :func:`~psmamba.data.preprocess.preset` of its protocol.
+    """
+
+    layout: str
+    root: Path
+    volumes: list[VolumeRef]
+    label_map: LabelMap | None = None
+    label_names: dict[int, str] = field(default_factory=dict)
+    splits: dict[str, list[str]] = field(default_factory=dict)
+    pairs: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
+    skipped: list[Skipped] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    preprocessing: str = "minmax"
+
+    def __post_init__(self) -> None:
+        ids = [v.id for v in self.volumes]
+        dup = sorted({i for i in ids if ids.count(i) > 1})
+        if dup:
+            raise PsmambaError(f"{self.root}: two volumes share the id {dup[0]!r}; ids must be unique")
+        if self.label_map is not None and not self.label_names:
+            self.label_names = self.label_map.label_names
+
+    def __len__(self) -> int:
+        return len(self.volumes)
+
+    @property
+    def ids(self) -> list[str]:
+        """Volume ids in order."""
+        return [v.id for v in self.volumes]
+
+    def by_id(self) -> dict[str, VolumeRef]:
+        """``{id: VolumeRef}``."""
+        return {v.id: v for v in self.volumes}
+
+    def subjects(self) -> dict[str, str]:
+        """``{volume id: subject}``."""
+        return {v.id: v.subject for v in self.volumes}
+
+    # ------------------------------------------------------------------ splits and pairs
+    def make_splits(
+        self, val: float | int = 0, test: float | int = 0.2, seed: int = 0, use_protocol: bool = True
+    ) -> dict[str, list[str]]:
+        """Train/val/test volume ids, never putting one subject in two parts.
+
+        With a published split (``use_protocol``), its test part is kept and ``val`` subjects
+        are drawn (seeded) from its training part; otherwise subjects are drawn with the
+        fractions (``< 1``) or counts (``>= 1``) ``val`` and ``test``. See
+        :func:`psmamba.data.pairs.split_subjects`.
+        """
+        from psmamba.data.pairs import split_subjects
+
+        subj = self.subjects()
+        if use_protocol and self.splits.get("train") and self.splits.get("test"):
+            if self.splits.get("val"):
+                return {k: list(self.splits.get(k, [])) for k in ("train", "val", "test")}
+            train_ids = list(self.splits["train"])
+            parts = split_subjects(train_ids, subj, val=val, test=0, seed=seed)
+            return {"train": parts["train"], "val": parts["val"], "test": list(self.splits["test"])}
+        return split_subjects(self.ids, subj, val=val, test=test, seed=seed)
+
+    def pairs_for(self, split: str, ids: Sequence[str]) -> list[tuple[str, str]]:
+        """The explicit pair list of ``split`` if there is one (restricted to ``ids``), else all ordered pairs."""
+        from psmamba.data.pairs import all_pairs
+
+        if split in self.pairs:
+            keep = set(ids)
+            return [(m, f) for m, f in self.pairs[split] if m in keep and f in keep]
+        return all_pairs(ids)
+
+    def pair_dataset(
+        self,
+        split: str = "train",
+        splits: dict[str, list[str]] | None = None,
+        pipeline: "Pipeline | str | None" = "preset",
+        cache_dir: str | os.PathLike | None = None,
+        labels: bool = True,
+        pairs: Sequence[tuple[str, str]] | None = None,
+    ) -> "PairDataset":
+        """A :class:`~psmamba.data.dataset.PairDataset` over one split.
+
+        Args:
+            split: ``"train"``, ``"val"`` or ``"test"``.
+            splits: from :meth:`make_splits` (default: ``make_splits()``).
+            pipeline: a :class:`Pipeline`, a preset name, ``"preset"`` (this protocol's) or ``None``.
+            cache_dir: preprocessed-volume cache (see :mod:`psmamba.data.cache`).
+            labels: also return label maps.
+            pairs: explicit pairs instead of the split's.
+        """
+        from psmamba.data.dataset import PairDataset
+        from psmamba.data.preprocess import Pipeline, preset
+
+        if isinstance(pipeline, str):
+            pipeline = preset(self.preprocessing if pipeline == "preset" else pipeline)
+        if pairs is None:
+            splits = splits if splits is not None else self.make_splits()
+            if split not in splits:
+                raise PsmambaError(f"unknown split {split!r}; this source has {sorted(splits)}")
+            pairs = self.pairs_for(split, splits[split])
+        return PairDataset(self.volumes, pairs, pipeline=pipeline, cache_dir=cache_dir, labels=labels)
+
+    # ------------------------------------------------------------------ report
+    def summary(self) -> str:
+        """Several lines: counts, splits, pair lists, label protocol, and everything left out."""
+        lines = [f"{self.layout} source at {self.root}: {len(self.volumes)} volumes"
+                 + (f" ({sum(v.has_labels for v in self.volumes)} with labels)" if self.volumes else "")]
+        if self.label_map is not None:
+            lines.append(f"labels: protocol {self.label_map.name}, {self.label_map.num_labels} ROIs")
+        for name, ids in self.splits.items():
+            lines.append(f"published split {name}: {len(ids)} volumes")
+        for name, prs in self.pairs.items():
+            lines.append(f"listed pairs {name}: {len(prs)}")
+        lines.extend(f"note: {n}" for n in self.notes)
+        if self.skipped:
+            lines.append(f"left out: {len(self.skipped)}")
+            lines.extend(f"  - {s}" for s in self.skipped)
+        else:
+            lines.append("left out: nothing")
+        return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------- dispatch
+LAYOUTS: tuple[str, ...] = ("lpba40", "mindboggle", "abdomen", "pickle", "folder", "manifest")
+
+
+def detect_layout(path: str | os.PathLike) -> str:
+    """Guess the layout of a path from its file names (see :data:`LAYOUTS`)."""
+    p = Path(path)
+    if not p.exists():
+        raise PsmambaError(f"{p}: no such file or folder")
+    if p.is_file():
+        name = p.name.lower()
+        if name.endswith("_dataset.json"):
+            return "abdomen"
+        if name.endswith((".csv", ".json", ".tsv")):
+            return "manifest"
+        if name.endswith((".pkl", ".pickle")):
+            return "pickle"
+        raise PsmambaError(f"{p}: a file source must be a manifest (.csv/.json) or a pickle (.pkl)")
+    if any(p.glob("*_dataset.json")) and (p / "imagesTr").is_dir():
+        return "abdomen"
+    if p.name.endswith("_volumes") or any(c.is_dir() and c.name.endswith("_volumes") for c in p.iterdir()):
+        return "mindboggle"
+    if next(p.glob("**/*.delineation.skullstripped.*"), None) is not None:
+        return "lpba40"
+    if next(p.glob("*.pkl"), None) is not None or next(p.glob("*.pickle"), None) is not None:
+        return "pickle"
+    return "folder"
+
+
+def open_source(path: str | os.PathLike, layout: str | None = None, **options: Any) -> SourceData:
+    """Read a data set: ``layout`` one of :data:`LAYOUTS`, or detected from the file names.
+
+    ``options`` go to the reader (``image_glob=``, ``label_glob=``, ``subsets=``, ...); see
+    :func:`psmamba.data.lpba40.read_lpba40`, :func:`psmamba.data.mindboggle.read_mindboggle`,
+    :func:`psmamba.data.abdomen.read_abdomen`, :func:`psmamba.data.pickles.read_pickles`,
+    :func:`psmamba.data.folder.read_folder`, :func:`psmamba.data.folder.read_manifest`.
+    """
+    layout = (layout or detect_layout(path)).lower()
+    if layout == "lpba40":
+        from psmamba.data.lpba40 import read_lpba40 as reader
+    elif layout == "mindboggle":
+        from psmamba.data.mindboggle import read_mindboggle as reader
+    elif layout in ("abdomen", "abdomenctct"):
+        from psmamba.data.abdomen import read_abdomen as reader
+    elif layout == "pickle":
+        from psmamba.data.pickles import read_pickles as reader
+    elif layout == "folder":
+        from psmamba.data.folder import read_folder as reader
+    elif layout == "manifest":
+        from psmamba.data.folder import read_manifest as reader
+    else:
+        raise PsmambaError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
+    return reader(path, **options)
+
+
+def subject_number(text: str) -> int | None:
+    """The last run of digits in ``text`` (``"S07"`` -> 7), or ``None``."""
+    m = re.findall(r"\d+", text)
+    return int(m[-1]) if m else None
+
+
+def unique(items: Iterable[str]) -> list[str]:
+    """Order-preserving de-duplication."""
+    seen: set[str] = set()
+    return [x for x in items if not (x in seen or seen.add(x))]
