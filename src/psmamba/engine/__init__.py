@@ -1,0 +1,45 @@
+"""Training, evaluation and registration as plain functions.
+
+Nothing heavy is imported here: the names below are resolved on first use, so that
+``import psmamba.engine`` stays cheap (no torch until a function is called).
+
+* :func:`fit` (``psmamba.engine.train``): train a model from a :class:`TrainConfig`.
+* :func:`load_train_config` / :class:`TrainConfig` (``psmamba.engine.config``).
+* :func:`save_training_state` / :func:`load_training_state` (``psmamba.engine.checkpointing``).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+# public name -> sub-module that defines it
+_LAZY = {
+    "fit": "train",
+    "FitResult": "train",
+    "TrainConfig": "config",
+    "DataConfig": "config",
+    "LossConfig": "config",
+    "OptimConfig": "config",
+    "RunConfig": "config",
+    "load_train_config": "config",
+    "apply_overrides": "config",
+    "save_training_state": "checkpointing",
+    "load_training_state": "checkpointing",
+    "atomic_save": "checkpointing",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'psmamba.engine' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"psmamba.engine.{module}"), name)
+    globals()[name] = value  # cache: later look-ups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
