@@ -1,0 +1,103 @@
+"""``psmamba evaluate``: score a method over many pairs, or compare result files statistically."""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = "evaluate registration over pairs (Dice, HD95, folding, SDlogJ, time) or --compare result CSVs"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    src = parser.add_argument_group("pairs (one of)")
+    src.add_argument("--pairs", metavar="CSV",
+                     help="pair list: moving,fixed[,moving_labels,fixed_labels][,pair_id] (header optional)")
+    src.add_argument("--demo", action="store_true", help="the built-in demo data set's test pairs")
+    src.add_argument("--demo-size", default="small", help="demo grid: small (about 64^3, default) or full")
+    meth = parser.add_argument_group("method")
+    meth.add_argument("--checkpoint", metavar="C", help="trained psmamba checkpoint")
+    meth.add_argument("--identity", action="store_true", help="no registration (the 'before' baseline)")
+    meth.add_argument("--iters", type=int, default=0, metavar="N",
+                      help="test-time optimisation steps per pair (see psmamba register --help)")
+    meth.add_argument("--lr", type=float, default=None, help="learning rate of --iters")
+    meth.add_argument("--lambda", dest="lam", type=float, default=1.0, metavar="W", help="diffusion weight of --iters")
+    meth.add_argument("--model-size", type=int, nargs=3, metavar=("D", "H", "W"), help="grid the network runs on")
+    meth.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
+    meth.add_argument("--method", metavar="NAME", help="name in the method column (default from the settings)")
+    meth.add_argument("--labels", metavar="L", help="comma-separated label codes to score (default: all non-zero)")
+    meth.add_argument("--no-hd95", action="store_true", help="skip HD95 (faster on large volumes)")
+    parser.add_argument("--out", metavar="CSV",
+                        help="results CSV (per pair x label; also writes <stem>_pairs.csv and <stem>_summary.md); "
+                        "with --compare: a CSV of the tests")
+    cmp_ = parser.add_argument_group("statistics")
+    cmp_.add_argument("--compare", nargs="+", metavar="CSV",
+                      help="compare two or more results CSVs: paired t / Wilcoxon (Bonferroni), ANOVA + Tukey HSD")
+    cmp_.add_argument("--names", nargs="+", metavar="NAME", help="method names for --compare (default: method column)")
+    parser.add_argument("--quiet", action="store_true", help="no per-pair progress lines")
+
+
+def _labels(text: str | None):
+    from psmamba.errors import PsmambaError
+
+    if not text:
+        return None
+    try:
+        return [int(v) for v in text.replace(" ", "").split(",") if v]
+    except ValueError:
+        raise PsmambaError(f"--labels must be comma-separated integers, got {text!r}") from None
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from psmamba.engine.evaluate import _write_csv, check_writable, format_summary_table, read_results, summarize
+    from psmamba.engine.stats import compare_methods
+    from psmamba.errors import PsmambaError
+
+    if args.names and len(args.names) != len(args.compare):
+        raise PsmambaError(f"--names gives {len(args.names)} names for {len(args.compare)} files")
+    out = check_writable(args.out) if args.out else None
+    results = [read_results(p, name=(args.names[i] if args.names else None)) for i, p in enumerate(args.compare)]
+    names = [r.name for r in results]
+    for i, r in enumerate(results):  # the same method name twice: tell them apart by file
+        if names.count(r.name) > 1:
+            r.name = f"{r.name} ({r.path.name})"
+    print(format_summary_table([summarize(r.pair_rows, r.name) for r in results]))
+    print()
+    comp = compare_methods({r.name: r.per_pair for r in results})
+    print(comp.to_text())
+    if out is not None:
+        rows = comp.to_rows()
+        _write_csv(out, list(rows[0]), rows)
+        print(f"\nwrote {out}")
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    from psmamba.errors import PsmambaError
+
+    if args.compare:
+        if args.pairs or args.demo or args.checkpoint or args.identity or args.iters:
+            raise PsmambaError("--compare reads result files only: do not combine it with pairs or a method")
+        return _compare(args)
+
+    from psmamba.engine.evaluate import check_writable, evaluate_pairs, format_summary_table, read_pair_list
+
+    if bool(args.pairs) == bool(args.demo):
+        raise PsmambaError("give exactly one source of pairs: --pairs CSV or --demo")
+    if not args.out:
+        raise PsmambaError("--out CSV is required (where the results go)")
+    out = check_writable(args.out)
+    labels = _labels(args.labels)
+    if args.pairs:
+        pairs = read_pair_list(args.pairs)
+    else:
+        from psmamba.engine.evaluate import demo_pairs
+
+        pairs = demo_pairs(size=args.demo_size)
+    result = evaluate_pairs(
+        pairs, checkpoint=args.checkpoint, identity=args.identity, iters=args.iters, lr=args.lr,
+        lam=args.lam, device=args.device, labels=labels, hd95=not args.no_hd95, method=args.method,
+        model_size=args.model_size, progress=not args.quiet,
+    )
+    written = result.write(out)
+    print(format_summary_table([result.summary()]))
+    print(f"wrote {', '.join(str(p) for p in written)}")
+    return 0

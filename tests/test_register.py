@@ -1,0 +1,286 @@
+"""psmamba register / register_pair: outputs, affines, world resampling, TTO, bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from psmamba.cli import main
+from psmamba.engine.register import (
+    OUTPUT_FILES,
+    _resize_field,
+    register_pair,
+    resample_to_grid,
+)
+from psmamba.errors import PsmambaError
+
+
+# --------------------------------------------------------------------------- fixtures
+def world_blobs(shape, affine, shift_mm=(0.0, 0.0, 0.0), wobble=0.0):
+    """A smooth two-structure image and its labels sampled from a WORLD-space definition.
+
+    A ball of radius 7 mm (label 1) with a ball of radius 3.5 mm inside (label 2) plus a
+    third ball (label 3), centred near the world origin, moved by ``shift_mm`` and, with
+    ``wobble``, deformed by a smooth sinusoidal field. Defining them in world space lets
+    two different grids see the same anatomy.
+    """
+    idx = np.stack(np.meshgrid(*[np.arange(s) for s in shape], indexing="ij"), -1).astype(np.float64)
+    xyz = idx @ np.asarray(affine)[:3, :3].T + np.asarray(affine)[:3, 3]
+    xyz = xyz - np.asarray(shift_mm)
+    if wobble:
+        xyz = xyz + wobble * np.sin(xyz[..., ::-1] / 5.0)
+    r1 = np.linalg.norm(xyz - [0.0, 0.0, 0.0], axis=-1)
+    r3 = np.linalg.norm(xyz - [0.0, 5.0, -5.0], axis=-1)
+    labels = np.zeros(shape, np.int16)
+    labels[r1 < 7.0] = 1
+    labels[r1 < 3.5] = 2
+    labels[r3 < 3.0] = 3
+    image = 1.0 / (1.0 + np.exp((r1 - 7.0) / 0.8)) + 0.6 / (1.0 + np.exp((r1 - 3.5) / 0.8))
+    image = image + 0.8 / (1.0 + np.exp((r3 - 3.0) / 0.8))
+    return image.astype(np.float32), labels
+
+
+def grid_affine(spacing=(1.0, 1.0, 1.0), shape=(24, 24, 24), flip0=False):
+    """An affine whose grid is centred on the world origin."""
+    a = np.diag(list(spacing) + [1.0])
+    if flip0:
+        a[0, 0] = -a[0, 0]
+    a[:3, 3] = -a[:3, :3] @ ((np.asarray(shape) - 1) / 2.0)
+    return a
+
+
+def save(path, data, affine):
+    nib.save(nib.Nifti1Image(data, affine), str(path))
+    return path
+
+
+@pytest.fixture()
+def blob_pair(tmp_path):
+    """Fixed 24^3 at 1 mm; moving = the same anatomy shifted by 2-3 mm and smoothly deformed."""
+    shape = (24, 24, 24)
+    aff = grid_affine(shape=shape)
+    fimg, flab = world_blobs(shape, aff)
+    mimg, mlab = world_blobs(shape, aff, shift_mm=(2.5, -2.0, 2.0), wobble=0.8)
+    return {
+        "fixed": save(tmp_path / "fixed.nii.gz", fimg, aff),
+        "moving": save(tmp_path / "moving.nii.gz", mimg, aff),
+        "fixed_labels": save(tmp_path / "fixed_seg.nii.gz", flab, aff),
+        "moving_labels": save(tmp_path / "moving_seg.nii.gz", mlab, aff),
+        "affine": aff,
+        "shape": shape,
+    }
+
+
+def tiny_checkpoint(path):
+    """A small, fast network (conv decoder blocks, c = 1) saved as a psmamba checkpoint."""
+    from psmamba.models import build_model, save_checkpoint
+
+    torch.manual_seed(0)
+    model = build_model("baseline_conv", channels=1, mamba_backend="reference")
+    save_checkpoint(path, model)
+    return model
+
+
+def leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if ".tmp-" in p.name)
+
+
+# --------------------------------------------------------------------------- happy paths
+def test_register_iters_raises_dice_and_writes_outputs(blob_pair, tmp_path, capsys):
+    out = tmp_path / "result"
+    rc = main([
+        "register", "--fixed", str(blob_pair["fixed"]), "--moving", str(blob_pair["moving"]),
+        "--moving-labels", str(blob_pair["moving_labels"]), "--fixed-labels", str(blob_pair["fixed_labels"]),
+        "--iters", "60", "--device", "cpu", "--out", str(out),
+    ])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "Dice:" in printed and "folding:" in printed
+    for name in OUTPUT_FILES:
+        assert (out / name).is_file(), name
+    summary = json.loads((out / "summary.json").read_text())
+    before, after = summary["dice_before"]["mean"], summary["dice_after"]["mean"]
+    assert after > before + 0.1, (before, after)
+    assert after > 0.75
+    assert summary["folding_percent"] < 1.0
+    assert summary["method"] == "instance-optimisation"
+    assert set(summary["timings_s"]) >= {"load", "register", "total"}
+    # every NIfTI output carries the fixed image's affine
+    aff = blob_pair["affine"]
+    for name in ("warped.nii.gz", "ddf.nii.gz", "warped_labels.nii.gz", "jacobian.nii.gz"):
+        img = nib.load(str(out / name))
+        np.testing.assert_allclose(img.affine, aff, atol=1e-5, err_msg=name)
+    assert nib.load(str(out / "ddf.nii.gz")).shape == blob_pair["shape"] + (3,)  # Learn2Reg layout
+    wl = nib.load(str(out / "warped_labels.nii.gz"))
+    assert np.issubdtype(wl.get_data_dtype(), np.integer)
+    assert set(np.unique(np.asarray(wl.dataobj))) <= {0, 1, 2, 3}
+    png = (out / "overview.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
+    assert leftovers(tmp_path) == []
+
+
+def test_warped_outputs_are_consistent_with_the_field(blob_pair):
+    """warped == warp(moving, ddf) and det J recomputes from the saved Learn2Reg field."""
+    from psmamba import metrics
+    from psmamba.spatial import ddf_from_l2r, warp
+
+    res = register_pair(blob_pair["fixed"], blob_pair["moving"], iters=12, device="cpu")
+    mov = torch.from_numpy(np.asarray(nib.load(str(blob_pair["moving"])).dataobj, dtype=np.float32))[None, None]
+    again = warp(mov, ddf_from_l2r(res.ddf_l2r))[0, 0].numpy()
+    np.testing.assert_allclose(res.warped, again, atol=1e-5)
+    np.testing.assert_allclose(res.jacobian, metrics.jacobian_determinant(res.ddf), atol=1e-5)
+    assert res.out_dir is None and res.dice_before is None
+
+
+def test_moving_on_another_grid_is_resampled_through_world_coordinates(tmp_path):
+    """Same anatomy on a coarser, flipped, differently sized grid: identity Dice stays high."""
+    fshape, mshape = (24, 24, 24), (17, 19, 16)
+    faff = grid_affine(shape=fshape)
+    maff = grid_affine(spacing=(1.5, 1.3, 1.6), shape=mshape, flip0=True)
+    fimg, flab = world_blobs(fshape, faff)
+    mimg, mlab = world_blobs(mshape, maff)
+    res = register_pair(
+        save(tmp_path / "f.nii.gz", fimg, faff), save(tmp_path / "m.nii.gz", mimg, maff),
+        fixed_labels=save(tmp_path / "fl.nii.gz", flab, faff), moving_labels=save(tmp_path / "ml.nii.gz", mlab, maff),
+        device="cpu",
+    )
+    assert res.summary["method"] == "identity"
+    assert res.warped.shape == fshape and res.warped_labels.shape == fshape
+    assert res.dice_before > 0.8  # it would be ~0 if the flip or the spacing were ignored
+    np.testing.assert_allclose(res.affine, faff)
+    assert np.corrcoef(res.warped.ravel(), fimg.ravel())[0, 1] > 0.95
+
+
+def test_resample_to_grid_translation_and_identity():
+    data = np.zeros((10, 10, 10), np.float32)
+    data[4, 5, 6] = 1.0
+    src = np.eye(4)
+    dst = np.eye(4)
+    dst[:3, 3] = [1.0, 2.0, -1.0]  # destination voxel p sits at world p + t = source voxel p + t
+    out = resample_to_grid(data, src, (10, 10, 10), dst)
+    assert out[3, 3, 7] == pytest.approx(1.0)
+    assert resample_to_grid(data, src, (10, 10, 10), src) is data
+    lab = data.astype(np.int16)
+    assert resample_to_grid(lab, src, (10, 10, 10), dst, order=0).dtype == np.int16
+
+
+def test_resize_field_keeps_world_displacement():
+    """A uniform shift of 3 voxels on a 9-voxel grid is 6 voxels on the 17-voxel grid spanning the same extent."""
+    ddf = torch.zeros(1, 3, 9, 9, 9)
+    ddf[:, 0] = 3.0
+    big = _resize_field(ddf, (17, 17, 17))
+    assert big.shape == (1, 3, 17, 17, 17)
+    torch.testing.assert_close(big[:, 0], torch.full((1, 17, 17, 17), 6.0))
+    torch.testing.assert_close(big[:, 1:], torch.zeros(1, 2, 17, 17, 17))
+
+
+def test_checkpoint_with_tto_on_another_model_grid(blob_pair, tmp_path):
+    """Checkpoint + 2 fine-tuning steps on a 20^3 model grid; the caller's model is untouched."""
+    ckpt = tmp_path / "tiny.pt"
+    model = tiny_checkpoint(ckpt)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    res = register_pair(
+        blob_pair["fixed"], blob_pair["moving"], moving_labels=blob_pair["moving_labels"],
+        fixed_labels=blob_pair["fixed_labels"], model=model, iters=2, device="cpu", model_size=(20, 20, 20),
+        out_dir=tmp_path / "o",
+    )
+    assert res.summary["method"] == "network+tto" and res.summary["model_grid"] == [20, 20, 20]
+    assert res.ddf.shape == (3,) + blob_pair["shape"]
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert (tmp_path / "o" / "warped_labels.nii.gz").is_file()
+    # from the file, through the CLI, no iters: the network's own prediction
+    out = tmp_path / "cli"
+    assert main(["register", "--fixed", str(blob_pair["fixed"]), "--moving", str(blob_pair["moving"]),
+                 "--checkpoint", str(ckpt), "--device", "cpu", "--no-overview", "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["method"] == "network" and summary["checkpoint"] == str(ckpt)
+    assert not (out / "overview.png").exists()
+
+
+# --------------------------------------------------------------------------- bad input
+def _fails(capsys, argv) -> str:
+    rc = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert rc == 2
+    assert err.startswith("psmamba: error:") and "\n" not in err and "Traceback" not in err
+    return err
+
+
+def test_missing_file_fails_early_without_output(blob_pair, tmp_path, capsys):
+    out = tmp_path / "out"
+    err = _fails(capsys, ["register", "--fixed", str(tmp_path / "nope.nii.gz"), "--moving",
+                          str(blob_pair["moving"]), "--iters", "5", "--out", str(out)])
+    assert "nope.nii.gz" in err
+    assert not out.exists() and leftovers(tmp_path) == []
+
+
+def test_mismatched_labels_fail(blob_pair, tmp_path, capsys):
+    small = save(tmp_path / "small_seg.nii.gz", np.zeros((20, 24, 24), np.int16), blob_pair["affine"])
+    out = tmp_path / "out"
+    err = _fails(capsys, ["register", "--fixed", str(blob_pair["fixed"]), "--moving", str(blob_pair["moving"]),
+                          "--moving-labels", str(small), "--iters", "5", "--out", str(out)])
+    assert "small_seg.nii.gz" in err and "shape" in err
+    assert not out.exists() and leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("kind", ["corrupt", "foreign"])
+def test_bad_checkpoint_fails(blob_pair, tmp_path, capsys, kind):
+    ckpt = tmp_path / "bad.pt"
+    if kind == "corrupt":
+        ckpt.write_bytes(b"\x80\x03 this is not a checkpoint at all")
+    else:  # weights of another model
+        torch.save(torch.nn.Linear(3, 2).state_dict(), ckpt)
+    out = tmp_path / "out"
+    err = _fails(capsys, ["register", "--fixed", str(blob_pair["fixed"]), "--moving", str(blob_pair["moving"]),
+                          "--checkpoint", str(ckpt), "--out", str(out)])
+    assert "bad.pt" in err
+    assert not out.exists() and leftovers(tmp_path) == []
+
+
+def test_unwritable_output_folder_fails(blob_pair, tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    err = _fails(capsys, ["register", "--fixed", str(blob_pair["fixed"]), "--moving", str(blob_pair["moving"]),
+                          "--iters", "5", "--out", str(blocker / "out")])
+    assert "a_file" in err
+    _fails(capsys, ["register", "--fixed", str(blob_pair["fixed"]), "--moving", str(blob_pair["moving"]),
+                    "--iters", "5", "--out", str(blocker)])
+    assert leftovers(tmp_path) == []
+
+
+def test_nothing_to_do_and_no_overlap(blob_pair, tmp_path, capsys):
+    _fails(capsys, ["register", "--fixed", str(blob_pair["fixed"]), "--moving", str(blob_pair["moving"]),
+                    "--out", str(tmp_path / "o")])
+    far = blob_pair["affine"].copy()
+    far[:3, 3] += 500.0
+    moved = save(tmp_path / "far.nii.gz", np.asarray(nib.load(str(blob_pair["moving"])).dataobj), far)
+    err = _fails(capsys, ["register", "--fixed", str(blob_pair["fixed"]), "--moving", str(moved),
+                          "--iters", "5", "--out", str(tmp_path / "o")])
+    assert "overlap" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_failure_while_writing_leaves_nothing(blob_pair, tmp_path, monkeypatch):
+    import psmamba.viz
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(psmamba.viz, "save_overview", boom)
+    with pytest.raises(RuntimeError):
+        register_pair(blob_pair["fixed"], blob_pair["moving"], iters=3, device="cpu", out_dir=tmp_path / "out")
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+
+
+def test_api_argument_errors(blob_pair):
+    with pytest.raises(PsmambaError, match="iters"):
+        register_pair(blob_pair["fixed"], blob_pair["moving"], iters=-1)
+    with pytest.raises(PsmambaError, match="device"):
+        register_pair(blob_pair["fixed"], blob_pair["moving"], iters=1, device="tpu9")
+    with pytest.raises(PsmambaError, match="3-D"):
+        register_pair(np.zeros((4, 4)), blob_pair["moving"])
