@@ -2,8 +2,9 @@
 
 Folder matching (:func:`read_folder`):
 
-* with ``image_glob`` (and optionally ``label_glob``): the text matched by the wildcards
-  (``*``, ``?``, ``**/``) of each glob, without the file extension, is the volume id; an image
+* with ``image_glob`` (and optionally ``label_glob``): the texts matched by the wildcards
+  (``*``, ``?``, ``**/``) of each glob, joined by ``/`` and without the file extension, are the
+  volume id; an image
   and a label map with the same id belong together. Example: ``image_glob="img/*_t1.nii.gz"``,
   ``label_glob="seg/*_labels.nii.gz"`` pairs ``img/sub1_t1.nii.gz`` with ``seg/sub1_labels.nii.gz``.
   Files matching ``label_glob`` are never taken as images.
@@ -63,8 +64,9 @@ def _glob_id(rel: str, rx: re.Pattern) -> str | None:
     m = rx.match(rel)
     if m is None:
         return None
-    captured = "".join(g for g in m.groups() if g)
-    return strip_image_ext(captured).strip("_.-/") or None
+    # each wildcard's text is one part of the id: "*/*_t1.nii" on "a/b_t1.nii" gives "a/b"
+    parts = [g.strip("/") for g in m.groups() if g and g.strip("/")]
+    return strip_image_ext("/".join(parts)).strip("_.-/") or None
 
 
 def _as_list(x: str | Sequence[str]) -> list[str]:

@@ -1,0 +1,366 @@
+"""Readers on fixture folders generated in each published layout, and every bad-input case."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import pickle
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from psmamba.cli import main
+from psmamba.data import open_source
+from psmamba.data.labels import DKT31_CODES, LPBA40_CODES
+from psmamba.data.pairs import all_pairs
+from psmamba.data.sources import detect_layout
+from psmamba.errors import PsmambaError
+
+SHAPE = (10, 12, 8)
+
+
+def _image(seed: int, shape=SHAPE) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    img = np.zeros(shape, dtype=np.float32)
+    img[2:-2, 2:-2, 2:-2] = rng.uniform(10, 100, size=tuple(s - 4 for s in shape))
+    return img
+
+
+def _labels(codes, seed: int, shape=SHAPE, dtype=np.int16) -> np.ndarray:
+    """Every code in ``codes`` in at least one voxel, the rest background."""
+    rng = np.random.default_rng(seed)
+    lab = np.zeros(int(np.prod(shape)), dtype=dtype)
+    pos = rng.permutation(lab.size)[: len(codes)]
+    lab[pos] = np.asarray(codes, dtype=dtype)
+    return lab.reshape(shape)
+
+
+def _save(path: Path, data: np.ndarray, affine=None, analyze: bool = False) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    affine = np.diag([-1.0, 1.0, 1.0, 1.0]) if affine is None else affine
+    img = nib.AnalyzeImage(data, affine) if analyze else nib.Nifti1Image(data, affine)
+    nib.save(img, str(path))
+    return path
+
+
+# ---------------------------------------------------------------------- LPBA40
+def make_lpba40(root: Path, n: int = 4) -> Path:
+    """S01.. in the LONI layout: Analyze .hdr/.img for odd subjects, .nii.gz / .nii for the others."""
+    codes = list(LPBA40_CODES) + [181, 182]
+    for i in range(1, n + 1):
+        sid = f"S{i:02d}"
+        d = root / "LPBA40" / "delineation_space" / sid
+        if i % 2 == 1:
+            ext, analyze = ".hdr", True
+        else:
+            ext, analyze = (".nii.gz" if i % 4 == 2 else ".nii"), False
+        _save(d / f"{sid}.delineation.skullstripped{ext}", _image(i), analyze=analyze)
+        _save(d / f"{sid}.delineation.structure.label{ext}", _labels(codes, i), analyze=analyze)
+    return root
+
+
+def test_lpba40_layout(tmp_path):
+    make_lpba40(tmp_path, n=4)
+    src = open_source(tmp_path, train_subjects=2)
+    assert src.layout == "lpba40"
+    assert src.ids == ["S01", "S02", "S03", "S04"]
+    assert {v.image_path.name for v in src.volumes} == {
+        "S01.delineation.skullstripped.hdr", "S02.delineation.skullstripped.nii.gz",
+        "S03.delineation.skullstripped.hdr", "S04.delineation.skullstripped.nii"}
+    assert src.skipped == []
+    assert src.splits == {"train": ["S01", "S02"], "test": ["S03", "S04"]}
+    assert len(src.pairs_for("train", src.splits["train"])) == 2 * 1
+    assert len(all_pairs(src.ids)) == 4 * 3
+    assert any("40" in n for n in src.notes)  # 4 of the published 40 subjects: said, not hidden
+    for ref in src.volumes:
+        vol = ref.load()
+        assert vol.labels.max() == 54 and len(np.unique(vol.labels)) == 55  # 54 ROIs + background
+        raw = ref.load(remap=False).labels
+        # code by code on real files: each voxel's code becomes its paper label, 181/182 -> 0
+        c2l = {c: k + 1 for k, c in enumerate(LPBA40_CODES)}
+        for code in np.unique(raw):
+            expect = c2l.get(int(code), 0)
+            assert np.all(vol.labels[raw == code] == expect)
+        assert vol.spacing == (1.0, 1.0, 1.0) and vol.image.dtype == np.float32
+    ds = src.pair_dataset("test", cache_dir=tmp_path / "cache", pipeline="minmax")
+    assert len(ds) == 2
+
+
+def test_lpba40_paper_split_and_missing_label(tmp_path):
+    make_lpba40(tmp_path, n=3)
+    (tmp_path / "LPBA40/delineation_space/S03/S03.delineation.structure.label.hdr").unlink()
+    src = open_source(tmp_path, layout="lpba40")
+    assert src.ids == ["S01", "S02"]
+    reasons = " | ".join(str(s) for s in src.skipped)
+    assert "S03.delineation.skullstripped.hdr" in reasons and "no label map" in reasons
+    assert "S03.delineation.structure.label.img" in reasons  # the orphaned .img half is reported too
+    assert src.splits["train"] == ["S01", "S02"] and src.splits["test"] == []
+    assert "left out: 2" in src.summary()
+
+
+# ---------------------------------------------------------------------- Mindboggle
+def make_mindboggle(root: Path, per_subset: int = 2, extra_subset: bool = True) -> Path:
+    codes = list(DKT31_CODES) + [2, 4, 10, 17, 41, 49, 24]  # cortical + some aseg codes
+    subsets = ["NKI-RS-22", "NKI-TRT-20", "OASIS-TRT-20"] + (["MMRR-21"] if extra_subset else [])
+    for s, subset in enumerate(subsets):
+        for i in range(1, per_subset + 1):
+            d = root / f"{subset}_volumes" / f"{subset}-{i}"
+            _save(d / "t1weighted_brain.MNI152.nii.gz", _image(10 * s + i))
+            _save(d / "labels.DKT31.manual+aseg.MNI152.nii.gz", _labels(codes, 10 * s + i, dtype=np.int32))
+    return root
+
+
+def test_mindboggle_layout(tmp_path):
+    make_mindboggle(tmp_path, per_subset=2)
+    src = open_source(tmp_path)
+    assert src.layout == "mindboggle" and len(src) == 6
+    assert src.splits["train"] == ["NKI-RS-22-1", "NKI-RS-22-2", "NKI-TRT-20-1", "NKI-TRT-20-2"]
+    assert src.splits["test"] == ["OASIS-TRT-20-1", "OASIS-TRT-20-2"]
+    assert len(src.pairs_for("test", src.splits["test"])) == 2  # 20x19 in the real set
+    assert any("MMRR-21" in s.what for s in src.skipped)  # other subsets are reported, not dropped silently
+    vol = src.volumes[0].load()
+    assert vol.labels.max() == 62 and len(np.unique(vol.labels)) == 63
+    assert src.label_names[62] == "ctx-rh-insula"
+    splits = src.make_splits(val=1, seed=3)
+    assert len(splits["val"]) == 1 and splits["test"] == src.splits["test"]
+    assert not set(splits["val"]) & set(splits["train"])
+
+
+def test_mindboggle_subject_without_labels(tmp_path):
+    make_mindboggle(tmp_path, per_subset=1, extra_subset=False)
+    (tmp_path / "NKI-TRT-20_volumes/NKI-TRT-20-1/labels.DKT31.manual+aseg.MNI152.nii.gz").unlink()
+    src = open_source(tmp_path, layout="mindboggle")
+    assert len(src) == 2
+    assert any("NKI-TRT-20-1" in s.what and "label" in s.reason for s in src.skipped)
+
+
+# ---------------------------------------------------------------------- AbdomenCTCT
+def make_abdomen(root: Path, n: int = 5, val_pairs=((4, 5), (5, 4))) -> Path:
+    training = []
+    for i in range(1, n + 1):
+        name = f"AbdomenCTCT_{i:04d}_0000.nii.gz"
+        ct = _image(100 + i) * 10 - 1000
+        _save(root / "imagesTr" / name, ct, affine=np.diag([2.0, 2.0, 2.0, 1.0]))
+        _save(root / "labelsTr" / name, _labels(list(range(14)), 100 + i, dtype=np.uint8),
+              affine=np.diag([2.0, 2.0, 2.0, 1.0]))
+        training.append({"image": f"./imagesTr/{name}", "label": f"./labelsTr/{name}"})
+    info = {
+        "name": "AbdomenCTCT",
+        "labels": {"0": {"0": "background", "1": "spleen", "2": "right kidney", "3": "left kidney",
+                         "4": "gall bladder", "5": "esophagus", "6": "liver", "7": "stomach", "8": "aorta",
+                         "9": "inferior vena cava", "10": "portal and splenic vein", "11": "pancreas",
+                         "12": "right adrenal gland", "13": "left adrenal gland"}},
+        "numTraining": n,
+        "training": training,
+        "registration_val": [{"fixed": f"./imagesTr/AbdomenCTCT_{f:04d}_0000.nii.gz",
+                              "moving": f"./imagesTr/AbdomenCTCT_{m:04d}_0000.nii.gz"} for m, f in val_pairs],
+    }
+    (root / "AbdomenCTCT_dataset.json").write_text(json.dumps(info, indent=1))
+    return root
+
+
+def test_abdomen_layout(tmp_path):
+    make_abdomen(tmp_path, n=5)
+    src = open_source(tmp_path)
+    assert src.layout == "abdomen" and len(src) == 5
+    assert src.ids[0] == "AbdomenCTCT_0001"
+    assert src.pairs["test"] == [("AbdomenCTCT_0004", "AbdomenCTCT_0005"), ("AbdomenCTCT_0005", "AbdomenCTCT_0004")]
+    assert src.splits["train"] == ["AbdomenCTCT_0001", "AbdomenCTCT_0002", "AbdomenCTCT_0003"]
+    splits = src.make_splits()
+    assert src.pairs_for("train", splits["train"]) == all_pairs(splits["train"])  # 3x2
+    assert len(src.pairs_for("test", splits["test"])) == 2
+    assert src.label_map.num_labels == 13 and src.label_names[4] == "gall bladder"  # names from the JSON
+    vol = src.volumes[0].load()
+    assert vol.labels.max() == 13 and vol.spacing == (2.0, 2.0, 2.0)
+    ds = src.pair_dataset("test", splits=splits, cache_dir=tmp_path / "cache", pipeline="none")
+    item = ds[0]
+    assert item["moving_id"] == "AbdomenCTCT_0004" and item["moving_labels"].max() == 13
+    # the JSON file itself is a source too
+    assert len(open_source(tmp_path / "AbdomenCTCT_dataset.json")) == 5
+
+
+def test_abdomen_missing_json_entry(tmp_path):
+    make_abdomen(tmp_path, n=3, val_pairs=((2, 3),))
+    info = json.loads((tmp_path / "AbdomenCTCT_dataset.json").read_text())
+    del info["registration_val"][0]["moving"]
+    (tmp_path / "AbdomenCTCT_dataset.json").write_text(json.dumps(info))
+    with pytest.raises(PsmambaError) as err:
+        open_source(tmp_path)
+    msg = str(err.value)
+    assert "AbdomenCTCT_dataset.json" in msg and "registration_val[0]" in msg and "'moving'" in msg
+    assert "\n" not in msg
+    info["registration_val"][0]["moving"] = "./imagesTr/AbdomenCTCT_0009_0000.nii.gz"
+    (tmp_path / "AbdomenCTCT_dataset.json").write_text(json.dumps(info))
+    with pytest.raises(PsmambaError, match="AbdomenCTCT_0009"):
+        open_source(tmp_path)
+    del info["training"][1]["image"]
+    (tmp_path / "AbdomenCTCT_dataset.json").write_text(json.dumps(info))
+    with pytest.raises(PsmambaError, match=r"training\[1\] has no 'image'"):
+        open_source(tmp_path)
+
+
+# ---------------------------------------------------------------------- pickles
+def test_pickles(tmp_path):
+    for i in range(3):
+        with (tmp_path / f"subject_{i}.pkl").open("wb") as f:
+            pickle.dump((_image(i), _labels(list(LPBA40_CODES[:5]) + [181], i)), f)
+    src = open_source(tmp_path, label_map="lpba40")
+    assert src.layout == "pickle" and len(src) == 3
+    assert any("affine" in n for n in src.notes)
+    vol = src.volumes[0].load()
+    assert set(np.unique(vol.labels)) == {0, 1, 2, 3, 4, 5} and np.array_equal(vol.affine, np.eye(4))
+    raw = open_source(tmp_path).volumes[0].load()  # no protocol: codes kept
+    assert 181 in np.unique(raw.labels)
+
+
+def test_pickle_refuses_code(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("this must not run",))
+
+    with (tmp_path / "evil.pkl").open("wb") as f:
+        pickle.dump((Evil(), None), f)
+    src = open_source(tmp_path / "evil.pkl")
+    with pytest.raises(PsmambaError, match="evil.pkl.*refusing"):
+        src.volumes[0].load()
+
+
+# ---------------------------------------------------------------------- folder and manifest
+def test_folder_images_labels_subfolders(tmp_path):
+    for i in range(3):
+        _save(tmp_path / "images" / f"case{i}_0000.nii.gz", _image(i))
+        _save(tmp_path / "labels" / f"case{i}.nii.gz", _labels([1, 2, 3], i, dtype=np.uint8))
+    _save(tmp_path / "images" / "case9_0000.nii.gz", _image(9))
+    src = open_source(tmp_path)
+    assert src.layout == "folder" and src.ids == ["case0", "case1", "case2", "case9"]
+    assert [v.has_labels for v in src.volumes] == [True, True, True, False]
+    assert any("1 of 4" in n for n in src.notes)
+    src = open_source(tmp_path, layout="folder", require_labels=True)
+    assert len(src) == 3 and any("case9" in s.what for s in src.skipped)
+
+
+def test_folder_suffix_matching_and_globs(tmp_path):
+    for i in range(2):
+        _save(tmp_path / f"sub{i}" / f"sub{i}_T1w.nii", _image(i))
+        _save(tmp_path / f"sub{i}" / f"sub{i}_T1w_seg.nii", _labels([4, 8], i, dtype=np.uint8))
+    src = open_source(tmp_path, layout="folder")
+    assert src.ids == ["sub0/sub0_T1w", "sub1/sub1_T1w"] and all(v.has_labels for v in src.volumes)
+    src = open_source(tmp_path, layout="folder", image_glob="*/*_T1w.nii", label_glob="*/*_T1w_seg.nii",
+                      label_map=[4, 8], subject_pattern=r"(sub\d+)")
+    assert src.ids == ["sub0/sub0", "sub1/sub1"] and src.volumes[0].subject == "sub0"
+    assert set(np.unique(src.volumes[1].load().labels)) == {0, 1, 2}
+
+
+def test_manifest_csv_and_json(tmp_path):
+    rows = ["id,image,label,subject,split"]
+    for i in range(4):
+        _save(tmp_path / "data" / f"v{i}.nii.gz", _image(i))
+        _save(tmp_path / "data" / f"v{i}_lab.nii.gz", _labels([1, 2], i, dtype=np.uint8))
+        rows.append(f"v{i},data/v{i}.nii.gz,data/v{i}_lab.nii.gz,p{i // 2},{'test' if i == 3 else 'train'}")
+    rows.append("v9,data/missing.nii.gz,,p9,train")
+    (tmp_path / "list.csv").write_text("\n".join(rows) + "\n")
+    src = open_source(tmp_path / "list.csv")
+    assert src.layout == "manifest" and src.ids == ["v0", "v1", "v2", "v3"]
+    assert src.volumes[1].subject == "p0" and src.splits["test"] == ["v3"]
+    assert any("missing.nii.gz" in s.what for s in src.skipped)
+    spec = {"volumes": [{"image": f"data/v{i}.nii.gz", "label": f"data/v{i}_lab.nii.gz"} for i in range(3)],
+            "pairs": {"train": [["v0", "v1"], {"moving": "v2", "fixed": "v0"}]}}
+    (tmp_path / "list.json").write_text(json.dumps(spec))
+    src = open_source(tmp_path / "list.json")
+    assert src.pairs["train"] == [("v0", "v1"), ("v2", "v0")]
+    spec["volumes"][1] = {"label": "data/v1_lab.nii.gz"}
+    (tmp_path / "bad.json").write_text(json.dumps(spec))
+    with pytest.raises(PsmambaError, match=r"bad.json: entry 1 has no 'image'"):
+        open_source(tmp_path / "bad.json")
+
+
+# ---------------------------------------------------------------------- bad input, one line each
+def _one_line_error(fn, *needles):
+    with pytest.raises(PsmambaError) as err:
+        fn()
+    msg = str(err.value)
+    assert "\n" not in msg, msg
+    for n in needles:
+        assert n in msg, f"{n!r} not in {msg!r}"
+    return msg
+
+
+def test_folder_with_no_images(tmp_path):
+    (tmp_path / "notes.txt").write_text("nothing here")
+    _one_line_error(lambda: open_source(tmp_path, layout="folder"), str(tmp_path), "no images")
+    _one_line_error(lambda: open_source(tmp_path, layout="lpba40"), "no LPBA40 images", "delineation")
+    _one_line_error(lambda: open_source(tmp_path / "absent"), "absent")
+
+
+def test_label_shape_differs(tmp_path):
+    _save(tmp_path / "images" / "a.nii.gz", _image(0))
+    _save(tmp_path / "labels" / "a.nii.gz", np.zeros((10, 12, 9), dtype=np.uint8))
+    ref = open_source(tmp_path).volumes[0]
+    _one_line_error(ref.load, "a.nii.gz", "(10, 12, 9)", "(10, 12, 8)")
+
+
+def test_label_affine_differs(tmp_path):
+    _save(tmp_path / "images" / "a.nii.gz", _image(0))
+    _save(tmp_path / "labels" / "a.nii.gz", np.zeros(SHAPE, dtype=np.uint8), affine=np.diag([2.0, 2, 2, 1]))
+    _one_line_error(open_source(tmp_path).volumes[0].load, "labels/a.nii.gz", "same grid")
+
+
+def test_unknown_label_code_names_code_and_file(tmp_path):
+    make_lpba40(tmp_path, n=1)
+    lab_path = tmp_path / "LPBA40/delineation_space/S01/S01.delineation.structure.label.hdr"
+    lab = _labels([21, 22, 250], 0)
+    _save(lab_path, lab, analyze=True)
+    ref = open_source(tmp_path).volumes[0]
+    _one_line_error(ref.load, "S01.delineation.structure.label.hdr", "unknown label code 250")
+
+
+def test_4d_and_corrupt_files(tmp_path):
+    _save(tmp_path / "images" / "four.nii.gz", np.zeros((*SHAPE, 2), dtype=np.float32))
+    (tmp_path / "images").mkdir(exist_ok=True)
+    with gzip.open(tmp_path / "images" / "broken.nii.gz", "wb") as f:
+        f.write(b"not a nifti file at all")
+    src = open_source(tmp_path)
+    by = src.by_id()
+    _one_line_error(by["four"].load, "four.nii.gz")
+    _one_line_error(by["broken"].load, "broken.nii.gz")
+
+
+def test_long_run_reports_what_was_left_out(tmp_path, capsys):
+    for i in range(3):
+        _save(tmp_path / "images" / f"c{i}.nii.gz", _image(i))
+    with gzip.open(tmp_path / "images" / "c3.nii.gz", "wb") as f:
+        f.write(b"corrupt")
+    src = open_source(tmp_path)
+    ds = src.pair_dataset("train", pairs=all_pairs(src.ids), pipeline="minmax", cache_dir=tmp_path / "cache")
+    assert len(ds) == 12
+    bad = ds.prepare_all(on_error="skip")
+    assert [b[0] for b in bad] == ["c3"] and "c3.nii.gz" in bad[0][1]
+    assert len(ds) == 6  # the pairs that used c3 are gone, and the caller was told which and why
+    # the CLI says it too, and exits 1
+    code = main(["data", "prepare", str(tmp_path), "--cache-dir", str(tmp_path / "cache")])
+    out = capsys.readouterr().out
+    assert code == 1 and "left out 1 volume(s)" in out and "c3" in out
+    code = main(["data", "inspect", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert code == 1 and "c3: PROBLEM" in out and "c0: 10x12x8 voxels" in out
+
+
+def test_detect_layout_and_cli_inspect(tmp_path, capsys):
+    make_lpba40(tmp_path / "lpba", n=2)
+    make_mindboggle(tmp_path / "mb", per_subset=1, extra_subset=False)
+    make_abdomen(tmp_path / "abd", n=3, val_pairs=((2, 3),))
+    assert detect_layout(tmp_path / "lpba") == "lpba40"
+    assert detect_layout(tmp_path / "mb") == "mindboggle"
+    assert detect_layout(tmp_path / "mb" / "NKI-RS-22_volumes") == "mindboggle"
+    assert detect_layout(tmp_path / "abd") == "abdomen"
+    assert main(["data", "inspect", str(tmp_path / "lpba")]) == 0
+    out = capsys.readouterr().out
+    assert "lpba40 source" in out and "S02: 10x12x8 voxels, 1x1x1 mm, LAS" in out
+    assert "54 labels" in out and "dropped codes 181-182" in out and "problems: none" in out
+    assert main(["data", "inspect", str(tmp_path / "abd"), "--layout", "abdomen", "--max-volumes", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "listed pairs test: 1" in out and "13 labels" in out
+    assert main(["data", "inspect", str(tmp_path / "nothing")]) == 2
+    assert "psmamba: error:" in capsys.readouterr().err
