@@ -141,8 +141,10 @@ class LevelProjection(nn.Module):
 
     The Linear weight is drawn from N(0, 1e-5) and its bias is 0. We read "N(0, 1e-5)" as a
     STANDARD DEVIATION of 1e-5 (``torch.distributions.Normal(0, 1e-5)`` in the reference takes
-    the scale, i.e. the standard deviation). Because RMSNorm rescales each token to unit RMS,
-    the tiny initial weights do not make the output tiny.
+    the scale, i.e. the standard deviation). With such weights the projected values (~1e-4)
+    sit below RMSNorm's ``eps = 1e-6`` floor on the mean square, so at initialisation the norm
+    acts as a nearly linear gain of about ``2 / sqrt(1e-6) = 2000``: the outputs are O(0.1), not
+    tiny, and they become unit-RMS (times the gain) once the weights grow during training.
 
     Shapes: ``(B, C, D, H, W)`` -> ``(B, C, D, H, W)``.
     """
