@@ -35,11 +35,21 @@ def numpy_lncc_map(i: np.ndarray, j: np.ndarray, window: int, eps: float = 1e-5)
     return cross * cross / (i_var * j_var + eps)
 
 
-def test_box_sum_equals_full_box_convolution(torch_seed):
-    x = torch.rand(2, 3, 7, 8, 9, dtype=torch.float64)
-    ones = torch.ones(3, 1, 5, 5, 5, dtype=torch.float64)
-    expected = F.conv3d(x.reshape(2, 3, 7, 8, 9), ones, padding=2, groups=3)
-    assert torch.allclose(box_sum(x, 5), expected, atol=1e-12)
+@pytest.mark.parametrize("window", [5, 9])  # 9: two axes shorter than the window
+def test_box_sum_equals_full_box_convolution(window, torch_seed):
+    x = torch.rand(2, 3, 7, 8, 12, dtype=torch.float64)
+    ones = torch.ones(3, 1, window, window, window, dtype=torch.float64)
+    expected = F.conv3d(x, ones, padding=window // 2, groups=3)
+    assert torch.allclose(box_sum(x, window), expected, atol=1e-10)
+
+
+def test_box_sum_and_lncc_gradcheck():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(1, 2, 4, 5, 6, dtype=torch.float64, generator=g, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: box_sum(t, 3), (x,))
+    assert torch.autograd.gradgradcheck(lambda t: box_sum(t, 3), (x,))
+    y = torch.rand(1, 2, 4, 5, 6, dtype=torch.float64, generator=g, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: LNCC(3)(a, b), (x, y))
 
 
 @pytest.mark.parametrize("window", [9, 5])
@@ -168,6 +178,7 @@ def quadratic_field(shape, rng) -> tuple[torch.Tensor, np.ndarray]:
     return torch.from_numpy(u)[None], q
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning:monai")  # MONAI's own notices
 def test_bending_energy_closed_form_and_monai(rng):
     from monai.losses import BendingEnergyLoss
 
