@@ -364,3 +364,5 @@ def test_detect_layout_and_cli_inspect(tmp_path, capsys):
     assert "listed pairs test: 1" in out and "13 labels" in out
     assert main(["data", "inspect", str(tmp_path / "nothing")]) == 2
     assert "psmamba: error:" in capsys.readouterr().err
+    assert main(["data", "inspect", str(tmp_path / "abd"), "--image-glob", "*.nii.gz"]) == 2
+    assert "abdomen reader has no option 'image_glob'" in capsys.readouterr().err

@@ -119,14 +119,14 @@ class PickleVolumeRef(VolumeRef):
 
 def read_pickles(
     root: str | os.PathLike,
-    glob: str | Sequence[str] = ("*.pkl", "*.pickle"),
+    image_glob: str | Sequence[str] = ("*.pkl", "*.pickle"),
     label_map: LabelMap | str | None = None,
 ) -> SourceData:
     """List ``(image, label)`` pickles in a folder (or one pickle file).
 
     Args:
-        root: folder (searched with ``glob``) or a single file.
-        glob: file patterns.
+        root: folder (searched with ``image_glob``) or a single file.
+        image_glob: file patterns.
         label_map: a protocol for the codes (e.g. ``"lpba40"`` for raw LPBA40 codes); ``None``
             keeps the codes found.
     """
@@ -136,13 +136,13 @@ def read_pickles(
         files = [root]
         base = root.parent
     elif root.is_dir():
-        pats = [glob] if isinstance(glob, str) else list(glob)
+        pats = [image_glob] if isinstance(image_glob, str) else list(image_glob)
         files = sorted({p for pat in pats for p in root.glob(pat) if p.is_file()})
         base = root
     else:
         raise PsmambaError(f"{root}: pickle folder not found")
     if not files:
-        raise PsmambaError(f"{root}: no pickles found (expected files matching {glob!r})")
+        raise PsmambaError(f"{root}: no pickles found (expected files matching {image_glob!r})")
     volumes = []
     skipped: list[Skipped] = []
     for p in files:

@@ -290,6 +290,12 @@ def open_source(path: str | os.PathLike, layout: str | None = None, **options: A
         from psmamba.data.folder import read_manifest as reader
     else:
         raise PsmambaError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
+    import inspect
+
+    accepted = [n for n in inspect.signature(reader).parameters if n != "root" and n != "path"]
+    for name in options:
+        if name not in accepted:
+            raise PsmambaError(f"the {layout} reader has no option {name!r}; it takes {', '.join(accepted)}")
     return reader(path, **options)
 
 
