@@ -176,3 +176,22 @@ def test_hd95_absent_label_rules_and_bad_input():
         hd95(a, a, spacing=(1.0, 0.0, 1.0))
     with pytest.raises(PsmambaError, match="3-D"):
         hd95(a[0], a[0], spacing=1.0)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning:monai")
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_hd95_equals_monai_on_the_whole_volume(rng):
+    # hd95 crops each label to its bounding box first; results must not change, also for
+    # labels touching the volume's faces and for label 0 asked for explicitly
+    from monai.metrics import compute_hausdorff_distance
+
+    smooth = scipy.ndimage.gaussian_filter(rng.normal(size=(2, 18, 20, 16)), sigma=(0, 2, 2, 2))
+    a = np.digitize(smooth[0], [-0.1, 0.0, 0.1]).astype(np.int16)  # labels 0..3, touching faces
+    b = np.digitize(smooth[1] * 0.5 + smooth[0] * 0.5, [-0.1, 0.0, 0.1]).astype(np.int16)
+    spacing = (1.0, 1.5, 2.0)
+    ours = hd95(a, b, spacing=spacing, labels=[0, 1, 2, 3])
+    for lab in (0, 1, 2, 3):
+        full = compute_hausdorff_distance(
+            (a == lab)[None, None], (b == lab)[None, None], include_background=True, percentile=95, spacing=list(spacing)
+        )
+        assert ours[lab] == pytest.approx(float(full.reshape(-1)[0]), rel=1e-6)

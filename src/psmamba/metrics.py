@@ -29,6 +29,7 @@ import warnings
 from collections.abc import Iterable, Sequence
 
 import numpy as np
+import scipy.ndimage
 
 from psmamba.errors import PsmambaError
 
@@ -225,6 +226,32 @@ def _spacing3(spacing) -> tuple[float, float, float]:
     return float(s[0]), float(s[1]), float(s[2])
 
 
+def _bounding_boxes(labels: np.ndarray):
+    """``label -> tuple of slices`` (or None when absent), from one pass over the map."""
+    if labels.size and labels.min() >= 0 and labels.max() < 2**20:
+        # scipy's find_objects: bounding boxes of all positive labels in one scan
+        objects = scipy.ndimage.find_objects(labels.astype(np.int32, copy=False))
+
+        def lookup(lab: int):
+            if lab <= 0:
+                return _mask_box(labels == lab)
+            return objects[lab - 1] if lab - 1 < len(objects) else None
+
+        return lookup
+    return lambda lab: _mask_box(labels == lab)
+
+
+def _mask_box(mask: np.ndarray):
+    if not mask.any():
+        return None
+    box = []
+    for axis in range(mask.ndim):
+        others = tuple(j for j in range(mask.ndim) if j != axis)
+        idx = np.flatnonzero(mask.any(axis=others))
+        box.append(slice(int(idx[0]), int(idx[-1]) + 1))
+    return tuple(box)
+
+
 def hd95(a, b, spacing: Sequence[float] | float = 1.0, labels: Iterable[int] | None = None) -> dict[int, float]:
     """95th-percentile symmetric Hausdorff distance in mm per label (MONAI's implementation).
 
@@ -249,16 +276,23 @@ def hd95(a, b, spacing: Sequence[float] | float = 1.0, labels: Iterable[int] | N
         raise PsmambaError(f"hd95 needs 3-D label maps, got shape {fa.shape}")
     sp = _spacing3(spacing)
     diagonal = float(np.sqrt(sum((n * s) ** 2 for n, s in zip(fa.shape, sp))))
+    boxes_a, boxes_b = _bounding_boxes(fa), _bounding_boxes(fb)
     out: dict[int, float] = {}
     for lab in _label_list(fa, fb, labels):
-        ma, mb = fa == lab, fb == lab
-        has_a, has_b = bool(ma.any()), bool(mb.any())
-        if not has_a and not has_b:
+        box_a, box_b = boxes_a(lab), boxes_b(lab)
+        if box_a is None and box_b is None:
             out[lab] = np.float64(np.nan)
             continue
-        if has_a != has_b:
+        if (box_a is None) != (box_b is None):
             out[lab] = np.float64(diagonal)
             continue
+        # distances are translation invariant: work on the union box plus one empty voxel per
+        # side (so edge voxels on the box face are still edges), not on the whole volume
+        box = tuple(
+            slice(max(min(x.start, y.start) - 1, 0), min(max(x.stop, y.stop) + 1, n))
+            for x, y, n in zip(box_a, box_b, fa.shape)
+        )
+        ma, mb = fa[box] == lab, fb[box] == lab
         with warnings.catch_warnings():
             # MONAI 1.5+ warns about its own internal use of a deprecated argument
             warnings.simplefilter("ignore", FutureWarning)
