@@ -159,6 +159,7 @@ def test_pad_to_multiple_and_crop_to_round_trip(torch_seed):
     assert same.shape == (1, 1, 16, 32, 16) and size2 == (16, 32, 16)
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning:monai")  # MONAI's own notices
 @pytest.mark.parametrize("mode,padding", [("bilinear", "zeros"), ("bilinear", "border"), ("nearest", "zeros")])
 def test_warp_matches_monai_warp(mode, padding, torch_seed):
     from monai.networks.blocks import Warp
@@ -171,6 +172,7 @@ def test_warp_matches_monai_warp(mode, padding, torch_seed):
     assert torch.allclose(ours, theirs, atol=1e-5)
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning:monai")  # MONAI's own notices
 def test_integrate_svf_matches_monai_dvf2ddf(torch_seed):
     from monai.networks.blocks import DVF2DDF
 
