@@ -8,11 +8,15 @@ HELP = "evaluate registration over pairs (Dice, HD95, folding, SDlogJ, time) or 
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    src = parser.add_argument_group("pairs (one of)")
+    src = parser.add_argument_group(
+        "pairs (one of; default: the test split of the data the --checkpoint was trained on)")
     src.add_argument("--pairs", metavar="CSV",
                      help="pair list: moving,fixed[,moving_labels,fixed_labels][,pair_id] (header optional)")
-    src.add_argument("--demo", action="store_true", help="the built-in demo data set's test pairs")
-    src.add_argument("--demo-size", default="small", help="demo grid: small (about 64^3, default) or full")
+    src.add_argument("--demo", action="store_true", help="the built-in demo data set (its test pairs)")
+    src.add_argument("--demo-size", default="small", help="demo grid: small (64x80x64, default) or full")
+    src.add_argument("--config", metavar="YAML", help="a psmamba train config: the data set and split it describes")
+    src.add_argument("--split", default="test",
+                     help="split of --demo / --config / the checkpoint's data (default test; demo: also test_hard)")
     meth = parser.add_argument_group("method")
     meth.add_argument("--checkpoint", metavar="C", help="trained psmamba checkpoint")
     meth.add_argument("--identity", action="store_true", help="no registration (the 'before' baseline)")
@@ -65,7 +69,7 @@ def _compare(args: argparse.Namespace) -> int:
     print(comp.to_text())
     if out is not None:
         rows = comp.to_rows()
-        _write_csv(out, list(rows[0]), rows)
+        _write_csv(out, list(rows[0]), rows, digits=10)
         print(f"\nwrote {out}")
     return 0
 
@@ -80,21 +84,45 @@ def run(args: argparse.Namespace) -> int:
 
     from psmamba.engine.evaluate import check_writable, evaluate_pairs, format_summary_table, read_pair_list
 
-    if bool(args.pairs) == bool(args.demo):
-        raise PsmambaError("give exactly one source of pairs: --pairs CSV or --demo")
+    n_sources = sum(bool(x) for x in (args.pairs, args.demo, args.config))
+    if n_sources > 1:
+        raise PsmambaError("give one source of pairs: --pairs CSV, --demo or --config YAML")
     if not args.out:
         raise PsmambaError("--out CSV is required (where the results go)")
     out = check_writable(args.out)
     labels = _labels(args.labels)
+    model = None
+    if args.checkpoint:  # load once, early: a bad checkpoint fails before any pair is read
+        from psmamba.engine.register import load_model
+
+        model, ckpt = load_model(args.checkpoint, device=args.device)
     if args.pairs:
         pairs = read_pair_list(args.pairs)
-    else:
+    elif args.demo:
         from psmamba.engine.evaluate import demo_pairs
 
-        pairs = demo_pairs(size=args.demo_size)
+        pairs = demo_pairs(size=args.demo_size, split=args.split)
+    elif args.config:
+        from psmamba.engine.evaluate import split_pairs
+
+        pairs = split_pairs(args.config, split=args.split)
+    else:
+        from psmamba.engine.evaluate import split_pairs
+        from psmamba.engine.register import train_config_of
+
+        cfg = train_config_of(ckpt) if model is not None else None
+        if cfg is None:
+            raise PsmambaError("give the pairs: --pairs CSV, --demo or --config YAML "
+                               "(only a checkpoint of psmamba train knows its data set)")
+        pairs = split_pairs(cfg, split=args.split)
+    method = args.method
+    if method is None and args.checkpoint:
+        from pathlib import Path
+
+        method = Path(args.checkpoint).stem + (f"+tto{args.iters}" if args.iters else "")
     result = evaluate_pairs(
-        pairs, checkpoint=args.checkpoint, identity=args.identity, iters=args.iters, lr=args.lr,
-        lam=args.lam, device=args.device, labels=labels, hd95=not args.no_hd95, method=args.method,
+        pairs, model=model, identity=args.identity, iters=args.iters, lr=args.lr,
+        lam=args.lam, device=args.device, labels=labels, hd95=not args.no_hd95, method=method,
         model_size=args.model_size, progress=not args.quiet,
     )
     written = result.write(out)

@@ -55,6 +55,9 @@ __all__ = [
     "MethodResults",
     "evaluate_pairs",
     "read_pair_list",
+    "LazyPairs",
+    "demo_pairs",
+    "split_pairs",
     "read_results",
     "summarize",
     "format_summary_table",
@@ -162,6 +165,107 @@ def read_pair_list(path: str | os.PathLike) -> list[Pair]:
     return pairs
 
 
+# --------------------------------------------------------------------------- data set splits
+class LazyPairs(Sequence):
+    """The pairs of a :class:`psmamba.data.PairDataset`, read (and preprocessed) one at a time.
+
+    Item ``i`` is a :class:`Pair` of :class:`psmamba.io.Image` objects (with the volumes'
+    affines) whose id is ``"<moving id>-><fixed id>"``.
+    """
+
+    def __init__(self, dataset: Any, what: str = "") -> None:
+        self.dataset = dataset
+        self.what = what
+        self.pair_ids = [f"{m}->{f}" for m, f in dataset.pairs]
+
+    def __len__(self) -> int:
+        return len(self.pair_ids)
+
+    def __getitem__(self, i: int) -> Pair:  # type: ignore[override]
+        from psmamba.io import Image
+
+        if not -len(self) <= i < len(self):
+            raise IndexError(i)
+        item = self.dataset[i]
+        m_id, f_id = item["moving_id"], item["fixed_id"]
+
+        def image(key: str, vid: str, aff_key: str) -> Image | None:
+            if key not in item:
+                return None
+            arr = item[key][0].numpy()
+            return Image(data=arr, affine=item[aff_key].numpy().astype(np.float64), header=None, path=vid)  # type: ignore[arg-type]
+
+        return Pair(
+            self.pair_ids[i % len(self)],
+            image("moving", m_id, "moving_affine"), image("fixed", f_id, "fixed_affine"),
+            image("moving_labels", m_id, "moving_affine"), image("fixed_labels", f_id, "fixed_affine"),
+        )
+
+
+def demo_pairs(size: str = "small", split: str = "test") -> LazyPairs:
+    """The pairs of one split of the built-in demo data set (:func:`psmamba.data.build_demo`).
+
+    ``test`` is the six ordered pairs of the three real templates; ``test_hard`` adds smooth
+    random deformations (see :mod:`psmamba.data.demo`).
+    """
+    from psmamba.data.demo import build_demo
+
+    demo = build_demo(size=size)
+    return LazyPairs(demo.pair_dataset(split, labels=True), f"demo {size} {split}")
+
+
+def split_pairs(config: Any, split: str = "test") -> LazyPairs:
+    """The pairs of a split of the data set a training configuration describes.
+
+    The split is drawn exactly as ``psmamba train`` draws its train/val parts
+    (:func:`psmamba.engine.train.build_datasets`): ``make_splits(val=data.val_fraction,
+    test=data.options.test (0.2), seed=run.seed)`` (a published split keeps its own test
+    part), with the same preprocessing pipeline and cache; ``demo`` uses the demo's splits.
+
+    Args:
+        config: a :class:`psmamba.engine.config.TrainConfig`, its dict form (as stored in
+            checkpoints), or the path of a YAML config.
+        split: ``"test"`` (default), ``"val"``, ``"train"`` (``"test_hard"`` for the demo).
+    """
+    from psmamba.engine.config import TrainConfig, config_from_dict, load_train_config
+
+    if isinstance(config, (str, os.PathLike)):
+        cfg = load_train_config(config)
+    elif isinstance(config, Mapping):
+        cfg = config_from_dict(dict(config), "checkpoint config")
+    elif isinstance(config, TrainConfig):
+        cfg = config
+    else:
+        raise PsmambaError(f"expected a training config, got {type(config).__name__}")
+    d = cfg.data
+    options = dict(d.options)
+    if d.source == "demo":
+        from psmamba.data.demo import build_demo
+
+        demo = build_demo(size=d.size, **options)
+        if not demo.pairs.get(split):
+            raise PsmambaError(f"the demo data set has no {split!r} pairs; choose one of {sorted(demo.pairs)}")
+        return LazyPairs(demo.pair_dataset(split, labels=True), f"demo {d.size} {split}")
+    if d.source == "synth":
+        raise PsmambaError("data.source synth has no test split: evaluate on --pairs, --demo or a data folder")
+    from psmamba.data.sources import open_source
+
+    root = Path(str(d.root)).expanduser()
+    if not root.exists():
+        raise PsmambaError(f"data.root {root} does not exist")
+    engine_keys = ("pipeline", "cache_dir", "test", "atlas", "atlas_direction")
+    engine_opts = {k: options.pop(k) for k in engine_keys if k in options}
+    src = open_source(root, layout={"abdomenct": "abdomen"}.get(d.source, d.source), **options)
+    splits = src.make_splits(val=d.val_fraction, test=engine_opts.get("test", 0.2), seed=cfg.run.seed)
+    if not splits.get(split):
+        raise PsmambaError(f"{root}: the {split!r} split holds no volumes")
+    ds = src.pair_dataset(split, splits=splits, pipeline=engine_opts.get("pipeline", "preset"),
+                          cache_dir=engine_opts.get("cache_dir"), labels=True)
+    if not len(ds):
+        raise PsmambaError(f"{root}: the {split!r} split holds no pairs")
+    return LazyPairs(ds, f"{root} {split}")
+
+
 # --------------------------------------------------------------------------- evaluation
 @dataclass
 class EvaluationResult:
@@ -208,20 +312,21 @@ def check_writable(path: str | os.PathLike) -> Path:
     return path
 
 
-def _fmt(v: Any) -> Any:
-    if isinstance(v, float) or isinstance(v, np.floating):
-        return "" if v is None or math.isnan(float(v)) else f"{float(v):.6g}"
+def _fmt(v: Any, digits: int = 6) -> Any:
+    if isinstance(v, (float, np.floating)):
+        return "" if math.isnan(float(v)) else f"{float(v):.{digits}g}"
     return "" if v is None else v
 
 
-def _write_csv(path: Path, columns: Sequence[str], rows: Iterable[Mapping[str, Any]]) -> None:
+def _write_csv(path: Path, columns: Sequence[str], rows: Iterable[Mapping[str, Any]], digits: int = 6) -> None:
+    """Write rows atomically; floats with ``digits`` significant digits, NaN/None as empty cells."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w", newline="", encoding="utf-8") as fh:
             w = csv.DictWriter(fh, fieldnames=list(columns), extrasaction="ignore")
             w.writeheader()
             for row in rows:
-                w.writerow({k: _fmt(row.get(k)) for k in columns})
+                w.writerow({k: _fmt(row.get(k), digits) for k in columns})
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -290,7 +395,7 @@ def evaluate_pairs(
         raise PsmambaError("nothing to evaluate: give a checkpoint, --identity or --iters N")
     if not pairs:
         raise PsmambaError("no pairs to evaluate")
-    ids = [p.pair_id for p in pairs]
+    ids = list(getattr(pairs, "pair_ids", None) or [p.pair_id for p in pairs])
     dup = sorted({i for i in ids if ids.count(i) > 1})
     if dup:
         raise PsmambaError(f"duplicate pair ids: {dup[:5]}")
@@ -302,7 +407,7 @@ def evaluate_pairs(
     if method is None:
         method = (
             "identity" if identity
-            else (_stem(checkpoint) if checkpoint is not None else "network" if model is not None else "instance-opt")
+            else (Path(checkpoint).stem if checkpoint is not None else "network" if model is not None else "instance-opt")
             + (f"+tto{iters}" if iters and (checkpoint is not None or model is not None) else "")
         )
     say: Callable[[str], None] | None

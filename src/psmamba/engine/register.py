@@ -72,6 +72,7 @@ __all__ = [
     "resolve_device",
     "load_model",
     "resample_to_grid",
+    "train_config_of",
     "OUTPUT_FILES",
 ]
 
@@ -320,25 +321,48 @@ def load_model(checkpoint: str | os.PathLike, device: "str | torch.device" = "cp
     return model.to(resolve_device(device)), ckpt
 
 
-def _checkpoint_size(ckpt: dict[str, Any] | None) -> tuple[int, int, int] | None:
-    """The training image size a checkpoint records, if any (several layouts are accepted)."""
+def train_config_of(ckpt: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The training configuration (a plain dict) a checkpoint carries, if any.
+
+    ``psmamba train`` stores it under ``train_summary.config`` (``best.pt``) and
+    ``training.config`` (``last.pt``).
+    """
     if not isinstance(ckpt, dict):
         return None
-    candidates: list[Any] = []
-    for key in ("image_size", "train_size", "input_size", "size"):
-        candidates.append(ckpt.get(key))
-    for section in ("data", "train_config", "config", "extra"):
+    for section in ("train_summary", "training"):
         sub = ckpt.get(section)
-        if isinstance(sub, dict):
-            for key in ("image_size", "train_size", "input_size", "target_size", "size"):
-                candidates.append(sub.get(key))
-            data = sub.get("data")
-            if isinstance(data, dict):
-                for key in ("image_size", "target_size", "size", "shape"):
-                    candidates.append(data.get(key))
-    for c in candidates:
-        if isinstance(c, (list, tuple)) and len(c) == 3 and all(isinstance(v, (int, np.integer)) and v > 0 for v in c):
-            return tuple(int(v) for v in c)  # type: ignore[return-value]
+        if isinstance(sub, dict) and isinstance(sub.get("config"), dict):
+            return sub["config"]
+    return None
+
+
+def _checkpoint_size(ckpt: dict[str, Any] | None) -> tuple[int, int, int] | None:
+    """The image size the network was trained at, when the checkpoint tells.
+
+    In order: a top-level ``image_size`` entry (three integers); the training configuration's
+    data set when it fixes the size (``demo``: its grid; ``synth``: ``options.shape``).
+    """
+    if not isinstance(ckpt, dict):
+        return None
+
+    def size3(v: Any) -> tuple[int, int, int] | None:
+        if isinstance(v, (list, tuple)) and len(v) == 3 and all(
+            isinstance(x, (int, np.integer)) and not isinstance(x, bool) and x > 0 for x in v
+        ):
+            return tuple(int(x) for x in v)  # type: ignore[return-value]
+        return None
+
+    if size3(ckpt.get("image_size")):
+        return size3(ckpt.get("image_size"))
+    data = (train_config_of(ckpt) or {}).get("data")
+    if isinstance(data, dict):
+        if data.get("source") == "demo":
+            from psmamba.data.demo import DEMO_SIZES
+
+            if data.get("size", "small") in DEMO_SIZES:
+                return tuple(DEMO_SIZES[data.get("size", "small")][0])  # type: ignore[return-value]
+        if data.get("source") == "synth":
+            return size3((data.get("options") or {}).get("shape", (64, 64, 64)))
     return None
 
 
@@ -367,7 +391,18 @@ def _as_image(obj: ImageLike | None, what: str, labels: bool = False):
         if arr.ndim != 3:
             raise PsmambaError(f"{what} must be a 3-D image, got shape {arr.shape}")
         return obj
-    raise PsmambaError(f"{what} must be a path, a psmamba.io.Image or a 3-D array, got {type(obj).__name__}")
+    if hasattr(obj, "image") and hasattr(obj, "affine"):  # a psmamba.data.Volume
+        arr = obj.labels if labels else obj.image
+        if arr is None:
+            raise PsmambaError(f"{what}: volume {getattr(obj, 'id', '')!r} has no label map")
+        arr = np.asarray(arr)
+        if arr.ndim != 3:
+            raise PsmambaError(f"{what} must be a 3-D image, got shape {arr.shape}")
+        return io.Image(data=arr, affine=np.asarray(obj.affine, dtype=np.float64), header=None,
+                        path=getattr(obj, "id", None))  # type: ignore[arg-type]
+    raise PsmambaError(
+        f"{what} must be a path, a psmamba.io.Image, a psmamba.data.Volume or a 3-D array, got {type(obj).__name__}"
+    )
 
 
 def _name(img) -> str | None:
@@ -550,10 +585,12 @@ def register_pair(
 
     Args:
         fixed: the fixed (target) image: a path (``.nii``, ``.nii.gz``, Analyze ``.hdr/.img``),
-            a :class:`psmamba.io.Image`, or a 3-D array (identity affine).
+            a :class:`psmamba.io.Image`, a :class:`psmamba.data.Volume` (its image) or a 3-D
+            array (identity affine: 1 mm voxels).
         moving: the moving image, likewise; its size, spacing and orientation may differ from
             the fixed image's (it is resampled onto the fixed grid through the two affines).
-        moving_labels: label map on the moving image's grid (warped nearest-neighbour).
+        moving_labels: label map on the moving image's grid (warped nearest-neighbour): a path,
+            an Image, an integer array, or a :class:`psmamba.data.Volume` (its ``labels``).
         fixed_labels: label map on the fixed grid; with ``moving_labels`` gives Dice
             before and after registration.
         checkpoint: a psmamba checkpoint (``psmamba train``'s output). Exclusive with ``model``.
