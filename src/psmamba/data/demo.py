@@ -412,14 +412,17 @@ def build_demo(
         ds = _build(tmp, size, n_train, n_val, n_test, deform_mm, control_mm)
         ds.build_seconds = time.perf_counter() - t0
         _write_manifest(tmp, ds)
-        if root.exists():
-            shutil.rmtree(root, ignore_errors=True)
-        try:
-            os.replace(tmp, root)  # atomic: readers see a whole build or none
-        except OSError:
-            if not (root / "manifest.json").is_file():  # another process won the race: use theirs
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)
+        if (root / "manifest.json").is_file() and not rebuild:
+            shutil.rmtree(tmp, ignore_errors=True)  # another process finished first: keep theirs
+        else:
+            if root.exists():
+                shutil.rmtree(root, ignore_errors=True)
+            try:
+                os.replace(tmp, root)  # atomic: readers see a whole build or none
+            except OSError:
+                if not (root / "manifest.json").is_file():
+                    raise
+                shutil.rmtree(tmp, ignore_errors=True)  # lost the race to another process
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

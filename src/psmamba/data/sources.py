@@ -195,6 +195,7 @@ class SourceData:
         cache_dir: str | os.PathLike | None = None,
         labels: bool = True,
         pairs: Sequence[tuple[str, str]] | None = None,
+        use_cache: bool | None = None,
     ) -> "PairDataset":
         """A :class:`~psmamba.data.dataset.PairDataset` over one split.
 
@@ -205,9 +206,11 @@ class SourceData:
             cache_dir: preprocessed-volume cache (see :mod:`psmamba.data.cache`).
             labels: also return label maps.
             pairs: explicit pairs instead of the split's.
+            use_cache: read/write preprocessed volumes in the cache (default: yes, except for the
+                demo, whose volumes are stored ready to use).
         """
         from psmamba.data.dataset import PairDataset
-        from psmamba.data.preprocess import Pipeline, preset
+        from psmamba.data.preprocess import preset
 
         if isinstance(pipeline, str):
             pipeline = preset(self.preprocessing if pipeline == "preset" else pipeline)
@@ -216,7 +219,10 @@ class SourceData:
             if split not in splits:
                 raise PsmambaError(f"unknown split {split!r}; this source has {sorted(splits)}")
             pairs = self.pairs_for(split, splits[split])
-        return PairDataset(self.volumes, pairs, pipeline=pipeline, cache_dir=cache_dir, labels=labels)
+        if use_cache is None:
+            use_cache = self.layout != "demo"
+        return PairDataset(self.volumes, pairs, pipeline=pipeline, cache_dir=cache_dir, labels=labels,
+                           use_cache=use_cache)
 
     # ------------------------------------------------------------------ report
     def summary(self) -> str:
