@@ -113,6 +113,8 @@ def box_sum(x: torch.Tensor, window: int) -> torch.Tensor:
         ``(B, C, D, H, W)``, same dtype and device as ``x``.
     """
     _check_volume(x, "x")
+    if int(window) != window or window < 1 or window % 2 == 0:
+        raise PsmambaError(f"box window must be a positive odd integer, got {window}")
     return _BoxSum.apply(x, int(window))
 
 
