@@ -186,3 +186,25 @@ def test_demo_identity_matches_the_demo_dice_before(tmp_path):
     for pid, d in res.per_pair.items():
         assert d == pytest.approx(demo.dice_before[pid], abs=1e-5)
     assert sorted(res.per_label) == list(range(1, 15))
+
+
+@needs_demo
+def test_checkpoint_of_psmamba_train_knows_its_test_split(tmp_path):
+    """With no pair source, the checkpoint's training config names the data: its test split is used."""
+    from psmamba.data.demo import build_demo
+    from psmamba.engine.config import TrainConfig, config_to_dict
+    from psmamba.models import build_model, save_checkpoint
+
+    torch.manual_seed(0)
+    ckpt = save_checkpoint(
+        tmp_path / "best.pt", build_model("baseline_conv", channels=1, mamba_backend="reference"),
+        train_summary={"config": config_to_dict(TrainConfig())},  # data: the small demo
+    )
+    out = tmp_path / "net.csv"
+    assert main(["evaluate", "--checkpoint", str(ckpt), "--device", "cpu", "--no-hd95", "--max-pairs", "2",
+                 "--out", str(out), "--quiet"]) == 0
+    res = read_results(out)
+    demo = build_demo("small")
+    assert sorted(res.per_pair) == sorted(f"{m}->{f}" for m, f in demo.pairs["test"][:2])
+    assert res.name == "best"
+    assert all(np.isfinite(v) for v in res.per_pair.values())

@@ -308,12 +308,13 @@ def dice_boxplot(
         ax.set_ylim(0, 1)
         ax.set_ylabel("Dice")
         ax.grid(axis="y", lw=0.3)
+    # legend above the top panel, right-aligned, title on the left: neither hides a box
     axes[0, 0].legend(
         handles=[Patch(facecolor=colours[i], label=n) for i, n in enumerate(methods)],
-        loc="lower left", fontsize=8, ncol=min(len(methods), 4),
+        loc="lower right", bbox_to_anchor=(1.0, 1.0), fontsize=8, ncol=min(len(methods), 6), frameon=False,
     )
     if title:
-        axes[0, 0].set_title(title)
+        axes[0, 0].set_title(title, loc="left")
     axes[-1, 0].set_xlabel("ROI")
     fig.tight_layout()
     return _save(fig, path, dpi=dpi)

@@ -29,6 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     meth.add_argument("--method", metavar="NAME", help="name in the method column (default from the settings)")
     meth.add_argument("--labels", metavar="L", help="comma-separated label codes to score (default: all non-zero)")
     meth.add_argument("--no-hd95", action="store_true", help="skip HD95 (faster on large volumes)")
+    meth.add_argument("--max-pairs", type=int, metavar="N", help="evaluate only the first N pairs (a quick look)")
     parser.add_argument("--out", metavar="CSV",
                         help="results CSV (per pair x label; also writes <stem>_pairs.csv and <stem>_summary.md); "
                         "with --compare: a CSV of the tests")
@@ -115,6 +116,10 @@ def run(args: argparse.Namespace) -> int:
             raise PsmambaError("give the pairs: --pairs CSV, --demo or --config YAML "
                                "(only a checkpoint of psmamba train knows its data set)")
         pairs = split_pairs(cfg, split=args.split)
+    if args.max_pairs is not None:
+        if args.max_pairs < 1:
+            raise PsmambaError(f"--max-pairs must be >= 1, got {args.max_pairs}")
+        pairs = pairs[: args.max_pairs]
     method = args.method
     if method is None and args.checkpoint:
         from pathlib import Path

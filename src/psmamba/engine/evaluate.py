@@ -176,18 +176,27 @@ class LazyPairs(Sequence):
     def __init__(self, dataset: Any, what: str = "") -> None:
         self.dataset = dataset
         self.what = what
-        self.pair_ids = [f"{m}->{f}" for m, f in dataset.pairs]
+        self.pair_ids_all = [f"{m}->{f}" for m, f in dataset.pairs]
+        self._index = list(range(len(self.pair_ids_all)))
+        self.pair_ids = list(self.pair_ids_all)
 
     def __len__(self) -> int:
         return len(self.pair_ids)
 
-    def __getitem__(self, i: int) -> Pair:  # type: ignore[override]
+    def __getitem__(self, i: int | slice) -> Pair | LazyPairs:  # type: ignore[override]
         from psmamba.io import Image
 
+        if isinstance(i, slice):  # a lazy subset (e.g. the first N pairs)
+            sub = LazyPairs.__new__(LazyPairs)
+            sub.dataset, sub.what = self.dataset, self.what
+            sub._index = self._index[i]
+            sub.pair_ids = [self.pair_ids_all[k] for k in sub._index]
+            sub.pair_ids_all = self.pair_ids_all
+            return sub
         if not -len(self) <= i < len(self):
             raise IndexError(i)
-        item = self.dataset[i]
-        m_id, f_id = item["moving_id"], item["fixed_id"]
+        k = self._index[i]
+        item = self.dataset[k]
 
         def image(key: str, vid: str, aff_key: str) -> Image | None:
             if key not in item:
@@ -195,8 +204,9 @@ class LazyPairs(Sequence):
             arr = item[key][0].numpy()
             return Image(data=arr, affine=item[aff_key].numpy().astype(np.float64), header=None, path=vid)  # type: ignore[arg-type]
 
+        m_id, f_id = item["moving_id"], item["fixed_id"]
         return Pair(
-            self.pair_ids[i % len(self)],
+            self.pair_ids_all[k],
             image("moving", m_id, "moving_affine"), image("fixed", f_id, "fixed_affine"),
             image("moving_labels", m_id, "moving_affine"), image("fixed_labels", f_id, "fixed_affine"),
         )
