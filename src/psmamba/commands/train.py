@@ -31,11 +31,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _resolve_config(args: argparse.Namespace):
     """The config of this invocation: the file (or, with --resume and no file, the stored one)
-    plus flags. Volatile run settings of a stored config (max_steps, ...) start from defaults."""
+    plus flags. The one-shot stops of a stored config (run.max_steps, run.max_minutes) are dropped."""
     from pathlib import Path
 
     from psmamba.engine.config import apply_overrides, config_from_dict, load_train_config
-    from psmamba.engine.train import VOLATILE_KEYS
+    from psmamba.engine.train import RESET_ON_RESUME
     from psmamba.errors import PsmambaError
 
     overrides = list(args.overrides)
@@ -55,7 +55,7 @@ def _resolve_config(args: argparse.Namespace):
     from psmamba.engine.checkpointing import load_training_state
 
     stored = load_training_state(Path(args.out) / "last.pt")["training"]["config"]
-    for section, keys in VOLATILE_KEYS.items():
+    for section, keys in RESET_ON_RESUME.items():
         for key in keys:
             stored.get(section, {}).pop(key, None)  # defaults again, unless set on this command line
     raw = apply_overrides(stored, overrides)

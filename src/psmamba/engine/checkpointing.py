@@ -43,6 +43,7 @@ __all__ = [
     "capture_rng_state",
     "restore_rng_state",
     "save_training_state",
+    "save_model_checkpoint",
     "load_training_state",
 ]
 
@@ -150,6 +151,7 @@ def save_training_state(
     metrics: dict[str, Any] | None = None,
     world_size: int = 1,
     rng_states: list[dict[str, Any]] | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> None:
     """Write a training checkpoint (a model checkpoint plus ``"training"``) atomically.
 
@@ -162,9 +164,8 @@ def save_training_state(
         best, metrics: model selection record and the latest numbers.
         rng_states: the random generator states of every rank, in rank order (see
             :func:`capture_rng_state`); default: this process's state only.
+        extra: more top-level entries of the model checkpoint (e.g. ``image_size``).
     """
-    from psmamba.models import save_checkpoint
-
     training: dict[str, Any] = {
         "format": TRAIN_FORMAT,
         "config": config,
@@ -183,12 +184,22 @@ def save_training_state(
         training["scaler"] = scaler.state_dict()
     training["rng"] = list(rng_states) if rng_states is not None else [capture_rng_state()]
 
+    save_model_checkpoint(path, model, training=training, **dict(extra or {}))
+
+
+def save_model_checkpoint(path: str | Path, model, **extra: Any) -> None:
+    """:func:`psmamba.models.save_checkpoint` with the file mode a plain write would get.
+
+    ``save_checkpoint`` owns the model part of the format and writes atomically; it is pointed
+    at a temp name here, given the usual (umask) permissions instead of mkstemp's 0600, and
+    renamed over ``path``.
+    """
+    from psmamba.models import save_checkpoint
+
     path = Path(path)
-    # save_checkpoint owns the model part of the format; write it to a temp name and rename,
-    # so the target is replaced atomically whatever save_checkpoint does internally.
     tmp = temp_beside(path)
     try:
-        save_checkpoint(tmp, model, training=training)  # (it fsyncs; its own temp file is 0600)
+        save_checkpoint(tmp, model, **extra)
         os.chmod(tmp, _umask_mode())
         os.replace(tmp, path)
     except BaseException:

@@ -67,6 +67,10 @@ class DataConfig:
         max_train_pairs: use only the first this-many pairs of each epoch's order (debugging).
         max_val_pairs: validate on at most this many pairs (a fixed, seeded subset).
         synth_pairs: pairs per epoch for ``source: synth``.
+        resize: train on this ``[D, H, W]`` grid: every pair is resampled to it on the fly (images
+            trilinear, labels nearest, ``align_corners=True``) -- e.g. half resolution on a CPU.
+            It is stored in the checkpoints as ``image_size``, so ``register`` runs the network
+            on the same grid and resamples its field back to the images.
     """
 
     source: str = "demo"
@@ -80,9 +84,17 @@ class DataConfig:
     max_train_pairs: int | None = None
     max_val_pairs: int | None = None
     synth_pairs: int = 100
+    resize: list[int] | None = None
 
     def __post_init__(self) -> None:
         _choice("data.source", self.source, DATA_SOURCES)
+        if self.resize is not None:
+            ok = isinstance(self.resize, (list, tuple)) and len(self.resize) == 3 and all(
+                isinstance(v, int) and not isinstance(v, bool) and v >= 2 for v in self.resize
+            )
+            if not ok:
+                raise PsmambaError(f"data.resize must be three sizes >= 2 ([D, H, W]), got {self.resize!r}")
+            self.resize = [int(v) for v in self.resize]
         _choice("data.pairs", self.pairs, ("all", "atlas"))
         if self.source in ("folder", "manifest", "lpba40", "mindboggle", "abdomenct", "pickle") and not self.root:
             raise PsmambaError(f"data.root is required for data.source={self.source!r}")

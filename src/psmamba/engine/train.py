@@ -48,6 +48,7 @@ from psmamba.engine.checkpointing import (
     temp_beside,
     load_training_state,
     restore_rng_state,
+    save_model_checkpoint,
     save_training_state,
 )
 from psmamba.engine.config import (
@@ -79,6 +80,7 @@ __all__ = [
     "check_output_dir",
     "CSV_FIELDS",
     "VOLATILE_KEYS",
+    "RESET_ON_RESUME",
 ]
 
 #: columns of ``metrics.csv`` (train rows every ``run.log_every`` steps, val rows per validation)
@@ -93,6 +95,9 @@ VOLATILE_KEYS = {
             "tensorboard", "progress", "images"},
     "data": {"num_workers"},
 }
+
+#: one-shot stops of an invocation: a run resumed from its stored config starts without them
+RESET_ON_RESUME = {"run": {"max_steps", "max_minutes"}}
 
 
 @dataclass
@@ -426,6 +431,49 @@ class SynthEpochs(torch.utils.data.Dataset):
         return self._ds[index]
 
 
+class Resized(torch.utils.data.Dataset):
+    """Pairs of another data set resampled to one grid ``size = (D, H, W)`` on the fly.
+
+    Images trilinear and labels nearest-neighbour, both with ``align_corners=True`` (the corner
+    voxels of the two grids coincide, as :func:`psmamba.spatial.resize_ddf` assumes), so a field
+    predicted on this grid maps back with ``resize_ddf``.
+    """
+
+    def __init__(self, dataset, size: Sequence[int]) -> None:
+        self.dataset = dataset
+        self.size = tuple(int(s) for s in size)
+
+    def set_epoch(self, epoch: int) -> None:
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def _resize(self, x: torch.Tensor, labels: bool) -> torch.Tensor:
+        x = torch.as_tensor(x)
+        if tuple(x.shape[-3:]) == self.size:
+            return x
+        v = x.reshape(1, 1, *x.shape[-3:])
+        if labels:
+            # nearest with the align_corners=True correspondence: sample at the identity grid
+            theta = torch.eye(3, 4, dtype=torch.float64).unsqueeze(0)
+            grid = torch.nn.functional.affine_grid(theta, [1, 1, *self.size], align_corners=True)
+            out = torch.nn.functional.grid_sample(v.double(), grid, mode="nearest", align_corners=True)
+            return out.round().to(x.dtype)[0]
+        out = torch.nn.functional.interpolate(v.float(), size=self.size, mode="trilinear", align_corners=True)
+        return out.to(x.dtype)[0]
+
+    def __getitem__(self, index: int) -> dict:
+        item = dict(self.dataset[index])
+        for key in ("moving", "fixed"):
+            item[key] = self._resize(item[key], labels=False)
+        for key in ("moving_labels", "fixed_labels"):
+            if item.get(key) is not None:
+                item[key] = self._resize(item[key], labels=True)
+        return item
+
+
 def build_datasets(cfg: TrainConfig):
     """The training and validation pair data sets that ``cfg.data`` describes.
 
@@ -503,9 +551,18 @@ def build_datasets(cfg: TrainConfig):
                               labels=d.use_labels, pairs=pairs)
         parts.append(ds if len(ds) else None)
     train, val = parts
+    if val is None and d.val_fraction > 0:
+        warnings.warn(f"data.root {root}: the validation split ({len(splits.get('val', []))} volumes) holds no pairs; "
+                      "no validation, no best.pt (raise data.val_fraction)")
     if train is None:
         raise PsmambaError(f"data.root {root}: the training split holds no pairs ({len(splits.get('train', []))} volumes)")
     return train, val
+
+
+def _maybe_resize(cfg: TrainConfig, train, val):
+    if cfg.data.resize is None:
+        return train, val
+    return Resized(train, cfg.data.resize), (Resized(val, cfg.data.resize) if val is not None else None)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -679,6 +736,9 @@ def _fit(cfg: TrainConfig, info: DistInfo, resume: bool, train_data, val_data) -
 
     if train_data is None:
         train_data, val_data = build_datasets(cfg)
+    train_data, val_data = _maybe_resize(cfg, train_data, val_data)
+    # the grid the network learnt on, for register (only when training fixed it)
+    ckpt_extra = {"image_size": list(cfg.data.resize)} if cfg.data.resize is not None else {}
     n_pairs = len(train_data)
     if n_pairs < 1:
         raise PsmambaError("the training split holds no pairs")
@@ -765,7 +825,7 @@ def _fit(cfg: TrainConfig, info: DistInfo, resume: bool, train_data, val_data) -
                 out / "last.pt", model, config=config_to_dict(cfg), optimizer=optim, scheduler=scheduler,
                 scaler=scaler, epoch=epoch_, step=global_step, step_in_epoch=step_in_epoch_, best=best,
                 metrics={"csv_rows": csv_log.rows, "history": history, "last_val": last_val},
-                world_size=info.world_size, rng_states=rngs,
+                world_size=info.world_size, rng_states=rngs, extra=ckpt_extra,
             )
 
     def validate_and_select(epoch_: int) -> None:
@@ -790,11 +850,9 @@ def _fit(cfg: TrainConfig, info: DistInfo, resume: bool, train_data, val_data) -
             )
             if better:
                 best.update({"metric": best_metric, "value": value, "epoch": epoch_ + 1, "step": global_step})
-                from psmamba.models import save_checkpoint
-
-                save_checkpoint(out / "best.pt", model, train_summary={
+                save_model_checkpoint(out / "best.pt", model, train_summary={
                     "config": config_to_dict(cfg), "best": dict(best), "val": dict(res),
-                })
+                }, **ckpt_extra)
         barrier(info)
 
     progress = None

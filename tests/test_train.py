@@ -1,0 +1,313 @@
+"""psmamba train / psmamba.engine.train: protocol defaults, exact resume, early one-line failures.
+
+Every run here trains the conv-baseline preset with c = 1 on six 24x16x16 NIfTI volumes (three
+for training: 6 ordered pairs per epoch), one thread, so a step takes a fraction of a second.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from psmamba.cli import main
+from psmamba.engine.config import TrainConfig, config_to_dict, load_train_config
+from psmamba.engine.distributed import epoch_order, rank_batches, steps_per_epoch
+from psmamba.engine.train import poly_lr
+from psmamba.errors import PsmambaError
+
+SHAPE = (24, 16, 16)
+
+
+def make_folder(root: Path, n: int = 6, seed: int = 0) -> Path:
+    """``n`` smooth random volumes ``subK.nii.gz`` with label maps ``subK_seg.nii.gz`` (codes 0-2)."""
+    root.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    for k in range(n):
+        x = torch.nn.functional.avg_pool3d(torch.rand(1, 1, *SHAPE, generator=g), 5, 1, 2)[0, 0].numpy()
+        lab = np.digitize(x, np.quantile(x, [0.4, 0.7])).astype(np.int16)
+        nib.save(nib.Nifti1Image(x.astype(np.float32), affine), root / f"sub{k}.nii.gz")
+        nib.save(nib.Nifti1Image(lab, affine), root / f"sub{k}_seg.nii.gz")
+    return root
+
+
+def tiny_config(root: Path, cache: Path, **sections) -> dict:
+    cfg = {
+        "model": {"preset": "baseline_conv", "channels": 1},
+        # 6 subjects: 3 train (6 ordered pairs), 2 validation, 1 test
+        "data": {"source": "folder", "root": str(root), "val_fraction": 0.34, "max_val_pairs": 1,
+                 "options": {"cache_dir": str(cache), "test": 0.17}},
+        "optim": {"epochs": 2},
+        "run": {"threads": 1, "progress": False, "log_every": 1, "tensorboard": False},
+    }
+    for name, values in sections.items():
+        cfg.setdefault(name, {}).update(values)
+    return cfg
+
+
+def write_yaml(path: Path, cfg: dict) -> Path:
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+
+
+def csv_rows(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    return make_folder(tmp_path_factory.mktemp("scans"))
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory, data_dir, cache_dir) -> Path:
+    """An uninterrupted 2-epoch run through the CLI; the other tests compare against it."""
+    base = tmp_path_factory.mktemp("ref")
+    cfg = write_yaml(base / "cfg.yaml", tiny_config(data_dir, cache_dir))
+    assert main(["train", "--config", str(cfg), "--out", str(base / "run")]) == 0
+    return base / "run"
+
+
+# --------------------------------------------------------------------------- config
+def test_defaults_are_the_paper_protocol():
+    cfg = TrainConfig()
+    assert (cfg.loss.similarity, cfg.loss.window, cfg.loss.regulariser, cfg.loss.reg_weight) == ("lncc", 9, "diffusion", 1.0)
+    assert cfg.loss.dice_weight == 0.0
+    assert (cfg.optim.lr, cfg.optim.amsgrad, cfg.optim.poly_power, cfg.optim.epochs) == (1e-4, True, 0.8, 30)
+    assert (cfg.optim.batch_size, cfg.optim.accumulate, cfg.data.pairs) == (1, 1, "all")
+    assert cfg.run.amp == "none" and cfg.run.device == "auto"
+    assert cfg.model_config().channels == 4 and cfg.model_config().sir_iters == 3
+
+
+def test_poly_lr_matches_the_paper_formula():
+    # lr_m = lr * (1 - (m - 1) / M) ** 0.8, m = 1..M
+    for m in range(1, 31):
+        assert poly_lr(1e-4, m - 1, 30) == pytest.approx(1e-4 * (1 - (m - 1) / 30) ** 0.8, rel=1e-12)
+
+
+def test_overrides_parse_yaml_values_and_unknown_keys_name_the_file(tmp_path):
+    path = write_yaml(tmp_path / "c.yaml", {"optim": {"lr": 0.001}, "model": "paper_diff"})
+    cfg = load_train_config(path, ["optim.epochs=3", "run.amp=bf16", "data.resize=[32, 40, 32]", "model.channels=2"])
+    assert cfg.optim.lr == 0.001 and cfg.optim.epochs == 3 and cfg.run.amp == "bf16"
+    assert cfg.data.resize == [32, 40, 32]
+    assert cfg.model_config().diff is True and cfg.model_config().channels == 2
+    bad = write_yaml(tmp_path / "bad.yaml", {"optim": {"learning_rate": 1e-4}})
+    with pytest.raises(PsmambaError) as err:
+        load_train_config(bad)
+    msg = str(err.value)
+    assert "optim.learning_rate" in msg and str(bad) in msg and "\n" not in msg
+    with pytest.raises(PsmambaError, match="model.chanels"):
+        load_train_config(None, ["model.chanels=2"])
+    with pytest.raises(PsmambaError, match="unknown key 'trainer'"):
+        load_train_config(write_yaml(tmp_path / "top.yaml", {"trainer": {}}))
+    with pytest.raises(PsmambaError, match="loss.window must be odd"):
+        load_train_config(None, ["loss.window=8"])
+
+
+def test_config_round_trips_through_yaml(tmp_path):
+    cfg = load_train_config(None, ["optim.betas=[0.8, 0.9]", "data.options={shape: [32, 32, 32]}", "data.source=synth"])
+    path = write_yaml(tmp_path / "round.yaml", config_to_dict(cfg))
+    assert config_to_dict(load_train_config(path)) == config_to_dict(cfg)
+
+
+# --------------------------------------------------------------------------- pair order
+def test_pair_order_is_seeded_per_epoch_and_sharding_is_split_invariant():
+    assert epoch_order(10, 0, seed=1) == epoch_order(10, 0, seed=1)
+    assert epoch_order(10, 0, seed=1) != epoch_order(10, 1, seed=1)
+    assert sorted(epoch_order(10, 3, seed=1)) == list(range(10))
+    order = epoch_order(7, 0, seed=0)
+    assert steps_per_epoch(7, 2) == 4
+    for step in range(4):
+        one = rank_batches(order, step, batch_size=1, accumulate=2, world_size=1, rank=0)  # 1 process, accumulate 2
+        batched = rank_batches(order, step, batch_size=2, accumulate=1, world_size=1, rank=0)  # 1 process, batch 2
+        two = [rank_batches(order, step, batch_size=1, accumulate=1, world_size=2, rank=r) for r in (0, 1)]
+        assert [i for mb in one for i in mb] == batched[0] == [two[0][0][0], two[1][0][0]]
+    # the last step wraps around to the start of the order instead of running short
+    assert rank_batches(order, 3, batch_size=2, accumulate=1, world_size=1, rank=0)[0] == [order[6], order[0]]
+
+
+# --------------------------------------------------------------------------- runs
+def test_two_epochs_end_to_end(reference_run):
+    run = reference_run
+    for name in ("config.yaml", "last.pt", "best.pt", "metrics.csv"):
+        assert (run / name).is_file(), name
+    assert not [p.name for p in run.iterdir() if p.name.endswith(".tmp")]
+    rows = csv_rows(run / "metrics.csv")
+    train = [r for r in rows if r["split"] == "train"]
+    val = [r for r in rows if r["split"] == "val"]
+    assert [int(r["step"]) for r in train] == list(range(1, 13))  # 6 pairs per epoch, 2 epochs
+    assert len(val) == 2 and all(0.0 <= float(r["dice"]) <= 1.0 for r in val)
+    assert all(np.isfinite(float(r["loss"])) and float(r["pairs_per_s"]) > 0 for r in train)
+    # per-epoch poly decay
+    assert [float(r["lr"]) for r in train] == pytest.approx([1e-4] * 6 + [poly_lr(1e-4, 1, 2)] * 6, rel=1e-5)
+    # best.pt is an ordinary model checkpoint, loadable with strict=True, carrying the selection
+    from psmamba.models import load_checkpoint
+
+    model, ckpt = load_checkpoint(run / "best.pt")
+    assert model.config.channels == 1 and ckpt["train_summary"]["best"]["metric"] == "val_dice"
+    last = torch.load(run / "last.pt", map_location="cpu", weights_only=True)["training"]
+    assert (last["epoch"], last["step"], last["step_in_epoch"]) == (2, 12, 0)
+    assert "optimizer" in last and "scheduler" in last and len(last["rng"]) == 1
+    assert last["optimizer"]["param_groups"][0]["amsgrad"] is True
+
+
+def test_stop_mid_epoch_then_resume_gives_the_same_weights(tmp_path, data_dir, cache_dir, reference_run):
+    cfg = write_yaml(tmp_path / "cfg.yaml", tiny_config(data_dir, cache_dir))
+    out = tmp_path / "run"
+    # stop after 8 of 12 steps: in the middle of epoch 2
+    assert main(["train", "--config", str(cfg), "--out", str(out), "--set", "run.max_steps=8"]) == 0
+    state = torch.load(out / "last.pt", map_location="cpu", weights_only=True)["training"]
+    assert (state["epoch"], state["step"], state["step_in_epoch"]) == (1, 8, 2)
+    # continue from the stored config (no --config): max_steps is not carried over
+    assert main(["train", "--out", str(out), "--resume"]) == 0
+    ref, got = weights(reference_run / "last.pt"), weights(out / "last.pt")
+    assert ref.keys() == got.keys()
+    assert all(torch.equal(ref[k], got[k]) for k in ref), "resumed weights differ from the uninterrupted run"
+    ref_opt = torch.load(reference_run / "last.pt", weights_only=True)["training"]["optimizer"]["state"]
+    got_opt = torch.load(out / "last.pt", weights_only=True)["training"]["optimizer"]["state"]
+    assert all(torch.equal(ref_opt[i]["max_exp_avg_sq"], got_opt[i]["max_exp_avg_sq"]) for i in ref_opt)
+    # the CSV holds each step once, with the same losses
+    ref_rows = [r for r in csv_rows(reference_run / "metrics.csv") if r["split"] == "train"]
+    got_rows = [r for r in csv_rows(out / "metrics.csv") if r["split"] == "train"]
+    assert [(r["step"], r["loss"], r["lr"]) for r in got_rows] == [(r["step"], r["loss"], r["lr"]) for r in ref_rows]
+
+
+def _wait_for_rows(csv_path: Path, n: int, proc: subprocess.Popen, timeout: float = 120.0) -> None:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if proc.poll() is not None:
+            raise AssertionError(f"training ended early: {proc.stderr.read().decode()[-2000:]}")
+        if csv_path.is_file() and sum(1 for r in csv_rows(csv_path) if r["split"] == "train") >= n:
+            return
+        time.sleep(0.05)
+    raise AssertionError("training did not reach the expected step in time")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
+def test_killed_mid_epoch_then_resume_gives_the_same_weights(sig, tmp_path, data_dir, cache_dir, reference_run):
+    """A real process killed during epoch 1: SIGTERM finishes the step and saves last.pt
+    (exit 130); SIGKILL leaves the last periodic checkpoint (checkpoint_every=1), intact because
+    checkpoints are written atomically. Either way --resume ends on the reference weights."""
+    cfg = write_yaml(tmp_path / "cfg.yaml", tiny_config(data_dir, cache_dir, run={"checkpoint_every": 1}))
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "psmamba", "train", "--config", str(cfg), "--out", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    try:
+        _wait_for_rows(out / "metrics.csv", 2, proc)
+        proc.send_signal(sig)
+        rc = proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert rc == (130 if sig == signal.SIGTERM else -signal.SIGKILL)
+    state = torch.load(out / "last.pt", map_location="cpu", weights_only=True)["training"]
+    assert 1 <= state["step"] < 12  # stopped part-way
+    assert main(["train", "--out", str(out), "--resume"]) == 0
+    ref, got = weights(reference_run / "last.pt"), weights(out / "last.pt")
+    assert all(torch.equal(ref[k], got[k]) for k in ref)
+    steps = [int(r["step"]) for r in csv_rows(out / "metrics.csv") if r["split"] == "train"]
+    assert steps == list(range(1, 13))
+
+
+def test_fit_accepts_in_memory_pairs_and_dice_supervision(tmp_path):
+    from psmamba.engine.train import fit
+
+    g = torch.Generator().manual_seed(0)
+    vols = [torch.nn.functional.avg_pool3d(torch.rand(1, 1, *SHAPE, generator=g), 5, 1, 2)[0] for _ in range(2)]
+    pairs = [{"moving": vols[i], "fixed": vols[1 - i], "moving_labels": (vols[i] > vols[i].mean()).long(),
+              "fixed_labels": (vols[1 - i] > vols[1 - i].mean()).long()} for i in range(2)]
+    cfg = tiny_config(tmp_path, tmp_path, optim={"epochs": 1}, loss={"dice_weight": 1.0},
+                      run={"out": str(tmp_path / "mem"), "images": True})
+    result = fit(cfg, train_data=pairs, val_data=pairs[:1])
+    assert result.steps == 2 and result.stopped is None and result.best_metric == "val_dice"
+    train = [r for r in csv_rows(tmp_path / "mem" / "metrics.csv") if r["split"] == "train"]
+    assert all(float(r["dice_loss"]) > 0 for r in train)
+    # data.resize: the network learns on another grid, recorded for register
+    cfg = tiny_config(tmp_path, tmp_path, optim={"epochs": 1}, data={"resize": [20, 12, 12]},
+                      run={"out": str(tmp_path / "small")})
+    fit(cfg, train_data=pairs[:1])
+    assert torch.load(tmp_path / "small" / "last.pt", weights_only=True)["image_size"] == [20, 12, 12]
+
+
+# --------------------------------------------------------------------------- early failures
+def _fails_cleanly(capsys, argv: list[str], *needles: str) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("psmamba: error:") and len(err.splitlines()) == 1, err
+    for needle in needles:
+        assert needle in err, err
+    return err
+
+
+def test_unknown_key_fails_early_without_output(tmp_path, capsys, data_dir, cache_dir):
+    cfg = tiny_config(data_dir, cache_dir)
+    cfg["optim"]["lrate"] = 1e-3
+    path = write_yaml(tmp_path / "typo.yaml", cfg)
+    _fails_cleanly(capsys, ["train", "--config", str(path), "--out", str(tmp_path / "out")], "optim.lrate", str(path))
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_data_folder_fails_early_without_output(tmp_path, capsys, cache_dir):
+    path = write_yaml(tmp_path / "c.yaml", tiny_config(tmp_path / "no-such-folder", cache_dir))
+    _fails_cleanly(capsys, ["train", "--config", str(path), "--out", str(tmp_path / "out")], "no-such-folder")
+    assert not (tmp_path / "out").exists()
+
+
+def test_unwritable_output_fails_early(tmp_path, capsys, data_dir, cache_dir):
+    path = write_yaml(tmp_path / "c.yaml", tiny_config(data_dir, cache_dir))
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    _fails_cleanly(capsys, ["train", "--config", str(path), "--out", str(blocker / "run")], "not a folder")
+    if os.geteuid() != 0:  # root writes anywhere: the permission case only means something for users
+        locked = tmp_path / "locked"
+        locked.mkdir()
+        locked.chmod(0o500)
+        try:
+            _fails_cleanly(capsys, ["train", "--config", str(path), "--out", str(locked / "run")], "not writable")
+            assert not (locked / "run").exists()
+        finally:
+            locked.chmod(0o700)
+
+
+def test_existing_run_needs_resume_and_resume_needs_a_run(tmp_path, capsys, data_dir, cache_dir, reference_run):
+    path = write_yaml(tmp_path / "c.yaml", tiny_config(data_dir, cache_dir))
+    before = sorted(p.name for p in reference_run.iterdir())
+    _fails_cleanly(capsys, ["train", "--config", str(path), "--out", str(reference_run)], "--resume")
+    assert sorted(p.name for p in reference_run.iterdir()) == before
+    _fails_cleanly(capsys, ["train", "--out", str(tmp_path / "none"), "--resume"], "last.pt")
+    # a resumed run must train the same thing
+    _fails_cleanly(capsys, ["train", "--config", str(path), "--out", str(reference_run), "--resume",
+                            "--set", "optim.lr=0.5"], "optim.lr")
+
+
+def test_dice_loss_without_labels_fails_early(tmp_path, capsys, cache_dir):
+    root = tmp_path / "nolabels"
+    make_folder(root, n=3)
+    for p in root.glob("*_seg.nii.gz"):
+        p.unlink()
+    path = write_yaml(tmp_path / "c.yaml", tiny_config(root, cache_dir, loss={"dice_weight": 1.0},
+                                                       data={"val_fraction": 0.0, "options": {"cache_dir": str(cache_dir), "test": 0}}))
+    _fails_cleanly(capsys, ["train", "--config", str(path), "--out", str(tmp_path / "out")], "dice_weight")
+    assert not (tmp_path / "out").exists()
