@@ -204,7 +204,9 @@ def _wait_for_rows(csv_path: Path, n: int, proc: subprocess.Popen, timeout: floa
     raise AssertionError("training did not reach the expected step in time")
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
+@pytest.mark.parametrize(
+    "sig", [signal.SIGTERM, pytest.param(signal.SIGKILL, marks=pytest.mark.slow)], ids=["sigterm", "sigkill"]
+)
 def test_killed_mid_epoch_then_resume_gives_the_same_weights(sig, tmp_path, data_dir, cache_dir, reference_run):
     """A real process killed during epoch 1: SIGTERM finishes the step and saves last.pt
     (exit 130); SIGKILL leaves the last periodic checkpoint (checkpoint_every=1), intact because
