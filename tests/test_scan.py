@@ -161,3 +161,98 @@ def test_registry_seam():
 def test_auto_on_cpu_never_picks_cuda():
     u = torch.zeros(1, 2, 3)
     assert resolve_backend("auto", u) in ("cpu", "reference")
+
+
+# ---------------------------------------------------------------------------------------------
+# The fast "cpu" backend (numba)
+# ---------------------------------------------------------------------------------------------
+
+
+def rel_err(a, b):
+    """Largest deviation relative to the largest magnitude of the reference."""
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30)).item()
+
+
+@pytest.fixture(scope="module")
+def cpu_scan():
+    pytest.importorskip("numba")
+    from psmamba.nn import _scan_cpu
+
+    return _scan_cpu
+
+
+def test_auto_picks_cpu_on_cpu(cpu_scan):
+    assert "cpu" in available_backends()
+    assert resolve_backend("auto", torch.zeros(1, 2, 3)) == "cpu"
+
+
+@pytest.mark.parametrize("with_h0", [True, False])
+def test_cpu_forward_and_grads_match_reference_float32(cpu_scan, with_h0, monkeypatch):
+    # chunks of 64 steps: L = 203 is no multiple of it, and three chunk boundaries are crossed
+    monkeypatch.setattr(cpu_scan, "CHECKPOINT_EVERY", 64)
+    args_c = make_inputs(batch=3, e=6, n=16, length=203, dtype=torch.float32, grad=True, h0=with_h0, seed=7)
+    args_r = [None if t is None else t.detach().clone().requires_grad_(True) for t in args_c]
+    g = torch.Generator().manual_seed(1)
+    w_y = torch.randn(3, 6, 203, generator=g)
+    w_h = torch.randn(3, 6, 16, generator=g)
+    outs = {}
+    for args, backend in ((args_c, "cpu"), (args_r, "reference")):
+        y, h = selective_scan(*args, backend=backend, return_state=True)
+        ((y * w_y).sum() + (h * w_h).sum()).backward()
+        outs[backend] = (y.detach(), h.detach())
+    assert rel_err(outs["cpu"][0], outs["reference"][0]) < 1e-5
+    assert rel_err(outs["cpu"][1], outs["reference"][1]) < 1e-5
+    for name, a, b in zip(["u", "delta", "A", "B", "C", "D", "h0"], args_c, args_r):
+        if a is None:
+            continue
+        assert a.grad.dtype == torch.float32
+        assert rel_err(a.grad, b.grad) < 1e-5, name
+
+
+def test_cpu_matches_loop_float64_with_chunks(cpu_scan, monkeypatch):
+    monkeypatch.setattr(cpu_scan, "CHECKPOINT_EVERY", 16)
+    args_c = make_inputs(batch=2, e=5, n=7, length=53, grad=True, seed=8)
+    args_l = [t.detach().clone().requires_grad_(True) for t in args_c]
+    g = torch.Generator().manual_seed(2)
+    w_y = torch.randn(2, 5, 53, generator=g, dtype=torch.float64)
+    w_h = torch.randn(2, 5, 7, generator=g, dtype=torch.float64)
+    for args, backend in ((args_c, "cpu"), (args_l, "loop")):
+        y, h = selective_scan(*args, backend=backend, return_state=True)
+        ((y * w_y).sum() + (h * w_h).sum()).backward()
+    for name, a, b in zip(["u", "delta", "A", "B", "C", "D", "h0"], args_c, args_l):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-10, atol=1e-10, msg=f"grad of {name}")
+
+
+def test_cpu_gradcheck_float64(cpu_scan, monkeypatch):
+    monkeypatch.setattr(cpu_scan, "CHECKPOINT_EVERY", 4)
+    args = make_inputs(batch=2, e=3, n=4, length=10, grad=True, seed=4)
+    assert torch.autograd.gradcheck(
+        lambda *a: selective_scan(*a, backend="cpu", return_state=True), args
+    )
+
+
+def test_cpu_without_D_and_h0_gives_none_grads(cpu_scan):
+    u, delta, A, B, C, _, _ = make_inputs(length=30, dtype=torch.float32, grad=True, h0=False)
+    y = selective_scan(u, delta, A, B, C, backend="cpu")
+    y.square().sum().backward()
+    assert all(t.grad is not None for t in (u, delta, A, B, C))
+
+
+def test_cpu_inference_saves_no_checkpoints(cpu_scan):
+    # no input needs a gradient: the forward must not allocate the (B, L/K, E, N) checkpoints
+    args = make_inputs(length=40, dtype=torch.float32, seed=3)
+    with torch.no_grad():
+        y = selective_scan(*args, backend="cpu")
+    torch.testing.assert_close(y, selective_scan(*args, backend="reference"), rtol=1e-5, atol=1e-5)
+    assert y.grad_fn is None
+
+
+def test_cpu_respects_torch_thread_count(cpu_scan):
+    args = make_inputs(length=64, dtype=torch.float32, seed=6)
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        y1 = selective_scan(*args, backend="cpu")
+    finally:
+        torch.set_num_threads(old)
+    torch.testing.assert_close(y1, selective_scan(*args, backend="cpu"), rtol=1e-6, atol=1e-6)

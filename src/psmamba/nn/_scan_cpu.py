@@ -1,0 +1,392 @@
+"""The ``"cpu"`` selective-scan backend: numba kernels, forward and backward.
+
+Technique (chosen by measurement, see ``benchmarks/bench_scan.py``)
+-------------------------------------------------------------------
+* **Lanes over channels.** The kernels keep ``W`` consecutive channels in the lanes of one
+  SIMD vector and the ``N`` states of those channels in ``N`` vectors, so each time step is
+  ``N`` vector updates ``h = exp(dt*A) * h + (dt*u) * B_t`` and the readout ``y += C_t * h``
+  needs no horizontal sum. Inputs are therefore transposed to a time-major ``(B, L, E)``
+  layout (the Mamba layer's natural one) and ``B``, ``C`` to ``(B, L, N)``.
+* **A vectorisable exp.** Without Intel SVML (which current numba/llvmlite wheels do not use)
+  LLVM calls scalar ``expf`` once per state element, and the scan becomes exp-bound. ``_exp``
+  below is written in plain arithmetic (range reduction to ``2^k * 2^f`` with a degree-6
+  polynomial for ``2^f`` on ``[-1/2, 1/2]`` and ``2^k`` built from its bits), so LLVM vectorises
+  it. Its relative error is ~1e-7, the size of float32 rounding. float64 uses ``math.exp``
+  (the float64 path exists for ``gradcheck``, not for speed).
+* **Threads over (batch, channel block).** Each of the ``B * E / W`` units scans the whole
+  sequence; the units run in a numba ``prange``.
+* **Memory that does not grow with L x E x N.** The forward pass keeps the state only every
+  ``K`` steps (checkpoints ``(B, L/K, N, E)``). The backward pass walks the chunks from the
+  last; inside a chunk it recomputes the states and decays from the checkpoint into a small
+  per-thread buffer ``(K, N, W)`` and then runs the adjoint recurrence
+  ``G_t = C_t dy_t + exp(dt_{t+1} A) G_{t+1}`` backwards. ``dB`` and ``dC`` are sums over
+  channels, so every block writes its part for the chunk into its own slice of a
+  ``(B, blocks, K, N)`` buffer, reduced after the chunk: no write races and bounded memory.
+
+Gradients (``a_t = exp(dt_t A)``; ``G_t`` = gradient of the loss w.r.t. ``h_t``)::
+
+    dC[t, n]  = sum_e dy_t h_t                  dB[t, n] = sum_e G_t dt_t u_t
+    d dt_t    = sum_n G_t (h_{t-1} a_t A + B_t u_t)
+    dA[e, n]  = sum_t G_t h_{t-1} a_t dt_t
+    du_t      = sum_n G_t dt_t B_t + D dy_t     dD = sum_t dy_t u_t
+    dh0       = a_1 G_1
+
+The first call compiles the kernels (a few seconds per dtype); ``cache=True`` keeps the
+machine code on disk for later processes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+import torch
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.extending import intrinsic, overload
+
+__all__ = ["scan_cpu", "SelectiveScanCPU", "CHECKPOINT_EVERY"]
+
+#: forward checkpoint interval and time-chunk length (steps); backward buffers are (K, N) per unit
+CHECKPOINT_EVERY = 1024
+
+# ---------------------------------------------------------------------------------------------
+# exp that LLVM can vectorise
+# ---------------------------------------------------------------------------------------------
+
+# Near-minimax polynomial for 2^f on [-1/2, 1/2] (fitted by iteratively reweighted least squares
+# on the relative error; max relative error 1.9e-9 in float64, ~1e-7 once evaluated in float32).
+_P0 = 1.0000000005541696
+_P1 = 0.6931472057372623
+_P2 = 0.24022646890620336
+_P3 = 0.05550328776974902
+_P4 = 0.009618488958606888
+_P5 = 0.001339993121610906
+_P6 = 0.00015345811602529417
+_LOG2E = 1.4426950408889634
+
+
+@intrinsic
+def _bits_to_f32(typingctx, bits):
+    """Reinterpret an int32 as float32 (a bitcast; numba has no scalar ``view``)."""
+    if not isinstance(bits, types.Integer) or bits.bitwidth != 32:
+        return None
+    sig = types.float32(bits)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return sig, codegen
+
+
+def _exp(x):  # pragma: no cover - replaced by the overload inside numba
+    return math.exp(x)
+
+
+@overload(_exp, inline="always")
+def _exp_overload(x):
+    if isinstance(x, types.Float) and x.bitwidth == 32:
+
+        def exp32(x):
+            # exp(x) = 2^z, z = x log2(e) = k + f, k = round(z), |f| <= 1/2. Clamping z keeps
+            # 2^k a normal float: exp(x < -87.3) returns ~1e-38 instead of 0 (harmless here).
+            z = x * np.float32(_LOG2E)
+            z = min(max(z, np.float32(-126.0)), np.float32(127.0))
+            k = np.floor(z + np.float32(0.5))
+            f = z - k
+            p = np.float32(_P6)
+            p = p * f + np.float32(_P5)
+            p = p * f + np.float32(_P4)
+            p = p * f + np.float32(_P3)
+            p = p * f + np.float32(_P2)
+            p = p * f + np.float32(_P1)
+            p = p * f + np.float32(_P0)
+            scale = _bits_to_f32(np.int32((np.int32(k) + np.int32(127)) << np.int32(23)))
+            return p * scale
+
+        return exp32
+
+    def exp_any(x):
+        return math.exp(x)
+
+    return exp_any
+
+
+_JIT = dict(parallel=True, fastmath=True, cache=True, nogil=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernels. Layouts: u, dt, y, du, ddt (B, E, L); Bm, Cm, dB, dC (B, L, N); A (E, N); D (E,);
+# h0, h_last (B, E, N); ckpt (B, chunks, E, N). The innermost loops run over the N states.
+# ---------------------------------------------------------------------------------------------
+
+
+@njit(**_JIT)
+def _forward_kernel(u, dt, A, Bm, Cm, D, h0, y, h_last, ckpt, every, nblk):
+    """Scan each (batch, channel block) unit over the whole sequence, ``every`` steps at a time.
+
+    Within a time chunk the unit runs its channels one after the other, so the chunk's rows of
+    ``Bm``/``Cm`` (shared by all channels) are read from cache. ``ckpt`` receives the state at
+    the start of every chunk when it has rows (training); with zero rows nothing is saved.
+    """
+    nb, e, length = u.shape
+    n_state = A.shape[1]
+    ch = (e + nblk - 1) // nblk
+    save = ckpt.shape[1] > 0
+    for unit in prange(nb * nblk):
+        b = unit // nblk
+        e_lo = (unit % nblk) * ch
+        e_hi = min(e, e_lo + ch)
+        h = np.empty((max(e_hi - e_lo, 0), n_state), dtype=u.dtype)
+        for i in range(e_hi - e_lo):
+            for n in range(n_state):
+                h[i, n] = h0[b, e_lo + i, n]
+        for t0 in range(0, length, every):
+            t1 = min(length, t0 + every)
+            for i in range(e_hi - e_lo):
+                ee = e_lo + i
+                hv = h[i]
+                a_e = A[ee]
+                d_e = D[ee]
+                if save:
+                    for n in range(n_state):
+                        ckpt[b, t0 // every, ee, n] = hv[n]
+                for t in range(t0, t1):
+                    d = dt[b, ee, t]
+                    x = u[b, ee, t]
+                    dx = d * x
+                    acc = d_e * x
+                    for n in range(n_state):
+                        v = _exp(d * a_e[n]) * hv[n] + dx * Bm[b, t, n]
+                        hv[n] = v
+                        acc += Cm[b, t, n] * v
+                    y[b, ee, t] = acc
+        for i in range(e_hi - e_lo):
+            for n in range(n_state):
+                h_last[b, e_lo + i, n] = h[i, n]
+
+
+@njit(**_JIT)
+def _backward_kernel(u, dt, A, Bm, Cm, D, ckpt, every, nblk, dy, g_state,
+                     du, ddt, dA64, dB, dC, dD64):
+    """Adjoint scan, chunk by chunk from the end, recomputing states from the checkpoints.
+
+    ``g_state`` (B, E, N) holds the gradient w.r.t. the final state on entry and the gradient
+    w.r.t. ``h0`` on exit (it carries ``a_{t+1} G_{t+1}`` between chunks). Outputs: du, ddt
+    (B, E, L); dB, dC (B, L, N); dA64 (B, E, N) and dD64 (B, E) in float64, summed over time
+    here and over the batch by the caller (both must be zero on entry).
+    """
+    nb, e, length = u.shape
+    n_state = A.shape[1]
+    ch = (e + nblk - 1) // nblk
+    nunits = nb * nblk
+    nchunks = ckpt.shape[1]
+    # per-unit partial sums of dB and dC over the unit's channels, double-buffered: while the
+    # units fill one set for chunk c, they also sum the other set (chunk c + 1) into dB, dC,
+    # which saves one thread barrier per chunk
+    part_b = np.empty((2, nunits, every, n_state), dtype=u.dtype)
+    part_c = np.empty((2, nunits, every, n_state), dtype=u.dtype)
+    # per-unit recomputation buffers: states h_{t-1}, h_t and decays exp(dt_t A) of one chunk
+    hbuf = np.empty((nunits, every + 1, n_state), dtype=u.dtype)
+    abuf = np.empty((nunits, every, n_state), dtype=u.dtype)
+    gabuf = np.empty((nunits, 1, n_state), dtype=u.dtype)  # dA of the chunk
+
+    for c in range(nchunks - 1, -1, -1):
+        t0 = c * every
+        steps = min(every, length - t0)
+        for unit in prange(nunits):
+            b = unit // nblk
+            e_lo = (unit % nblk) * ch
+            e_hi = min(e, e_lo + ch)
+            if c + 1 < nchunks:  # this unit's share of the rows of the previous chunk
+                prev_steps = min(every, length - (c + 1) * every)
+                rows = nb * prev_steps
+                _reduce_parts(part_b[(c + 1) % 2], part_c[(c + 1) % 2], dB, dC, nblk, prev_steps,
+                              (c + 1) * every, rows * unit // nunits, rows * (unit + 1) // nunits)
+            pb = part_b[c % 2, unit]
+            pc = part_c[c % 2, unit]
+            hb = hbuf[unit]
+            ab = abuf[unit]
+            ga = gabuf[unit, 0]
+            for s in range(steps):
+                for n in range(n_state):
+                    pb[s, n] = 0.0
+                    pc[s, n] = 0.0
+            for i in range(e_hi - e_lo):
+                ee = e_lo + i
+                a_e = A[ee]
+                g = g_state[b, ee]
+                for n in range(n_state):
+                    hb[0, n] = ckpt[b, c, ee, n]
+                    ga[n] = 0.0
+                # recompute the chunk's states and decays
+                for s in range(steps):
+                    t = t0 + s
+                    d = dt[b, ee, t]
+                    dx = d * u[b, ee, t]
+                    for n in range(n_state):
+                        a = _exp(d * a_e[n])
+                        ab[s, n] = a
+                        hb[s + 1, n] = a * hb[s, n] + dx * Bm[b, t, n]
+                # adjoint pass; g holds a_{t+1} G_{t+1} on entry to step t, a_t G_t on exit
+                d_sum = 0.0
+                for s in range(steps - 1, -1, -1):
+                    t = t0 + s
+                    d = dt[b, ee, t]
+                    x = u[b, ee, t]
+                    dx = d * x
+                    gy = dy[b, ee, t]
+                    s_da = gy - gy  # zero of the input dtype (a literal 0.0 would be float64)
+                    s_gb = s_da
+                    for n in range(n_state):
+                        gn = g[n] + Cm[b, t, n] * gy  # G_t
+                        a = ab[s, n]
+                        gh = gn * hb[s, n] * a  # dL/d(dt_t A_n) = G_t h_{t-1} a_t
+                        pc[s, n] += gy * hb[s + 1, n]
+                        pb[s, n] += gn * dx
+                        s_da += gh * a_e[n]
+                        s_gb += gn * Bm[b, t, n]
+                        ga[n] += gh * d
+                        g[n] = a * gn  # a_t G_t, carried to step t-1
+                    ddt[b, ee, t] = s_da + s_gb * x
+                    du[b, ee, t] = s_gb * d + D[ee] * gy
+                    d_sum += gy * x
+                for n in range(n_state):
+                    dA64[b, ee, n] += ga[n]
+                dD64[b, ee] += d_sum
+    # the first chunk's rows (no later chunk left to sum them)
+    if nchunks > 0:
+        steps = min(every, length)
+        rows = nb * steps
+        for unit in prange(nunits):
+            _reduce_parts(part_b[0], part_c[0], dB, dC, nblk, steps, 0,
+                          rows * unit // nunits, rows * (unit + 1) // nunits)
+
+
+@njit(fastmath=True, cache=True, nogil=True)
+def _reduce_parts(pb, pc, dB, dC, nblk, steps, t0, lo, hi):
+    """dB[b, t0 + s] = sum over the units of batch item b of their parts, for rows lo..hi-1
+    of the (b, s) rows of one chunk; pb, pc are (units, chunk, N)."""
+    n_state = pb.shape[2]
+    for idx in range(lo, hi):
+        b = idx // steps
+        s = idx % steps
+        for n in range(n_state):
+            dB[b, t0 + s, n] = pb[b * nblk, s, n]
+            dC[b, t0 + s, n] = pc[b * nblk, s, n]
+        for k in range(1, nblk):
+            for n in range(n_state):
+                dB[b, t0 + s, n] += pb[b * nblk + k, s, n]
+                dC[b, t0 + s, n] += pc[b * nblk + k, s, n]
+
+
+def _threads() -> int:
+    """Use as many numba threads as torch is allowed (respects torch.set_num_threads)."""
+    return max(1, min(numba.config.NUMBA_NUM_THREADS, torch.get_num_threads()))
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().numpy()
+
+
+class SelectiveScanCPU(torch.autograd.Function):
+    """``(y, h_last) = scan(u, delta, A, B, C, D, h0)`` with the numba kernels (see module doc)."""
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, h0):  # noqa: D102 - documented on the class
+        nb, e, length = u.shape
+        n = A.shape[1]
+        dtype = u.dtype
+        threads = _threads()
+        nblk = _blocks(e, threads)
+        u_c = u.detach().contiguous()
+        dt_c = delta.detach().contiguous()
+        A_c = A.detach().contiguous()
+        Bt = B.detach().transpose(1, 2).contiguous()  # (B, L, N): one row per time step
+        Ct = C.detach().transpose(1, 2).contiguous()
+        D_c = torch.zeros(e, dtype=dtype) if D is None else D.detach().contiguous()
+        h0_c = torch.zeros(nb, e, n, dtype=dtype) if h0 is None else h0.detach().contiguous()
+        # grad mode is off inside forward; needs_input_grad says whether a backward will come
+        training = any(ctx.needs_input_grad)
+        every = CHECKPOINT_EVERY
+        ckpt = torch.empty(nb, -(-length // every) if training else 0, e, n, dtype=dtype)
+        y = torch.empty(nb, e, length, dtype=dtype)
+        h_last = torch.empty(nb, e, n, dtype=dtype)
+        with _NumbaThreads(threads):
+            _forward_kernel(
+                _np(u_c), _np(dt_c), _np(A_c), _np(Bt), _np(Ct), _np(D_c), _np(h0_c),
+                _np(y), _np(h_last), _np(ckpt), every, nblk,
+            )
+        if training:
+            ctx.save_for_backward(u_c, dt_c, A_c, Bt, Ct, D_c, ckpt)
+            ctx.every = every
+            ctx.has_d = D is not None
+            ctx.has_h0 = h0 is not None
+        return y, h_last
+
+    @staticmethod
+    def backward(ctx, dy, dh_last):  # noqa: D102
+        u_c, dt_c, A_c, Bt, Ct, D_c, ckpt = ctx.saved_tensors
+        nb, e, length = u_c.shape
+        n = A_c.shape[1]
+        dtype = u_c.dtype
+        threads = _threads()
+        nblk = _blocks(e, threads)
+        dy = torch.zeros_like(u_c) if dy is None else dy.to(dtype).contiguous()
+        g_state = (  # written by the kernel: must own contiguous memory
+            torch.zeros(nb, e, n, dtype=dtype)
+            if dh_last is None
+            else dh_last.to(dtype=dtype, memory_format=torch.contiguous_format, copy=True)
+        )
+        du = torch.empty_like(u_c)
+        ddt = torch.empty_like(u_c)
+        dB = torch.empty(nb, length, n, dtype=dtype)
+        dC = torch.empty(nb, length, n, dtype=dtype)
+        dA64 = torch.zeros(nb, e, n, dtype=torch.float64)
+        dD64 = torch.zeros(nb, e, dtype=torch.float64)
+        with _NumbaThreads(threads):
+            _backward_kernel(
+                _np(u_c), _np(dt_c), _np(A_c), _np(Bt), _np(Ct), _np(D_c), _np(ckpt),
+                ctx.every, nblk, _np(dy), _np(g_state), _np(du), _np(ddt),
+                _np(dA64), _np(dB), _np(dC), _np(dD64),
+            )
+        g_D = dD64.sum(0).to(dtype) if ctx.has_d else None
+        g_h0 = g_state if ctx.has_h0 else None
+        return du, ddt, dA64.sum(0).to(dtype), dB.transpose(1, 2), dC.transpose(1, 2), g_D, g_h0
+
+
+def _blocks(e: int, threads: int) -> int:
+    """Channel blocks per batch item: a few per thread for balance, several channels per block
+    so that a time chunk of B and C is reused from cache by each of them."""
+    return max(1, min(e, 2 * threads))
+
+
+class _NumbaThreads:
+    """Temporarily set numba's thread count (restored on exit)."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.old = None
+
+    def __enter__(self):
+        self.old = numba.get_num_threads()
+        if self.old != self.n:
+            numba.set_num_threads(self.n)
+        return self
+
+    def __exit__(self, *exc):
+        if self.old is not None and self.old != self.n:
+            numba.set_num_threads(self.old)
+        return False
+
+
+def scan_cpu(u, delta, A, B, C, D, h0):
+    """Backend entry point for :func:`psmamba.nn.scan.selective_scan` (CPU tensors only)."""
+    from psmamba.errors import PsmambaError
+
+    if u.device.type != "cpu":
+        raise PsmambaError(f"selective_scan backend 'cpu' needs CPU tensors, they are on {u.device}")
+    if u.dtype not in (torch.float32, torch.float64):
+        raise PsmambaError(f"selective_scan backend 'cpu' computes in float32/float64, got {u.dtype}")
+    return SelectiveScanCPU.apply(u, delta, A, B, C, D, h0)
