@@ -322,3 +322,15 @@ def test_register_real_demo_pair_with_iters(tmp_path):
     for name in ("warped.nii.gz", "ddf.nii.gz", "warped_labels.nii.gz", "jacobian.nii.gz"):
         np.testing.assert_allclose(nib.load(str(out / name)).affine, vf.affine, atol=1e-5)
     assert (out / "overview.png").stat().st_size > 50_000
+
+
+def test_rerun_into_the_same_folder_replaces_and_drops_stale_outputs(blob_pair, tmp_path):
+    out = tmp_path / "again"
+    register_pair(blob_pair["fixed"], blob_pair["moving"], moving_labels=blob_pair["moving_labels"],
+                  iters=2, device="cpu", out_dir=out, overview=False)
+    assert (out / "warped_labels.nii.gz").is_file()
+    (out / "notes.txt").write_text("mine")  # files of the user's are left alone
+    register_pair(blob_pair["fixed"], blob_pair["moving"], iters=2, device="cpu", out_dir=out, overview=False)
+    assert not (out / "warped_labels.nii.gz").exists() and (out / "notes.txt").read_text() == "mine"
+    assert json.loads((out / "summary.json").read_text())["moving_labels"] is None
+    assert leftovers(tmp_path) == []

@@ -117,7 +117,8 @@ def _label_cmap(labels: np.ndarray):
 
     codes = np.unique(labels)
     codes = codes[codes != 0]
-    base = colormaps["tab20"](np.linspace(0, 1, 20))
+    tab = colormaps["tab20"](np.arange(20))
+    base = np.concatenate([tab[0::2], tab[1::2]])  # 10 strong colours first, then their light twins
     extra = colormaps["hsv"](np.linspace(0, 1, max(1, len(codes) - 20), endpoint=False))
     colours = np.concatenate([base, extra])[: max(1, len(codes))]
     index = np.zeros(labels.shape, dtype=np.float32)
@@ -168,7 +169,10 @@ def save_overview(
             raise PsmambaError(f"overview: {name} has shape {np.shape(arr)}, expected {shape}")
     if np.shape(ddf) != (3,) + tuple(shape):
         raise PsmambaError(f"overview: ddf has shape {np.shape(ddf)}, expected {(3,) + tuple(shape)}")
-    views = _views(shape, affine, planes, _centre(fixed))
+    # slices through the middle of the labels when there are any (so that panel shows them),
+    # else through the middle of the image's non-zero part
+    has_labels = warped_labels is not None and np.any(warped_labels)
+    views = _views(shape, affine, planes, _centre(np.asarray(warped_labels) if has_labels else fixed))
     sp = _spacing(affine)
     lo, hi = np.percentile(fixed, [0.5, 99.5]) if fixed.size else (0.0, 1.0)
     mlo, mhi = np.percentile(moving, [0.5, 99.5])

@@ -23,7 +23,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     meth.add_argument("--iters", type=int, default=0, metavar="N",
                       help="test-time optimisation steps per pair (see psmamba register --help)")
     meth.add_argument("--lr", type=float, default=None, help="learning rate of --iters")
-    meth.add_argument("--lambda", dest="lam", type=float, default=1.0, metavar="W", help="diffusion weight of --iters")
+    meth.add_argument("--lambda", dest="lam", type=float, default=None, metavar="W",
+                      help="diffusion weight of --iters (default 1 for a network, 3 for a field)")
     meth.add_argument("--model-size", type=int, nargs=3, metavar=("D", "H", "W"), help="grid the network runs on")
     meth.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
     meth.add_argument("--method", metavar="NAME", help="name in the method column (default from the settings)")

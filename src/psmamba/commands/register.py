@@ -20,8 +20,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--lr", type=float, default=None,
                         help="Adam learning rate of --iters (default 1e-4 for weights, 0.1 for a field)")
-    parser.add_argument("--lambda", dest="lam", type=float, default=1.0, metavar="W",
-                        help="diffusion regulariser weight of --iters (paper: 1)")
+    parser.add_argument("--lambda", dest="lam", type=float, default=None, metavar="W",
+                        help="diffusion regulariser weight of --iters (default: 1, the paper's, for a network; "
+                        "3 for a field, which has no network to smooth it)")
     parser.add_argument("--model-size", type=int, nargs=3, metavar=("D", "H", "W"),
                         help="grid the network runs on (default: training size stored in the checkpoint, else the fixed grid)")
     parser.add_argument("--device", default="auto", help="auto (default), cpu or cuda")

@@ -370,7 +370,7 @@ def evaluate_pairs(
     identity: bool = False,
     iters: int = 0,
     lr: float | None = None,
-    lam: float = 1.0,
+    lam: float | None = None,
     device: "str | torch.device" = "auto",
     labels: Sequence[int] | None = None,
     hd95: bool = True,
