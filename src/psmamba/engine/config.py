@@ -196,9 +196,9 @@ class RunConfig:
         log_every: write a training row to the CSV / TensorBoard every this-many steps.
         checkpoint_every: also write ``last.pt`` every this-many optimiser steps inside an epoch
             (0 = only at the end of each epoch). A SIGINT/SIGTERM always writes it before exiting.
-        max_steps: stop after this many optimiser steps in total, writing ``last.pt`` (debugging,
-            tests; ``--resume`` carries on exactly from there).
-        max_minutes: stop after this much wall time (the demo's budget); validates and saves first.
+        max_steps: stop after this many optimiser steps in total: validate, write ``best.pt`` if
+            better and ``last.pt`` (debugging, tests; ``--resume`` carries on exactly from there).
+        max_minutes: likewise after this much wall time (the demo's budget).
         tensorboard: write TensorBoard logs when ``tensorboard`` is installed (the CSV is always written).
         progress: show a tqdm progress bar (rank 0 only).
         images: log a slice image of warped/fixed and a deformation grid every validation.

@@ -940,7 +940,7 @@ def _fit(cfg: TrainConfig, info: DistInfo, resume: bool, train_data, val_data) -
                             reason = "signal"
                     if reason is not None:
                         stopped = reason
-                        if reason == "time":
+                        if reason != "signal":  # a planned stop ends like an epoch: validated
                             validate_and_select(epoch)
                         save_last(epoch, s + 1)
                         break

