@@ -16,6 +16,7 @@ from psmamba.engine.register import (
     _resize_field,
     register_pair,
     resample_to_grid,
+    training_size,
 )
 from psmamba.errors import PsmambaError
 
@@ -82,7 +83,7 @@ def tiny_checkpoint(path):
 
     torch.manual_seed(0)
     model = build_model("baseline_conv", channels=1, mamba_backend="reference")
-    save_checkpoint(path, model)
+    save_checkpoint(path, model, image_size=[20, 20, 20])  # as psmamba train records data.resize
     return model
 
 
@@ -179,6 +180,16 @@ def test_resize_field_keeps_world_displacement():
     torch.testing.assert_close(big[:, 1:], torch.zeros(1, 2, 17, 17, 17))
 
 
+def test_training_size_from_checkpoints():
+    assert training_size({"image_size": [32, 40, 32]}) == (32, 40, 32)
+    demo = {"train_summary": {"config": {"data": {"source": "demo", "size": "small"}}}}
+    assert training_size(demo) == (64, 80, 64)
+    synth = {"training": {"config": {"data": {"source": "synth", "options": {"shape": [48, 48, 48]}}}}}
+    assert training_size(synth) == (48, 48, 48)
+    assert training_size({"training": {"config": {"data": {"source": "lpba40"}}}}) is None
+    assert training_size({"image_size": [0, 1, True]}) is None and training_size(None) is None
+
+
 def test_checkpoint_with_tto_on_another_model_grid(blob_pair, tmp_path):
     """Checkpoint + 2 fine-tuning steps on a 20^3 model grid; the caller's model is untouched."""
     ckpt = tmp_path / "tiny.pt"
@@ -199,6 +210,7 @@ def test_checkpoint_with_tto_on_another_model_grid(blob_pair, tmp_path):
                  "--checkpoint", str(ckpt), "--device", "cpu", "--no-overview", "--out", str(out)]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["method"] == "network" and summary["checkpoint"] == str(ckpt)
+    assert summary["model_grid"] == [20, 20, 20]  # the checkpoint's training size
     assert not (out / "overview.png").exists()
 
 

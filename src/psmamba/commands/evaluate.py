@@ -97,7 +97,10 @@ def run(args: argparse.Namespace) -> int:
     if args.checkpoint:  # load once, early: a bad checkpoint fails before any pair is read
         from psmamba.engine.register import load_model
 
+        from psmamba.engine.register import training_size
+
         model, ckpt = load_model(args.checkpoint, device=args.device)
+        args.model_size = args.model_size or training_size(ckpt)  # the network's own grid
     if args.pairs:
         pairs = read_pair_list(args.pairs)
     elif args.demo:

@@ -397,7 +397,7 @@ def evaluate_pairs(
             (checked by ``register_pair`` before it works on that pair).
     """
     from psmamba import metrics
-    from psmamba.engine.register import load_model, register_pair, resolve_device
+    from psmamba.engine.register import load_model, register_pair, resolve_device, training_size
 
     if identity and (checkpoint is not None or model is not None or iters):
         raise PsmambaError("--identity scores unregistered pairs: do not combine it with a checkpoint or --iters")
@@ -413,7 +413,8 @@ def evaluate_pairs(
     if checkpoint is not None:
         if model is not None:
             raise PsmambaError("give either checkpoint= or model=, not both")
-        model, _ = load_model(checkpoint, device=dev)
+        model, ckpt = load_model(checkpoint, device=dev)
+        model_size = model_size or training_size(ckpt)
     if method is None:
         method = (
             "identity" if identity

@@ -74,6 +74,7 @@ __all__ = [
     "load_model",
     "resample_to_grid",
     "train_config_of",
+    "training_size",
     "OUTPUT_FILES",
 ]
 
@@ -348,7 +349,7 @@ def train_config_of(ckpt: dict[str, Any] | None) -> dict[str, Any] | None:
     return None
 
 
-def _checkpoint_size(ckpt: dict[str, Any] | None) -> tuple[int, int, int] | None:
+def training_size(ckpt: dict[str, Any] | None) -> tuple[int, int, int] | None:
     """The image size the network was trained at, when the checkpoint tells.
 
     In order: a top-level ``image_size`` entry (three integers); the training configuration's
@@ -606,7 +607,9 @@ def register_pair(
         fixed_labels: label map on the fixed grid; with ``moving_labels`` gives Dice
             before and after registration.
         checkpoint: a psmamba checkpoint (``psmamba train``'s output). Exclusive with ``model``.
-        model: an already loaded network ``forward(moving, fixed) -> (warped, ddf)``.
+        model: an already loaded network ``forward(moving, fixed) -> (warped, ddf)``. It runs on
+            the fixed grid unless ``model_size`` is given: pass
+            ``model_size=training_size(checkpoint_dict)`` to keep a checkpoint's training size.
         iters: test-time optimisation steps: of the network's weights (a copy, starting from the
             checkpoint) when a network is given, else of the displacement field directly,
             coarse to fine. 0 with no network gives the identity (no registration).
@@ -679,7 +682,7 @@ def register_pair(
         flab_np = None if flab_img is None else np.asarray(flab_img.data)
 
         # ---- 3. the model grid
-        grid = model_size or (_checkpoint_size(ckpt_dict) if model is not None else None) or f_shape
+        grid = model_size or (training_size(ckpt_dict) if model is not None else None) or f_shape
         dtype = torch.float32
         fx = torch.from_numpy(np.ascontiguousarray(fixed_np)).to(dev, dtype)[None, None]
         mv = torch.from_numpy(np.ascontiguousarray(moving_np)).to(dev, dtype)[None, None]
