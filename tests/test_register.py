@@ -155,6 +155,13 @@ def test_moving_on_another_grid_is_resampled_through_world_coordinates(tmp_path)
     assert res.dice_before > 0.8  # it would be ~0 if the flip or the spacing were ignored
     np.testing.assert_allclose(res.affine, faff)
     assert np.corrcoef(res.warped.ravel(), fimg.ravel())[0, 1] > 0.95
+    # an in-memory result can be written later, with the same guarantees
+    out = res.save(tmp_path / "later", overview=False)
+    assert sorted(p.name for p in out.iterdir()) == [
+        "ddf.nii.gz", "jacobian.nii.gz", "summary.json", "warped.nii.gz", "warped_labels.nii.gz"]
+    back = nib.load(str(out / "warped_labels.nii.gz"))
+    np.testing.assert_allclose(back.affine, faff, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(back.dataobj), res.warped_labels)
 
 
 def test_resample_to_grid_translation_and_identity():
