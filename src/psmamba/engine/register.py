@@ -323,7 +323,10 @@ def load_model(checkpoint: str | os.PathLike, device: "str | torch.device" = "cp
     from psmamba.models import load_checkpoint
 
     try:
-        model, ckpt = load_checkpoint(path, map_location="cpu")
+        # the scan backend is a run-time choice (it does not change the weights): "auto" takes
+        # the CUDA kernel on a GPU with mamba_ssm and the CPU kernels elsewhere, so a model
+        # trained on a GPU loads on a laptop and vice versa
+        model, ckpt = load_checkpoint(path, map_location="cpu", mamba_backend="auto")
     except PsmambaError as exc:
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else "cannot be loaded"
         raise PsmambaError(msg if str(path.name) in msg else f"checkpoint {path}: {msg}") from None
