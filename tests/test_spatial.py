@@ -135,7 +135,7 @@ def test_resize_and_upsample_rescale_vectors():
     assert up.shape == (2, 3, 8, 10, 12)
     assert torch.allclose(up, constant_field([2 * v for v in c], (8, 10, 12), batch=2), atol=1e-6)
     r = resize_ddf(ddf, (6, 10, 9))
-    factors = (6 / 4, 10 / 5, 9 / 6)
+    factors = (5 / 3, 9 / 4, 8 / 5)  # (new - 1) / (old - 1): align_corners=True
     assert torch.allclose(r, constant_field([v * f for v, f in zip(c, factors)], (6, 10, 9), batch=2), atol=1e-6)
     r1 = resize_ddf(ddf, (8, 10, 12), scale=1.0)  # explicit factor: resample only
     assert torch.allclose(r1, constant_field(c, (8, 10, 12), batch=2), atol=1e-6)

@@ -140,14 +140,16 @@ def compose(a: torch.Tensor, b: torch.Tensor, padding: str = "zeros") -> torch.T
 def resize_ddf(ddf: torch.Tensor, size: Sequence[int], scale: Sequence[float] | float | None = None) -> torch.Tensor:
     """Resample a field to a new grid AND rescale its vectors to the new voxel units.
 
-    The field is interpolated trilinearly (``align_corners=True``, as the paper upsamples).
-    Vectors are multiplied by ``scale`` per axis; by default ``new_size / old_size``, the ratio
-    of voxel sizes of two grids that cover the same extent (x2 for the paper's pyramid).
+    The field is interpolated trilinearly with ``align_corners=True`` (as the paper upsamples):
+    the first and last voxel centres of both grids coincide, so the voxel size ratio is
+    ``(old - 1) / (new - 1)`` and vectors are multiplied by ``scale = (new - 1) / (old - 1)``
+    per axis by default. The paper's pyramid uses ``scale=2`` instead (:func:`upsample_ddf`).
 
     Args:
         ddf: ``(B, 3, D, H, W)``.
         size: the new ``(D', H', W')``.
-        scale: factor(s) applied to channel i; default ``size[i] / D_i``.
+        scale: factor(s) applied to channel i; default ``(size[i] - 1) / (old_i - 1)``
+            (1 for an axis of one voxel).
     """
     _check_field(ddf)
     size = tuple(int(s) for s in size)
@@ -155,7 +157,7 @@ def resize_ddf(ddf: torch.Tensor, size: Sequence[int], scale: Sequence[float] | 
         raise PsmambaError(f"resize_ddf needs a 3-D target size, got {size}")
     old = ddf.shape[2:]
     if scale is None:
-        scale = [n / o for n, o in zip(size, old)]
+        scale = [(n - 1) / (o - 1) if o > 1 else 1.0 for n, o in zip(size, old)]
     elif isinstance(scale, (int, float)):
         scale = [float(scale)] * 3
     if len(scale) != 3:

@@ -503,11 +503,9 @@ def _resize_field(ddf: "torch.Tensor", size: Sequence[int]) -> "torch.Tensor":
     from psmamba.spatial import resize_ddf
 
     size = tuple(int(s) for s in size)
-    old = tuple(int(s) for s in ddf.shape[2:])
-    if old == size:
+    if tuple(int(s) for s in ddf.shape[2:]) == size:
         return ddf
-    scale = [(n - 1) / (o - 1) if o > 1 else 1.0 for n, o in zip(size, old)]
-    return resize_ddf(ddf, size, scale=scale)
+    return resize_ddf(ddf, size)  # default scale: (n_new - 1) / (n_old - 1)
 
 
 # --------------------------------------------------------------------------- optimisation
