@@ -1,0 +1,1 @@
+"""Side-by-side benchmarks of psmamba against the methods users would pick instead (see README.md)."""

@@ -1,0 +1,499 @@
+"""Speed and memory per method: inference time, peak memory, parameters, FLOPs, training-step time.
+
+Protocol (``python -m benchmarks --only speed``; every number comes from one run):
+
+1. **Probe, one FRESH process per (method, size)**: build the method, run ONE forward pass
+   (``torch.no_grad``) on the pair, and read the process's peak resident memory
+   (``ru_maxrss``; on a GPU also ``torch.cuda.max_memory_allocated``) and the FLOPs of that
+   forward (``torch.utils.flop_counter.FlopCounterMode``: convolutions and matrix products;
+   element-wise ops, grid sampling and psmamba's numba selective scan are not counted). At the
+   training size the same process then runs one training step and records its peak too.
+   Each child runs under a memory cap (``RLIMIT_DATA``): a method that needs more reports
+   ``oom`` instead of swapping the shared machine.
+2. **Timing, one process per size, methods in ROUND ROBIN**: every method that passed its
+   probe is built; a warm-up call each (on a small volume: JIT loading, allocator); then
+   ``repeats`` rounds, each calling every method once, the order rotated by one each round
+   (so no method always runs first or after the same neighbour). Wall time (after a device
+   synchronize) and process CPU time per call; the table reports medians. At the training
+   size the same round robin times training steps (forward, LNCC + diffusion, backward,
+   Adam step) of the learned methods.
+
+Inputs: a real pair (the demo's FSL MNI152 template onto the ICBM 2009a template, 64x80x64
+at 2.5 mm) resized trilinearly to each size, so ANTs (whose run time depends on the images)
+sees brains; ANTs gets the voxel size that keeps the 160x200x160 mm field of view.
+``inputs="random"`` uses smooth random volumes instead (tests).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import (
+    RESULT_MARKER,
+    RESULTS_DIR,
+    cpu_seconds,
+    current_rss_mib,
+    fmt,
+    is_oom,
+    load_average,
+    machine_lines,
+    markdown_table,
+    median,
+    peak_rss_mib,
+    run_child,
+    set_threads,
+    size_str,
+    synchronize,
+    write_csv,
+    write_json,
+    write_text,
+)
+from benchmarks.peers import LEARNED, METHODS, available
+
+__all__ = ["run_speed", "write_speed", "plot_speed", "speed_inputs", "SPEED_COLUMNS", "DEMO_FOV_MM"]
+
+#: field of view of the demo grid (64x80x64 voxels at 2.5 mm)
+DEMO_FOV_MM = (160.0, 200.0, 160.0)
+#: columns of speed*.csv, one row per (method, size)
+SPEED_COLUMNS = (
+    "method", "label", "size", "voxels", "status", "params", "gflops",
+    "infer_s", "infer_s_min", "infer_s_max", "infer_cpu_s", "runs", "first_call_s",
+    "peak_rss_mib", "peak_increase_mib", "gpu_peak_mib",
+    "train_step_s", "train_cpu_s", "train_runs", "train_peak_rss_mib", "train_gpu_peak_mib", "note",
+)
+
+
+# --------------------------------------------------------------------------- inputs
+def speed_inputs(size: Sequence[int], inputs: str = "demo", seed: int = 0):
+    """The pair every method registers: ``(moving, fixed, spacing_mm)``, tensors ``(1, 1, D, H, W)`` in [0, 1]."""
+    import numpy as np
+    import torch
+
+    from benchmarks.common import minmax, resize_volume
+
+    size = tuple(int(s) for s in size)
+    spacing = tuple(fov / s for fov, s in zip(DEMO_FOV_MM, size))
+    if inputs == "demo":
+        from psmamba.data.demo import build_demo
+
+        demo = build_demo("small")
+        vols = [torch.from_numpy(np.ascontiguousarray(demo.load(v).image, dtype=np.float32))[None, None]
+                for v in ("fsl_mni152", "icbm2009a")]
+    elif inputs == "random":
+        from scipy import ndimage
+
+        rng = np.random.default_rng(seed)
+        vols = [torch.from_numpy(ndimage.gaussian_filter(rng.random(size, dtype=np.float32), 2.0))[None, None]
+                for _ in range(2)]
+    else:
+        raise ValueError(f"inputs must be 'demo' or 'random', got {inputs!r}")
+    moving, fixed = (minmax(resize_volume(v, size)).contiguous() for v in vols)
+    return moving, fixed, spacing
+
+
+def _device(name: str):
+    from psmamba.engine.register import resolve_device
+
+    return resolve_device(name)
+
+
+def _gpu_peak_mib(device) -> float | None:
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return None
+
+
+def _reset_gpu_peak(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _train_step_fn(model, device):
+    """A closure doing one training step (forward, LNCC(9) + Diffusion, backward, Adam)."""
+    import torch
+
+    from psmamba.losses import LNCC, Diffusion
+
+    sim, reg = LNCC(window=9).to(device), Diffusion().to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4, amsgrad=True)
+
+    def step(moving, fixed) -> None:
+        opt.zero_grad(set_to_none=True)
+        out = model(moving, fixed)
+        loss = sim(out.warped, fixed) + reg(out.ddf)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+# --------------------------------------------------------------------------- children
+def _build(name: str, spec: dict, spacing, device):
+    from benchmarks.peers import build_method
+
+    return build_method(name, seed=int(spec.get("seed", 0)), spacing=spacing,
+                        threads=spec.get("threads")).to(device).eval()
+
+
+def child_probe(spec: dict) -> dict:
+    """One method, one size, in this fresh process: params, FLOPs, first-call time, peak memory."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    threads = set_threads(spec.get("threads"))
+    device = _device(spec.get("device", "auto"))
+    name, size = spec["method"], tuple(spec["size"])
+    res: dict[str, Any] = {"status": "ok", "method": name, "size": list(size), "threads": threads, "device": str(device)}
+    stage = "inputs"
+    try:
+        moving, fixed, spacing = speed_inputs(size, spec.get("inputs", "demo"), int(spec.get("seed", 0)))
+        stage = "build"
+        model = _build(name, spec, spacing, device)
+        moving, fixed = moving.to(device), fixed.to(device)
+        res["params"] = sum(p.numel() for p in model.parameters() if p.requires_grad) if name in LEARNED else None
+        stage = "inference"
+        res["rss_before_mib"] = current_rss_mib()
+        _reset_gpu_peak(device)
+        synchronize(device)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            if name in LEARNED and spec.get("flops", True):
+                with FlopCounterMode(display=False) as counter:
+                    model(moving, fixed)
+                res["flops"] = int(counter.get_total_flops())
+            else:
+                model(moving, fixed)
+        synchronize(device)
+        res["first_call_s"] = time.perf_counter() - t0
+        res["peak_rss_mib"] = peak_rss_mib()
+        res["gpu_peak_mib"] = _gpu_peak_mib(device)
+        if spec.get("train") and name in LEARNED:
+            stage = "training step"
+            model.train()
+            step = _train_step_fn(model, device)
+            _reset_gpu_peak(device)
+            t0 = time.perf_counter()
+            step(moving, fixed)
+            synchronize(device)
+            res["train_first_step_s"] = time.perf_counter() - t0
+            res["train_peak_rss_mib"] = peak_rss_mib()  # ru_maxrss: max of inference and training
+            res["train_gpu_peak_mib"] = _gpu_peak_mib(device)
+    except Exception as exc:  # reported, not raised: one method failing must not stop the others
+        res["status"] = "oom" if is_oom(exc) else "error"
+        res["error"] = f"{stage}: {type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+        res["peak_rss_mib"] = res.get("peak_rss_mib", peak_rss_mib())
+        if res["status"] == "error":
+            res["traceback"] = traceback.format_exc(limit=6)[-2000:]
+    return res
+
+
+def child_timing(spec: dict) -> dict:
+    """All methods at one size, round robin: ``repeats`` inference calls each, training steps too."""
+    import torch
+
+    threads = set_threads(spec.get("threads"))
+    device = _device(spec.get("device", "auto"))
+    size = tuple(spec["size"])
+    names = list(spec["methods"])
+    repeats, train_repeats = int(spec.get("repeats", 3)), int(spec.get("train_repeats", 0))
+    res: dict[str, Any] = {"status": "ok", "size": list(size), "threads": threads, "device": str(device),
+                           "load_before": load_average(), "infer": {}, "train": {}, "errors": {}}
+    moving, fixed, spacing = speed_inputs(size, spec.get("inputs", "demo"), int(spec.get("seed", 0)))
+    moving, fixed = moving.to(device), fixed.to(device)
+    small = tuple(min(s, 32) for s in size)
+    warm_m, warm_f = moving[..., : small[0], : small[1], : small[2]], fixed[..., : small[0], : small[1], : small[2]]
+    models: dict[str, Any] = {}
+    for n in names:
+        try:
+            models[n] = _build(n, spec, spacing, device)
+        except Exception as exc:
+            res["errors"][n] = f"build: {type(exc).__name__}: {exc}"
+
+    def call(n: str, fn: Callable[[], Any], record: dict) -> None:
+        if n in res["errors"]:
+            return
+        try:
+            synchronize(device)
+            t0, c0 = time.perf_counter(), cpu_seconds()
+            fn()
+            synchronize(device)
+            record.setdefault(n, {"wall": [], "cpu": []})
+            record[n]["wall"].append(time.perf_counter() - t0)
+            record[n]["cpu"].append(cpu_seconds() - c0)
+        except Exception as exc:
+            res["errors"][n] = ("oom: " if is_oom(exc) else "") + f"{type(exc).__name__}: {str(exc)[:300]}"
+
+    # ---- inference, round robin
+    with torch.no_grad():
+        for n in names:  # warm-up (ANTs needs none: every call starts from scratch)
+            if n in models and n in LEARNED:
+                call(n, lambda n=n: models[n](warm_m, warm_f), {})
+        for r in range(repeats):
+            order = names[r % len(names):] + names[: r % len(names)]
+            for n in order:
+                if n in models:
+                    call(n, lambda n=n: models[n](moving, fixed), res["infer"])
+    # ---- training steps, round robin
+    learned = [n for n in names if n in LEARNED and n in models]
+    if train_repeats and learned:
+        steps = {}
+        for n in learned:
+            models[n].train()
+            steps[n] = _train_step_fn(models[n], device)
+            call(n, lambda n=n: steps[n](warm_m, warm_f), {})  # warm-up (autograd buffers, JIT)
+        for r in range(train_repeats):
+            order = learned[r % len(learned):] + learned[: r % len(learned)]
+            for n in order:
+                call(n, lambda n=n: steps[n](moving, fixed), res["train"])
+    res["load_after"] = load_average()
+    return res
+
+
+def _child_main(argv: Sequence[str]) -> int:
+    spec = json.loads(argv[argv.index("--child") + 1])
+    kind = spec.pop("kind")
+    result = child_probe(spec) if kind == "probe" else child_timing(spec)
+    print(RESULT_MARKER + json.dumps(result), flush=True)
+    return 0
+
+
+# --------------------------------------------------------------------------- parent
+def run_speed(
+    sizes: Sequence[Sequence[int]],
+    methods: Sequence[str] = tuple(METHODS),
+    *,
+    repeats: int = 5,
+    train_size: Sequence[int] | None = None,
+    train_repeats: int = 3,
+    device: str = "auto",
+    threads: int | None = None,
+    inputs: str = "demo",
+    mem_limit_gib: float | None = 16.0,
+    timeout_s: float = 3600.0,
+    seed: int = 0,
+    log: Callable[[str], None] | None = print,
+) -> dict[str, Any]:
+    """Run the speed benchmark (probes, then round-robin timing) and return every number.
+
+    Args:
+        sizes: volume sizes ``(D, H, W)``.
+        methods: names from :data:`benchmarks.peers.METHODS` (missing optional ones are
+            reported as ``skipped``).
+        repeats: timed inference calls per method and size (the median is reported).
+        train_size: the size at which training steps are timed (default: the smallest).
+        train_repeats: timed training steps per learned method (0: none).
+        device: ``"auto"`` (GPU when available), ``"cpu"``, ...
+        threads: torch / numba / ITK threads (None: the library defaults).
+        inputs: ``"demo"`` (real brains) or ``"random"``.
+        mem_limit_gib: memory cap of each child process (None: no cap).
+        timeout_s: time limit of each child process.
+
+    Returns:
+        ``{"settings", "rows" (one per method x size), "probes", "timings", "load_before", "load_after"}``.
+    """
+    say = log or (lambda _m: None)
+    sizes = [tuple(int(s) for s in sz) for sz in sizes]
+    train_size = tuple(int(s) for s in train_size) if train_size else min(sizes, key=math.prod)
+    limit = int(mem_limit_gib * 2**30) if mem_limit_gib else None
+    base = {"device": device, "threads": threads, "inputs": inputs, "seed": seed}
+    skipped = {m: why for m in methods for ok, why in [available(m)] if not ok}
+    run_methods = [m for m in methods if m not in skipped]
+    out: dict[str, Any] = {
+        "settings": {"sizes": [list(s) for s in sizes], "methods": list(methods), "repeats": repeats,
+                     "train_size": list(train_size), "train_repeats": train_repeats, "device": device,
+                     "threads": threads, "inputs": inputs, "mem_limit_gib": mem_limit_gib, "timeout_s": timeout_s,
+                     "seed": seed},
+        "skipped": skipped, "probes": [], "timings": [], "load_before": load_average(),
+    }
+    t_start = time.perf_counter()
+    for size in sizes:
+        for m in run_methods:
+            t0 = time.perf_counter()
+            probe = run_child("benchmarks.bench_speed", {**base, "kind": "probe", "method": m, "size": list(size),
+                                                          "train": size == train_size and train_repeats > 0},
+                              timeout_s=timeout_s, mem_limit_bytes=limit)
+            probe.setdefault("method", m)
+            probe.setdefault("size", list(size))
+            out["probes"].append(probe)
+            say(f"[speed] probe {m} {size_str(size)}: {probe['status']}, first call "
+                f"{fmt(probe.get('first_call_s'), 2)} s, peak RSS {fmt(probe.get('peak_rss_mib'), 0)} MiB "
+                f"({time.perf_counter() - t0:.0f} s)" + (f" -- {probe.get('error')}" if probe["status"] != "ok" else ""))
+    for size in sizes:
+        ok = [m for m in run_methods
+              if any(p["method"] == m and p["size"] == list(size) and p["status"] == "ok" for p in out["probes"])]
+        if not ok:
+            continue
+        t0 = time.perf_counter()
+        timing = run_child("benchmarks.bench_speed",
+                           {**base, "kind": "timing", "methods": ok, "size": list(size), "repeats": repeats,
+                            "train_repeats": train_repeats if size == train_size else 0},
+                           timeout_s=timeout_s, mem_limit_bytes=limit)
+        timing.setdefault("size", list(size))
+        out["timings"].append(timing)
+        say(f"[speed] round robin at {size_str(size)}: {timing['status']} ({time.perf_counter() - t0:.0f} s)"
+            + "".join(f"; {n} {median(v['wall']):.2f} s" for n, v in timing.get("infer", {}).items()))
+    out["load_after"] = load_average()
+    out["seconds"] = time.perf_counter() - t_start
+    out["rows"] = _rows(out, methods, sizes, train_size)
+    return out
+
+
+def _rows(out: dict, methods: Sequence[str], sizes, train_size) -> list[dict[str, Any]]:
+    rows = []
+    for size in sizes:
+        timing = next((t for t in out["timings"] if t.get("size") == list(size)), {})
+        for m in methods:
+            row: dict[str, Any] = {"method": m, "label": METHODS.get(m, m), "size": size_str(size),
+                                   "voxels": math.prod(size)}
+            if m in out["skipped"]:
+                rows.append({**row, "status": "skipped", "note": out["skipped"][m]})
+                continue
+            probe = next((p for p in out["probes"] if p["method"] == m and p["size"] == list(size)), {})
+            row.update(status=probe.get("status", "missing"), params=probe.get("params"),
+                       gflops=probe["flops"] / 1e9 if probe.get("flops") is not None else None,
+                       first_call_s=probe.get("first_call_s"), peak_rss_mib=probe.get("peak_rss_mib"),
+                       gpu_peak_mib=probe.get("gpu_peak_mib"),
+                       train_peak_rss_mib=probe.get("train_peak_rss_mib"),
+                       train_gpu_peak_mib=probe.get("train_gpu_peak_mib"))
+            if probe.get("peak_rss_mib") is not None and probe.get("rss_before_mib") is not None:
+                row["peak_increase_mib"] = probe["peak_rss_mib"] - probe["rss_before_mib"]
+            if probe.get("status") != "ok":
+                row["note"] = probe.get("error", "")
+            inf = timing.get("infer", {}).get(m)
+            if inf:
+                row.update(infer_s=median(inf["wall"]), infer_s_min=min(inf["wall"]), infer_s_max=max(inf["wall"]),
+                           infer_cpu_s=median(inf["cpu"]), runs=len(inf["wall"]))
+            tr = timing.get("train", {}).get(m)
+            if tr:
+                row.update(train_step_s=median(tr["wall"]), train_cpu_s=median(tr["cpu"]), train_runs=len(tr["wall"]))
+            err = timing.get("errors", {}).get(m)
+            if err:
+                row["status"] = "oom" if err.startswith("oom") else "error"
+                row["note"] = f"timing: {err}"
+            if timing.get("status") not in (None, "ok") and probe.get("status") == "ok":
+                row["status"] = timing["status"]
+                row["note"] = f"timing process: {timing.get('error', '')}"
+            rows.append(row)
+    return rows
+
+
+# --------------------------------------------------------------------------- outputs
+def _mib(v: Any) -> str:
+    return fmt(v, 0)
+
+
+def speed_markdown(result: dict, machine: dict, command: str) -> str:
+    """The markdown report: settings, machine, one table row per (method, size), notes."""
+    s = result["settings"]
+    gpu = any(r.get("gpu_peak_mib") is not None for r in result["rows"])
+    head = ["method", "size", "status", "params", "GFLOPs/fwd", "inference s (median)", "min-max s", "CPU s",
+            "runs", "first call s", "peak RSS MiB", "RSS increase MiB"] + (["GPU peak MiB"] if gpu else [])
+    body = []
+    for r in result["rows"]:
+        body.append([r["label"], r["size"], r.get("status"), fmt(r.get("params")),
+                     fmt(r.get("gflops"), 1), fmt(r.get("infer_s"), 2),
+                     f"{fmt(r.get('infer_s_min'), 2)}-{fmt(r.get('infer_s_max'), 2)}" if r.get("infer_s") else "-",
+                     fmt(r.get("infer_cpu_s"), 2), fmt(r.get("runs")), fmt(r.get("first_call_s"), 2),
+                     _mib(r.get("peak_rss_mib")), _mib(r.get("peak_increase_mib"))]
+                    + ([_mib(r.get("gpu_peak_mib"))] if gpu else []))
+    train_rows = [r for r in result["rows"] if r["size"] == size_str(s["train_size"]) and r["method"] in LEARNED]
+    thead = ["method", "size", "train step s (median)", "CPU s", "runs", "peak RSS MiB (inference or step)"] + (
+        ["GPU peak MiB"] if gpu else [])
+    tbody = [[r["label"], r["size"], fmt(r.get("train_step_s"), 2), fmt(r.get("train_cpu_s"), 2),
+              fmt(r.get("train_runs")), _mib(r.get("train_peak_rss_mib"))]
+             + ([_mib(r.get("train_gpu_peak_mib"))] if gpu else []) for r in train_rows]
+    notes = [f"- {r['label']} at {r['size']}: {r['note']}" for r in result["rows"] if r.get("note")]
+    lines = [
+        "# Speed and memory", "",
+        f"Command: `{command}`", "",
+        *machine_lines(machine),
+        f"- load average (1, 5, 15 min) before: {result.get('load_before')}, after: {result.get('load_after')}",
+        f"- whole speed benchmark: {result.get('seconds', float('nan')):.0f} s", "",
+        f"Settings: sizes {', '.join(size_str(x) for x in s['sizes'])}; {s['repeats']} timed inference calls per "
+        f"method and size, methods in round robin (order rotated each round) after one warm-up call each; "
+        f"{s['train_repeats']} timed training steps at {size_str(s['train_size'])}; inputs: {s['inputs']}; "
+        f"threads: {s['threads'] or 'library default'}; memory cap per process: "
+        f"{s['mem_limit_gib'] or 'none'} GiB. Peak memory is measured in a fresh process per method and size "
+        "(`ru_maxrss`, which includes the Python/torch baseline; 'RSS increase' subtracts the resident memory "
+        "just before the call). FLOPs: `torch.utils.flop_counter.FlopCounterMode` (convolutions and matrix "
+        "products only; psmamba's numba selective scan, element-wise ops and grid sampling are not counted, "
+        "while mambapy's scan read-out is a matrix product and is).", "",
+        "## Inference, one pair", "", markdown_table(head, body), "",
+        "## Training step (batch 1, LNCC + diffusion, Adam)", "", markdown_table(thead, tbody), "",
+    ]
+    if result.get("skipped") or notes:
+        lines += ["## Notes", ""] + [f"- {m}: skipped ({why})" for m, why in result.get("skipped", {}).items()] + notes + [""]
+    return "\n".join(lines)
+
+
+def plot_speed(result: dict, path: Path, machine: dict | None = None) -> Path:
+    """Time vs size and peak memory vs size, one line per method (log-log), as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for m in result["settings"]["methods"]:
+        rows = [r for r in result["rows"] if r["method"] == m]
+        t = [(r["voxels"] / 1e6, r["infer_s"]) for r in rows if r.get("infer_s") is not None]
+        mem = [(r["voxels"] / 1e6, r.get("gpu_peak_mib") or r["peak_rss_mib"]) for r in rows
+               if r.get("status") == "ok" and r.get("peak_rss_mib") is not None]
+        if t:
+            axes[0].plot(*zip(*t), marker="o", label=METHODS.get(m, m))
+        if mem:
+            axes[1].plot(*zip(*mem), marker="o", label=METHODS.get(m, m))
+        for r in rows:
+            if r.get("status") in ("oom", "timeout", "error"):
+                axes[0].annotate(r["status"], (r["voxels"] / 1e6, axes[0].get_ylim()[1] if t else 1), fontsize=7)
+    gpu = any(r.get("gpu_peak_mib") is not None for r in result["rows"])
+    axes[0].set(xscale="log", yscale="log", xlabel="voxels (millions)", ylabel="inference time per pair (s, median)",
+                title="time vs size")
+    axes[1].set(xscale="log", yscale="log", xlabel="voxels (millions)",
+                ylabel="peak GPU memory (MiB)" if gpu else "peak process RSS (MiB)", title="memory vs size")
+    for ax in axes:
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].legend(fontsize=7)
+    if machine:
+        fig.suptitle(f"{machine.get('cpu')} / {machine.get('device')}, {machine.get('torch_threads')} threads", fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_speed(result: dict, machine: dict, command: str, out_dir: Path = RESULTS_DIR, tag: str = "") -> list[Path]:
+    """Write ``speed{tag}.json``, ``.csv``, ``.md`` and ``.png`` into ``out_dir``."""
+    out_dir = Path(out_dir)
+    stem = f"speed{tag}"
+    return [
+        write_json(out_dir / f"{stem}.json", {"command": command, "machine": machine, **result}),
+        write_csv(out_dir / f"{stem}.csv", result["rows"], SPEED_COLUMNS),
+        write_text(out_dir / f"{stem}.md", speed_markdown(result, machine, command)),
+        plot_speed(result, out_dir / f"{stem}.png", machine),
+    ]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--child" in argv:
+        return _child_main(argv)
+    from benchmarks.__main__ import main as bench_main  # same options as python -m benchmarks
+
+    return bench_main(["--only", "speed"] + argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

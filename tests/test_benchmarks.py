@@ -1,0 +1,216 @@
+"""Smoke tests of the benchmark harness (``benchmarks/``) on tiny volumes.
+
+The real runs are ``python -m benchmarks [--quick]``; these check that the pieces fit and that
+the fairness rules hold (same pair order for every network, validation-based selection, the
+mambapy swap keeps the function, ANTs' field lands in psmamba's convention).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from benchmarks import common
+from benchmarks.bench_accuracy import AccuracyData, _Vol, accuracy_markdown, run_accuracy, write_accuracy
+from benchmarks.bench_speed import SPEED_COLUMNS, _rows, child_probe, child_timing, speed_markdown, write_speed
+from benchmarks.peers import METHODS, VoxelMorphPeer, available, build_method
+from psmamba.models import RegistrationOutput
+from psmamba.spatial import warp
+
+
+class Shift(nn.Module):
+    """A one-parameter 'network': a constant displacement along axis 0."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.t = nn.Parameter(torch.zeros(()))
+
+    def forward(self, moving, fixed):
+        ddf = torch.zeros(moving.shape[0], 3, *moving.shape[2:], dtype=moving.dtype)
+        ddf = ddf + torch.stack([self.t, torch.zeros(()), torch.zeros(())]).view(1, 3, 1, 1, 1)
+        return RegistrationOutput(warp(moving, ddf), ddf)
+
+
+def _blob(shape=(24, 24, 24), centre=(12.0, 12.0, 12.0), radius=6.0) -> np.ndarray:
+    g = np.stack(np.meshgrid(*[np.arange(s, dtype=np.float32) for s in shape], indexing="ij"))
+    r2 = sum((g[i] - centre[i]) ** 2 for i in range(3))
+    return np.exp(-r2 / (2 * radius**2)).astype(np.float32)
+
+
+# --------------------------------------------------------------------------- common
+def test_pair_order_is_shared_and_covers_every_pair():
+    a, b = common.pair_order(5, 12, seed=3), common.pair_order(5, 12, seed=3)
+    assert a == b and len(a) == 12
+    assert sorted(a[:5]) == list(range(5)) and sorted(a[5:10]) == list(range(5))  # whole epochs
+    assert common.pair_order(5, 12, seed=4) != a
+
+
+def test_parse_size_and_fmt():
+    assert common.parse_size("160x192x160") == (160, 192, 160)
+    assert common.parse_size("64") == (64, 64, 64)
+    with pytest.raises(ValueError):
+        common.parse_size("1x2")
+    assert common.fmt(float("nan")) == "-" and common.fmt(1.23456, 2) == "1.23"
+
+
+def test_train_network_learns_and_selects_on_validation():
+    fixed = torch.from_numpy(_blob((16, 16, 16), (8.0, 8.0, 8.0), 4.0))[None, None]
+    moving = torch.from_numpy(_blob((16, 16, 16), (10.0, 8.0, 8.0), 4.0))[None, None]  # fixed p <- moving p + 2
+    model = Shift()
+    seen = []
+
+    def val_fn(m) -> float:  # validation score: peaks at the second check, then drops
+        seen.append(float(m.t.detach()))
+        return [0.1, 0.9, 0.2][len(seen) - 1]
+
+    rep = common.train_network(model, [(moving, fixed)], steps=30, lr=0.1, window=5, val_fn=val_fn, val_every=10)
+    assert rep.losses[-1] < rep.losses[0]
+    assert [v["step"] for v in rep.validation] == [10, 20, 30]
+    assert rep.selected_step == 20
+    assert float(model.t.detach()) == pytest.approx(seen[1])  # the selected checkpoint was loaded back
+    assert 0.3 < seen[-1] < 3.0  # moving towards the true shift of +2 voxels
+
+
+def test_machine_info_and_markdown_table():
+    info = common.machine_info()
+    assert info["logical_cores"] >= 1 and info["torch"] and "load_average" in info
+    table = common.markdown_table(["a", "b"], [[1, "x|y"]])
+    assert table.splitlines()[1] == "|---|---:|" and "x\\|y" in table
+
+
+# --------------------------------------------------------------------------- peers
+def test_voxelmorph_peer_pads_and_crops():
+    torch.manual_seed(0)
+    net = VoxelMorphPeer().eval()
+    m, f = torch.rand(1, 1, 20, 24, 18), torch.rand(1, 1, 20, 24, 18)
+    with torch.no_grad():
+        out = net(m, f)
+    assert out.ddf.shape == (1, 3, 20, 24, 18) and out.warped.shape == m.shape
+    assert torch.allclose(out.warped, warp(m, out.ddf))
+
+
+def test_mambapy_block_matches_psmamba_layer():
+    pytest.importorskip("mambapy")
+    from benchmarks.peers import mambapy_block_like, swap_in_mambapy
+    from psmamba.models import build_model
+    from psmamba.nn.mamba import Mamba
+
+    torch.manual_seed(0)
+    layer = Mamba(16, backend="reference")
+    with torch.no_grad():  # make the state and the gate matter (the default init is close to a no-op)
+        layer.dt_proj.bias.add_(1.0)
+    block = mambapy_block_like(layer)
+    x = torch.randn(2, 50, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(block(x), layer(x), rtol=1e-4, atol=1e-5)
+    model = build_model("paper", channels=1, mamba_backend="reference")
+    n_layers = sum(isinstance(m, Mamba) for m in model.modules())
+    assert swap_in_mambapy(model) == n_layers > 0
+    assert not any(isinstance(m, Mamba) for m in model.modules())
+
+
+def test_build_method_names_and_availability():
+    assert set(METHODS) == {"paper", "paper_diff", "baseline_conv", "voxelmorph", "paper_mambapy", "ants_syn"}
+    ok, why = available("nope")
+    assert not ok and "unknown" in why
+    a, b = build_method("baseline_conv", seed=5), build_method("baseline_conv", seed=5)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))  # same seed, same weights
+
+
+@pytest.mark.slow
+def test_ants_field_is_in_psmamba_convention():
+    pytest.importorskip("ants")
+    from benchmarks.peers import AntsSyN
+
+    fixed = _blob((32, 32, 32), centre=(16.0, 16.0, 16.0), radius=5.0)
+    moving = _blob((32, 32, 32), centre=(14.0, 16.0, 16.0), radius=5.0)  # fixed p <- moving p + (-2, 0, 0)
+    out = AntsSyN(spacing=(2.0, 1.0, 1.0), type_of_transform="Translation", threads=1)(
+        torch.from_numpy(moving)[None, None], torch.from_numpy(fixed)[None, None])
+    # a translation of -2 voxels along axis 0 (4 mm at 2 mm voxels), none along the others
+    centre = out.ddf[0, :, 16, 16, 16]
+    assert centre[0].item() == pytest.approx(-2.0, abs=0.2)
+    assert abs(centre[1].item()) < 0.2 and abs(centre[2].item()) < 0.2
+    assert float(((out.warped[0, 0].numpy() - fixed) ** 2).mean()) < 0.1 * float(((moving - fixed) ** 2).mean())
+
+
+# --------------------------------------------------------------------------- speed harness
+def test_speed_children_and_report(tmp_path):
+    spec = {"method": "voxelmorph", "size": [24, 20, 20], "inputs": "random", "train": True, "threads": 1}
+    probe = child_probe(spec)
+    assert probe["status"] == "ok", probe.get("error")
+    assert probe["params"] > 0 and probe["flops"] > 0 and probe["peak_rss_mib"] > 0
+    assert probe["train_peak_rss_mib"] >= probe["peak_rss_mib"]
+    timing = child_timing({"methods": ["voxelmorph"], "size": [24, 20, 20], "inputs": "random",
+                           "repeats": 2, "train_repeats": 1, "threads": 1})
+    assert timing["status"] == "ok" and not timing["errors"]
+    assert len(timing["infer"]["voxelmorph"]["wall"]) == 2 and len(timing["train"]["voxelmorph"]["wall"]) == 1
+    # a method never probed nor timed, and a skipped one, still get a row each
+    result = {"settings": {"sizes": [[24, 20, 20]], "methods": ["voxelmorph", "baseline_conv", "ants_syn"],
+                           "repeats": 2, "train_size": [24, 20, 20], "train_repeats": 1, "inputs": "random",
+                           "threads": 1, "mem_limit_gib": None},
+              "skipped": {"ants_syn": "not installed"}, "probes": [probe], "timings": [timing],
+              "load_before": [1.0], "load_after": [1.0], "seconds": 1.0}
+    result["rows"] = _rows(result, result["settings"]["methods"], [(24, 20, 20)], (24, 20, 20))
+    assert [r["method"] for r in result["rows"]] == ["voxelmorph", "baseline_conv", "ants_syn"]
+    assert result["rows"][0]["infer_s"] > 0 and result["rows"][0]["train_step_s"] > 0
+    assert result["rows"][1]["status"] == "missing" and result["rows"][2]["status"] == "skipped"
+    files = write_speed(result, common.machine_info(), "python -m benchmarks --test", tmp_path, "_t")
+    assert all(p.is_file() and p.stat().st_size > 0 for p in files)
+    md = speed_markdown(result, common.machine_info(), "cmd")
+    assert "conv baseline" in md and "VoxelMorph" in md and "skipped" in md
+    header = (tmp_path / "speed_t.csv").read_text().splitlines()[0].split(",")
+    assert tuple(header) == SPEED_COLUMNS
+    assert json.loads((tmp_path / "speed_t.json").read_text())["command"] == "python -m benchmarks --test"
+
+
+def test_speed_probe_reports_oom_instead_of_raising(monkeypatch):
+    import benchmarks.bench_speed as bs
+
+    def boom(*a, **k):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 99 GB")
+
+    monkeypatch.setattr(bs, "_build", boom)
+    res = child_probe({"method": "voxelmorph", "size": [24, 20, 20], "inputs": "random"})
+    assert res["status"] == "oom" and "allocate" in res["error"]
+
+
+# --------------------------------------------------------------------------- accuracy harness
+def _tiny_data() -> AccuracyData:
+    rng = np.random.default_rng(0)
+    vols = {}
+    for i in range(6):
+        c = 12.0 + rng.uniform(-1.5, 1.5, 3)
+        img = _blob(centre=tuple(c), radius=5.0) + 0.3 * _blob(centre=tuple(c + 4), radius=3.0)
+        lab = (img > 0.5).astype(np.int16) + (img > 0.8).astype(np.int16)
+        vols[f"v{i}"] = _Vol(f"v{i}", img, lab, np.diag([2.0, 2.0, 2.0, 1.0]))
+    pairs = {"train": [("v0", "v1"), ("v1", "v0"), ("v0", "v2")], "val": [("v3", "v4")], "test": [("v4", "v5"), ("v5", "v3")]}
+    return AccuracyData("tiny blobs", vols, pairs, {1: "outer", 2: "inner"})
+
+
+def test_accuracy_harness_end_to_end(tmp_path):
+    res = run_accuracy(_tiny_data(), steps=2, iters=1, val_every=1, splits=("test",),
+                       rows=("identity", "voxelmorph", "voxelmorph+tto"), threads=1, log=None)
+    assert res["training"]["voxelmorph"]["steps"] == 2
+    assert [v["step"] for v in res["training"]["voxelmorph"]["validation"]] == [1, 2]
+    assert {p["method"] for p in res["pair_rows"]} == {"identity", "voxelmorph", "voxelmorph+tto"}
+    assert len(res["pair_rows"]) == 6 and len(res["label_rows"]) == 12  # 2 pairs x 3 rows (x 2 labels)
+    ident = [p for p in res["pair_rows"] if p["method"] == "identity"]
+    assert all(math.isclose(p["dice_mean"], p["dice_before_mean"]) and p["folding_percent"] == 0 for p in ident)
+    summ = {s["method"]: s for s in res["summaries"]["test"]}
+    assert summ["voxelmorph"]["pairs"] == 2 and 0 <= summ["voxelmorph"]["dice"][0] <= 1
+    assert set(res["per_label"]["test"]["identity"]) == {1, 2}
+    files = write_accuracy(res, common.machine_info(), "python -m benchmarks --test", tmp_path, "_t")
+    assert all(p.is_file() and p.stat().st_size > 0 for p in files)
+    md = accuracy_markdown(res, common.machine_info(), "cmd")
+    for text in ("no registration", "VoxelMorph + test-time refinement", "1 outer", "Budget", "val Dice by step"):
+        assert text in md
+
+
+def test_accuracy_rejects_unknown_rows():
+    with pytest.raises(ValueError, match="unknown accuracy rows"):
+        run_accuracy(_tiny_data(), rows=("identity", "magic"), log=None)
