@@ -42,8 +42,10 @@ import math
 import numba
 import numpy as np
 import torch
+import llvmlite.binding as llvm
 from llvmlite import ir
 from numba import njit, prange, types
+from numba.core.compiler_lock import global_compiler_lock
 from numba.extending import intrinsic, overload
 
 __all__ = ["scan_cpu", "SelectiveScanCPU", "CHECKPOINT_EVERY"]
@@ -114,6 +116,40 @@ def _exp_overload(x):
 
 
 _JIT = dict(parallel=True, fastmath=True, cache=True, nogil=True)
+
+# The kernels' inner loops run over the N = 16 states, a trip count LLVM cannot see. Left to
+# itself it vectorises them 8 wide and interleaves 4 times (32 elements per iteration), so a
+# 16-long loop never enters the vector body and runs scalar. Compiling with one 16-wide vector
+# per iteration doubles the speed (measured: 0.59 -> 1.22 G updates/s per core for the forward).
+# These are LLVM's global command-line options: they are set only while our kernels compile
+# (under numba's compiler lock) and reset to LLVM's defaults (0 = "not forced") afterwards.
+_VECTOR_FLAGS = ("-force-vector-width=16", "-force-vector-interleave=1")
+_DEFAULT_FLAGS = ("-force-vector-width=0", "-force-vector-interleave=0")
+_compiled: set = set()
+
+
+class _KernelFlags:
+    """Context for a kernel call that may compile: our LLVM vector flags, then the defaults."""
+
+    def __init__(self, key) -> None:
+        self.key = key
+        self.active = key not in _compiled
+
+    def __enter__(self):
+        if self.active:
+            global_compiler_lock.acquire()
+            for opt in _VECTOR_FLAGS:
+                llvm.set_option("", opt)
+        return self
+
+    def __exit__(self, *exc):
+        if self.active:
+            for opt in _DEFAULT_FLAGS:
+                llvm.set_option("", opt)
+            global_compiler_lock.release()
+            if exc[0] is None:
+                _compiled.add(self.key)
+        return False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -190,6 +226,7 @@ def _backward_kernel(u, dt, A, Bm, Cm, D, ckpt, every, nblk, dy, g_state,
     # per-unit recomputation buffers: states h_{t-1}, h_t and decays exp(dt_t A) of one chunk
     hbuf = np.empty((nunits, every + 1, n_state), dtype=u.dtype)
     abuf = np.empty((nunits, every, n_state), dtype=u.dtype)
+    gbuf = np.empty((nunits, every, n_state), dtype=u.dtype)  # G_t of one chunk
     gabuf = np.empty((nunits, 1, n_state), dtype=u.dtype)  # dA of the chunk
 
     for c in range(nchunks - 1, -1, -1):
@@ -209,6 +246,7 @@ def _backward_kernel(u, dt, A, Bm, Cm, D, ckpt, every, nblk, dy, g_state,
             hb = hbuf[unit]
             ab = abuf[unit]
             ga = gabuf[unit, 0]
+            gb = gbuf[unit]
             for s in range(steps):
                 for n in range(n_state):
                     pb[s, n] = 0.0
@@ -229,26 +267,36 @@ def _backward_kernel(u, dt, A, Bm, Cm, D, ckpt, every, nblk, dy, g_state,
                         a = _exp(d * a_e[n])
                         ab[s, n] = a
                         hb[s + 1, n] = a * hb[s, n] + dx * Bm[b, t, n]
-                # adjoint pass; g holds a_{t+1} G_{t+1} on entry to step t, a_t G_t on exit
-                d_sum = 0.0
+                # The adjoint recurrence, newest step first: the only sequential part.
+                # g holds a_{t+1} G_{t+1} on entry to step t and a_t G_t on exit.
                 for s in range(steps - 1, -1, -1):
+                    t = t0 + s
+                    gy = dy[b, ee, t]
+                    for n in range(n_state):
+                        gn = g[n] + Cm[b, t, n] * gy  # G_t
+                        gb[s, n] = gn
+                        g[n] = ab[s, n] * gn
+                # Everything else is independent across steps (short loops, one written
+                # array each, which LLVM vectorises).
+                d_sum = 0.0
+                for s in range(steps):
                     t = t0 + s
                     d = dt[b, ee, t]
                     x = u[b, ee, t]
-                    dx = d * x
                     gy = dy[b, ee, t]
+                    dx = d * x
                     s_da = gy - gy  # zero of the input dtype (a literal 0.0 would be float64)
                     s_gb = s_da
                     for n in range(n_state):
-                        gn = g[n] + Cm[b, t, n] * gy  # G_t
-                        a = ab[s, n]
-                        gh = gn * hb[s, n] * a  # dL/d(dt_t A_n) = G_t h_{t-1} a_t
-                        pc[s, n] += gy * hb[s + 1, n]
-                        pb[s, n] += gn * dx
+                        gh = gb[s, n] * hb[s, n] * ab[s, n]  # dL/d(dt_t A_n) = G_t h_{t-1} a_t
                         s_da += gh * a_e[n]
-                        s_gb += gn * Bm[b, t, n]
-                        ga[n] += gh * d
-                        g[n] = a * gn  # a_t G_t, carried to step t-1
+                        s_gb += gb[s, n] * Bm[b, t, n]
+                    for n in range(n_state):
+                        ga[n] += gb[s, n] * hb[s, n] * ab[s, n] * d
+                    for n in range(n_state):
+                        pc[s, n] += gy * hb[s + 1, n]
+                    for n in range(n_state):
+                        pb[s, n] += gb[s, n] * dx
                     ddt[b, ee, t] = s_da + s_gb * x
                     du[b, ee, t] = s_gb * d + D[ee] * gy
                     d_sum += gy * x
@@ -313,7 +361,7 @@ class SelectiveScanCPU(torch.autograd.Function):
         ckpt = torch.empty(nb, -(-length // every) if training else 0, e, n, dtype=dtype)
         y = torch.empty(nb, e, length, dtype=dtype)
         h_last = torch.empty(nb, e, n, dtype=dtype)
-        with _NumbaThreads(threads):
+        with _NumbaThreads(threads), _KernelFlags(("forward", dtype)):
             _forward_kernel(
                 _np(u_c), _np(dt_c), _np(A_c), _np(Bt), _np(Ct), _np(D_c), _np(h0_c),
                 _np(y), _np(h_last), _np(ckpt), every, nblk,
@@ -345,7 +393,7 @@ class SelectiveScanCPU(torch.autograd.Function):
         dC = torch.empty(nb, length, n, dtype=dtype)
         dA64 = torch.zeros(nb, e, n, dtype=torch.float64)
         dD64 = torch.zeros(nb, e, dtype=torch.float64)
-        with _NumbaThreads(threads):
+        with _NumbaThreads(threads), _KernelFlags(("backward", dtype)):
             _backward_kernel(
                 _np(u_c), _np(dt_c), _np(A_c), _np(Bt), _np(Ct), _np(D_c), _np(ckpt),
                 ctx.every, nblk, _np(dy), _np(g_state), _np(du), _np(ddt),

@@ -1,0 +1,243 @@
+"""The ``paper`` model on the CPU: forward (inference) and one training step, time and memory.
+
+For each size (default 96x112x96 and 160x192x160) and mode, in a fresh subprocess:
+
+* ``fwd``: one forward pass under ``torch.no_grad`` (the Mamba layers then run in sequence
+  chunks, see :class:`psmamba.nn.mamba.Mamba`);
+* ``train``: one training step: forward, loss ``LNCC(window=9) + 1.0 * Diffusion`` (the paper's),
+  backward and an Adam (amsgrad) step.
+
+Reported: wall and CPU seconds, peak resident memory of the measured call (``VmHWM`` after
+resetting the mark through ``/proc/self/clear_refs`` just before it; falls back to
+``ru_maxrss``), and the split of the forward time over the model's parts, taken with forward
+hooks: encoder level k (both streams), projection k, decoder block k (level 5 = the SIR block,
+all K passes), and inside each decoder its Mamba layer; "rest" is everything outside those
+modules (warps, upsampling, composition, padding, the final warp).
+
+Usage::
+
+    python benchmarks/bench_model.py                   # 96x112x96 and 160x192x160, fwd + train
+    python benchmarks/bench_model.py --quick           # 64x64x64, fwd + train
+    python benchmarks/bench_model.py --sizes 160x192x160 --modes fwd
+
+Writes ``benchmarks/results/bench_model.json`` (``--out`` to change).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _reset_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS
+        return True
+    except OSError:
+        return False
+
+
+def _status_mb(key: str) -> float | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def smooth_volume(shape: tuple[int, int, int], seed: int):
+    """A smooth random image in [0, 1] (noise on a 1/8 grid, trilinearly upsampled)."""
+    import torch
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(1, 1, *(max(2, s // 8) for s in shape), generator=g)
+    return F.interpolate(coarse, size=shape, mode="trilinear", align_corners=True)
+
+
+class Splitter:
+    """Accumulates wall time per named module with forward pre/post hooks."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+        self._start: dict[int, float] = {}
+        self.handles = []
+
+    def watch(self, module, name: str) -> None:
+        def pre(mod, args):
+            self._start[id(mod)] = time.perf_counter()
+
+        def post(mod, args, out):
+            self.seconds[name] += time.perf_counter() - self._start.pop(id(mod))
+
+        self.handles.append(module.register_forward_pre_hook(pre))
+        self.handles.append(module.register_forward_hook(post))
+
+
+def child(spec: dict) -> dict:
+    import torch
+
+    from psmamba.models import build_model
+    from psmamba.nn.mamba import Mamba
+
+    torch.manual_seed(0)
+    shape = tuple(spec["size"])
+    mode = spec["mode"]
+    model = build_model("paper")
+    n_levels = len(model.encoder.encoder.levels)
+
+    split = Splitter()
+    top = []  # names of non-overlapping top-level parts (their sum leaves "rest")
+    for k in range(1, n_levels + 1):
+        split.watch(model.encoder.encoder.levels[k - 1], f"encoder L{k}")
+        split.watch(model.projections[k - 1], f"projection L{k}")
+        top += [f"encoder L{k}", f"projection L{k}"]
+    for k in range(1, n_levels):
+        split.watch(model.decoders[k - 1], f"decoder L{k}")
+        top.append(f"decoder L{k}")
+    split.watch(model.sir.block, f"decoder L{n_levels} (SIR, {model.sir.iters} passes)")
+    top.append(f"decoder L{n_levels} (SIR, {model.sir.iters} passes)")
+    mamba_names = []
+    for k in range(1, n_levels + 1):
+        block = model.sir.block if k == n_levels else model.decoders[k - 1]
+        for sub in block.modules():
+            if isinstance(sub, Mamba):
+                split.watch(sub, f"  of which Mamba L{k}")
+                mamba_names.append(f"  of which Mamba L{k}")
+
+    moving = smooth_volume(shape, 1)
+    fixed = smooth_volume(shape, 2)
+
+    if mode == "train":
+        from psmamba.losses import LNCC, Diffusion
+
+        sim, reg = LNCC(window=9), Diffusion()
+        opt = torch.optim.Adam(model.parameters(), lr=1e-4, amsgrad=True)
+
+        def step(mv, fx):
+            opt.zero_grad(set_to_none=True)
+            out = model(mv, fx)
+            loss = sim(out.warped, fx) + 1.0 * reg(out.ddf)
+            t_b = time.perf_counter()
+            loss.backward()
+            opt.step()
+            return time.perf_counter() - t_b
+    else:
+        model.requires_grad_(False)
+
+        def step(mv, fx):
+            with torch.no_grad():
+                model(mv, fx)
+            return 0.0
+
+    step(smooth_volume((32, 32, 32), 3), smooth_volume((32, 32, 32), 4))  # warm-up: numba cache
+    split.seconds.clear()
+    rss_before = _status_mb("VmRSS")
+    hwm_ok = _reset_peak()
+    t_wall, t_cpu = time.perf_counter(), time.process_time()
+    backward_s = step(moving, fixed)
+    wall, cpu = time.perf_counter() - t_wall, time.process_time() - t_cpu
+    peak = _status_mb("VmHWM") if hwm_ok else None
+    if peak is None:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    forward_s = wall - backward_s
+    parts = {k: round(v, 3) for k, v in split.seconds.items()}
+    parts["rest (warps, upsampling, compose, pad)"] = round(forward_s - sum(split.seconds[n] for n in top), 3)
+    return {
+        "wall_s": wall,
+        "cpu_s": cpu,
+        "forward_s": forward_s,
+        "backward_and_step_s": backward_s,
+        "peak_rss_mb": peak,
+        "rss_before_mb": rss_before,
+        "peak_method": "VmHWM after clear_refs reset" if hwm_ok else "ru_maxrss (whole process)",
+        "forward_split_s": parts,
+        "mamba_total_s": round(sum(split.seconds[n] for n in mamba_names), 3),
+        "parameters": sum(p.numel() for p in model.parameters()),
+    }
+
+
+def run_child(spec: dict, timeout: float) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s"}
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["(no output)"]
+        return {"error": f"exit {proc.returncode}: {tail[0][:300]}"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--sizes", default="96x112x96,160x192x160", help="comma-separated DxHxW")
+    p.add_argument("--modes", default="fwd,train")
+    p.add_argument("--quick", action="store_true", help="64x64x64 only")
+    p.add_argument("--timeout", type=float, default=3600.0, help="seconds per measurement")
+    p.add_argument("--out", type=Path, default=RESULTS / "bench_model.json")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child:
+        print(json.dumps(child(json.loads(args.child))))
+        return 0
+
+    import numba
+    import torch
+
+    sizes = ["64x64x64"] if args.quick else [s for s in args.sizes.split(",") if s]
+    modes = [m for m in args.modes.split(",") if m]
+    machine = {
+        "cpu_model": next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                           if ln.startswith("model name")), platform.processor()),
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "numba": numba.__version__,
+        "loadavg_start": os.getloadavg(),
+    }
+    print(f"machine: {machine['cpu_model']}, {machine['cores']} cores, torch {machine['torch']} "
+          f"({machine['torch_threads']} threads), load average {machine['loadavg_start']}")
+    rows = []
+    for size in sizes:
+        dims = [int(x) for x in size.lower().split("x")]
+        for mode in modes:
+            res = run_child({"size": dims, "mode": mode}, args.timeout)
+            rows.append({"size": size, "mode": mode, **res})
+            if "wall_s" in res:
+                print(f"{size:>13} {mode:>5}: {res['wall_s']:8.2f} s wall ({res['cpu_s']:.1f} s CPU), "
+                      f"peak RSS {res['peak_rss_mb'] / 1024:.2f} GB; Mamba layers {res['mamba_total_s']:.2f} s of "
+                      f"the {res['forward_s']:.2f} s forward")
+                for name, sec in res["forward_split_s"].items():
+                    print(f"{'':>22}{name:<42} {sec:8.3f} s")
+            else:
+                print(f"{size:>13} {mode:>5}: {res.get('error')}")
+            sys.stdout.flush()
+    machine["loadavg_end"] = os.getloadavg()
+    out = {
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "machine": machine,
+        "goals": {"forward_160x192x160_s": 15, "forward_160x192x160_peak_gb": 6, "train_step_peak_gb": 20},
+        "results": rows,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(out, indent=2))
+    print(f"wrote {args.out} (load average at the end: {machine['loadavg_end']})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
