@@ -6,6 +6,8 @@ Nothing heavy is imported here: the names below are resolved on first use, so th
 * :func:`fit` (``psmamba.engine.train``): train a model from a :class:`TrainConfig`.
 * :func:`load_train_config` / :class:`TrainConfig` (``psmamba.engine.config``).
 * :func:`save_training_state` / :func:`load_training_state` (``psmamba.engine.checkpointing``).
+* :func:`register_pair` (``psmamba.engine.register``), :func:`evaluate_pairs`
+  (``psmamba.engine.evaluate``).
 """
 
 from __future__ import annotations
@@ -27,6 +29,10 @@ _LAZY = {
     "save_training_state": "checkpointing",
     "load_training_state": "checkpointing",
     "atomic_save": "checkpointing",
+    "register_pair": "register",
+    "RegistrationResult": "register",
+    "evaluate_pairs": "evaluate",
+    "EvaluationResult": "evaluate",
 }
 
 __all__ = sorted(_LAZY)

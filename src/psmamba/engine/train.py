@@ -272,11 +272,14 @@ class _CsvLog:
     """``metrics.csv``: one row per log step or validation, flushed as written."""
 
     def __init__(self, path: Path, keep_rows: int | None) -> None:
+        """``keep_rows``: rows of an existing file to keep (a resumed run drops what was logged
+        after its checkpoint); ``None`` keeps them all; 0 starts a new file."""
         self.path = path
         rows: list[dict[str, str]] = []
-        if keep_rows is not None and path.is_file():
+        if keep_rows != 0 and path.is_file():
             with path.open(newline="") as fh:
-                rows = list(csv.DictReader(fh))[:keep_rows]
+                rows = list(csv.DictReader(fh))
+            rows = rows if keep_rows is None else rows[:keep_rows]
         self.rows = len(rows)
         # rewrite (resume: drop rows written after the checkpoint, so nothing is logged twice)
         text_rows = rows
@@ -727,6 +730,9 @@ def _fit(cfg: TrainConfig, info: DistInfo, resume: bool, train_data, val_data) -
     if resume:
         ckpt = load_training_state(out / "last.pt", map_location="cpu")
         _check_resumable(cfg, ckpt["training"]["config"], out / "last.pt")
+    # every rank has checked the folder before rank 0 creates anything in it (under torchrun a
+    # rank that failed a check ends the whole group, so nobody waits here forever)
+    barrier(info)
     model_cfg = cfg.model_config()
     if cfg.run.amp != "none" and device.type != "cuda":
         if info.is_main:
