@@ -25,6 +25,23 @@ Any input size: both images are zero-padded at the far end of each axis up to a 
 displacements unchanged), the field is computed on the padded grid and cropped back, and the
 ORIGINAL moving image is warped with the cropped field (so the padded zeros never leak in
 except where the field points outside the volume, where warping pads with zeros anyway).
+
+Conventions and choices where the spec leaves room
+--------------------------------------------------
+* Token order: every Mamba layer sees its level's grid flattened in C order (W fastest, then
+  H, then D) and scans it in ONE direction (token 0 -> L-1), as the reference does.
+* Padding: zeros at the far end of each axis up to a multiple of 16; an input whose axes are
+  all <= 16 voxels is refused (its coarsest grid would be one voxel, where instance norm is
+  undefined).
+* "N(0, 1e-5)" initialisations (projections, registration heads) use 1e-5 as the standard
+  deviation.
+* SE blocks use ``max(1, ch // 16)`` hidden units (+16 parameters over the reference).
+* The ``_diff`` encoder stem (Conv3d 1 -> c + LeakyReLU, no norm) uses slope 0.1 like ConvIN.
+* Warps and compositions pad with zeros (the reference's choice) everywhere.
+* The encoder runs both streams in one batched call (identical to two calls, see
+  :class:`~psmamba.models.encoder.DualStreamEncoder`).
+* The transformer ablation block uses 8 heads by default (32 channels per head at D = 256) and
+  no positional encoding; see :class:`~psmamba.nn.blocks.AttentionMixer`.
 """
 
 from __future__ import annotations
