@@ -21,12 +21,12 @@ from benchmarks.common import RESULTS_DIR, load_average, parse_size, wait_for_lo
 #: settings of the two modes; command-line options override them one by one
 PROFILES = {
     "quick": {
-        "sizes": ["48x48x48", "64x80x64"], "repeats": 3, "train_repeats": 2, "mem_limit_gb": 8.0,
-        "steps": 60, "iters": 5, "val_every": 30, "grid": "32x40x32", "demo_size": "small",
+        "sizes": ["32x40x32", "64x80x64"], "repeats": 3, "train_repeats": 3, "mem_limit_gb": 8.0,
+        "steps": 60, "iters": 3, "val_every": 30, "grid": "32x40x32", "demo_size": "small", "one_way": True,
     },
     "full": {
         "sizes": ["96x112x96", "160x192x160"], "repeats": 5, "train_repeats": 3, "mem_limit_gb": 16.0,
-        "steps": 1000, "iters": 20, "val_every": 100, "grid": None, "demo_size": "small",
+        "steps": 1000, "iters": 20, "val_every": 100, "grid": None, "demo_size": "small", "one_way": False,
     },
 }
 
@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--val-every", type=int, default=None)
     g.add_argument("--rows", nargs="+", default=None, help="accuracy rows (default: all)")
     g.add_argument("--splits", nargs="+", default=["test", "test_hard"])
+    g.add_argument("--one-way", dest="one_way", action="store_true", default=None,
+                   help="score one direction of each test pair (A->B, not also B->A); --quick does")
+    g.add_argument("--both-ways", dest="one_way", action="store_false", help="score every ordered test pair")
     g.add_argument("--no-hd95", action="store_true", help="skip HD95 (the slowest metric)")
     return p
 
@@ -72,7 +75,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     prof = dict(PROFILES["quick" if args.quick else "full"])
-    for key in ("sizes", "repeats", "train_repeats", "mem_limit_gb", "steps", "iters", "val_every", "grid", "demo_size"):
+    for key in ("sizes", "repeats", "train_repeats", "mem_limit_gb", "steps", "iters", "val_every", "grid", "demo_size",
+                "one_way"):
         value = getattr(args, key)
         if value is not None:
             prof[key] = value
@@ -110,7 +114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         res = run_accuracy(demo_size=prof["demo_size"], grid=parse_size(prof["grid"]) if prof["grid"] else None,
                            steps=prof["steps"], lr=args.lr, iters=prof["iters"], val_every=prof["val_every"],
                            splits=args.splits, rows=args.rows or tuple(ROWS), device=args.device,
-                           threads=args.threads, seed=args.seed, hd95=not args.no_hd95)
+                           threads=args.threads, seed=args.seed, hd95=not args.no_hd95, one_way=prof["one_way"])
         for p in write_accuracy(res, machine_info(dev), command, args.out, tag):
             print(f"wrote {p}")
     print(f"done in {time.perf_counter() - t0:.0f} s; load average {load_average()}")

@@ -136,6 +136,20 @@ def _pair(data: AccuracyData, m: str, f: str):
     return Pair(f"{m}->{f}", img(mv, mv.image), img(fx, fx.image), img(mv, mv.labels), img(fx, fx.labels))
 
 
+def scored_pairs(data: AccuracyData, split: str, one_way: bool = False) -> list[tuple[str, str]]:
+    """The ordered pairs of a split, or with ``one_way`` only the first direction of each."""
+    pairs = list(data.pairs.get(split, []))
+    if not one_way:
+        return pairs
+    seen: set[frozenset] = set()
+    kept = []
+    for m, f in pairs:
+        if frozenset((m, f)) not in seen:
+            seen.add(frozenset((m, f)))
+            kept.append((m, f))
+    return kept
+
+
 def _val_fn(data: AccuracyData, grid, device) -> Callable[[Any], float]:
     """Mean Dice over the ``val`` pairs on the model grid (labels resized and warped nearest-neighbour)."""
     import torch
@@ -179,6 +193,7 @@ def run_accuracy(
     threads: int | None = None,
     seed: int = 0,
     hd95: bool = True,
+    one_way: bool = False,
     log: Callable[[str], None] | None = print,
 ) -> dict[str, Any]:
     """Train the networks with one budget, then score every row on the test splits.
@@ -196,6 +211,7 @@ def run_accuracy(
         rows: which rows of :data:`ROWS` to run.
         device, threads, seed: where, how many threads, the seed of weights and pair order.
         hd95: compute HD95 (the slowest metric).
+        one_way: score only one direction of each test pair (the first of A->B, B->A met).
 
     Returns:
         ``{"settings", "training", "label_rows", "pair_rows", "summaries", "load_before", "load_after", ...}``.
@@ -222,8 +238,9 @@ def run_accuracy(
         "settings": {"data": data.name, "grid": list(grid), "data_grid": list(data.shape), "spacing_mm": list(data.spacing),
                      "steps": steps, "lr": lr, "lam": lam, "lncc_window": 9, "optimiser": "Adam(amsgrad), constant lr",
                      "batch": 1, "iters": iters, "val_every": val_every, "splits": list(splits), "rows": list(rows),
-                     "seed": seed, "device": str(dev), "threads": threads,
-                     "n_pairs": {k: len(v) for k, v in data.pairs.items()}},
+                     "seed": seed, "device": str(dev), "threads": threads, "one_way": one_way,
+                     "n_pairs": {k: len(v) for k, v in data.pairs.items()},
+                     "n_scored": {k: len(scored_pairs(data, k, one_way)) for k in splits}},
         "skipped": skipped, "training": {}, "label_rows": [], "pair_rows": [], "load_before": load_average(),
     }
 
@@ -255,7 +272,7 @@ def run_accuracy(
     ants = build_method("ants_syn", spacing=data.spacing, threads=threads) if "ants_syn" in rows else None
     labels = sorted(data.label_names) or None
     for split in splits:
-        for m, f in data.pairs.get(split, []):
+        for m, f in scored_pairs(data, split, one_way):
             pair = _pair(data, m, f)
             for r in rows:
                 base = r.split("+")[0]
@@ -316,7 +333,9 @@ def accuracy_markdown(result: dict, machine: dict, command: str) -> str:
         f"- load average (1, 5, 15 min) before: {result.get('load_before')}, after: {result.get('load_after')}",
         f"- whole accuracy benchmark: {result.get('seconds', float('nan')):.0f} s", "",
         f"Data: {s['data']}, voxel size {', '.join(fmt(x, 2) for x in s['spacing_mm'])} mm; pairs per split: "
-        + ", ".join(f"{k} {v}" for k, v in s["n_pairs"].items()) + ".",
+        + ", ".join(f"{k} {v}" for k, v in s["n_pairs"].items()) + "; scored: "
+        + ", ".join(f"{k} {v}" for k, v in s.get("n_scored", {}).items())
+        + (" (one direction of each pair)" if s.get("one_way") else " (every ordered pair)") + ".",
         f"Budget (the same for every network): {s['steps']} training steps, batch 1, on the {s['n_pairs'].get('train', 0)} "
         f"train pairs in one seeded order, at the grid {size_str(s['grid'])}; loss LNCC (window 9) + {s['lam']} x "
         f"diffusion; {s['optimiser']} lr {s['lr']}; checkpoint chosen by mean Dice on the val pairs every "

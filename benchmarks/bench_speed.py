@@ -2,21 +2,23 @@
 
 Protocol (``python -m benchmarks --only speed``; every number comes from one run):
 
-1. **Probe, one FRESH process per (method, size)**: build the method, run ONE forward pass
-   (``torch.no_grad``) on the pair, and read the process's peak resident memory
-   (``ru_maxrss``; on a GPU also ``torch.cuda.max_memory_allocated``) and the FLOPs of that
-   forward (``torch.utils.flop_counter.FlopCounterMode``: convolutions and matrix products;
-   element-wise ops, grid sampling and psmamba's numba selective scan are not counted). At the
-   training size the same process then runs one training step and records its peak too.
-   Each child runs under a memory cap (``RLIMIT_DATA``): a method that needs more reports
-   ``oom`` instead of swapping the shared machine.
-2. **Timing, one process per size, methods in ROUND ROBIN**: every method that passed its
-   probe is built; a warm-up call each (on a small volume: JIT loading, allocator); then
-   ``repeats`` rounds, each calling every method once, the order rotated by one each round
-   (so no method always runs first or after the same neighbour). Wall time (after a device
-   synchronize) and process CPU time per call; the table reports medians. At the training
-   size the same round robin times training steps (forward, LNCC + diffusion, backward,
-   Adam step) of the learned methods.
+1. **Probe, one FRESH process per method**: build the method, then for each size (ascending)
+   run ONE forward pass (``torch.no_grad``) and read the process's peak resident memory
+   (``ru_maxrss``'s mark, ``VmHWM``, reset to the current RSS before each call through
+   ``/proc/self/clear_refs``, so each peak belongs to its call; on a GPU also
+   ``torch.cuda.max_memory_allocated``) and the FLOPs of that forward
+   (``torch.utils.flop_counter.FlopCounterMode``: convolutions and matrix products;
+   element-wise ops, grid sampling and psmamba's numba selective scan are not counted); last,
+   one training step at the training size, with its own peak. Each child runs under a memory
+   cap (``RLIMIT_DATA``): a call that needs more reports ``oom`` instead of swapping the shared
+   machine.
+2. **Timing, one process, methods in ROUND ROBIN**: at each size, every method that passed
+   its probe there is built; a warm-up call each (on a 32^3 crop: JIT loading, allocator);
+   then ``repeats`` rounds, each calling every method once, the order rotated by one each
+   round (so no method always runs first or after the same neighbour). Wall time (after a
+   device synchronize) and process CPU time per call; the table reports medians. At the
+   training size the same round robin times training steps (forward, LNCC + diffusion,
+   backward, Adam step) of the learned methods.
 
 Inputs: a real pair (the demo's FSL MNI152 template onto the ICBM 2009a template, 64x80x64
 at 2.5 mm) resized trilinearly to each size, so ANTs (whose run time depends on the images)
@@ -47,6 +49,7 @@ from benchmarks.common import (
     markdown_table,
     median,
     peak_rss_mib,
+    reset_peak_rss,
     run_child,
     set_threads,
     size_str,
@@ -146,116 +149,156 @@ def _build(name: str, spec: dict, spacing, device):
                         threads=spec.get("threads")).to(device).eval()
 
 
-def child_probe(spec: dict) -> dict:
-    """One method, one size, in this fresh process: params, FLOPs, first-call time, peak memory."""
+def _probe_one(model, name: str, moving, fixed, device, train: bool, flops: bool) -> dict:
+    """One measurement: a forward (``no_grad``) or a training step, its time and its memory peak."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    threads = set_threads(spec.get("threads"))
-    device = _device(spec.get("device", "auto"))
-    name, size = spec["method"], tuple(spec["size"])
-    res: dict[str, Any] = {"status": "ok", "method": name, "size": list(size), "threads": threads, "device": str(device)}
-    stage = "inputs"
+    res: dict[str, Any] = {"status": "ok"}
+    stage = "training step" if train else "inference"
     try:
-        moving, fixed, spacing = speed_inputs(size, spec.get("inputs", "demo"), int(spec.get("seed", 0)))
-        stage = "build"
-        model = _build(name, spec, spacing, device)
-        moving, fixed = moving.to(device), fixed.to(device)
-        res["params"] = sum(p.numel() for p in model.parameters() if p.requires_grad) if name in LEARNED else None
-        stage = "inference"
         res["rss_before_mib"] = current_rss_mib()
+        res["peak_reset"] = reset_peak_rss()
         _reset_gpu_peak(device)
         synchronize(device)
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            if name in LEARNED and spec.get("flops", True):
-                with FlopCounterMode(display=False) as counter:
-                    model(moving, fixed)
-                res["flops"] = int(counter.get_total_flops())
-            else:
-                model(moving, fixed)
-        synchronize(device)
-        res["first_call_s"] = time.perf_counter() - t0
-        res["peak_rss_mib"] = peak_rss_mib()
-        res["gpu_peak_mib"] = _gpu_peak_mib(device)
-        if spec.get("train") and name in LEARNED:
-            stage = "training step"
+        if train:
             model.train()
             step = _train_step_fn(model, device)
-            _reset_gpu_peak(device)
             t0 = time.perf_counter()
             step(moving, fixed)
-            synchronize(device)
-            res["train_first_step_s"] = time.perf_counter() - t0
-            res["train_peak_rss_mib"] = peak_rss_mib()  # ru_maxrss: max of inference and training
-            res["train_gpu_peak_mib"] = _gpu_peak_mib(device)
-    except Exception as exc:  # reported, not raised: one method failing must not stop the others
+        else:
+            model.eval()
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                if flops and name in LEARNED:
+                    with FlopCounterMode(display=False) as counter:
+                        model(moving, fixed)
+                    res["flops"] = int(counter.get_total_flops())
+                else:
+                    model(moving, fixed)
+        synchronize(device)
+        res["seconds"] = time.perf_counter() - t0
+    except Exception as exc:  # reported, not raised: one failure must not stop the other measurements
         res["status"] = "oom" if is_oom(exc) else "error"
         res["error"] = f"{stage}: {type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
-        res["peak_rss_mib"] = res.get("peak_rss_mib", peak_rss_mib())
         if res["status"] == "error":
             res["traceback"] = traceback.format_exc(limit=6)[-2000:]
+    res["peak_rss_mib"] = peak_rss_mib()
+    res["gpu_peak_mib"] = _gpu_peak_mib(device)
+    model.zero_grad(set_to_none=True)
+    return res
+
+
+def child_probe(spec: dict) -> dict:
+    """One method in this FRESH process: params, FLOPs, first-call time and peak memory at each size.
+
+    Sizes run in ascending order (inference), then one training step at ``train_size``. Before
+    each measurement the peak-RSS mark is reset to the current RSS (Linux ``clear_refs``), so
+    each peak belongs to its own call; where that is impossible the peak is the process's
+    peak so far (``peak_reset: false`` in the result).
+    """
+    threads = set_threads(spec.get("threads"))
+    device = _device(spec.get("device", "auto"))
+    name = spec["method"]
+    sizes = sorted((tuple(s) for s in spec["sizes"]), key=math.prod)
+    train_size = tuple(spec["train_size"]) if spec.get("train_size") and name in LEARNED else None
+    res: dict[str, Any] = {"status": "ok", "method": name, "threads": threads, "device": str(device),
+                           "infer": {}, "train": {}}
+    models: dict[tuple, Any] = {}
+
+    def model_for(size):
+        # ANTs takes the voxel size of each grid; the networks are the same at every size
+        key = size if name not in LEARNED else ()
+        if key not in models:
+            models[key] = _build(name, spec, speed_inputs(size, "random")[2], device)
+        return models[key]
+
+    plan = [(size, False) for size in sizes] + ([(train_size, True)] if train_size else [])
+    try:
+        for size, is_train in plan:
+            moving, fixed, _ = speed_inputs(size, spec.get("inputs", "demo"), int(spec.get("seed", 0)))
+            model = model_for(size)
+            res.setdefault("params", sum(p.numel() for p in model.parameters() if p.requires_grad) if name in LEARNED else None)
+            one = _probe_one(model, name, moving.to(device), fixed.to(device), device, train=is_train,
+                             flops=bool(spec.get("flops", True)))
+            res["train" if is_train else "infer"][str(list(size))] = one
+            del moving, fixed
+    except Exception as exc:  # building the method or its inputs failed: nothing to measure
+        res["status"] = "oom" if is_oom(exc) else "error"
+        res["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
     return res
 
 
 def child_timing(spec: dict) -> dict:
-    """All methods at one size, round robin: ``repeats`` inference calls each, training steps too."""
+    """Every size in turn, all its methods in ROUND ROBIN: ``repeats`` inference calls each, and
+    ``train_repeats`` training steps of the learned methods at ``train_size``."""
     import torch
 
     threads = set_threads(spec.get("threads"))
     device = _device(spec.get("device", "auto"))
-    size = tuple(spec["size"])
-    names = list(spec["methods"])
     repeats, train_repeats = int(spec.get("repeats", 3)), int(spec.get("train_repeats", 0))
-    res: dict[str, Any] = {"status": "ok", "size": list(size), "threads": threads, "device": str(device),
+    train_size = tuple(spec["train_size"]) if spec.get("train_size") else None
+    res: dict[str, Any] = {"status": "ok", "threads": threads, "device": str(device),
                            "load_before": load_average(), "infer": {}, "train": {}, "errors": {}}
-    moving, fixed, spacing = speed_inputs(size, spec.get("inputs", "demo"), int(spec.get("seed", 0)))
-    moving, fixed = moving.to(device), fixed.to(device)
-    small = tuple(min(s, 32) for s in size)
-    warm_m, warm_f = moving[..., : small[0], : small[1], : small[2]], fixed[..., : small[0], : small[1], : small[2]]
-    models: dict[str, Any] = {}
-    for n in names:
-        try:
-            models[n] = _build(n, spec, spacing, device)
-        except Exception as exc:
-            res["errors"][n] = f"build: {type(exc).__name__}: {exc}"
+    built: dict[tuple, Any] = {}
 
-    def call(n: str, fn: Callable[[], Any], record: dict) -> None:
-        if n in res["errors"]:
-            return
-        try:
-            synchronize(device)
-            t0, c0 = time.perf_counter(), cpu_seconds()
-            fn()
-            synchronize(device)
-            record.setdefault(n, {"wall": [], "cpu": []})
-            record[n]["wall"].append(time.perf_counter() - t0)
-            record[n]["cpu"].append(cpu_seconds() - c0)
-        except Exception as exc:
-            res["errors"][n] = ("oom: " if is_oom(exc) else "") + f"{type(exc).__name__}: {str(exc)[:300]}"
+    def model(n: str, spacing):
+        key = (n, spacing if n not in LEARNED else None)
+        if key not in built:
+            built[key] = _build(n, spec, spacing, device)
+        return built[key]
 
-    # ---- inference, round robin
-    with torch.no_grad():
-        for n in names:  # warm-up (ANTs needs none: every call starts from scratch)
-            if n in models and n in LEARNED:
-                call(n, lambda n=n: models[n](warm_m, warm_f), {})
-        for r in range(repeats):
-            order = names[r % len(names):] + names[: r % len(names)]
-            for n in order:
-                if n in models:
-                    call(n, lambda n=n: models[n](moving, fixed), res["infer"])
-    # ---- training steps, round robin
-    learned = [n for n in names if n in LEARNED and n in models]
-    if train_repeats and learned:
-        steps = {}
-        for n in learned:
-            models[n].train()
-            steps[n] = _train_step_fn(models[n], device)
-            call(n, lambda n=n: steps[n](warm_m, warm_f), {})  # warm-up (autograd buffers, JIT)
-        for r in range(train_repeats):
-            order = learned[r % len(learned):] + learned[: r % len(learned)]
-            for n in order:
-                call(n, lambda n=n: steps[n](moving, fixed), res["train"])
+    for size_key, names in spec["methods_by_size"].items():
+        size = tuple(json.loads(size_key))
+        moving, fixed, spacing = speed_inputs(size, spec.get("inputs", "demo"), int(spec.get("seed", 0)))
+        moving, fixed = moving.to(device), fixed.to(device)
+        small = tuple(min(s, 32) for s in size)
+        warm_m, warm_f = moving[..., : small[0], : small[1], : small[2]], fixed[..., : small[0], : small[1], : small[2]]
+        infer, train, errors = (res[k].setdefault(size_key, {}) for k in ("infer", "train", "errors"))
+        models = {}
+        for n in names:
+            try:
+                models[n] = model(n, spacing).eval()
+            except Exception as exc:
+                errors[n] = f"build: {type(exc).__name__}: {exc}"
+
+        def call(n: str, fn: Callable[[], Any], record: dict) -> None:
+            if n in errors:
+                return
+            try:
+                synchronize(device)
+                t0, c0 = time.perf_counter(), cpu_seconds()
+                fn()
+                synchronize(device)
+                record.setdefault(n, {"wall": [], "cpu": []})
+                record[n]["wall"].append(time.perf_counter() - t0)
+                record[n]["cpu"].append(cpu_seconds() - c0)
+            except Exception as exc:
+                errors[n] = ("oom: " if is_oom(exc) else "") + f"{type(exc).__name__}: {str(exc)[:300]}"
+
+        with torch.no_grad():
+            for n in models:  # warm-up on a small crop (JIT loading, allocator); ANTs needs none
+                if n in LEARNED:
+                    call(n, lambda n=n: models[n](warm_m, warm_f), {})
+            order0 = list(models)
+            for r in range(repeats):
+                order = order0[r % len(order0):] + order0[: r % len(order0)]
+                for n in order:
+                    call(n, lambda n=n: models[n](moving, fixed), infer)
+        learned = [n for n in models if n in LEARNED]
+        if train_repeats and learned and size == train_size:
+            steps = {}
+            for n in learned:
+                models[n].train()
+                steps[n] = _train_step_fn(models[n], device)
+                call(n, lambda n=n: steps[n](warm_m, warm_f), {})  # warm-up (autograd buffers, JIT)
+            for r in range(train_repeats):
+                order = learned[r % len(learned):] + learned[: r % len(learned)]
+                for n in order:
+                    call(n, lambda n=n: steps[n](moving, fixed), train)
+            for n in learned:
+                models[n].eval().zero_grad(set_to_none=True)
+        del moving, fixed, warm_m, warm_f
     res["load_after"] = load_average()
     return res
 
@@ -317,32 +360,34 @@ def run_speed(
         "skipped": skipped, "probes": [], "timings": [], "load_before": load_average(),
     }
     t_start = time.perf_counter()
+    for m in run_methods:
+        t0 = time.perf_counter()
+        probe = run_child("benchmarks.bench_speed",
+                          {**base, "kind": "probe", "method": m, "sizes": [list(s) for s in sizes],
+                           "train_size": list(train_size) if train_repeats > 0 else None},
+                          timeout_s=timeout_s, mem_limit_bytes=limit)
+        probe.setdefault("method", m)
+        out["probes"].append(probe)
+        say(f"[speed] probe {m} ({time.perf_counter() - t0:.0f} s): " + "; ".join(
+            f"{size_str(json.loads(k))} {v['status']} {fmt(v.get('seconds'), 2)} s {fmt(v.get('peak_rss_mib'), 0)} MiB"
+            for k, v in probe.get("infer", {}).items()) + (f" -- {probe.get('error')}" if probe.get("error") else ""))
+    methods_by_size = {}
     for size in sizes:
-        for m in run_methods:
-            t0 = time.perf_counter()
-            probe = run_child("benchmarks.bench_speed", {**base, "kind": "probe", "method": m, "size": list(size),
-                                                          "train": size == train_size and train_repeats > 0},
-                              timeout_s=timeout_s, mem_limit_bytes=limit)
-            probe.setdefault("method", m)
-            probe.setdefault("size", list(size))
-            out["probes"].append(probe)
-            say(f"[speed] probe {m} {size_str(size)}: {probe['status']}, first call "
-                f"{fmt(probe.get('first_call_s'), 2)} s, peak RSS {fmt(probe.get('peak_rss_mib'), 0)} MiB "
-                f"({time.perf_counter() - t0:.0f} s)" + (f" -- {probe.get('error')}" if probe["status"] != "ok" else ""))
-    for size in sizes:
+        key = str(list(size))
         ok = [m for m in run_methods
-              if any(p["method"] == m and p["size"] == list(size) and p["status"] == "ok" for p in out["probes"])]
-        if not ok:
-            continue
+              if any(p["method"] == m and p.get("infer", {}).get(key, {}).get("status") == "ok" for p in out["probes"])]
+        if ok:
+            methods_by_size[key] = ok
+    if methods_by_size:
         t0 = time.perf_counter()
         timing = run_child("benchmarks.bench_speed",
-                           {**base, "kind": "timing", "methods": ok, "size": list(size), "repeats": repeats,
-                            "train_repeats": train_repeats if size == train_size else 0},
-                           timeout_s=timeout_s, mem_limit_bytes=limit)
-        timing.setdefault("size", list(size))
+                           {**base, "kind": "timing", "methods_by_size": methods_by_size, "repeats": repeats,
+                            "train_size": list(train_size), "train_repeats": train_repeats},
+                           timeout_s=timeout_s * max(1, len(sizes)), mem_limit_bytes=limit)
         out["timings"].append(timing)
-        say(f"[speed] round robin at {size_str(size)}: {timing['status']} ({time.perf_counter() - t0:.0f} s)"
-            + "".join(f"; {n} {median(v['wall']):.2f} s" for n, v in timing.get("infer", {}).items()))
+        say(f"[speed] round robin ({time.perf_counter() - t0:.0f} s): {timing['status']}" + "".join(
+            f"; {size_str(json.loads(k))} {n} {median(v['wall']):.2f} s"
+            for k, per in timing.get("infer", {}).items() for n, v in per.items()))
     out["load_after"] = load_average()
     out["seconds"] = time.perf_counter() - t_start
     out["rows"] = _rows(out, methods, sizes, train_size)
@@ -351,39 +396,47 @@ def run_speed(
 
 def _rows(out: dict, methods: Sequence[str], sizes, train_size) -> list[dict[str, Any]]:
     rows = []
+    timing = out["timings"][0] if out.get("timings") else {}
     for size in sizes:
-        timing = next((t for t in out["timings"] if t.get("size") == list(size)), {})
+        key = str(list(size))
         for m in methods:
             row: dict[str, Any] = {"method": m, "label": METHODS.get(m, m), "size": size_str(size),
                                    "voxels": math.prod(size)}
             if m in out["skipped"]:
                 rows.append({**row, "status": "skipped", "note": out["skipped"][m]})
                 continue
-            probe = next((p for p in out["probes"] if p["method"] == m and p["size"] == list(size)), {})
-            row.update(status=probe.get("status", "missing"), params=probe.get("params"),
-                       gflops=probe["flops"] / 1e9 if probe.get("flops") is not None else None,
-                       first_call_s=probe.get("first_call_s"), peak_rss_mib=probe.get("peak_rss_mib"),
-                       gpu_peak_mib=probe.get("gpu_peak_mib"),
-                       train_peak_rss_mib=probe.get("train_peak_rss_mib"),
-                       train_gpu_peak_mib=probe.get("train_gpu_peak_mib"))
-            if probe.get("peak_rss_mib") is not None and probe.get("rss_before_mib") is not None:
-                row["peak_increase_mib"] = probe["peak_rss_mib"] - probe["rss_before_mib"]
-            if probe.get("status") != "ok":
-                row["note"] = probe.get("error", "")
-            inf = timing.get("infer", {}).get(m)
-            if inf:
-                row.update(infer_s=median(inf["wall"]), infer_s_min=min(inf["wall"]), infer_s_max=max(inf["wall"]),
-                           infer_cpu_s=median(inf["cpu"]), runs=len(inf["wall"]))
-            tr = timing.get("train", {}).get(m)
-            if tr:
-                row.update(train_step_s=median(tr["wall"]), train_cpu_s=median(tr["cpu"]), train_runs=len(tr["wall"]))
-            err = timing.get("errors", {}).get(m)
+            probe = next((p for p in out["probes"] if p["method"] == m), {})
+            inf = probe.get("infer", {}).get(key, {})
+            tr = probe.get("train", {}).get(key, {})
+            status = inf.get("status") or probe.get("status", "missing")
+            if status == "ok" and probe.get("status") not in (None, "ok"):
+                status = probe["status"]
+            row.update(status=status, params=probe.get("params"),
+                       gflops=inf["flops"] / 1e9 if inf.get("flops") is not None else None,
+                       first_call_s=inf.get("seconds"), peak_rss_mib=inf.get("peak_rss_mib"),
+                       gpu_peak_mib=inf.get("gpu_peak_mib"), train_peak_rss_mib=tr.get("peak_rss_mib"),
+                       train_gpu_peak_mib=tr.get("gpu_peak_mib"))
+            if inf.get("peak_rss_mib") is not None and inf.get("rss_before_mib") is not None:
+                row["peak_increase_mib"] = inf["peak_rss_mib"] - inf["rss_before_mib"]
+            notes = [x for x in (inf.get("error"), tr.get("error"), probe.get("error")) if x]
+            if tr and tr.get("status") != "ok":
+                notes.append(f"training step {tr.get('status')}")
+            t_inf = timing.get("infer", {}).get(key, {}).get(m)
+            if t_inf:
+                row.update(infer_s=median(t_inf["wall"]), infer_s_min=min(t_inf["wall"]), infer_s_max=max(t_inf["wall"]),
+                           infer_cpu_s=median(t_inf["cpu"]), runs=len(t_inf["wall"]))
+            t_tr = timing.get("train", {}).get(key, {}).get(m)
+            if t_tr:
+                row.update(train_step_s=median(t_tr["wall"]), train_cpu_s=median(t_tr["cpu"]), train_runs=len(t_tr["wall"]))
+            err = timing.get("errors", {}).get(key, {}).get(m)
             if err:
                 row["status"] = "oom" if err.startswith("oom") else "error"
-                row["note"] = f"timing: {err}"
-            if timing.get("status") not in (None, "ok") and probe.get("status") == "ok":
+                notes.append(f"timing: {err}")
+            if timing.get("status") not in (None, "ok") and status == "ok":
                 row["status"] = timing["status"]
-                row["note"] = f"timing process: {timing.get('error', '')}"
+                notes.append(f"timing process: {timing.get('error', '')}")
+            if notes:
+                row["note"] = "; ".join(notes)
             rows.append(row)
     return rows
 
@@ -408,7 +461,7 @@ def speed_markdown(result: dict, machine: dict, command: str) -> str:
                      _mib(r.get("peak_rss_mib")), _mib(r.get("peak_increase_mib"))]
                     + ([_mib(r.get("gpu_peak_mib"))] if gpu else []))
     train_rows = [r for r in result["rows"] if r["size"] == size_str(s["train_size"]) and r["method"] in LEARNED]
-    thead = ["method", "size", "train step s (median)", "CPU s", "runs", "peak RSS MiB (inference or step)"] + (
+    thead = ["method", "size", "train step s (median)", "CPU s", "runs", "peak RSS MiB"] + (
         ["GPU peak MiB"] if gpu else [])
     tbody = [[r["label"], r["size"], fmt(r.get("train_step_s"), 2), fmt(r.get("train_cpu_s"), 2),
               fmt(r.get("train_runs")), _mib(r.get("train_peak_rss_mib"))]
@@ -424,9 +477,9 @@ def speed_markdown(result: dict, machine: dict, command: str) -> str:
         f"method and size, methods in round robin (order rotated each round) after one warm-up call each; "
         f"{s['train_repeats']} timed training steps at {size_str(s['train_size'])}; inputs: {s['inputs']}; "
         f"threads: {s['threads'] or 'library default'}; memory cap per process: "
-        f"{s['mem_limit_gib'] or 'none'} GiB. Peak memory is measured in a fresh process per method and size "
-        "(`ru_maxrss`, which includes the Python/torch baseline; 'RSS increase' subtracts the resident memory "
-        "just before the call). FLOPs: `torch.utils.flop_counter.FlopCounterMode` (convolutions and matrix "
+        f"{s['mem_limit_gib'] or 'none'} GiB. Peak memory is measured in a fresh process per method, sizes "
+        "ascending, the peak-RSS mark (`ru_maxrss`/`VmHWM`) reset to the current RSS before each call; it "
+        "includes the Python/torch baseline, and 'RSS increase' subtracts the resident memory just before the call. FLOPs: `torch.utils.flop_counter.FlopCounterMode` (convolutions and matrix "
         "products only; psmamba's numba selective scan, element-wise ops and grid sampling are not counted, "
         "while mambapy's scan read-out is a matrix product and is).", "",
         "## Inference, one pair", "", markdown_table(head, body), "",
@@ -445,18 +498,23 @@ def plot_speed(result: dict, path: Path, machine: dict | None = None) -> Path:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    failed = []
     for m in result["settings"]["methods"]:
         rows = [r for r in result["rows"] if r["method"] == m]
         t = [(r["voxels"] / 1e6, r["infer_s"]) for r in rows if r.get("infer_s") is not None]
         mem = [(r["voxels"] / 1e6, r.get("gpu_peak_mib") or r["peak_rss_mib"]) for r in rows
                if r.get("status") == "ok" and r.get("peak_rss_mib") is not None]
+        line = None
         if t:
-            axes[0].plot(*zip(*t), marker="o", label=METHODS.get(m, m))
+            (line,) = axes[0].plot(*zip(*t), marker="o", label=METHODS.get(m, m))
         if mem:
-            axes[1].plot(*zip(*mem), marker="o", label=METHODS.get(m, m))
-        for r in rows:
-            if r.get("status") in ("oom", "timeout", "error"):
-                axes[0].annotate(r["status"], (r["voxels"] / 1e6, axes[0].get_ylim()[1] if t else 1), fontsize=7)
+            axes[1].plot(*zip(*mem), marker="o", label=METHODS.get(m, m), color=line.get_color() if line else None)
+        failed += [(r, line.get_color() if line else "k") for r in rows if r.get("status") in ("oom", "timeout", "error")]
+    for r, color in failed:  # mark failures at the top of the time axis, once the limits are known
+        top = axes[0].get_ylim()[1]
+        axes[0].plot([r["voxels"] / 1e6], [top], marker="x", color=color, clip_on=False)
+        axes[0].annotate(f"{r['method']}: {r['status']}", (r["voxels"] / 1e6, top), fontsize=7,
+                         xytext=(3, -10), textcoords="offset points")
     gpu = any(r.get("gpu_peak_mib") is not None for r in result["rows"])
     axes[0].set(xscale="log", yscale="log", xlabel="voxels (millions)", ylabel="inference time per pair (s, median)",
                 title="time vs size")

@@ -35,6 +35,7 @@ __all__ = [
     "cpu_seconds",
     "current_rss_mib",
     "peak_rss_mib",
+    "reset_peak_rss",
     "synchronize",
     "run_child",
     "median",
@@ -193,8 +194,37 @@ def current_rss_mib() -> float:
         return float("nan")
 
 
+def _vm_hwm_kib() -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def reset_peak_rss() -> bool:
+    """Reset this process's peak-RSS mark to its current RSS (Linux: ``echo 5 > /proc/self/clear_refs``).
+
+    Returns False where that is impossible; :func:`peak_rss_mib` then keeps meaning "peak so far".
+    """
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return _vm_hwm_kib() is not None
+    except OSError:
+        return False
+
+
 def peak_rss_mib() -> float:
-    """Peak resident memory of this process so far (``ru_maxrss``; KiB on Linux, bytes on macOS)."""
+    """Peak resident memory of this process (MiB) since start or the last :func:`reset_peak_rss`.
+
+    Linux: ``VmHWM`` of ``/proc/self/status`` (the same mark as ``ru_maxrss``, but resettable);
+    elsewhere ``ru_maxrss`` (KiB on Linux, bytes on macOS).
+    """
+    hwm = _vm_hwm_kib()
+    if hwm is not None:
+        return hwm / 2**10
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
 

@@ -23,6 +23,15 @@ from psmamba.models import RegistrationOutput
 from psmamba.spatial import warp
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One torch thread: on a loaded 2-core machine two threads spin-wait on each other."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 class Shift(nn.Module):
     """A one-parameter 'network': a constant displacement along axis 0."""
 
@@ -140,24 +149,30 @@ def test_ants_field_is_in_psmamba_convention():
 
 # --------------------------------------------------------------------------- speed harness
 def test_speed_children_and_report(tmp_path):
-    spec = {"method": "voxelmorph", "size": [24, 20, 20], "inputs": "random", "train": True, "threads": 1}
-    probe = child_probe(spec)
-    assert probe["status"] == "ok", probe.get("error")
-    assert probe["params"] > 0 and probe["flops"] > 0 and probe["peak_rss_mib"] > 0
-    assert probe["train_peak_rss_mib"] >= probe["peak_rss_mib"]
-    timing = child_timing({"methods": ["voxelmorph"], "size": [24, 20, 20], "inputs": "random",
-                           "repeats": 2, "train_repeats": 1, "threads": 1})
-    assert timing["status"] == "ok" and not timing["errors"]
-    assert len(timing["infer"]["voxelmorph"]["wall"]) == 2 and len(timing["train"]["voxelmorph"]["wall"]) == 1
+    sizes = [[24, 20, 20], [40, 20, 20]]  # padded to 32 and 48 along axis 0
+    probe = child_probe({"method": "voxelmorph", "sizes": sizes[::-1], "train_size": sizes[0],
+                         "inputs": "random", "threads": 1})
+    assert probe["status"] == "ok" and list(probe["infer"]) == [str(s) for s in sizes]  # ascending
+    small, train = probe["infer"][str(sizes[0])], probe["train"][str(sizes[0])]
+    assert small["status"] == "ok" and train["status"] == "ok", (small, train)
+    assert probe["params"] > 0 and small["flops"] > 0 and 0 < small["peak_rss_mib"] and small["seconds"] > 0
+    assert probe["infer"][str(sizes[1])]["flops"] > small["flops"]  # more voxels, more FLOPs
+    timing = child_timing({"methods_by_size": {str(sizes[0]): ["voxelmorph"]}, "train_size": sizes[0],
+                           "inputs": "random", "repeats": 2, "train_repeats": 1, "threads": 1})
+    key = str(sizes[0])
+    assert timing["status"] == "ok" and not timing["errors"][key]
+    assert len(timing["infer"][key]["voxelmorph"]["wall"]) == 2 and len(timing["train"][key]["voxelmorph"]["wall"]) == 1
     # a method never probed nor timed, and a skipped one, still get a row each
-    result = {"settings": {"sizes": [[24, 20, 20]], "methods": ["voxelmorph", "baseline_conv", "ants_syn"],
-                           "repeats": 2, "train_size": [24, 20, 20], "train_repeats": 1, "inputs": "random",
+    result = {"settings": {"sizes": sizes, "methods": ["voxelmorph", "baseline_conv", "ants_syn"],
+                           "repeats": 2, "train_size": sizes[0], "train_repeats": 1, "inputs": "random",
                            "threads": 1, "mem_limit_gib": None},
               "skipped": {"ants_syn": "not installed"}, "probes": [probe], "timings": [timing],
               "load_before": [1.0], "load_after": [1.0], "seconds": 1.0}
-    result["rows"] = _rows(result, result["settings"]["methods"], [(24, 20, 20)], (24, 20, 20))
-    assert [r["method"] for r in result["rows"]] == ["voxelmorph", "baseline_conv", "ants_syn"]
-    assert result["rows"][0]["infer_s"] > 0 and result["rows"][0]["train_step_s"] > 0
+    result["rows"] = _rows(result, result["settings"]["methods"], [tuple(s) for s in sizes], tuple(sizes[0]))
+    assert [r["method"] for r in result["rows"]] == ["voxelmorph", "baseline_conv", "ants_syn"] * 2
+    first = result["rows"][0]
+    assert first["status"] == "ok" and first["infer_s"] > 0 and first["train_step_s"] > 0 and first["runs"] == 2
+    assert result["rows"][3]["infer_s"] is None if "infer_s" in result["rows"][3] else True  # not timed at 40x20x20
     assert result["rows"][1]["status"] == "missing" and result["rows"][2]["status"] == "skipped"
     files = write_speed(result, common.machine_info(), "python -m benchmarks --test", tmp_path, "_t")
     assert all(p.is_file() and p.stat().st_size > 0 for p in files)
@@ -168,6 +183,17 @@ def test_speed_children_and_report(tmp_path):
     assert json.loads((tmp_path / "speed_t.json").read_text())["command"] == "python -m benchmarks --test"
 
 
+def test_peak_rss_is_resettable():
+    if not common.reset_peak_rss():
+        pytest.skip("no /proc/self/clear_refs here")
+    base = common.peak_rss_mib()
+    block = np.ones(64 * 2**20 // 8)  # 64 MiB, touched
+    assert common.peak_rss_mib() > base + 50
+    del block
+    common.reset_peak_rss()
+    assert common.peak_rss_mib() < base + 50
+
+
 def test_speed_probe_reports_oom_instead_of_raising(monkeypatch):
     import benchmarks.bench_speed as bs
 
@@ -175,7 +201,7 @@ def test_speed_probe_reports_oom_instead_of_raising(monkeypatch):
         raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 99 GB")
 
     monkeypatch.setattr(bs, "_build", boom)
-    res = child_probe({"method": "voxelmorph", "size": [24, 20, 20], "inputs": "random"})
+    res = child_probe({"method": "voxelmorph", "sizes": [[24, 20, 20]], "inputs": "random"})
     assert res["status"] == "oom" and "allocate" in res["error"]
 
 
