@@ -241,16 +241,61 @@ def test_fit_accepts_in_memory_pairs_and_dice_supervision(tmp_path):
     pairs = [{"moving": vols[i], "fixed": vols[1 - i], "moving_labels": (vols[i] > vols[i].mean()).long(),
               "fixed_labels": (vols[1 - i] > vols[1 - i].mean()).long()} for i in range(2)]
     cfg = tiny_config(tmp_path, tmp_path, optim={"epochs": 1}, loss={"dice_weight": 1.0},
-                      run={"out": str(tmp_path / "mem"), "images": True})
-    result = fit(cfg, train_data=pairs, val_data=pairs[:1])
+                      run={"out": str(tmp_path / "mem"), "images": True, "tensorboard": True, "amp": "bf16"})
+    with pytest.warns(UserWarning, match="CUDA only"):  # mixed precision is for CUDA; fp32 here
+        result = fit(cfg, train_data=pairs, val_data=pairs[:1])
     assert result.steps == 2 and result.stopped is None and result.best_metric == "val_dice"
     train = [r for r in csv_rows(tmp_path / "mem" / "metrics.csv") if r["split"] == "train"]
     assert all(float(r["dice_loss"]) > 0 for r in train)
+    # TensorBoard holds the CSV's scalars plus the slice and grid images
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "mem" / "tb"))
+    events.Reload()
+    for tag in ("train/loss", "train/lr", "train/pairs_per_s", "train/dice_loss", "val/dice", "val/folding_percent"):
+        assert tag in events.Tags()["scalars"], tag
+    assert {"val/slices", "val/grid"} <= set(events.Tags()["images"])
     # data.resize: the network learns on another grid, recorded for register
     cfg = tiny_config(tmp_path, tmp_path, optim={"epochs": 1}, data={"resize": [20, 12, 12]},
                       run={"out": str(tmp_path / "small")})
     fit(cfg, train_data=pairs[:1])
     assert torch.load(tmp_path / "small" / "last.pt", weights_only=True)["image_size"] == [20, 12, 12]
+
+
+def test_the_paper_architecture_trains(tmp_path):
+    """One step of the real thing (SMB blocks, Mamba layers, K = 2 refinement passes), tiny."""
+    from psmamba.engine.train import fit
+
+    g = torch.Generator().manual_seed(0)
+    vols = [torch.rand(1, 17, 16, 16, generator=g) for _ in range(2)]
+    cfg = tiny_config(tmp_path, tmp_path, model={"preset": "paper", "channels": 1, "sir_iters": 2},
+                      optim={"epochs": 1}, run={"out": str(tmp_path / "paper")})
+    result = fit(cfg, train_data=[{"moving": vols[0], "fixed": vols[1]}])
+    assert result.steps == 1
+    row = csv_rows(tmp_path / "paper" / "metrics.csv")[0]
+    assert np.isfinite(float(row["loss"])) and -1.0 <= float(row["similarity"]) <= 0.0
+    from psmamba.models import load_checkpoint
+
+    model, _ = load_checkpoint(tmp_path / "paper" / "last.pt")
+    assert model.config.sir_block == "smb" and model.config.sir_iters == 2
+
+
+def test_synthetic_pairs_are_new_each_epoch_and_reproducible(tmp_path):
+    from psmamba.engine.train import SynthEpochs, fit
+
+    a, b = SynthEpochs(3, seed=5, shape=SHAPE), SynthEpochs(3, seed=5, shape=SHAPE)
+    first = a[0]["moving"].clone()
+    assert torch.equal(first, b[0]["moving"])  # same seed, same pair
+    a.set_epoch(1)
+    assert not torch.equal(first, a[0]["moving"])  # a new epoch draws new pairs
+    b.set_epoch(1)
+    assert torch.equal(a[0]["moving"], b[0]["moving"])
+    cfg = tiny_config(tmp_path, tmp_path, data={"source": "synth", "root": None, "synth_pairs": 2,
+                                                "max_val_pairs": 1, "options": {"shape": list(SHAPE)}},
+                      optim={"epochs": 1}, run={"out": str(tmp_path / "synth")})
+    result = fit(cfg)
+    assert result.steps == 2 and result.best_checkpoint is not None
 
 
 # --------------------------------------------------------------------------- early failures

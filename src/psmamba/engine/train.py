@@ -626,7 +626,10 @@ def _slice_images(moving, fixed, warped, ddf) -> dict[str, np.ndarray]:
     lines[..., ::4, :] = 1.0
     lines[..., :, ::4] = 1.0
     grid = spatial.warp(lines, ddf[:1].float()).clamp(0, 1)[0, 0, d].cpu().numpy()
-    return {"slices": panel[None].astype(np.float32), "grid": grid[None].astype(np.float32)}
+    # small grids are enlarged (nearest) so that TensorBoard shows more than a thumbnail
+    k = max(1, 256 // max(panel.shape[0], 1))
+    up = lambda a: np.kron(a, np.ones((k, k), dtype=a.dtype))  # noqa: E731
+    return {"slices": up(panel)[None].astype(np.float32), "grid": up(grid)[None].astype(np.float32)}
 
 
 def _val_indices(n: int, limit: int | None, seed: int) -> list[int]:
