@@ -77,3 +77,16 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(data, Mapping):
         raise PsmambaError(f"{path}: a config file must hold a mapping, got {type(data).__name__}")
     return dict(data)
+
+
+# Training configuration (defined in psmamba.engine.config; no torch import), re-exported here.
+from psmamba.engine.config import (  # noqa: E402
+    DataConfig,
+    LossConfig,
+    OptimConfig,
+    RunConfig,
+    TrainConfig,
+    load_train_config,
+)
+
+__all__ += ["TrainConfig", "DataConfig", "LossConfig", "OptimConfig", "RunConfig", "load_train_config"]

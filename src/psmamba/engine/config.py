@@ -261,6 +261,15 @@ class TrainConfig:
         """The :class:`psmamba.models.ModelConfig` this run trains (preset plus overrides)."""
         return build_model_config(self.model)
 
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (YAML/JSON safe); :meth:`from_dict` inverts it."""
+        return config_to_dict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> TrainConfig:
+        """Build from nested mappings; unknown keys are an error."""
+        return config_from_dict(data, "config")
+
 
 _SECTIONS: dict[str, type] = {
     "data": DataConfig,
