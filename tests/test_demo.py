@@ -45,13 +45,16 @@ def _rows(text: str) -> dict[str, tuple[float, float]]:
 
 def test_quick_demo_trains_registers_and_reports(quick_demo, capsys):
     out = quick_demo
-    assert main(["demo", "--quick", "--out", str(out), "--device", "cpu"]) == 0
+    assert main(["demo", "--quick", "--out", str(out), "--device", "cpu", "--iters", "60"]) == 0
     text = capsys.readouterr().out
     rows = _rows(text)
-    assert set(rows) == {"before (identity)", "after (network)"}, text
-    before, after = rows["before (identity)"], rows["after (network)"]
+    refined = "after (network + 60 refinement steps)"
+    assert set(rows) == {"before (identity)", "after (network)", refined}, text
+    before, net, after = rows["before (identity)"], rows["after (network)"], rows[refined]
     assert 0.3 < before[0] < 0.9 and before[1] == 0.0  # a real, unregistered pair of brains
-    assert 0.0 <= after[0] <= 1.0 and 0.0 <= after[1] <= 100.0
+    assert 0.0 <= net[0] <= 1.0 and 0.0 <= net[1] <= 100.0
+    # refining the (barely trained) network's field on the pair registers it for real
+    assert after[0] > before[0] + 0.02 and after[1] < 1.0, text
     # the model and the register outputs
     assert (out / "train" / "best.pt").is_file() and (out / "train" / "metrics.csv").is_file()
     reg = out / "register"
@@ -73,7 +76,8 @@ def test_second_demo_reuses_the_trained_model(quick_demo, capsys):
     if not (out / "train" / "best.pt").is_file():
         pytest.skip("needs the quick demo of the previous test")
     before = (out / "train" / "best.pt").stat().st_mtime_ns
-    assert main(["demo", "--quick", "--out", str(out), "--device", "cpu", "--split", "test", "--pair", "1"]) == 0
+    assert main(["demo", "--quick", "--out", str(out), "--device", "cpu", "--split", "test", "--pair", "1",
+                 "--iters", "0"]) == 0
     text = capsys.readouterr().out
     assert "using the model trained by an earlier demo" in text and "training PSMamba-Net" not in text
     assert (out / "train" / "best.pt").stat().st_mtime_ns == before

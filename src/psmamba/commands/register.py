@@ -18,6 +18,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="test-time optimisation steps of LNCC + lambda*diffusion: of a copy of the network's "
         "weights with --checkpoint, else of the displacement field itself (coarse to fine)",
     )
+    parser.add_argument("--refine", choices=("weights", "field"), default="weights",
+                        help="with --checkpoint and --iters: fine-tune a copy of the network's weights "
+                        "(default), or optimise the network's predicted field directly")
     parser.add_argument("--lr", type=float, default=None,
                         help="Adam learning rate of --iters (default 1e-4 for weights, 0.1 for a field)")
     parser.add_argument("--lambda", dest="lam", type=float, default=None, metavar="W",
@@ -39,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
     result = register_pair(
         args.fixed, args.moving,
         moving_labels=args.moving_labels, fixed_labels=args.fixed_labels,
-        checkpoint=args.checkpoint, iters=args.iters, lr=args.lr, lam=args.lam,
+        checkpoint=args.checkpoint, iters=args.iters, refine=args.refine, lr=args.lr, lam=args.lam,
         device=args.device, out_dir=args.out, model_size=args.model_size,
         overview=not args.no_overview,
     )

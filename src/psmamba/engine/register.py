@@ -18,9 +18,12 @@
 4. **Registration** on the model grid, one of
 
    * the network's prediction (``checkpoint=`` or ``model=``, ``iters=0``);
-   * the network fine-tuned on this pair (``iters > 0`` with a network): Adam on a COPY of the
-     network weights, starting from the checkpoint, minimising the training loss
-     ``LNCC(warped, fixed) + lambda * Diffusion(ddf)`` (the caller's model is not modified);
+   * the network fine-tuned on this pair (``iters > 0`` with a network, ``refine="weights"``):
+     Adam on a COPY of the network weights, starting from the checkpoint, minimising the training
+     loss ``LNCC(warped, fixed) + lambda * Diffusion(ddf)`` (the caller's model is not modified);
+   * the network's field refined on this pair (``iters > 0`` with a network, ``refine="field"``):
+     the instance optimisation below on the fixed grid, started from the network's prediction
+     (resized to the fixed grid) instead of zero;
    * instance optimisation (``iters > 0``, no network): the displacement field itself is the
      parameter, optimised with the same loss coarse-to-fine (grids at 1/4, 1/2 and 1 of the
      model grid, as many as are at least 8 voxels a side, the iterations shared equally; each
@@ -537,12 +540,20 @@ def _pyramid_factors(size: Sequence[int], min_size: int = 8) -> list[int]:
 
 
 def _optimise_field(
-    moving: "torch.Tensor", fixed: "torch.Tensor", iters: int, lr: float, lam: float, window: int
+    moving: "torch.Tensor",
+    fixed: "torch.Tensor",
+    iters: int,
+    lr: float,
+    lam: float,
+    window: int,
+    init: "torch.Tensor | None" = None,
 ) -> "torch.Tensor":
     """Instance optimisation of a voxel displacement field, coarse to fine.
 
     Args:
         moving, fixed: ``(1, 1, D, H, W)`` on the same grid, scaled to [0, 1].
+        init: optional ``(1, 3, D, H, W)`` starting field (e.g. a network's prediction), resized
+            to each level of the pyramid; default zero.
     Returns:
         ``(1, 3, D, H, W)`` voxel displacements (no gradient).
     """
@@ -554,7 +565,7 @@ def _optimise_field(
     factors = _pyramid_factors(size)
     per_level = [int(iters) // len(factors)] * len(factors)
     per_level[-1] += int(iters) - sum(per_level)
-    ddf = None
+    ddf = None if init is None else init.detach()
     for f, n in zip(factors, per_level):
         lsize = tuple(max(2, int(math.ceil((s - 1) / f)) + 1) for s in size)  # corner-aligned grid
         m = _resize_image(moving, lsize)
@@ -584,6 +595,7 @@ def register_pair(
     checkpoint: str | os.PathLike | None = None,
     model: "torch.nn.Module | None" = None,
     iters: int = 0,
+    refine: str = "weights",
     lr: float | None = None,
     lam: float | None = None,
     window: int = 9,
@@ -614,6 +626,10 @@ def register_pair(
         iters: test-time optimisation steps: of the network's weights (a copy, starting from the
             checkpoint) when a network is given, else of the displacement field directly,
             coarse to fine. 0 with no network gives the identity (no registration).
+        refine: with a network and ``iters > 0``: ``"weights"`` fine-tunes a copy of the
+            network on the pair; ``"field"`` optimises the network's predicted field directly
+            (coarse to fine, like instance optimisation; cheaper, and useful when the network
+            is weak, e.g. after a short CPU training).
         lr: Adam learning rate; default 1e-4 for network weights, 0.1 (voxels) for a field.
         lam: weight of the diffusion regulariser; default 1 (the paper's) when fine-tuning a
             network, 3 when optimising a field directly (smoother fields at equal Dice).
@@ -639,6 +655,8 @@ def register_pair(
         raise PsmambaError("give either checkpoint= or model=, not both")
     if int(iters) < 0:
         raise PsmambaError(f"iters must be >= 0, got {iters}")
+    if refine not in ("weights", "field"):
+        raise PsmambaError(f"refine must be 'weights' or 'field', got {refine!r}")
     if model_size is not None:
         model_size = tuple(int(s) for s in model_size)
         if len(model_size) != 3 or min(model_size) < 2:
@@ -663,8 +681,9 @@ def register_pair(
             model, ckpt_dict = load_model(checkpoint, device=dev)
         elif model is not None:
             model = model.to(dev).eval()
+        field_mode = model is None or refine == "field"
         if lam is None:
-            lam = _LAM_NETWORK if model is not None else _LAM_FIELD
+            lam = _LAM_FIELD if field_mode else _LAM_NETWORK
         t_load = time.perf_counter()
 
         # ---- 2. the moving image (and labels) onto the fixed grid, through world space
@@ -694,14 +713,18 @@ def register_pair(
         # ---- 4. register
         if model is not None:
             net = model
-            if iters > 0:
+            if iters > 0 and refine == "weights":
                 net = copy.deepcopy(model)  # the caller's (and the next pair's) weights stay intact
                 net.train()
                 _finetune_network(net, mv_n, fx_n, iters, lr or _LR_NETWORK, lam, window)
                 net.eval()
             with torch.no_grad():
                 ddf_grid = net(mv_n, fx_n).ddf
-            method = "network+tto" if iters > 0 else "network"
+            if iters > 0 and refine == "field":
+                # refined on the fixed grid itself (finer than a coarse training grid)
+                ddf_grid = _optimise_field(_minmax(mv), _minmax(fx), iters, lr or _LR_FIELD, lam, window,
+                                           init=_resize_field(ddf_grid, f_shape))
+            method = f"network+tto-{refine}" if iters > 0 else "network"
         elif iters > 0:
             ddf_grid = _optimise_field(mv_n, fx_n, iters, lr or _LR_FIELD, lam, window)
             method = "instance-optimisation"
@@ -735,7 +758,8 @@ def register_pair(
             "method": method,
             "checkpoint": None if checkpoint is None else str(checkpoint),
             "iters": int(iters),
-            "lr": (lr or (_LR_NETWORK if model is not None else _LR_FIELD)) if iters > 0 else None,
+            "refine": (refine if model is not None else "field") if iters > 0 else None,
+            "lr": (lr or (_LR_FIELD if field_mode else _LR_NETWORK)) if iters > 0 else None,
             "lambda_diffusion": float(lam),
             "lncc_window": int(window),
             "device": str(dev),
