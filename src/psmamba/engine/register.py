@@ -724,7 +724,7 @@ def register_pair(
                 # refined on the fixed grid itself (finer than a coarse training grid)
                 ddf_grid = _optimise_field(_minmax(mv), _minmax(fx), iters, lr or _LR_FIELD, lam, window,
                                            init=_resize_field(ddf_grid, f_shape))
-            method = f"network+tto-{refine}" if iters > 0 else "network"
+            method = ("network+tto" if refine == "weights" else "network+field-tto") if iters > 0 else "network"
         elif iters > 0:
             ddf_grid = _optimise_field(mv_n, fx_n, iters, lr or _LR_FIELD, lam, window)
             method = "instance-optimisation"
