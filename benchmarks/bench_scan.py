@@ -107,14 +107,14 @@ def measure_limit(seconds: float = 2.0) -> dict:
     """State updates/s of the bare update ``h = exp(dt*A)*h + dt*b; y += c*h`` on cached data.
 
     One exp (the same vectorisable exp the "cpu" kernels use; the best this numba build can
-    vectorise) and three multiply-adds per state element; every thread works on its own
-    1 KiB-sized buffer, so nothing waits on memory.
+    vectorise) and three multiply-adds per state element, compiled with the same LLVM flags as
+    the scan kernels; every thread works on its own 1 KiB buffer, so nothing waits on memory.
     """
     import numba
     import numpy as np
     from numba import njit, prange
 
-    from psmamba.nn._scan_cpu import _exp
+    from psmamba.nn._scan_cpu import _KernelFlags, _exp
 
     @njit(parallel=True, fastmath=True)
     def kernel(dts, A, reps):
@@ -140,7 +140,8 @@ def measure_limit(seconds: float = 2.0) -> dict:
     rng = np.random.default_rng(0)
     dts = (rng.random((threads, 256)) * 0.1 + 1e-3).astype(np.float32)
     A = -np.tile(np.arange(1, D_STATE + 1, dtype=np.float32), (threads, 1))
-    kernel(dts, A, 10)  # compile
+    with _KernelFlags(("bench-limit", "float32")):  # compiled exactly like the scan kernels
+        kernel(dts, A, 10)
     reps = 100_000
     while True:
         t = time.perf_counter()

@@ -204,9 +204,16 @@ def _forward_kernel(u, dt, A, Bm, Cm, D, h0, y, h_last, ckpt, every, nblk):
 
 
 @njit(**_JIT)
-def _backward_kernel(u, dt, A, Bm, Cm, D, ckpt, every, nblk, dy, g_state,
+def _backward_kernel(u, dt, A, Bm, Cm, D, ckpt, every, sync, nblk, dy, g_state,
                      du, ddt, dA64, dB, dC, dD64):
-    """Adjoint scan, chunk by chunk from the end, recomputing states from the checkpoints.
+    """Adjoint scan from the end, recomputing the states of each chunk from its checkpoint.
+
+    Time is walked in sync blocks of ``sync`` steps (a multiple of the checkpoint interval
+    ``every``), newest first. In a block every unit runs, channel by channel and chunk by
+    chunk (newest first), the recomputation and the adjoint, adding its channels' parts of
+    dB and dC into its own rows; the units meet once per block (one thread barrier), where the
+    previous block's parts are summed. Few barriers matter on a shared machine, where a
+    barrier can wait a whole scheduler time slice for a descheduled thread.
 
     ``g_state`` (B, E, N) holds the gradient w.r.t. the final state on entry and the gradient
     w.r.t. ``h0`` on exit (it carries ``a_{t+1} G_{t+1}`` between chunks). Outputs: du, ddt
@@ -217,95 +224,100 @@ def _backward_kernel(u, dt, A, Bm, Cm, D, ckpt, every, nblk, dy, g_state,
     n_state = A.shape[1]
     ch = (e + nblk - 1) // nblk
     nunits = nb * nblk
-    nchunks = ckpt.shape[1]
+    nsync = (length + sync - 1) // sync
     # per-unit partial sums of dB and dC over the unit's channels, double-buffered: while the
-    # units fill one set for chunk c, they also sum the other set (chunk c + 1) into dB, dC,
-    # which saves one thread barrier per chunk
-    part_b = np.empty((2, nunits, every, n_state), dtype=u.dtype)
-    part_c = np.empty((2, nunits, every, n_state), dtype=u.dtype)
-    # per-unit recomputation buffers: states h_{t-1}, h_t and decays exp(dt_t A) of one chunk
+    # units fill one set for block k, they also sum the other set (block k + 1) into dB, dC
+    part_b = np.empty((2, nunits, sync, n_state), dtype=u.dtype)
+    part_c = np.empty((2, nunits, sync, n_state), dtype=u.dtype)
+    # per-unit recomputation buffers for one chunk: states h_{t-1}, h_t, decays exp(dt_t A), G_t
     hbuf = np.empty((nunits, every + 1, n_state), dtype=u.dtype)
     abuf = np.empty((nunits, every, n_state), dtype=u.dtype)
-    gbuf = np.empty((nunits, every, n_state), dtype=u.dtype)  # G_t of one chunk
-    gabuf = np.empty((nunits, 1, n_state), dtype=u.dtype)  # dA of the chunk
+    gbuf = np.empty((nunits, every, n_state), dtype=u.dtype)
+    gabuf = np.empty((nunits, 1, n_state), dtype=u.dtype)  # dA of one channel over one chunk
 
-    for c in range(nchunks - 1, -1, -1):
-        t0 = c * every
-        steps = min(every, length - t0)
+    for k in range(nsync - 1, -1, -1):
+        t_lo = k * sync
+        t_hi = min(length, t_lo + sync)
+        c_lo = t_lo // every
+        c_hi = (t_hi + every - 1) // every
         for unit in prange(nunits):
             b = unit // nblk
             e_lo = (unit % nblk) * ch
             e_hi = min(e, e_lo + ch)
-            if c + 1 < nchunks:  # this unit's share of the rows of the previous chunk
-                prev_steps = min(every, length - (c + 1) * every)
+            if k + 1 < nsync:  # this unit's share of the rows of the previous (later) block
+                prev_steps = min(sync, length - (k + 1) * sync)
                 rows = nb * prev_steps
-                _reduce_parts(part_b[(c + 1) % 2], part_c[(c + 1) % 2], dB, dC, nblk, prev_steps,
-                              (c + 1) * every, rows * unit // nunits, rows * (unit + 1) // nunits)
-            pb = part_b[c % 2, unit]
-            pc = part_c[c % 2, unit]
+                _reduce_parts(part_b[(k + 1) % 2], part_c[(k + 1) % 2], dB, dC, nblk, prev_steps,
+                              (k + 1) * sync, rows * unit // nunits, rows * (unit + 1) // nunits)
+            pb = part_b[k % 2, unit]
+            pc = part_c[k % 2, unit]
             hb = hbuf[unit]
             ab = abuf[unit]
             ga = gabuf[unit, 0]
             gb = gbuf[unit]
-            for s in range(steps):
+            for r in range(t_hi - t_lo):
                 for n in range(n_state):
-                    pb[s, n] = 0.0
-                    pc[s, n] = 0.0
+                    pb[r, n] = 0.0
+                    pc[r, n] = 0.0
             for i in range(e_hi - e_lo):
                 ee = e_lo + i
                 a_e = A[ee]
                 g = g_state[b, ee]
-                for n in range(n_state):
-                    hb[0, n] = ckpt[b, c, ee, n]
-                    ga[n] = 0.0
-                # recompute the chunk's states and decays
-                for s in range(steps):
-                    t = t0 + s
-                    d = dt[b, ee, t]
-                    dx = d * u[b, ee, t]
-                    for n in range(n_state):
-                        a = _exp(d * a_e[n])
-                        ab[s, n] = a
-                        hb[s + 1, n] = a * hb[s, n] + dx * Bm[b, t, n]
-                # The adjoint recurrence, newest step first: the only sequential part.
-                # g holds a_{t+1} G_{t+1} on entry to step t and a_t G_t on exit.
-                for s in range(steps - 1, -1, -1):
-                    t = t0 + s
-                    gy = dy[b, ee, t]
-                    for n in range(n_state):
-                        gn = g[n] + Cm[b, t, n] * gy  # G_t
-                        gb[s, n] = gn
-                        g[n] = ab[s, n] * gn
-                # Everything else is independent across steps (short loops, one written
-                # array each, which LLVM vectorises).
                 d_sum = 0.0
-                for s in range(steps):
-                    t = t0 + s
-                    d = dt[b, ee, t]
-                    x = u[b, ee, t]
-                    gy = dy[b, ee, t]
-                    dx = d * x
-                    s_da = gy - gy  # zero of the input dtype (a literal 0.0 would be float64)
-                    s_gb = s_da
+                for c in range(c_hi - 1, c_lo - 1, -1):
+                    t0 = c * every
+                    steps = min(every, length - t0)
+                    r0 = t0 - t_lo  # row of t0 in this block's parts
                     for n in range(n_state):
-                        gh = gb[s, n] * hb[s, n] * ab[s, n]  # dL/d(dt_t A_n) = G_t h_{t-1} a_t
-                        s_da += gh * a_e[n]
-                        s_gb += gb[s, n] * Bm[b, t, n]
+                        hb[0, n] = ckpt[b, c, ee, n]
+                        ga[n] = 0.0
+                    # recompute the chunk's states and decays
+                    for s in range(steps):
+                        t = t0 + s
+                        d = dt[b, ee, t]
+                        dx = d * u[b, ee, t]
+                        for n in range(n_state):
+                            a = _exp(d * a_e[n])
+                            ab[s, n] = a
+                            hb[s + 1, n] = a * hb[s, n] + dx * Bm[b, t, n]
+                    # The adjoint recurrence, newest step first: the only sequential part.
+                    # g holds a_{t+1} G_{t+1} on entry to step t and a_t G_t on exit.
+                    for s in range(steps - 1, -1, -1):
+                        t = t0 + s
+                        gy = dy[b, ee, t]
+                        for n in range(n_state):
+                            gn = g[n] + Cm[b, t, n] * gy  # G_t
+                            gb[s, n] = gn
+                            g[n] = ab[s, n] * gn
+                    # Everything else is independent across steps (short loops, one written
+                    # array each, which LLVM vectorises).
+                    for s in range(steps):
+                        t = t0 + s
+                        d = dt[b, ee, t]
+                        x = u[b, ee, t]
+                        gy = dy[b, ee, t]
+                        dx = d * x
+                        s_da = gy - gy  # zero of the input dtype (a literal 0.0 would be float64)
+                        s_gb = s_da
+                        for n in range(n_state):
+                            gh = gb[s, n] * hb[s, n] * ab[s, n]  # dL/d(dt_t A_n) = G_t h_{t-1} a_t
+                            s_da += gh * a_e[n]
+                            s_gb += gb[s, n] * Bm[b, t, n]
+                        for n in range(n_state):
+                            ga[n] += gb[s, n] * hb[s, n] * ab[s, n] * d
+                        for n in range(n_state):
+                            pc[r0 + s, n] += gy * hb[s + 1, n]
+                        for n in range(n_state):
+                            pb[r0 + s, n] += gb[s, n] * dx
+                        ddt[b, ee, t] = s_da + s_gb * x
+                        du[b, ee, t] = s_gb * d + D[ee] * gy
+                        d_sum += gy * x
                     for n in range(n_state):
-                        ga[n] += gb[s, n] * hb[s, n] * ab[s, n] * d
-                    for n in range(n_state):
-                        pc[s, n] += gy * hb[s + 1, n]
-                    for n in range(n_state):
-                        pb[s, n] += gb[s, n] * dx
-                    ddt[b, ee, t] = s_da + s_gb * x
-                    du[b, ee, t] = s_gb * d + D[ee] * gy
-                    d_sum += gy * x
-                for n in range(n_state):
-                    dA64[b, ee, n] += ga[n]
+                        dA64[b, ee, n] += ga[n]
                 dD64[b, ee] += d_sum
-    # the first chunk's rows (no later chunk left to sum them)
-    if nchunks > 0:
-        steps = min(every, length)
+    # the first block's rows (no later block left to sum them)
+    if nsync > 0:
+        steps = min(sync, length)
         rows = nb * steps
         for unit in prange(nunits):
             _reduce_parts(part_b[0], part_c[0], dB, dC, nblk, steps, 0,
@@ -396,12 +408,24 @@ class SelectiveScanCPU(torch.autograd.Function):
         with _NumbaThreads(threads), _KernelFlags(("backward", dtype)):
             _backward_kernel(
                 _np(u_c), _np(dt_c), _np(A_c), _np(Bt), _np(Ct), _np(D_c), _np(ckpt),
-                ctx.every, nblk, _np(dy), _np(g_state), _np(du), _np(ddt),
+                ctx.every, _sync_steps(ctx.every, nb * nblk, n), nblk,
+                _np(dy), _np(g_state), _np(du), _np(ddt),
                 _np(dA64), _np(dB), _np(dC), _np(dD64),
             )
         g_D = dD64.sum(0).to(dtype) if ctx.has_d else None
         g_h0 = g_state if ctx.has_h0 else None
         return du, ddt, dA64.sum(0).to(dtype), dB.transpose(1, 2), dC.transpose(1, 2), g_D, g_h0
+
+
+#: memory for the backward's per-unit dB/dC parts (bytes); sets the steps between barriers
+SYNC_BUDGET = 32 * 2**20
+
+
+def _sync_steps(every: int, units: int, n: int) -> int:
+    """Steps per backward sync block: a multiple of ``every`` whose dB/dC parts (2 sets of
+    2 x units x steps x N float32) fit in :data:`SYNC_BUDGET`."""
+    per_step = 2 * 2 * units * n * 4
+    return every * max(1, SYNC_BUDGET // (per_step * every))
 
 
 def _blocks(e: int, threads: int) -> int:

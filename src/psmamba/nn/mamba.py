@@ -23,7 +23,10 @@ and ``D`` carry ``_no_weight_decay = True`` as in ``mamba_ssm``.
 Long sequences: without autograd (``torch.no_grad()`` or no parameter needing a gradient) the
 layer runs in chunks of :attr:`Mamba.inference_chunk` tokens, carrying the scan state and the
 last ``d_conv - 1`` convolution inputs from one chunk to the next, so a 4.9 M-token level never
-holds several ``(B, L, 2E)`` tensors at once. The result equals the one-piece computation.
+holds several ``(B, L, 2E)`` tensors at once. In training, chunks of :attr:`Mamba.train_chunk`
+tokens are checkpointed (``torch.utils.checkpoint``): only each chunk's input and carried state
+are kept for the backward pass, which recomputes the chunk. Both equal the one-piece
+computation (to rounding).
 """
 
 from __future__ import annotations
@@ -61,8 +64,11 @@ class Mamba(nn.Module):
             ``backend`` attribute.
     """
 
-    #: tokens per piece when running without autograd (see the module docstring)
+    #: tokens per piece when running without autograd (see the module docstring); 0 = one piece
     inference_chunk: int = 2**18
+    #: tokens per checkpointed piece when training (recomputed in the backward pass); 0 = one
+    #: piece, nothing recomputed
+    train_chunk: int = 2**18
 
     def __init__(
         self,
@@ -149,16 +155,29 @@ class Mamba(nn.Module):
         needs_grad = torch.is_grad_enabled() and (
             x.requires_grad or any(p.requires_grad for p in self.parameters())
         )
-        chunk = int(self.inference_chunk)
+        chunk = self.train_chunk if needs_grad else self.inference_chunk
         can_carry = resolve_backend(self.backend, x) != "cuda"  # mamba_ssm takes no initial state
-        if needs_grad or length <= chunk or not can_carry or chunk < 1:
+        if not chunk or length <= chunk or not can_carry:
             out, _, _ = self._forward_piece(x, None, None)
             return out
+
+        conv_hist, h = None, None
+        if needs_grad:
+            # Training on a long sequence: each piece is checkpointed (only its input, the
+            # conv history and the scan state are kept; its intermediates are recomputed in
+            # the backward pass), so the layer's saved memory does not grow with L * E.
+            from torch.utils.checkpoint import checkpoint
+
+            outs = []
+            for start in range(0, length, chunk):
+                piece = x[:, start : start + chunk]
+                o, conv_hist, h = checkpoint(self._forward_piece, piece, conv_hist, h, use_reentrant=False)
+                outs.append(o)
+            return torch.cat(outs, dim=1)
 
         # Inference on a long sequence: pieces of `chunk` tokens, carrying the causal-conv
         # history and the scan state, so only one piece's intermediates live at a time.
         out = x.new_empty(batch, length, self.d_model)
-        conv_hist, h = None, None
         for start in range(0, length, chunk):
             piece = x[:, start : start + chunk]
             out[:, start : start + chunk], conv_hist, h = self._forward_piece(piece, conv_hist, h)
@@ -182,34 +201,40 @@ class Mamba(nn.Module):
             ``(out (B, l, d_model), conv_hist (B, E, d_conv - 1), h_last (B, E, N))``.
         """
         batch, length, _ = x.shape
-        e, n, k = self.d_inner, self.d_state, self.d_conv
-        xz = self.in_proj(x)  # (B, l, 2E)
-        xs, z = xz.split(e, dim=-1)  # (B, l, E) each
-        xs = xs.transpose(1, 2)  # (B, E, l): channels first for the convolution and the scan
+        e, n, k, r = self.d_inner, self.d_state, self.d_conv, self.dt_rank
+        # Channels-first throughout, as mamba_ssm's own slow path: every matmul writes its
+        # result directly in the layout the next step reads (BLAS takes the transposed
+        # operands), so no (B, l, E) tensor is ever transposed by copying.
+        xz = torch.matmul(self.in_proj.weight, x.transpose(1, 2))  # (B, 2E, l)
+        if self.in_proj.bias is not None:
+            xz = xz + self.in_proj.bias[:, None]
+        xs, z = xz[:, :e], xz[:, e:]  # (B, E, l) each, rows contiguous
         if conv_hist is None:
             conv_hist = xs.new_zeros(batch, e, k - 1)
         # Causal depthwise convolution: prepend the history instead of padding on both sides
         # and cropping (same numbers as conv1d(x)[..., :l], and it carries across pieces).
         xpad = torch.cat([conv_hist, xs], dim=-1)  # (B, E, k - 1 + l)
-        new_hist = xpad[..., xpad.shape[-1] - (k - 1) :]
+        new_hist = xpad[..., xpad.shape[-1] - (k - 1) :].clone()  # a copy: frees xpad
         xc = self.act(F.conv1d(xpad, self.conv1d.weight, self.conv1d.bias, groups=e))  # (B, E, l)
         del xpad, xs
 
-        x_dbl = self.x_proj(xc.transpose(1, 2))  # (B, l, dt_rank + 2N)
-        dt, b_in, c_out = x_dbl.split([self.dt_rank, n, n], dim=-1)
-        delta = F.softplus(self.dt_proj(dt)).transpose(1, 2)  # (B, E, l)
-        A = -torch.exp(self.A_log.float())  # (E, N)
+        w_dt, w_b, w_c = self.x_proj.weight.split([r, n, n], dim=0)  # rows of x_proj
+        dt = torch.matmul(w_dt, xc)  # (B, dt_rank, l)
+        delta = F.softplus(torch.matmul(self.dt_proj.weight, dt) + self.dt_proj.bias[:, None])  # (B, E, l)
+        # B and C time-major (B, l, N), handed over as (B, N, l) views: the scan backends read
+        # one row of N values per time step.
+        xc_t = xc.transpose(1, 2)  # (B, l, E) view
+        b_in = torch.matmul(xc_t, w_b.t()).transpose(1, 2)  # (B, N, l) view of (B, l, N)
+        c_out = torch.matmul(xc_t, w_c.t()).transpose(1, 2)
+        # A and D at least in float32 (as mamba_ssm keeps them), float64 in a float64 model
+        hi = torch.promote_types(self.A_log.dtype, torch.float32)
+        A = -torch.exp(self.A_log.to(hi))  # (E, N)
         y, h_last = selective_scan(
-            xc,
-            delta,
-            A,
-            b_in.transpose(1, 2),  # (B, N, l)
-            c_out.transpose(1, 2),  # (B, N, l)
-            self.D.float(),
-            h0=h0,
-            backend=self.backend,
-            return_state=True,
+            xc, delta, A, b_in, c_out, self.D.to(hi), h0=h0, backend=self.backend, return_state=True
         )
-        del delta, x_dbl
-        y = y.transpose(1, 2) * self.act(z)  # (B, l, E)
-        return self.out_proj(y), new_hist, h_last
+        del delta, dt, b_in, c_out
+        y = y * self.act(z)  # (B, E, l)
+        out = torch.matmul(y.transpose(1, 2), self.out_proj.weight.t())  # (B, l, d_model)
+        if self.out_proj.bias is not None:
+            out = out + self.out_proj.bias
+        return out, new_hist, h_last
