@@ -150,29 +150,17 @@ def scored_pairs(data: AccuracyData, split: str, one_way: bool = False) -> list[
     return kept
 
 
-def _val_fn(data: AccuracyData, grid, device) -> Callable[[Any], float]:
-    """Mean Dice over the ``val`` pairs on the model grid (labels resized and warped nearest-neighbour)."""
-    import torch
+def _val_fn(data: AccuracyData, grid, device, labels) -> Callable[[Any], float]:
+    """Mean Dice over the ``val`` pairs, scored exactly as the test pairs are
+    (:func:`psmamba.engine.evaluate.evaluate_pairs` on the data grid; the network on ``grid``)."""
+    from psmamba.engine.evaluate import evaluate_pairs
 
-    from psmamba import metrics
-    from psmamba.spatial import warp
-
-    labels = sorted(data.label_names) or None
-    items = []
-    for m, f in data.pairs["val"]:
-        mv, fx = data.volumes[m], data.volumes[f]
-        items.append((minmax(resize_volume(_tensor(mv.image, device), grid)),
-                      minmax(resize_volume(_tensor(fx.image, device), grid)),
-                      resize_volume(_tensor(mv.labels, device), grid, mode="nearest"),
-                      resize_volume(_tensor(fx.labels, device), grid, mode="nearest")[0, 0].cpu().numpy().round().astype(np.int64)))
+    pairs = [_pair(data, m, f) for m, f in data.pairs["val"]]
 
     def score(model) -> float:
-        vals = []
-        with torch.no_grad():
-            for mi, fi, ml, fl in items:
-                wl = warp(ml, model(mi, fi).ddf, mode="nearest")[0, 0].cpu().numpy().round().astype(np.int64)
-                vals.append(metrics.mean_dice(fl, wl, labels=labels))
-        return float(np.nanmean(vals))
+        res = evaluate_pairs(pairs, model=model, model_size=grid, device=device, labels=labels, hd95=False,
+                             method="validation")
+        return float(np.nanmean([p["dice_mean"] for p in res.pair_rows]))
 
     return score
 
@@ -252,25 +240,27 @@ def run_accuracy(
             cache[vid] = minmax(resize_volume(_tensor(data.volumes[vid].image, dev), grid))
         return cache[vid]
 
+    labels = sorted(data.label_names) or None
     train_pairs = [(vol(m), vol(f)) for m, f in data.pairs["train"]]
-    val_fn = _val_fn(data, grid, dev) if data.pairs.get("val") and val_every else None
+    val_fn = _val_fn(data, grid, dev, labels) if data.pairs.get("val") and val_every else None
     nets: dict[str, Any] = {}
     for name in NETS:
         if not any(r.split("+")[0] == name for r in rows):
             continue
         say(f"[accuracy] training {name}: {steps} steps on {len(train_pairs)} pairs at {size_str(grid)}")
         model = build_method(name, seed=seed).to(dev)
+        val_before = val_fn(model.eval()) if val_fn is not None else None  # for reference, never selected
         report = train_network(model, train_pairs, steps=steps, lr=lr, lam=lam, window=9, seed=seed,
                                val_fn=val_fn, val_every=val_every, log=say)
         nets[name] = model.eval()
-        out["training"][name] = {**report.to_dict(), "params": sum(p.numel() for p in model.parameters())}
+        out["training"][name] = {**report.to_dict(), "params": sum(p.numel() for p in model.parameters()),
+                                 "val_before_training": val_before}
         say(f"[accuracy] {name}: {report.seconds:.0f} s, {report.step_seconds_median:.2f} s/step, "
             f"selected step {report.selected_step}")
     cache.clear()
 
     # ---- score: per test pair, every row in turn (round robin)
     ants = build_method("ants_syn", spacing=data.spacing, threads=threads) if "ants_syn" in rows else None
-    labels = sorted(data.label_names) or None
     for split in splits:
         for m, f in scored_pairs(data, split, one_way):
             pair = _pair(data, m, f)
@@ -359,11 +349,14 @@ def accuracy_markdown(result: dict, machine: dict, command: str) -> str:
                   markdown_table(["label"] + [ROWS.get(r, r) for r in row_ids], body), ""]
     if result.get("training"):
         body = [[ROWS.get(n, n), fmt(t.get("params")), t["steps"], fmt(t["seconds"], 0), fmt(t["step_seconds_median"], 2),
-                 t.get("selected_step"), ", ".join(f"{v['step']}: {v['score']:.3f}" for v in t.get("validation", []))]
+                 fmt(t.get("val_before_training"), 3), ", ".join(f"{v['step']}: {v['score']:.3f}" for v in t.get("validation", [])),
+                 t.get("selected_step")]
                 for n, t in result["training"].items()]
         lines += ["## Training (same budget for each network)", "",
-                  markdown_table(["network", "params", "steps", "seconds", "s / step (median)", "selected step",
-                                  "val Dice by step"], body), ""]
+                  markdown_table(["network", "params", "steps", "seconds", "s / step (median)", "val Dice untrained",
+                                  "val Dice by step", "selected step"], body), "",
+                  "Validation Dice is scored like the test pairs (same code, data grid); the untrained value is "
+                  "shown for reference and is never selected.", ""]
     if result.get("skipped"):
         lines += ["## Skipped", ""] + [f"- {k}: {v}" for k, v in result["skipped"].items()] + [""]
     return "\n".join(lines)

@@ -60,7 +60,7 @@ from benchmarks.common import (
 )
 from benchmarks.peers import LEARNED, METHODS, available
 
-__all__ = ["run_speed", "write_speed", "plot_speed", "speed_inputs", "SPEED_COLUMNS", "DEMO_FOV_MM"]
+__all__ = ["run_speed", "write_speed", "plot_speed", "speed_inputs", "speed_spacing", "SPEED_COLUMNS", "DEMO_FOV_MM"]
 
 #: field of view of the demo grid (64x80x64 voxels at 2.5 mm)
 DEMO_FOV_MM = (160.0, 200.0, 160.0)
@@ -74,6 +74,11 @@ SPEED_COLUMNS = (
 
 
 # --------------------------------------------------------------------------- inputs
+def speed_spacing(size: Sequence[int]) -> tuple[float, float, float]:
+    """Voxel size (mm) of ``size`` voxels spanning the demo's 160x200x160 mm field of view."""
+    return tuple(fov / int(s) for fov, s in zip(DEMO_FOV_MM, size))  # type: ignore[return-value]
+
+
 def speed_inputs(size: Sequence[int], inputs: str = "demo", seed: int = 0):
     """The pair every method registers: ``(moving, fixed, spacing_mm)``, tensors ``(1, 1, D, H, W)`` in [0, 1]."""
     import numpy as np
@@ -82,7 +87,7 @@ def speed_inputs(size: Sequence[int], inputs: str = "demo", seed: int = 0):
     from benchmarks.common import minmax, resize_volume
 
     size = tuple(int(s) for s in size)
-    spacing = tuple(fov / s for fov, s in zip(DEMO_FOV_MM, size))
+    spacing = speed_spacing(size)
     if inputs == "demo":
         from psmamba.data.demo import build_demo
 
@@ -210,7 +215,7 @@ def child_probe(spec: dict) -> dict:
         # ANTs takes the voxel size of each grid; the networks are the same at every size
         key = size if name not in LEARNED else ()
         if key not in models:
-            models[key] = _build(name, spec, speed_inputs(size, "random")[2], device)
+            models[key] = _build(name, spec, speed_spacing(size), device)
         return models[key]
 
     plan = [(size, False) for size in sizes] + ([(train_size, True)] if train_size else [])
