@@ -305,6 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--backends", default="cpu,reference,mambapy")
     p.add_argument("--what", default="scan,layer")
     p.add_argument("--modes", default="fwd", help="fwd and/or train (forward + backward)")
+    p.add_argument("--extra", default="", help="extra L:d_model cases, e.g. 614400:8 (the issue's mambapy figure)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--mem-cap-gb", type=float, default=6.0, help="skip measurements estimated above this")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per measurement")
@@ -339,8 +340,11 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     header = f"{'lvl':>3} {'what':>5} {'mode':>5} {'L':>9} {'d':>4} {'backend':>9} {'seconds':>9} {'G upd/s':>8} {'x limit':>7} {'peak MB':>8} {'+MB':>7}"
     print(header)
-    for level in levels:
-        length, d_model = LEVELS[level]
+    cases = [(level, *LEVELS[level]) for level in levels]
+    for item in (x for x in args.extra.split(",") if x):
+        length, d_model = (int(v) for v in item.split(":"))
+        cases.append((f"x{d_model}", length, d_model))
+    for level, length, d_model in cases:
         if args.quick:
             length = max(64, length // 16)
         for what in whats:

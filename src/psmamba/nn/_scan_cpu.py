@@ -119,12 +119,14 @@ _JIT = dict(parallel=True, fastmath=True, cache=True, nogil=True)
 
 # The kernels' inner loops run over the N = 16 states, a trip count LLVM cannot see. Left to
 # itself it vectorises them 8 wide and interleaves 4 times (32 elements per iteration), so a
-# 16-long loop never enters the vector body and runs scalar. Compiling with one 16-wide vector
-# per iteration doubles the speed (measured: 0.59 -> 1.22 G updates/s per core for the forward).
-# These are LLVM's global command-line options: they are set only while our kernels compile
-# (under numba's compiler lock) and reset to LLVM's defaults (0 = "not forced") afterwards.
-_VECTOR_FLAGS = ("-force-vector-width=16", "-force-vector-interleave=1")
-_DEFAULT_FLAGS = ("-force-vector-width=0", "-force-vector-interleave=0")
+# 16-long loop never enters the vector body and runs scalar. Compiling without interleaving
+# (8 wide, two iterations for N = 16) doubles the speed (measured, the in-cache update of
+# benchmarks/bench_scan.py: 0.59 -> 1.31 G updates per CPU-second). This is one of LLVM's
+# global command-line options: it is set only while our kernels compile (under numba's
+# compiler lock) and reset to LLVM's default (0 = "not forced") afterwards. (Forcing the
+# width as well made LLVM print "loop not vectorized" warnings for every other loop.)
+_VECTOR_FLAGS = ("-force-vector-interleave=1",)
+_DEFAULT_FLAGS = ("-force-vector-interleave=0",)
 _compiled: set = set()
 
 
