@@ -224,7 +224,7 @@ def run_accuracy(
     rows = [r for r in rows if r not in skipped]
     out: dict[str, Any] = {
         "settings": {"data": data.name, "grid": list(grid), "data_grid": list(data.shape), "spacing_mm": list(data.spacing),
-                     "steps": steps, "lr": lr, "lam": lam, "lncc_window": 9, "optimiser": "Adam(amsgrad), constant lr",
+                     "steps": steps, "lr": lr, "lam": lam, "lncc_window": 9, "optimiser": "Adam (amsgrad), constant learning rate",
                      "batch": 1, "iters": iters, "val_every": val_every, "splits": list(splits), "rows": list(rows),
                      "seed": seed, "device": str(dev), "threads": threads, "one_way": one_way,
                      "n_pairs": {k: len(v) for k, v in data.pairs.items()},
@@ -328,7 +328,7 @@ def accuracy_markdown(result: dict, machine: dict, command: str) -> str:
         + (" (one direction of each pair)" if s.get("one_way") else " (every ordered pair)") + ".",
         f"Budget (the same for every network): {s['steps']} training steps, batch 1, on the {s['n_pairs'].get('train', 0)} "
         f"train pairs in one seeded order, at the grid {size_str(s['grid'])}; loss LNCC (window 9) + {s['lam']} x "
-        f"diffusion; {s['optimiser']} lr {s['lr']}; checkpoint chosen by mean Dice on the val pairs every "
+        f"diffusion; {s['optimiser']} {s['lr']}; checkpoint chosen by mean Dice on the val pairs every "
         f"{s['val_every']} steps and at the end; test-time refinement: {s['iters']} Adam steps (lr {s['lr']}) on a copy "
         f"of the weights per pair. ANTs and all scoring work on the data grid {size_str(s['data_grid'])}. "
         "Nothing was tuned on test pairs.", "",
