@@ -187,11 +187,12 @@ def test_peak_rss_is_resettable():
     if not common.reset_peak_rss():
         pytest.skip("no /proc/self/clear_refs here")
     base = common.peak_rss_mib()
-    block = np.ones(64 * 2**20 // 8)  # 64 MiB, touched
-    assert common.peak_rss_mib() > base + 50
+    block = np.ones(256 * 2**20 // 8)  # 256 MiB, touched (large margins: RSS counters may lag a little)
+    high = common.peak_rss_mib()
+    assert high > base + 128
     del block
     common.reset_peak_rss()
-    assert common.peak_rss_mib() < base + 50
+    assert common.peak_rss_mib() < high - 128
 
 
 def test_speed_probe_reports_oom_instead_of_raising(monkeypatch):
