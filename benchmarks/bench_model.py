@@ -88,6 +88,11 @@ class Splitter:
 
 
 def child(spec: dict) -> dict:
+    if spec.get("mem_cap_gb"):
+        # fail with MemoryError instead of exhausting the shared machine (RLIMIT_DATA covers
+        # malloc and anonymous mmap on Linux >= 4.7)
+        cap = int(spec["mem_cap_gb"] * 2**30)
+        resource.setrlimit(resource.RLIMIT_DATA, (cap, cap))
     import torch
 
     from psmamba.models import build_model
@@ -188,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--modes", default="fwd,train")
     p.add_argument("--quick", action="store_true", help="64x64x64 only")
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds per measurement")
+    p.add_argument("--mem-cap-gb", type=float, default=16.0,
+                   help="per-measurement memory limit (RLIMIT_DATA); a step that needs more reports an error")
     p.add_argument("--out", type=Path, default=RESULTS / "bench_model.json")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -215,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     for size in sizes:
         dims = [int(x) for x in size.lower().split("x")]
         for mode in modes:
-            res = run_child({"size": dims, "mode": mode}, args.timeout)
+            res = run_child({"size": dims, "mode": mode, "mem_cap_gb": args.mem_cap_gb}, args.timeout)
             rows.append({"size": size, "mode": mode, **res})
             if "wall_s" in res:
                 print(f"{size:>13} {mode:>5}: {res['wall_s']:8.2f} s wall ({res['cpu_s']:.1f} s CPU), "

@@ -209,19 +209,21 @@ def child(spec: dict) -> dict:
         if backend == "mambapy":
             block = _mambapy_block(d_model)
 
+            def to_mambapy(length: int):
+                # mambapy's own layout, contiguous: (B, L, ED) and (B, L, N)
+                xs = make_scan_inputs(length)
+                return [x.detach().transpose(1, 2).contiguous().requires_grad_(x.requires_grad)
+                        if x.ndim == 3 else x for x in xs]
+
             def run_on(xs):
-                u, delta, A, B, C, D = xs
-                # mambapy's layout: (B, L, ED) and (B, L, N)
-                return block.selective_scan(
-                    u.transpose(1, 2), delta.transpose(1, 2), A, B.transpose(1, 2), C.transpose(1, 2), D
-                )
+                return block.selective_scan(*xs)
         else:
             from psmamba.nn.scan import selective_scan
 
             def run_on(xs):
                 return selective_scan(*xs, backend=backend)
 
-        make = make_scan_inputs
+        make = to_mambapy if backend == "mambapy" else make_scan_inputs
     else:
         if backend == "mambapy":
             layer = _mambapy_block(d_model)
@@ -278,7 +280,9 @@ def estimate_gb(backend: str, mode: str, what: str, length: int, d_model: int) -
         return k * full * pow2 / length
     if backend == "reference":
         return 0.3 * full if mode == "fwd" else 4 * full
-    return length * e * 4 * 12 / 1e9  # ours: a dozen (L, E) tensors at worst
+    if what == "scan":  # ours: the inputs u, delta, y (L, E) and B, C (L, N), a transposed copy
+        return length * (4 * e + 3 * D_STATE) * 4 * (3 if mode == "train" else 1) / 1e9
+    return length * (8 * d_model + 2 * e) * 4 * (8 if mode == "train" else 1) / 1e9
 
 
 def run_child(spec: dict, timeout: float) -> dict:
@@ -308,6 +312,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--extra", default="", help="extra L:d_model cases, e.g. 614400:8 (the issue's mambapy figure)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--mem-cap-gb", type=float, default=6.0, help="skip measurements estimated above this")
+    p.add_argument("--reference-max-len", type=int, default=1_000_000,
+                   help="skip the (slow) reference backend above this L (its rate is flat in L)")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per measurement")
     p.add_argument("--out", type=Path, default=RESULTS / "bench_scan.json")
     p.add_argument("--child", help=argparse.SUPPRESS)
@@ -355,6 +361,8 @@ def main(argv: list[str] | None = None) -> int:
                     est = estimate_gb(backend, mode, what, length, d_model)
                     if est > args.mem_cap_gb:
                         res = {"skipped": f"estimated {est:.1f} GB > --mem-cap-gb {args.mem_cap_gb}"}
+                    elif backend == "reference" and length > args.reference_max_len:
+                        res = {"skipped": f"L > --reference-max-len {args.reference_max_len}"}
                     else:
                         res = run_child(spec, args.timeout)
                     row = {"level": level, **spec, "estimated_gb": round(est, 2), **res}
@@ -369,6 +377,7 @@ def main(argv: list[str] | None = None) -> int:
                         why = res.get("skipped") or res.get("error")
                         print(f"{level:>3} {what:>5} {mode:>5} {length:>9} {d_model:>4} {backend:>9}  -- {why}")
                     sys.stdout.flush()
+                    _write(args.out, info, limit, args, rows, [])  # partial results survive a stop
 
     # speed-ups of ours over the others, per (level, what, mode)
     speedups = []
@@ -384,6 +393,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"level {s['level']} {s['what']} {s['mode']}: cpu is {s['speedup']:.1f}x faster than {s['vs']}")
 
     info["loadavg_end"] = os.getloadavg()
+    _write(args.out, info, limit, args, rows, speedups)
+    print(f"wrote {args.out} (load average at the end: {info['loadavg_end']})")
+    return 0
+
+
+def _write(path: Path, info: dict, limit: dict, args, rows: list, speedups: list) -> None:
     out = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "machine": info,
@@ -394,10 +409,8 @@ def main(argv: list[str] | None = None) -> int:
         "results": rows,
         "speedups": speedups,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=2))
-    print(f"wrote {args.out} (load average at the end: {info['loadavg_end']})")
-    return 0
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=2))
 
 
 if __name__ == "__main__":

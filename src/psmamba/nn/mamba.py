@@ -156,9 +156,13 @@ class Mamba(nn.Module):
             x.requires_grad or any(p.requires_grad for p in self.parameters())
         )
         chunk = self.train_chunk if needs_grad else self.inference_chunk
-        can_carry = resolve_backend(self.backend, x) != "cuda"  # mamba_ssm takes no initial state
+        resolved = resolve_backend(self.backend, x)
+        can_carry = resolved != "cuda"  # mamba_ssm takes no initial state
+        # Inference with the numba backend: conv + SiLU, and dt_proj + softplus + the scan +
+        # the SiLU(z) gate, run as two fused kernels (no intermediate (B, E, l) tensors).
+        piece_fn = self._forward_piece_fused if (resolved == "cpu" and not needs_grad) else self._forward_piece
         if not chunk or length <= chunk or not can_carry:
-            out, _, _ = self._forward_piece(x, None, None)
+            out, _, _ = piece_fn(x, None, None)
             return out
 
         conv_hist, h = None, None
@@ -180,8 +184,45 @@ class Mamba(nn.Module):
         out = x.new_empty(batch, length, self.d_model)
         for start in range(0, length, chunk):
             piece = x[:, start : start + chunk]
-            out[:, start : start + chunk], conv_hist, h = self._forward_piece(piece, conv_hist, h)
+            out[:, start : start + chunk], conv_hist, h = piece_fn(piece, conv_hist, h)
         return out
+
+    def _forward_piece_fused(
+        self,
+        x: torch.Tensor,
+        conv_hist: torch.Tensor | None,
+        h0: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`_forward_piece` for inference on the CPU with the fused numba kernels.
+
+        Same contract and the same numbers (to float rounding); no autograd.
+        """
+        from psmamba.nn._scan_cpu import conv_silu_cpu, fused_scan_cpu
+
+        batch, length, _ = x.shape
+        e, n, k, r = self.d_inner, self.d_state, self.d_conv, self.dt_rank
+        xz = torch.matmul(self.in_proj.weight, x.transpose(1, 2))  # (B, 2E, l)
+        if self.in_proj.bias is not None:
+            xz = xz + self.in_proj.bias[:, None]
+        xs = xz[:, :e]  # (B, E, l) view; z is the second half, read by the kernel
+        if conv_hist is None:
+            conv_hist = xs.new_zeros(batch, e, k - 1)
+        new_hist = torch.cat([conv_hist, xs[..., max(0, length - (k - 1)) :]], dim=-1)[..., -(k - 1) :]
+        xc = conv_silu_cpu(xz, conv_hist, self.conv1d.weight, self.conv1d.bias)  # (B, E, l)
+        w_dt, w_b, w_c = self.x_proj.weight.split([r, n, n], dim=0)
+        dt_low = torch.matmul(w_dt, xc)  # (B, dt_rank, l)
+        xc_t = xc.transpose(1, 2)
+        b_in = torch.matmul(xc_t, w_b.t())  # (B, l, N)
+        c_out = torch.matmul(xc_t, w_c.t())
+        hi = torch.promote_types(self.A_log.dtype, torch.float32)
+        A = -torch.exp(self.A_log.to(hi))
+        y, h_last = fused_scan_cpu(
+            xc, dt_low, self.dt_proj.weight, self.dt_proj.bias, A, b_in, c_out, self.D.to(hi), xz, h0
+        )
+        out = torch.matmul(y.transpose(1, 2), self.out_proj.weight.t())  # (B, l, d_model)
+        if self.out_proj.bias is not None:
+            out = out + self.out_proj.bias
+        return out, new_hist.contiguous(), h_last
 
     def _forward_piece(
         self,
