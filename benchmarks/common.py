@@ -194,26 +194,33 @@ def current_rss_mib() -> float:
         return float("nan")
 
 
-def _vm_hwm_kib() -> int | None:
+def _proc_status_kib(key: str) -> int | None:
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(key + ":"):
                 return int(line.split()[1])
     except (OSError, ValueError, IndexError):
         pass
     return None
 
 
+def _vm_hwm_kib() -> int | None:
+    return _proc_status_kib("VmHWM")
+
+
 def reset_peak_rss() -> bool:
     """Reset this process's peak-RSS mark to its current RSS (Linux: ``echo 5 > /proc/self/clear_refs``).
 
-    Returns False where that is impossible; :func:`peak_rss_mib` then keeps meaning "peak so far".
+    Returns False where that is impossible, or where the kernel accepted the write but the mark
+    did not come down to the current RSS (seen on some kernels); :func:`peak_rss_mib` then keeps
+    meaning "peak so far", which is why speed probes run each method in a fresh process.
     """
     try:
         Path("/proc/self/clear_refs").write_text("5")
-        return _vm_hwm_kib() is not None
     except OSError:
         return False
+    hwm, rss = _vm_hwm_kib(), _proc_status_kib("VmRSS")
+    return hwm is not None and rss is not None and hwm <= rss + 16 * 2**10
 
 
 def peak_rss_mib() -> float:

@@ -185,7 +185,7 @@ def test_speed_children_and_report(tmp_path):
 
 def test_peak_rss_is_resettable():
     if not common.reset_peak_rss():
-        pytest.skip("no /proc/self/clear_refs here")
+        pytest.skip("this kernel cannot reset the peak-RSS mark (no /proc/self/clear_refs, or it has no effect)")
     base = common.peak_rss_mib()
     block = np.ones(256 * 2**20 // 8)  # 256 MiB, touched (large margins: RSS counters may lag a little)
     high = common.peak_rss_mib()
