@@ -2,26 +2,33 @@
 
 Technique (chosen by measurement, see ``benchmarks/bench_scan.py``)
 -------------------------------------------------------------------
-* **Lanes over channels.** The kernels keep ``W`` consecutive channels in the lanes of one
-  SIMD vector and the ``N`` states of those channels in ``N`` vectors, so each time step is
-  ``N`` vector updates ``h = exp(dt*A) * h + (dt*u) * B_t`` and the readout ``y += C_t * h``
-  needs no horizontal sum. Inputs are therefore transposed to a time-major ``(B, L, E)``
-  layout (the Mamba layer's natural one) and ``B``, ``C`` to ``(B, L, N)``.
+* **Vectors over the N states.** Each channel's state ``h`` (``N = 16`` floats) is the
+  vector: one time step is ``h = exp(dt*A) * h + (dt*u) * B_t`` and ``y = C_t . h + D u`` over
+  the ``N`` lanes. ``u``, ``delta``, ``y`` stay in mamba_ssm's ``(B, E, L)`` layout (each
+  channel's steps contiguous); ``B`` and ``C`` are read time-major, ``(B, L, N)``, one row per
+  step. (Vectors over channels, the other choice, did not vectorise reliably in numba.)
 * **A vectorisable exp.** Without Intel SVML (which current numba/llvmlite wheels do not use)
   LLVM calls scalar ``expf`` once per state element, and the scan becomes exp-bound. ``_exp``
   below is written in plain arithmetic (range reduction to ``2^k * 2^f`` with a degree-6
   polynomial for ``2^f`` on ``[-1/2, 1/2]`` and ``2^k`` built from its bits), so LLVM vectorises
   it. Its relative error is ~1e-7, the size of float32 rounding. float64 uses ``math.exp``
   (the float64 path exists for ``gradcheck``, not for speed).
-* **Threads over (batch, channel block).** Each of the ``B * E / W`` units scans the whole
-  sequence; the units run in a numba ``prange``.
+* **No interleaving.** The kernels are compiled with LLVM's ``-force-vector-interleave=1``
+  (see ``_VECTOR_FLAGS``): by default LLVM processes 32 elements per vector iteration, more
+  than ``N = 16``, and the loops then ran scalar.
+* **Threads over (batch, channel block) units.** Each unit scans the whole sequence for its
+  channels, ``K`` steps at a time, running its channels one after the other inside a chunk
+  so that the chunk's rows of ``B``/``C`` come from cache; the units run in a numba ``prange``.
 * **Memory that does not grow with L x E x N.** The forward pass keeps the state only every
-  ``K`` steps (checkpoints ``(B, L/K, N, E)``). The backward pass walks the chunks from the
-  last; inside a chunk it recomputes the states and decays from the checkpoint into a small
-  per-thread buffer ``(K, N, W)`` and then runs the adjoint recurrence
-  ``G_t = C_t dy_t + exp(dt_{t+1} A) G_{t+1}`` backwards. ``dB`` and ``dC`` are sums over
-  channels, so every block writes its part for the chunk into its own slice of a
-  ``(B, blocks, K, N)`` buffer, reduced after the chunk: no write races and bounded memory.
+  ``K`` steps (checkpoints ``(B, L/K, E, N)``; none in inference). The backward pass walks
+  the chunks from the last; inside a chunk it recomputes the states and decays from the
+  checkpoint into per-unit buffers ``(K, N)``, runs the adjoint recurrence
+  ``G_t = C_t dy_t + exp(dt_{t+1} A) G_{t+1}`` backwards (the only sequential part), then
+  forms the gradients in vectorised passes. ``dB`` and ``dC`` are sums over channels, so each
+  unit adds its channels' parts into its own rows of a bounded ``(units, S, N)`` buffer,
+  summed once per sync block of ``S`` steps: no write races, few thread barriers.
+* **Fused inference.** Without autograd the Mamba layer calls two more kernels: causal
+  conv + SiLU, and ``softplus(dt_proj(.))`` + scan + ``SiLU(z)`` gate in one pass.
 
 Gradients (``a_t = exp(dt_t A)``; ``G_t`` = gradient of the loss w.r.t. ``h_t``)::
 
@@ -31,18 +38,19 @@ Gradients (``a_t = exp(dt_t A)``; ``G_t`` = gradient of the loss w.r.t. ``h_t``)
     du_t      = sum_n G_t dt_t B_t + D dy_t     dD = sum_t dy_t u_t
     dh0       = a_1 G_1
 
-The first call compiles the kernels (a few seconds per dtype); ``cache=True`` keeps the
-machine code on disk for later processes.
+The first call compiles the kernels (tens of seconds per dtype on a 2-core machine);
+``cache=True`` keeps the machine code on disk (``__pycache__``, or numba's user cache when
+the package folder is read-only), so later processes load it in about a second.
 """
 
 from __future__ import annotations
 
 import math
 
+import llvmlite.binding as llvm
 import numba
 import numpy as np
 import torch
-import llvmlite.binding as llvm
 from llvmlite import ir
 from numba import njit, prange, types
 from numba.core.compiler_lock import global_compiler_lock
