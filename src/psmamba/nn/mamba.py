@@ -43,6 +43,23 @@ from psmamba.nn.scan import resolve_backend, selective_scan
 __all__ = ["Mamba"]
 
 
+
+def _linear_channels_first(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``weight @ x[b].T`` for every batch item: ``(B, l, d_in)`` -> ``(B, d_out, l)``, contiguous.
+
+    One GEMM per batch item with the transposed operand handed to BLAS; ``torch.matmul`` with
+    a 2-D weight would compute ``x @ W.T`` and then transpose it by copying (slow: at level 1
+    that copy cost more than the GEMM itself).
+    """
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        if x.shape[0] == 1:
+            return torch.mm(weight, x[0].t()).unsqueeze(0)
+        return torch.stack([torch.mm(weight, x[b].t()) for b in range(x.shape[0])])
+    out = x.new_empty(x.shape[0], weight.shape[0], x.shape[1])
+    for b in range(x.shape[0]):
+        torch.mm(weight, x[b].t(), out=out[b])
+    return out
+
 class Mamba(nn.Module):
     """Mamba v1 token mixer: ``(B, L, d_model) -> (B, L, d_model)``.
 
@@ -201,7 +218,7 @@ class Mamba(nn.Module):
 
         batch, length, _ = x.shape
         e, n, k, r = self.d_inner, self.d_state, self.d_conv, self.dt_rank
-        xz = torch.matmul(self.in_proj.weight, x.transpose(1, 2))  # (B, 2E, l)
+        xz = _linear_channels_first(x, self.in_proj.weight)  # (B, 2E, l)
         if self.in_proj.bias is not None:
             xz = xz + self.in_proj.bias[:, None]
         xs = xz[:, :e]  # (B, E, l) view; z is the second half, read by the kernel
@@ -246,7 +263,7 @@ class Mamba(nn.Module):
         # Channels-first throughout, as mamba_ssm's own slow path: every matmul writes its
         # result directly in the layout the next step reads (BLAS takes the transposed
         # operands), so no (B, l, E) tensor is ever transposed by copying.
-        xz = torch.matmul(self.in_proj.weight, x.transpose(1, 2))  # (B, 2E, l)
+        xz = _linear_channels_first(x, self.in_proj.weight)  # (B, 2E, l)
         if self.in_proj.bias is not None:
             xz = xz + self.in_proj.bias[:, None]
         xs, z = xz[:, :e], xz[:, e:]  # (B, E, l) each, rows contiguous
