@@ -149,19 +149,29 @@ def child(spec: dict) -> dict:
             return 0.0
 
     step(smooth_volume((32, 32, 32), 3), smooth_volume((32, 32, 32), 4))  # warm-up: numba cache
-    split.seconds.clear()
+    repeats = max(1, int(spec.get("repeats", 1)))
+    runs = []  # (wall, cpu, backward, split seconds) per measured step
+    peak = 0.0
     rss_before = _status_mb("VmRSS")
-    hwm_ok = _reset_peak()
-    t_wall, t_cpu = time.perf_counter(), time.process_time()
-    backward_s = step(moving, fixed)
-    wall, cpu = time.perf_counter() - t_wall, time.process_time() - t_cpu
-    peak = _status_mb("VmHWM") if hwm_ok else None
-    if peak is None:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    for _ in range(repeats):
+        split.seconds.clear()
+        hwm_ok = _reset_peak()
+        t_wall, t_cpu = time.perf_counter(), time.process_time()
+        backward_s = step(moving, fixed)
+        wall, cpu = time.perf_counter() - t_wall, time.process_time() - t_cpu
+        run_peak = _status_mb("VmHWM") if hwm_ok else None
+        if run_peak is None:
+            run_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        peak = max(peak, run_peak)
+        runs.append((wall, cpu, backward_s, dict(split.seconds)))
+    # the median step by wall time (the machine is shared: single runs vary by 10-20 %)
+    wall, cpu, backward_s, seconds = sorted(runs, key=lambda r: r[0])[len(runs) // 2]
     forward_s = wall - backward_s
-    parts = {k: round(v, 3) for k, v in split.seconds.items()}
-    parts["rest (warps, upsampling, compose, pad)"] = round(forward_s - sum(split.seconds[n] for n in top), 3)
+    parts = {k: round(v, 3) for k, v in seconds.items()}
+    parts["rest (warps, upsampling, compose, pad)"] = round(forward_s - sum(seconds.get(n, 0.0) for n in top), 3)
     return {
+        "repeats": repeats,
+        "wall_s_each": [round(r[0], 3) for r in runs],
         "wall_s": wall,
         "cpu_s": cpu,
         "forward_s": forward_s,
@@ -170,7 +180,7 @@ def child(spec: dict) -> dict:
         "rss_before_mb": rss_before,
         "peak_method": "VmHWM after clear_refs reset" if hwm_ok else "ru_maxrss (whole process)",
         "forward_split_s": parts,
-        "mamba_total_s": round(sum(split.seconds[n] for n in mamba_names), 3),
+        "mamba_total_s": round(sum(seconds.get(n, 0.0) for n in mamba_names), 3),
         "parameters": sum(p.numel() for p in model.parameters()),
     }
 
@@ -192,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sizes", default="96x112x96,160x192x160", help="comma-separated DxHxW")
     p.add_argument("--modes", default="fwd,train")
     p.add_argument("--quick", action="store_true", help="64x64x64 only")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="measured steps per size and mode after the warm-up (the median is reported; default 3)")
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds per measurement")
     p.add_argument("--mem-cap-gb", type=float, default=16.0,
                    help="per-measurement memory limit (RLIMIT_DATA); a step that needs more reports an error")
@@ -222,10 +234,13 @@ def main(argv: list[str] | None = None) -> int:
     for size in sizes:
         dims = [int(x) for x in size.lower().split("x")]
         for mode in modes:
-            res = run_child({"size": dims, "mode": mode, "mem_cap_gb": args.mem_cap_gb}, args.timeout)
+            res = run_child(
+                {"size": dims, "mode": mode, "mem_cap_gb": args.mem_cap_gb, "repeats": args.repeats}, args.timeout
+            )
             rows.append({"size": size, "mode": mode, **res})
             if "wall_s" in res:
-                print(f"{size:>13} {mode:>5}: {res['wall_s']:8.2f} s wall ({res['cpu_s']:.1f} s CPU), "
+                print(f"{size:>13} {mode:>5}: {res['wall_s']:8.2f} s wall (median of {res['wall_s_each']}; "
+                      f"{res['cpu_s']:.1f} s CPU), "
                       f"peak RSS {res['peak_rss_mb'] / 1024:.2f} GB; Mamba layers {res['mamba_total_s']:.2f} s of "
                       f"the {res['forward_s']:.2f} s forward")
                 for name, sec in res["forward_split_s"].items():

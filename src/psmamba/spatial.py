@@ -117,6 +117,12 @@ def warp(
         if ddf.shape[0] != 1:
             raise PsmambaError(f"image batch {image.shape[0]} and ddf batch {ddf.shape[0]} differ")
         ddf = ddf.expand(image.shape[0], -1, -1, -1, -1)
+    if mode == "bilinear" and padding == "zeros" and image.is_floating_point():
+        from psmamba.nn.fast import warp_trilinear_cpu
+
+        fast = warp_trilinear_cpu(image, ddf.to(image.dtype))  # None unless CPU inference
+        if fast is not None:
+            return fast
     out_dtype = image.dtype
     if not image.is_floating_point():
         if mode != "nearest":

@@ -22,6 +22,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     meth.add_argument("--identity", action="store_true", help="no registration (the 'before' baseline)")
     meth.add_argument("--iters", type=int, default=0, metavar="N",
                       help="test-time optimisation steps per pair (see psmamba register --help)")
+    meth.add_argument("--refine", choices=("weights", "field"), default="weights",
+                      help="with --checkpoint and --iters: fine-tune a copy of the weights per pair (default) "
+                           "or refine the network's field (see psmamba register --help)")
     meth.add_argument("--lr", type=float, default=None, help="learning rate of --iters")
     meth.add_argument("--lambda", dest="lam", type=float, default=None, metavar="W",
                       help="diffusion weight of --iters (default 1 for a network, 3 for a field)")
@@ -128,9 +131,10 @@ def run(args: argparse.Namespace) -> int:
     if method is None and args.checkpoint:
         from pathlib import Path
 
-        method = Path(args.checkpoint).stem + (f"+tto{args.iters}" if args.iters else "")
+        tto = ("+tto" if args.refine == "weights" else "+field") + str(args.iters)
+        method = Path(args.checkpoint).stem + (tto if args.iters else "")
     result = evaluate_pairs(
-        pairs, model=model, identity=args.identity, iters=args.iters, lr=args.lr,
+        pairs, model=model, identity=args.identity, iters=args.iters, refine=args.refine, lr=args.lr,
         lam=args.lam, device=args.device, labels=labels, hd95=not args.no_hd95, method=method,
         model_size=args.model_size, progress=not args.quiet,
     )

@@ -369,6 +369,7 @@ def evaluate_pairs(
     model: "torch.nn.Module | None" = None,
     identity: bool = False,
     iters: int = 0,
+    refine: str = "weights",
     lr: float | None = None,
     lam: float | None = None,
     device: "str | torch.device" = "auto",
@@ -385,7 +386,7 @@ def evaluate_pairs(
         checkpoint / model: the network (loaded once, shared by all pairs; with ``iters > 0``
             each pair fine-tunes its own copy). Exclusive with ``identity``.
         identity: score the unregistered pairs (the "initial" row of the paper's tables).
-        iters, lr, lam, device, model_size: as :func:`psmamba.engine.register.register_pair`
+        iters, refine, lr, lam, device, model_size: as :func:`psmamba.engine.register.register_pair`
             (``iters > 0`` with no network is instance optimisation of the field).
         labels: label codes to score (default: all non-zero codes in either map).
         hd95: also compute HD95 (the slowest metric on large volumes).
@@ -435,7 +436,7 @@ def evaluate_pairs(
         res = register_pair(
             pair.fixed, pair.moving,
             moving_labels=pair.moving_labels, fixed_labels=pair.fixed_labels,
-            model=model, iters=iters, lr=lr, lam=lam, device=dev,
+            model=model, iters=iters, refine=refine, lr=lr, lam=lam, device=dev,
             model_size=model_size, overview=False, labels=labels,
         )
         s = res.summary

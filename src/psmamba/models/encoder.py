@@ -6,6 +6,7 @@ import torch
 import torch.nn as nn
 
 from psmamba.nn.blocks import SE, ConvIN
+from psmamba.nn.fast import AvgPool2
 
 __all__ = ["Encoder", "DualStreamEncoder", "NUM_LEVELS"]
 
@@ -40,7 +41,7 @@ class Encoder(nn.Module):
         for _ in range(NUM_LEVELS - 1):
             levels.append(
                 nn.Sequential(
-                    nn.AvgPool3d(2),
+                    AvgPool2(),
                     ConvIN(width, 2 * width),
                     ConvIN(2 * width, 2 * width),
                     SE(2 * width, se_reduction),

@@ -58,6 +58,7 @@ from psmamba.models.decoder import DecoderBlock
 from psmamba.models.encoder import NUM_LEVELS, DualStreamEncoder
 from psmamba.models.refinement import SubstrateIterativeRefinement
 from psmamba.nn.blocks import SFE, LevelProjection
+from psmamba.nn.fast import CHANNELS_LAST
 
 __all__ = ["PSMambaNet", "RegistrationOutput", "PAD_MULTIPLE"]
 
@@ -126,6 +127,12 @@ class PSMambaNet(nn.Module):
             integrate=cfg.diff,
             int_steps=cfg.int_steps,
         )
+        # Activations live in channels-last memory format (channels innermost): oneDNN's
+        # convolutions are faster on it, the Mamba layer's token view is free and the fast
+        # per-voxel kernels of psmamba.nn.fast need it. Conv weights in that format make every
+        # convolution, the first one on a 1-channel image included, produce it. Parameter
+        # values, names and checkpoints are unchanged.
+        self.to(memory_format=CHANNELS_LAST)
 
     # ------------------------------------------------------------------ forward
     def _check_inputs(self, moving: torch.Tensor, fixed: torch.Tensor) -> None:
@@ -165,6 +172,8 @@ class PSMambaNet(nn.Module):
         self._check_inputs(moving, fixed)
         moving_p, size = spatial.pad_to_multiple(moving, PAD_MULTIPLE)
         fixed_p, _ = spatial.pad_to_multiple(fixed, PAD_MULTIPLE)
+        moving_p = moving_p.contiguous(memory_format=CHANNELS_LAST)
+        fixed_p = fixed_p.contiguous(memory_format=CHANNELS_LAST)
 
         fixed_feats, moving_feats = self.encoder(fixed_p, moving_p)  # 5 levels each, finest first
         proj5 = self.projections[NUM_LEVELS - 1]
@@ -178,7 +187,7 @@ class PSMambaNet(nn.Module):
             w = self._integrate(self.decoders[k - 1](proj(fixed_feats[k - 1]), proj(m)))
             flow = spatial.compose(flow, w)  # T_k(flow, w) + w
 
-        ddf = spatial.crop_to(flow, size)
+        ddf = spatial.crop_to(flow, size).contiguous()
         warped = spatial.warp(moving, ddf)
         return RegistrationOutput(warped=warped, ddf=ddf)
 

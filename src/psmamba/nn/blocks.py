@@ -35,6 +35,8 @@ from collections.abc import Iterator
 import torch
 import torch.nn as nn
 
+from psmamba.nn.fast import instance_norm_act, level_projection, pointwise_conv
+
 __all__ = [
     "ConvNormAct",
     "ConvIN",
@@ -83,7 +85,8 @@ class ConvNormAct(nn.Module):
         self.act = act if act is not None else nn.LeakyReLU(0.1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(self.norm(self.conv(x)))
+        y = pointwise_conv(x, self.conv)  # a plain conv unless 1x1x1 on channels-last data
+        return instance_norm_act(y, self.act, eps=self.norm.eps, inplace=True)
 
 
 def ConvIN(in_ch: int, out_ch: int) -> ConvNormAct:  # noqa: N802  (named as in the spec)
@@ -157,6 +160,9 @@ class LevelProjection(nn.Module):
         nn.init.zeros_(self.linear.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fused = level_projection(x, self.linear, 1.0 + self.norm.weight, self.norm.eps)
+        if fused is not None:  # inference on channels-last CPU data
+            return fused
         y = self.norm(self.linear(x.movedim(1, -1)))  # (B, D, H, W, C)
         return y.movedim(-1, 1)
 
@@ -274,7 +280,9 @@ class SMB(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.mixer(self.sfe(x))
-        return self.mlp(self.norm(x))
+        x = instance_norm_act(x, None, eps=self.norm.eps)
+        conv1, act, conv2 = self.mlp
+        return pointwise_conv(act(pointwise_conv(x, conv1)), conv2)
 
 
 class MambaBlock(SMB):
