@@ -24,28 +24,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-import nibabel as nib
-import numpy as np
 import pytest
 import torch
 import yaml
 
 from psmamba.cli import main
 
-SHAPE = (24, 16, 16)
-
-
-def make_folder(root: Path, n: int = 6, seed: int = 0) -> Path:
-    """``n`` smooth random volumes with label maps (the same fixture as tests/test_train.py)."""
-    root.mkdir(parents=True, exist_ok=True)
-    g = torch.Generator().manual_seed(seed)
-    affine = np.diag([2.0, 2.0, 2.0, 1.0])
-    for k in range(n):
-        x = torch.nn.functional.avg_pool3d(torch.rand(1, 1, *SHAPE, generator=g), 5, 1, 2)[0, 0].numpy()
-        lab = np.digitize(x, np.quantile(x, [0.4, 0.7])).astype(np.int16)
-        nib.save(nib.Nifti1Image(x.astype(np.float32), affine), root / f"sub{k}.nii.gz")
-        nib.save(nib.Nifti1Image(lab, affine), root / f"sub{k}_seg.nii.gz")
-    return root
+from _folders import SHAPE, make_folder  # noqa: E402  (tests/ is on sys.path under pytest)
 
 
 def free_port() -> int:

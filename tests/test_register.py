@@ -21,14 +21,7 @@ from psmamba.engine.register import (
 from psmamba.errors import PsmambaError
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Run torch on one thread here: on these tiny volumes a second thread gains little, and on a
-    machine shared with other jobs it makes every small op wait (5-10x slower measured)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # --------------------------------------------------------------------------- fixtures

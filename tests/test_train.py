@@ -14,7 +14,6 @@ import sys
 import time
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import pytest
 import torch
@@ -26,20 +25,7 @@ from psmamba.engine.distributed import epoch_order, rank_batches, steps_per_epoc
 from psmamba.engine.train import poly_lr
 from psmamba.errors import PsmambaError
 
-SHAPE = (24, 16, 16)
-
-
-def make_folder(root: Path, n: int = 6, seed: int = 0) -> Path:
-    """``n`` smooth random volumes ``subK.nii.gz`` with label maps ``subK_seg.nii.gz`` (codes 0-2)."""
-    root.mkdir(parents=True, exist_ok=True)
-    g = torch.Generator().manual_seed(seed)
-    affine = np.diag([2.0, 2.0, 2.0, 1.0])
-    for k in range(n):
-        x = torch.nn.functional.avg_pool3d(torch.rand(1, 1, *SHAPE, generator=g), 5, 1, 2)[0, 0].numpy()
-        lab = np.digitize(x, np.quantile(x, [0.4, 0.7])).astype(np.int16)
-        nib.save(nib.Nifti1Image(x.astype(np.float32), affine), root / f"sub{k}.nii.gz")
-        nib.save(nib.Nifti1Image(lab, affine), root / f"sub{k}_seg.nii.gz")
-    return root
+from _folders import SHAPE, make_folder  # noqa: E402  (tests/ is on sys.path under pytest)
 
 
 def tiny_config(root: Path, cache: Path, **sections) -> dict:
