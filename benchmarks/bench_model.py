@@ -30,11 +30,15 @@ import json
 import os
 import platform
 import resource
-import subprocess
 import sys
 import time
 from collections import defaultdict
 from pathlib import Path
+
+try:
+    from benchmarks._child import run_json_child
+except ImportError:  # run as a script: python benchmarks/<this file>.py
+    from _child import run_json_child
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -186,15 +190,7 @@ def child(spec: dict) -> dict:
 
 
 def run_child(spec: dict, timeout: float) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {timeout:.0f} s"}
-    if proc.returncode != 0:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["(no output)"]
-        return {"error": f"exit {proc.returncode}: {tail[0][:300]}"}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_json_child(__file__, spec, timeout, err_chars=300)
 
 
 def main(argv: list[str] | None = None) -> int:

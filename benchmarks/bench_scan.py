@@ -41,10 +41,14 @@ import os
 import platform
 import resource
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+try:
+    from benchmarks._child import run_json_child
+except ImportError:  # run as a script: python benchmarks/<this file>.py
+    from _child import run_json_child
 
 # (level, L at 160x192x160, d_model) from the architecture table
 LEVELS = {
@@ -286,15 +290,7 @@ def estimate_gb(backend: str, mode: str, what: str, length: int, d_model: int) -
 
 
 def run_child(spec: dict, timeout: float) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {timeout:.0f} s"}
-    if proc.returncode != 0:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["(no output)"]
-        return {"error": f"exit {proc.returncode}: {tail[0][:200]}"}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_json_child(__file__, spec, timeout, err_chars=200)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -23,13 +23,7 @@ from psmamba.models import RegistrationOutput
 from psmamba.spatial import warp
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread: on a loaded 2-core machine two threads spin-wait on each other."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class Shift(nn.Module):
@@ -241,3 +235,30 @@ def test_accuracy_harness_end_to_end(tmp_path):
 def test_accuracy_rejects_unknown_rows():
     with pytest.raises(ValueError, match="unknown accuracy rows"):
         run_accuracy(_tiny_data(), rows=("identity", "magic"), log=None)
+
+
+def test_bench_scan_and_bench_model_scripts_write_their_json(tmp_path):
+    """The two issue-4 scripts run end to end as scripts (tiny settings) and save their figures."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    scan_out, model_out = tmp_path / "scan.json", tmp_path / "model.json"
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, str(root / "benchmarks" / "bench_scan.py"), "--quick", "--levels", "5",
+                    "--backends", "cpu,reference", "--repeats", "1", "--out", str(scan_out)],
+                   check=True, capture_output=True, text=True, timeout=600, env=env)
+    scan = json.loads(scan_out.read_text())
+    assert scan["limit"]["updates_per_s"] > 0
+    rows = {(r["what"], r["backend"]): r for r in scan["results"]}
+    assert {("scan", "cpu"), ("scan", "reference"), ("layer", "cpu")} <= rows.keys()
+    assert all(r["seconds"] > 0 and r["peak_rss_mb"] > 0 for r in rows.values())
+
+    subprocess.run([sys.executable, str(root / "benchmarks" / "bench_model.py"), "--sizes", "32x32x32",
+                    "--modes", "fwd", "--repeats", "2", "--out", str(model_out)],
+                   check=True, capture_output=True, text=True, timeout=600, env=env)
+    model = json.loads(model_out.read_text())
+    (res,) = model["results"]
+    assert res["size"] == "32x32x32" and len(res["wall_s_each"]) == 2 and res["peak_rss_mb"] > 0
+    assert "decoder L1" in res["forward_split_s"] and res["parameters"] == 8_408_063
