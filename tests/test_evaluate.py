@@ -142,6 +142,13 @@ def test_instance_optimisation_and_network_evaluation(tmp_path):
     summary = summarize(read_results(out).pair_rows)
     assert summary["pairs"] == 1 and np.isfinite(summary["dice"][0])
     assert "| tiny | 1 |" in format_summary_table([summary])
+    # --refine field: the untrained network's (near-zero) field refined on the pair
+    out2 = tmp_path / "net_field.csv"
+    assert main(["evaluate", "--pairs", _pairs_csv(tmp_path, pair), "--checkpoint", str(ckpt), "--iters", "30",
+                 "--refine", "field", "--device", "cpu", "--no-hd95", "--out", str(out2), "--quiet"]) == 0
+    refined = read_results(out2).pair_rows[0]
+    assert refined["method"] == "tiny+field30"
+    assert refined["dice_mean"] > summary["dice"][0] + 0.1
 
 
 def _pairs_csv(tmp_path, pair):
