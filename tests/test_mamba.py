@@ -108,6 +108,28 @@ def test_chunked_inference_equals_one_piece():
     torch.testing.assert_close(pieces, whole, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_pre_and_residual_run_piece_by_piece_like_the_whole(backend):
+    """``mamba(x, pre=norm, residual=True)`` = ``x + mamba(norm(x))`` in one piece, in chunks and with autograd."""
+    torch.manual_seed(5)
+    m = Mamba(8, backend=backend)
+    norm = torch.nn.LayerNorm(8)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    x = torch.randn(2, 50, 8) * 3 + 1
+    with torch.no_grad():
+        want = x + m(norm(x))
+        m.inference_chunk = 7
+        got = m(x, pre=norm, residual=True)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    m.train_chunk = 7
+    xg = x.clone().requires_grad_(True)
+    got_grad = m(xg, pre=norm, residual=True)
+    torch.testing.assert_close(got_grad.detach(), want, rtol=1e-5, atol=1e-5)
+    got_grad.sum().backward()
+    assert xg.grad is not None and torch.isfinite(xg.grad).all()
+
+
 def test_training_uses_one_piece_and_gets_gradients():
     torch.manual_seed(4)
     m = Mamba(8, backend="reference")

@@ -35,7 +35,7 @@ from collections.abc import Iterator
 import torch
 import torch.nn as nn
 
-from psmamba.nn.fast import instance_norm_act, level_projection, pointwise_conv
+from psmamba.nn.fast import instance_norm_act, level_projection, pointwise_conv, pointwise_mlp
 
 __all__ = [
     "ConvNormAct",
@@ -214,7 +214,7 @@ class MambaMixer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         t = to_tokens(x)  # (B, L, dim)
-        t = t + self.mamba(self.norm(t))
+        t = self.mamba(t, pre=self.norm, residual=True)  # t + Mamba(LayerNorm(t)), chunk by chunk
         return from_tokens(t, x.shape[2:])
 
 
@@ -282,7 +282,7 @@ class SMB(nn.Module):
         x = self.mixer(self.sfe(x))
         x = instance_norm_act(x, None, eps=self.norm.eps)
         conv1, act, conv2 = self.mlp
-        return pointwise_conv(act(pointwise_conv(x, conv1)), conv2)
+        return pointwise_mlp(x, conv1, act, conv2)
 
 
 class MambaBlock(SMB):

@@ -31,6 +31,7 @@ computation (to rounding).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 import math
 
 import torch
@@ -157,11 +158,17 @@ class Mamba(nn.Module):
             f"expand={self.expand}, dt_rank={self.dt_rank}, backend={self.backend!r}"
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Mix tokens along the sequence.
+    def forward(
+        self, x: torch.Tensor, pre: Callable[[torch.Tensor], torch.Tensor] | None = None, residual: bool = False
+    ) -> torch.Tensor:
+        """Mix tokens along the sequence: ``mamba(pre(x)) (+ x if residual)``.
 
         Args:
             x: ``(B, L, d_model)``.
+            pre: a per-token function applied to the input first (the block's LayerNorm);
+                in chunked inference it runs chunk by chunk, so its output for the whole
+                sequence is never held at once.
+            residual: add ``x`` to the output (again chunk by chunk in inference).
 
         Returns:
             ``(B, L, d_model)``.
@@ -179,8 +186,8 @@ class Mamba(nn.Module):
         # the SiLU(z) gate, run as two fused kernels (no intermediate (B, E, l) tensors).
         piece_fn = self._forward_piece_fused if (resolved == "cpu" and not needs_grad) else self._forward_piece
         if not chunk or length <= chunk or not can_carry:
-            out, _, _ = piece_fn(x, None, None)
-            return out
+            out, _, _ = piece_fn(x if pre is None else pre(x), None, None)
+            return out + x if residual else out
 
         conv_hist, h = None, None
         if needs_grad:
@@ -189,19 +196,24 @@ class Mamba(nn.Module):
             # the backward pass), so the layer's saved memory does not grow with L * E.
             from torch.utils.checkpoint import checkpoint
 
+            xin = x if pre is None else pre(x)
             outs = []
             for start in range(0, length, chunk):
-                piece = x[:, start : start + chunk]
+                piece = xin[:, start : start + chunk]
                 o, conv_hist, h = checkpoint(self._forward_piece, piece, conv_hist, h, use_reentrant=False)
                 outs.append(o)
-            return torch.cat(outs, dim=1)
+            out = torch.cat(outs, dim=1)
+            return out + x if residual else out
 
         # Inference on a long sequence: pieces of `chunk` tokens, carrying the causal-conv
         # history and the scan state, so only one piece's intermediates live at a time.
         out = x.new_empty(batch, length, self.d_model)
         for start in range(0, length, chunk):
             piece = x[:, start : start + chunk]
-            out[:, start : start + chunk], conv_hist, h = piece_fn(piece, conv_hist, h)
+            o, conv_hist, h = piece_fn(piece if pre is None else pre(piece), conv_hist, h)
+            if residual:
+                o = o.add_(piece)  # o is this piece's own new tensor
+            out[:, start : start + chunk] = o
         return out
 
     def _forward_piece_fused(
