@@ -116,3 +116,18 @@ def test_model_forward_same_with_and_without_fast_paths(monkeypatch):
     assert plain_out.ddf.abs().max() > 1e-3
     torch.testing.assert_close(fast_out.ddf, plain_out.ddf, rtol=1e-3, atol=1e-4)
     torch.testing.assert_close(fast_out.warped, plain_out.warped, rtol=1e-3, atol=1e-4)
+
+
+def test_gradients_have_their_parameters_layout():
+    """DDP's gradient-layout contract: each grad has its parameter's strides (otherwise DDP warns
+    "Grad strides do not match bucket view strides" and copies on every step)."""
+    from psmamba.models import build_model
+
+    torch.manual_seed(7)
+    model = build_model("paper", channels=1)
+    a, b = torch.rand(1, 1, 18, 20, 17), torch.rand(1, 1, 18, 20, 17)
+    out = model(a, b)
+    (out.warped.mean() + out.ddf.square().mean()).backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None, name
+        assert p.grad.stride() == p.stride(), (name, p.stride(), p.grad.stride())

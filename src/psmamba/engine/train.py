@@ -803,7 +803,7 @@ def _fit(cfg: TrainConfig, info: DistInfo, resume: bool, train_data, val_data) -
     if info.distributed:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+        net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)  # the model has no buffers
 
     # ---------------------------------------------------------------- outputs (rank 0)
     csv_log = tb = None

@@ -133,6 +133,9 @@ class PSMambaNet(nn.Module):
         # convolution, the first one on a 1-channel image included, produce it. Parameter
         # values, names and checkpoints are unchanged.
         self.to(memory_format=CHANNELS_LAST)
+        for m in self.modules():  # 1x1x1 kernels run as GEMMs on a reshaped weight: keep them plain
+            if isinstance(m, nn.Conv3d) and m.kernel_size == (1, 1, 1):
+                m.weight.data = m.weight.data.clone(memory_format=torch.contiguous_format)
 
     # ------------------------------------------------------------------ forward
     def _check_inputs(self, moving: torch.Tensor, fixed: torch.Tensor) -> None:
