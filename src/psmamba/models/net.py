@@ -130,12 +130,13 @@ class PSMambaNet(nn.Module):
         # Activations live in channels-last memory format (channels innermost): oneDNN's
         # convolutions are faster on it, the Mamba layer's token view is free and the fast
         # per-voxel kernels of psmamba.nn.fast need it. Conv weights in that format make every
-        # convolution, the first one on a 1-channel image included, produce it. Parameter
-        # values, names and checkpoints are unchanged.
-        self.to(memory_format=CHANNELS_LAST)
-        for m in self.modules():  # 1x1x1 kernels run as GEMMs on a reshaped weight: keep them plain
-            if isinstance(m, nn.Conv3d) and m.kernel_size == (1, 1, 1):
-                m.weight.data = m.weight.data.clone(memory_format=torch.contiguous_format)
+        # convolution, the first one on a 1-channel image included, produce it. 1x1x1 kernels
+        # run as GEMMs on a reshaped weight and keep plain strides (their gradients come back
+        # plain; DDP wants each gradient in its parameter's layout). Parameter values, names
+        # and checkpoints are unchanged.
+        for m in self.modules():
+            if isinstance(m, nn.Conv3d) and m.kernel_size != (1, 1, 1):
+                m.weight.data = m.weight.data.contiguous(memory_format=CHANNELS_LAST)
 
     # ------------------------------------------------------------------ forward
     def _check_inputs(self, moving: torch.Tensor, fixed: torch.Tensor) -> None:

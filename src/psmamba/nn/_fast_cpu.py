@@ -18,14 +18,18 @@ from numba import njit, prange
 
 _JIT = dict(parallel=True, fastmath=True, cache=True, nogil=True)
 
-#: activation codes of :func:`norm_apply_kernel`
-ACT_NONE, ACT_RELU, ACT_LEAKY = 0, 1, 2
-
-
 def tile_width(c: int) -> int:
     """Elements per inner loop: a multiple of ``c`` of about 1024 (LLVM vectorises a long
     inner loop; a loop over 8 or 16 channels with a runtime trip count runs scalar)."""
     return c * max(1, 1024 // c)
+
+
+@njit(inline="always")
+def _slab(unit, nchunk, length):
+    """Batch item and voxel range ``[lo, hi)`` of parallel unit ``unit`` (``nchunk`` per item)."""
+    step = (length + nchunk - 1) // nchunk
+    lo = (unit % nchunk) * step
+    return unit // nchunk, lo, min(length, lo + step)
 
 
 @njit(**_JIT)
@@ -41,11 +45,8 @@ def norm_stats_kernel(x, nchunk, width, mean, rstd, eps):
     per = width // c
     part_s = np.zeros((nb * nchunk, width))
     part_q = np.zeros((nb * nchunk, width))
-    step = (length + nchunk - 1) // nchunk
     for unit in prange(nb * nchunk):
-        b = unit // nchunk
-        lo = (unit % nchunk) * step
-        hi = min(length, lo + step)
+        b, lo, hi = _slab(unit, nchunk, length)
         flat = x[b].reshape(length * c)
         shift = np.empty(width)
         for j in range(width):
@@ -88,11 +89,8 @@ def norm_apply_kernel(x, mean, rstd, act, slope, nchunk, width, out):
     """
     nb, length, c = x.shape
     per = width // c
-    step = (length + nchunk - 1) // nchunk
     for unit in prange(nb * nchunk):
-        b = unit // nchunk
-        lo = (unit % nchunk) * step
-        hi = min(length, lo + step)
+        b, lo, hi = _slab(unit, nchunk, length)
         src = x[b].reshape(length * c)
         dst = out[b].reshape(length * c)
         m = np.empty(width, dtype=x.dtype)

@@ -160,7 +160,7 @@ class LevelProjection(nn.Module):
         nn.init.zeros_(self.linear.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        fused = level_projection(x, self.linear, 1.0 + self.norm.weight, self.norm.eps)
+        fused = level_projection(x, self.linear, self.norm)
         if fused is not None:  # inference on channels-last CPU data
             return fused
         y = self.norm(self.linear(x.movedim(1, -1)))  # (B, D, H, W, C)

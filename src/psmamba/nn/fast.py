@@ -56,6 +56,13 @@ def _is_cl(x: torch.Tensor) -> bool:
     return x.ndim == 5 and x.is_contiguous(memory_format=CHANNELS_LAST)
 
 
+def _numba_threads():
+    """Context that runs the numba kernels on as many threads as torch may use."""
+    from psmamba.nn._scan_cpu import _NumbaThreads, _threads
+
+    return _NumbaThreads(_threads())
+
+
 def _chunks(length: int) -> int:
     from psmamba.nn._scan_cpu import _threads
 
@@ -84,7 +91,6 @@ def instance_norm_act(
         y = F.instance_norm(x, eps=eps)
         return y if act is None else act(y)
     from psmamba.nn._fast_cpu import norm_apply_kernel, norm_stats_kernel, tile_width
-    from psmamba.nn._scan_cpu import _NumbaThreads, _threads
 
     b, c = x.shape[:2]
     xv = x.detach().permute(0, 2, 3, 4, 1).reshape(b, length, c)  # a view: x is channels-last
@@ -93,7 +99,7 @@ def instance_norm_act(
     mean = torch.empty(b, c, dtype=torch.float64)
     rstd = torch.empty(b, c, dtype=torch.float64)
     nchunk, width = _chunks(length), tile_width(c)
-    with _NumbaThreads(_threads()):
+    with _numba_threads():
         norm_stats_kernel(xv.numpy(), nchunk, width, mean.numpy(), rstd.numpy(), float(eps))
         norm_apply_kernel(
             xv.numpy(), mean.to(x.dtype).numpy(), rstd.to(x.dtype).numpy(), kind, slope, nchunk, width, ov.numpy()
@@ -136,20 +142,21 @@ def pointwise_mlp(x: torch.Tensor, conv1: nn.Conv3d, act: nn.Module, conv2: nn.C
     return out
 
 
-def level_projection(x: torch.Tensor, linear: nn.Linear, gain: torch.Tensor, eps: float) -> torch.Tensor | None:
-    """The fused Linear + RMSNorm of :class:`~psmamba.nn.blocks.LevelProjection` on
-    channels-last ``x``, or ``None`` when the fast path does not apply."""
-    if not _is_cl(x) or not _kernel_ok(x, linear.weight, gain) or linear.weight.dtype != x.dtype:
+def level_projection(x: torch.Tensor, linear: nn.Linear, norm: nn.Module) -> torch.Tensor | None:
+    """The fused ``norm(linear(x))`` of :class:`~psmamba.nn.blocks.LevelProjection` (``norm`` its
+    RMSNorm, gain ``1 + weight``) on channels-last ``x``, or ``None`` when the fast path does
+    not apply."""
+    if not _is_cl(x) or not _kernel_ok(x, linear.weight, norm.weight) or linear.weight.dtype != x.dtype:
         return None
+    gain, eps = 1.0 + norm.weight, norm.eps
     from psmamba.nn._fast_cpu import proj_rms_kernel
-    from psmamba.nn._scan_cpu import _NumbaThreads, _threads
 
     c = x.shape[1]
     out = torch.empty_like(x)
     xv = x.detach().permute(0, 2, 3, 4, 1).reshape(-1, c)
     ov = out.permute(0, 2, 3, 4, 1).reshape(-1, linear.out_features)
     bias = linear.bias if linear.bias is not None else torch.zeros(linear.out_features, dtype=x.dtype)
-    with _NumbaThreads(_threads()):
+    with _numba_threads():
         proj_rms_kernel(
             xv.numpy(), linear.weight.detach().contiguous().numpy(), bias.detach().contiguous().numpy(),
             gain.detach().to(x.dtype).contiguous().numpy(), float(eps), ov.numpy(),
@@ -163,11 +170,10 @@ def avg_pool2(x: torch.Tensor) -> torch.Tensor:
     if not _is_cl(x) or not _kernel_ok(x) or min(x.shape[2:]) < 2:
         return F.avg_pool3d(x, 2)
     from psmamba.nn._fast_cpu import avg_pool2_kernel
-    from psmamba.nn._scan_cpu import _NumbaThreads, _threads
 
     b, c, d, h, w = x.shape
     out = torch.empty(b, c, d // 2, h // 2, w // 2, dtype=x.dtype).contiguous(memory_format=CHANNELS_LAST)
-    with _NumbaThreads(_threads()):
+    with _numba_threads():
         avg_pool2_kernel(x.detach().permute(0, 2, 3, 4, 1).numpy(), out.permute(0, 2, 3, 4, 1).numpy())
     return out
 
@@ -181,10 +187,9 @@ def warp_trilinear_cpu(image: torch.Tensor, ddf: torch.Tensor) -> torch.Tensor |
     if not _kernel_ok(image, ddf) or image.dtype != ddf.dtype:
         return None
     from psmamba.nn._fast_cpu import warp_kernel
-    from psmamba.nn._scan_cpu import _NumbaThreads, _threads
 
     out = torch.empty_like(image)  # keeps channels-last / channels-first
-    with _NumbaThreads(_threads()):
+    with _numba_threads():
         warp_kernel(
             image.detach().permute(0, 2, 3, 4, 1).numpy(),
             ddf.detach().permute(0, 2, 3, 4, 1).numpy(),

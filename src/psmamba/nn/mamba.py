@@ -52,14 +52,9 @@ def _linear_channels_first(x: torch.Tensor, weight: torch.Tensor) -> torch.Tenso
     a 2-D weight would compute ``x @ W.T`` and then transpose it by copying (slow: at level 1
     that copy cost more than the GEMM itself).
     """
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
-        if x.shape[0] == 1:
-            return torch.mm(weight, x[0].t()).unsqueeze(0)
-        return torch.stack([torch.mm(weight, x[b].t()) for b in range(x.shape[0])])
-    out = x.new_empty(x.shape[0], weight.shape[0], x.shape[1])
-    for b in range(x.shape[0]):
-        torch.mm(weight, x[b].t(), out=out[b])
-    return out
+    if x.shape[0] == 1:
+        return torch.mm(weight, x[0].t()).unsqueeze(0)
+    return torch.stack([torch.mm(weight, x[b].t()) for b in range(x.shape[0])])
 
 class Mamba(nn.Module):
     """Mamba v1 token mixer: ``(B, L, d_model) -> (B, L, d_model)``.
