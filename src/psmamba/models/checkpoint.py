@@ -34,6 +34,12 @@ _RESERVED = ("format", "format_version", "psmamba_version", "config", "state_dic
 
 def _one_line(exc: BaseException) -> str:
     text = str(exc).strip()
+    if text.startswith("Weights only load failed"):
+        # torch's first line advises weights_only=False (unsafe for a file of unknown origin);
+        # the reason is on a later line
+        detail = text.split("WeightsUnpickler error:", 1)[-1].strip().splitlines()
+        reason = detail[0].strip() if detail and detail[0].strip() else "unsupported content"
+        return f"not a torch file of tensors and plain data: {reason}"
     return text.splitlines()[0] if text else type(exc).__name__
 
 
