@@ -14,6 +14,11 @@ hooks: encoder level k (both streams), projection k, decoder block k (level 5 = 
 all K passes), and inside each decoder its Mamba layer; "rest" is everything outside those
 modules (warps, upsampling, composition, padding, the final warp).
 
+Memory: by default the measuring process first calls
+:func:`psmamba.runtime.keep_freed_memory`, as the ``psmamba`` command does (freed tensors'
+memory is reused instead of being unmapped and faulted in again); ``--memory plain`` measures
+with glibc's defaults, ``--memory kept,plain`` both.
+
 Usage::
 
     python benchmarks/bench_model.py                   # 96x112x96 and 160x192x160, fwd + train
@@ -97,6 +102,9 @@ def child(spec: dict) -> dict:
         # malloc and anonymous mmap on Linux >= 4.7)
         cap = int(spec["mem_cap_gb"] * 2**30)
         resource.setrlimit(resource.RLIMIT_DATA, (cap, cap))
+    from psmamba.runtime import keep_freed_memory
+
+    kept = keep_freed_memory() if spec.get("memory", "kept") == "kept" else False
     import torch
 
     from psmamba.models import build_model
@@ -186,6 +194,7 @@ def child(spec: dict) -> dict:
         "forward_split_s": parts,
         "mamba_total_s": round(sum(seconds.get(n, 0.0) for n in mamba_names), 3),
         "parameters": sum(p.numel() for p in model.parameters()),
+        "freed_memory_kept": kept,
     }
 
 
@@ -203,6 +212,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds per measurement")
     p.add_argument("--mem-cap-gb", type=float, default=16.0,
                    help="per-measurement memory limit (RLIMIT_DATA); a step that needs more reports an error")
+    p.add_argument("--memory", default="kept",
+                   help="comma-separated: 'kept' = freed memory kept for reuse, as the psmamba command runs "
+                        "(psmamba.runtime.keep_freed_memory); 'plain' = glibc's defaults (default: kept)")
     p.add_argument("--out", type=Path, default=RESULTS / "bench_model.json")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -215,6 +227,9 @@ def main(argv: list[str] | None = None) -> int:
 
     sizes = ["64x64x64"] if args.quick else [s for s in args.sizes.split(",") if s]
     modes = [m for m in args.modes.split(",") if m]
+    memories = [m for m in args.memory.split(",") if m]
+    if not memories or any(m not in ("kept", "plain") for m in memories):
+        p.error(f"--memory takes 'kept', 'plain' or both, got {args.memory!r}")
     machine = {
         "cpu_model": next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
                            if ln.startswith("model name")), platform.processor()),
@@ -229,20 +244,21 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for size in sizes:
         dims = [int(x) for x in size.lower().split("x")]
-        for mode in modes:
+        for mode, memory in ((m, k) for m in modes for k in memories):
             res = run_child(
-                {"size": dims, "mode": mode, "mem_cap_gb": args.mem_cap_gb, "repeats": args.repeats}, args.timeout
+                {"size": dims, "mode": mode, "mem_cap_gb": args.mem_cap_gb, "repeats": args.repeats,
+                 "memory": memory}, args.timeout
             )
-            rows.append({"size": size, "mode": mode, **res})
+            rows.append({"size": size, "mode": mode, "memory": memory, **res})
             if "wall_s" in res:
-                print(f"{size:>13} {mode:>5}: {res['wall_s']:8.2f} s wall (median of {res['wall_s_each']}; "
+                print(f"{size:>13} {mode:>5} ({memory}): {res['wall_s']:8.2f} s wall (median of {res['wall_s_each']}; "
                       f"{res['cpu_s']:.1f} s CPU), "
                       f"peak RSS {res['peak_rss_mb'] / 1024:.2f} GB; Mamba layers {res['mamba_total_s']:.2f} s of "
                       f"the {res['forward_s']:.2f} s forward")
                 for name, sec in res["forward_split_s"].items():
                     print(f"{'':>22}{name:<42} {sec:8.3f} s")
             else:
-                print(f"{size:>13} {mode:>5}: {res.get('error')}")
+                print(f"{size:>13} {mode:>5} ({memory}): {res.get('error')}")
             sys.stdout.flush()
     machine["loadavg_end"] = os.getloadavg()
     out = {

@@ -188,9 +188,14 @@ def test_checkpointed_training_pieces_equal_one_piece(backend):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
 
 
+@pytest.mark.parametrize("width", [None, 3])
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
-def test_fused_cpu_inference_equals_unfused(dtype, tol):
+def test_fused_cpu_inference_equals_unfused(dtype, tol, width, monkeypatch):
     pytest.importorskip("numba")
+    if width is not None:  # channel blocks narrower than a vector, as on a many-core machine
+        from psmamba.nn import _scan_cpu
+
+        monkeypatch.setattr(_scan_cpu, "tm_width", lambda e, batch, threads: width)
     torch.manual_seed(7)
     m = Mamba(20, dt_rank=3, backend="cpu").to(dtype)  # E = 40, no multiple of the blocks
     x = torch.randn(2, 90, 20, dtype=dtype)
@@ -204,3 +209,30 @@ def test_fused_cpu_inference_equals_unfused(dtype, tol):
     scale = plain.abs().max()
     assert (fused - plain).abs().max() <= tol * scale
     assert (fused_pieces - plain).abs().max() <= tol * scale
+
+
+def test_tm_width_gives_every_thread_a_unit():
+    pytest.importorskip("numba")
+    from psmamba.nn._scan_cpu import TM_WIDTH, tm_width
+
+    assert tm_width(32, 1, 2) == TM_WIDTH  # level 1 of the paper model on 2 cores: 2 units
+    assert tm_width(512, 1, 2) == TM_WIDTH
+    assert tm_width(32, 1, 16) == 2  # 16 threads: 16 units of 2 channels
+    assert tm_width(32, 4, 16) == 8
+    assert tm_width(5, 1, 64) == 1
+
+
+def test_wide_kernel_flags_drop_only_vectoriser_remarks(capfd):
+    import os
+
+    pytest.importorskip("numba")
+    from psmamba.nn._scan_cpu import _KernelFlags
+
+    flags = _KernelFlags(("test-remarks",), wide=True)
+    flags._quiet_start()
+    os.write(2, b"remark: <unknown>:0:0: loop not vectorized: call instruction cannot be vectorized\n")
+    os.write(2, b"a real warning\n")
+    flags._quiet_end()
+    err = capfd.readouterr().err
+    assert "a real warning" in err
+    assert "loop not vectorized" not in err

@@ -78,7 +78,7 @@ class Mamba(nn.Module):
     """
 
     #: tokens per piece when running without autograd (see the module docstring); 0 = one piece
-    inference_chunk: int = 2**18
+    inference_chunk: int = 2**16
     #: tokens per checkpointed piece when training (recomputed in the backward pass); 0 = one
     #: piece, nothing recomputed
     train_chunk: int = 2**18
@@ -219,33 +219,28 @@ class Mamba(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """:meth:`_forward_piece` for inference on the CPU with the fused numba kernels.
 
-        Same contract and the same numbers (to float rounding); no autograd.
+        Same numbers (to float rounding), no autograd, but everything time-major, as the
+        tokens arrive: ``conv_hist`` is ``(B, d_conv - 1, E)`` and the scan state ``(B, N, E)``
+        (the carried values of :meth:`_forward_piece`, transposed). Every matmul is a plain
+        ``(l, in) @ W^T`` and the scan's vectors run over channels (see
+        :func:`psmamba.nn._scan_cpu._fused_scan_tm_kernel`).
         """
-        from psmamba.nn._scan_cpu import conv_silu_cpu, fused_scan_cpu
+        from psmamba.nn._scan_cpu import conv_silu_tm_cpu, fused_scan_tm_cpu
 
         batch, length, _ = x.shape
-        e, n, k, r = self.d_inner, self.d_state, self.d_conv, self.dt_rank
-        xz = _linear_channels_first(x, self.in_proj.weight)  # (B, 2E, l)
-        if self.in_proj.bias is not None:
-            xz = xz + self.in_proj.bias[:, None]
-        xs = xz[:, :e]  # (B, E, l) view; z is the second half, read by the kernel
+        e, n, k = self.d_inner, self.d_state, self.d_conv
+        xz = F.linear(x, self.in_proj.weight, self.in_proj.bias)  # (B, l, 2E)
         if conv_hist is None:
-            conv_hist = xs.new_zeros(batch, e, k - 1)
-        new_hist = torch.cat([conv_hist, xs[..., max(0, length - (k - 1)) :]], dim=-1)[..., -(k - 1) :]
-        xc = conv_silu_cpu(xz, conv_hist, self.conv1d.weight, self.conv1d.bias)  # (B, E, l)
-        w_dt, w_b, w_c = self.x_proj.weight.split([r, n, n], dim=0)
-        dt_low = torch.matmul(w_dt, xc)  # (B, dt_rank, l)
-        xc_t = xc.transpose(1, 2)
-        b_in = torch.matmul(xc_t, w_b.t())  # (B, l, N)
-        c_out = torch.matmul(xc_t, w_c.t())
+            conv_hist = xz.new_zeros(batch, k - 1, e)
+        new_hist = torch.cat([conv_hist, xz[:, max(0, length - (k - 1)) :, :e]], dim=1)[:, -(k - 1) :]
+        xc = conv_silu_tm_cpu(xz, conv_hist, self.conv1d.weight, self.conv1d.bias)  # (B, l, E)
+        xdbl = F.linear(xc, self.x_proj.weight)  # (B, l, dt_rank + 2N): dt_low, B_t, C_t
         hi = torch.promote_types(self.A_log.dtype, torch.float32)
         A = -torch.exp(self.A_log.to(hi))
-        y, h_last = fused_scan_cpu(
-            xc, dt_low, self.dt_proj.weight, self.dt_proj.bias, A, b_in, c_out, self.D.to(hi), xz, h0
+        y, h_last = fused_scan_tm_cpu(
+            xc, xdbl, self.dt_proj.weight, self.dt_proj.bias, A, self.D.to(hi), xz, h0
         )
-        out = torch.matmul(y.transpose(1, 2), self.out_proj.weight.t())  # (B, l, d_model)
-        if self.out_proj.bias is not None:
-            out = out + self.out_proj.bias
+        out = F.linear(y, self.out_proj.weight, self.out_proj.bias)  # (B, l, d_model)
         return out, new_hist.contiguous(), h_last
 
     def _forward_piece(
