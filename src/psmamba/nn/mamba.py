@@ -228,7 +228,7 @@ class Mamba(nn.Module):
         from psmamba.nn._scan_cpu import conv_silu_tm_cpu, fused_scan_tm_cpu
 
         batch, length, _ = x.shape
-        e, n, k = self.d_inner, self.d_state, self.d_conv
+        e, k = self.d_inner, self.d_conv
         xz = F.linear(x, self.in_proj.weight, self.in_proj.bias)  # (B, l, 2E)
         if conv_hist is None:
             conv_hist = xz.new_zeros(batch, k - 1, e)
