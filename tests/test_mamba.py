@@ -188,14 +188,14 @@ def test_checkpointed_training_pieces_equal_one_piece(backend):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
 
 
-@pytest.mark.parametrize("width", [None, 3])
+@pytest.mark.parametrize("time_major", [True, False])
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
-def test_fused_cpu_inference_equals_unfused(dtype, tol, width, monkeypatch):
+def test_fused_cpu_inference_equals_unfused(dtype, tol, time_major, monkeypatch):
     pytest.importorskip("numba")
-    if width is not None:  # channel blocks narrower than a vector, as on a many-core machine
-        from psmamba.nn import _scan_cpu
+    from psmamba.nn import _scan_cpu
 
-        monkeypatch.setattr(_scan_cpu, "tm_width", lambda e, batch, threads: width)
+    # both inference layouts; E = 40 also gives the time-major kernel a unit narrower than a vector
+    monkeypatch.setattr(_scan_cpu, "use_time_major", lambda e, batch, threads: time_major)
     torch.manual_seed(7)
     m = Mamba(20, dt_rank=3, backend="cpu").to(dtype)  # E = 40, no multiple of the blocks
     x = torch.randn(2, 90, 20, dtype=dtype)
@@ -211,15 +211,16 @@ def test_fused_cpu_inference_equals_unfused(dtype, tol, width, monkeypatch):
     assert (fused_pieces - plain).abs().max() <= tol * scale
 
 
-def test_tm_width_gives_every_thread_a_unit():
+def test_time_major_only_where_every_thread_gets_a_whole_vector():
     pytest.importorskip("numba")
-    from psmamba.nn._scan_cpu import TM_WIDTH, tm_width
+    from psmamba.nn._scan_cpu import use_time_major
 
-    assert tm_width(32, 1, 2) == TM_WIDTH  # level 1 of the paper model on 2 cores: 2 units
-    assert tm_width(512, 1, 2) == TM_WIDTH
-    assert tm_width(32, 1, 16) == 2  # 16 threads: 16 units of 2 channels
-    assert tm_width(32, 4, 16) == 8
-    assert tm_width(5, 1, 64) == 1
+    assert use_time_major(32, 1, 2)  # level 1 of the paper model on 2 cores: 2 units of 16
+    assert use_time_major(512, 1, 2)
+    assert not use_time_major(16, 1, 2)  # d_model 8: one unit for 2 threads
+    assert not use_time_major(32, 1, 16)  # many cores
+    assert use_time_major(32, 8, 16)
+    assert not use_time_major(40, 4, 2)  # not whole vectors
 
 
 def test_wide_kernel_flags_drop_only_vectoriser_remarks(capfd):

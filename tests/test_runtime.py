@@ -44,3 +44,5 @@ def test_cli_keeps_freed_memory_before_a_command(monkeypatch, tmp_path, capsys):
     assert cli.main(["register", "--fixed", str(missing), "--moving", str(missing), "--out", str(tmp_path / "o")]) == 2
     assert calls == [1]
     assert "psmamba: error:" in capsys.readouterr().err
+    assert cli.main(["train", "--config", str(missing)]) == 2  # training keeps glibc's defaults
+    assert calls == [1]

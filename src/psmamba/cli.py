@@ -5,7 +5,10 @@ Each sub-command lives in its own module under :mod:`psmamba.commands` and provi
 * ``HELP``: a one-line description,
 * ``add_arguments(parser)``: its argparse options,
 * ``run(args) -> int``: the work, with heavy imports inside the function so that
-  ``psmamba --help`` stays fast.
+  ``psmamba --help`` stays fast;
+* optionally ``KEEP_FREED_MEMORY = True``: inference-type commands (``register``,
+  ``evaluate``, ``demo``) call :func:`psmamba.runtime.keep_freed_memory` first (faster on
+  the CPU; ``train`` does not, as it would raise the training step's peak memory).
 
 User errors (:class:`psmamba.PsmambaError`, missing files, ...) print one line
 ``psmamba: error: ...`` and exit with status 2; no traceback.
@@ -41,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, module in _command_modules():
         p = sub.add_parser(name, help=module.HELP, description=module.HELP)
         module.add_arguments(p)
-        p.set_defaults(_run=module.run)
+        p.set_defaults(_run=module.run, _keep_memory=bool(getattr(module, "KEEP_FREED_MEMORY", False)))
     return parser
 
 
@@ -51,9 +54,10 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "_run", None) is None:
         parser.print_help()
         return 0
-    from psmamba.runtime import keep_freed_memory
+    if args._keep_memory:
+        from psmamba.runtime import keep_freed_memory
 
-    keep_freed_memory()  # reuse freed tensor memory (faster on the CPU, see psmamba.runtime)
+        keep_freed_memory()  # reuse freed tensor memory (faster on the CPU, see psmamba.runtime)
     try:
         return int(args._run(args) or 0)
     except (PsmambaError, FileNotFoundError, IsADirectoryError, PermissionError) as exc:

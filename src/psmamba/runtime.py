@@ -1,9 +1,9 @@
 """Process-level settings for running PSMamba-Net on the CPU.
 
 :func:`keep_freed_memory` makes glibc's ``malloc`` keep the memory of freed tensors for reuse.
-The ``psmamba`` command calls it before every sub-command, and ``benchmarks/bench_model.py``
-and ``benchmarks/bench_speed.py`` call it in their measuring processes (they record that they
-did). Library users may call it themselves; it changes the whole process.
+The ``psmamba`` command calls it before its inference-type sub-commands (``register``,
+``evaluate``, ``demo``), and ``benchmarks/bench_model.py`` in its measuring processes (it
+records whether it did). Library users may call it themselves; it changes the whole process.
 
 Why: PyTorch allocates CPU tensors with ``malloc``. glibc serves every block above its mmap
 threshold (at most 32 MiB) with fresh pages from ``mmap`` and gives them back on ``free``, so
@@ -11,9 +11,12 @@ each new large tensor is faulted in and zeroed by the kernel page by page on fir
 forward pass at 160x192x160 allocates dozens of 150-300 MB tensors: ``vmstat`` showed 10-25 %
 of the CPU time in the kernel. With mmap turned off for ``malloc`` (``M_MMAP_MAX = 0``) and a
 high trim threshold, freed blocks stay in the heap and the next tensor reuses them.
-Measured on the 2-core Xeon (``python /tmp/fwd.py``-style loop of the paper model, 160x192x160,
-alternating runs): forward 14.4-15.2 s -> 11.5-12.8 s, peak RSS 3.0 -> 3.9-4.1 GB.
-The cost is memory: the process keeps its peak heap until it exits.
+
+Measured (``python benchmarks/bench_model.py --sizes 96x112x96,160x192x160 --modes fwd,train
+--memory kept,plain --repeats 3 --mem-cap-gb 21``, 2-core Xeon): the paper model's forward at
+160x192x160 9.5 s / 3.3 GB peak RSS kept vs 14.2 s / 2.9 GB plain. The cost is memory: the
+process keeps its peak heap, and fragmentation raised the 160x192x160 training step's peak
+from 14.6 to 19.3 GB, which is why ``psmamba train`` does not call it.
 """
 
 from __future__ import annotations

@@ -17,6 +17,8 @@ import copy
 from typing import Any
 
 HELP = "train a small model on the built-in real example and register a held-out pair (a few minutes on a CPU)"
+#: the CLI keeps freed memory for reuse before running this command (see psmamba.runtime)
+KEEP_FREED_MEMORY = True
 
 #: The demo's training run (``configs/demo.yaml`` holds the same settings, for ``psmamba train``).
 #: The paper's protocol (Adam 1e-4 amsgrad, LNCC + diffusion) on a network small enough for a CPU:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 
 HELP = "evaluate registration over pairs (Dice, HD95, folding, SDlogJ, time) or --compare result CSVs"
+#: the CLI keeps freed memory for reuse before running this command (see psmamba.runtime)
+KEEP_FREED_MEMORY = True
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 
 HELP = "register a moving image onto a fixed image (network, test-time optimisation, or both)"
+#: the CLI keeps freed memory for reuse before running this command (see psmamba.runtime)
+KEEP_FREED_MEMORY = True
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

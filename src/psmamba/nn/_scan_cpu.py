@@ -313,6 +313,110 @@ def _log1p01(y):
     return 2 * s * p
 
 
+@njit(**_JIT)
+def _conv_silu_kernel(xz, hist, w, bias, out):
+    """Causal depthwise convolution of the x half of ``xz`` (inference; SiLU is the caller's).
+
+    ``xz`` (B, 2E, l) is in_proj's output (channels 0..E-1 are x); hist (B, E, k-1) the
+    inputs before it; w (E, k); bias (E,); out (B, E, l) = conv(hist ++ x).
+    """
+    nb, e, length = out.shape
+    k = w.shape[1]
+    for be in prange(nb * e):
+        b = be // e
+        c = be % e
+        for t in range(min(k - 1, length)):  # the first outputs also read the history
+            acc = bias[c]
+            for j in range(k):
+                src = t + j - (k - 1)
+                if src >= 0:
+                    acc += w[c, j] * xz[b, c, src]
+                else:
+                    acc += w[c, j] * hist[b, c, k - 1 + src]
+            out[b, c, t] = acc
+        row = xz[b, c]
+        orow = out[b, c]
+        wc = w[c]
+        bc = bias[c]
+        if k == 4:
+            # Mamba's d_conv: the taps written out vectorise (a runtime-length inner loop
+            # over the taps did not: 5x slower). SiLU is applied by the caller (torch's
+            # vectorised silu_ was faster than an exp loop here, measured).
+            w0, w1, w2, w3 = wc[0], wc[1], wc[2], wc[3]
+            for t in range(3, length):
+                orow[t] = bc + w0 * row[t - 3] + w1 * row[t - 2] + w2 * row[t - 1] + w3 * row[t]
+        else:
+            for t in range(k - 1, length):
+                acc = bc
+                for j in range(k):
+                    acc += wc[j] * row[t + j - (k - 1)]
+                orow[t] = acc
+
+
+@njit(**_JIT)
+def _fused_scan_kernel(u, dt_low, w_dt, b_dt, A, Bm, Cm, D, xz, h0, y, h_last, nblk):
+    """Inference scan with the Mamba layer's neighbours fused in (one pass, no autograd).
+
+    ``delta = softplus(w_dt @ dt_low + b_dt)`` and the gate ``silu(z)`` are formed per
+    channel and chunk in vectorised loops (own exp and log1p), then the scan runs and writes
+    ``y = (C_t . h_t + D u_t) * silu(z_t)``, as mamba_ssm's kernel does. Layouts: u, y
+    (B, E, l); z = xz[:, E:] with xz (B, 2E, l); dt_low (B, R, l); w_dt (E, R); b_dt, D (E,);
+    A (E, N); Bm, Cm (B, l, N); h0, h_last (B, E, N). Units and chunks as
+    :func:`_forward_kernel`.
+    """
+    nb, e, length = u.shape
+    n_state = A.shape[1]
+    rank = w_dt.shape[1]
+    every = 1024
+    ch = (e + nblk - 1) // nblk
+    one = np.ones(1, dtype=u.dtype)[0]
+    for unit in prange(nb * nblk):
+        b = unit // nblk
+        e_lo = (unit % nblk) * ch
+        e_hi = min(e, e_lo + ch)
+        h = np.empty((max(e_hi - e_lo, 0), n_state), dtype=u.dtype)
+        dbuf = np.empty(every, dtype=u.dtype)
+        gbuf = np.empty(every, dtype=u.dtype)
+        for i in range(e_hi - e_lo):
+            for n in range(n_state):
+                h[i, n] = h0[b, e_lo + i, n]
+        for t0 in range(0, length, every):
+            t1 = min(length, t0 + every)
+            for i in range(e_hi - e_lo):
+                ee = e_lo + i
+                hv = h[i]
+                a_e = A[ee]
+                d_e = D[ee]
+                zrow = xz[b, e + ee]
+                # delta and the gate for the whole chunk (independent across steps)
+                for s in range(t1 - t0):
+                    dbuf[s] = b_dt[ee]
+                for r in range(rank):
+                    wr = w_dt[ee, r]
+                    drow = dt_low[b, r]
+                    for s in range(t1 - t0):
+                        dbuf[s] += wr * drow[t0 + s]
+                for s in range(t1 - t0):
+                    pre = dbuf[s]
+                    # softplus(x) = max(x, 0) + log1p(exp(-|x|))
+                    dbuf[s] = max(pre, pre - pre) + _log1p01(_exp(-abs(pre)))
+                    zz = zrow[t0 + s]
+                    gbuf[s] = zz / (one + _exp(-zz))
+                for t in range(t0, t1):
+                    d = dbuf[t - t0]
+                    x = u[b, ee, t]
+                    dx = d * x
+                    acc = d_e * x
+                    for n in range(n_state):
+                        v = _exp(d * a_e[n]) * hv[n] + dx * Bm[b, t, n]
+                        hv[n] = v
+                        acc += Cm[b, t, n] * v
+                    y[b, ee, t] = acc * gbuf[t - t0]
+        for i in range(e_hi - e_lo):
+            for n in range(n_state):
+                h_last[b, e_lo + i, n] = h[i, n]
+
+
 # ---------------------------------------------------------------------------------------------
 # Inference kernels, time-major: xz (B, l, 2E), xc, y (B, l, E), xdbl (B, l, R + 2N), h (B, N, E).
 # The innermost loops run over a block of channels (vectors over channels: no horizontal sum
@@ -688,11 +792,12 @@ def scan_cpu(u, delta, A, B, C, D, h0):
     return SelectiveScanCPU.apply(u, delta, A, B, C, D, h0)
 
 
-def tm_width(e: int, batch: int, threads: int) -> int:
-    """Channels per unit of :func:`_fused_scan_tm_kernel`: :data:`TM_WIDTH` (one vector) when
-    that still gives every thread a unit, narrower blocks on many-core machines."""
-    per_item = max(1, -(-threads // batch))  # units wanted per batch item
-    return max(1, min(TM_WIDTH, -(-e // per_item)))
+def use_time_major(e: int, batch: int, threads: int) -> bool:
+    """Whether inference takes the time-major kernels: only when the channels split into whole
+    16-channel vectors (:data:`TM_WIDTH`) and that gives every thread a unit. Otherwise (fewer
+    or odd channels, many cores) the channels-first kernels with vectors over the N states are
+    faster: a time-major unit narrower than a vector runs scalar."""
+    return e % TM_WIDTH == 0 and (e // TM_WIDTH) * batch >= threads
 
 
 def conv_silu_tm_cpu(xz: torch.Tensor, hist: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -729,6 +834,44 @@ def fused_scan_tm_cpu(xc, xdbl, w_dt, b_dt, A, D, xz, h0):
     with _NumbaThreads(threads), _KernelFlags(("fused_tm", dtype), wide=True):
         _fused_scan_tm_kernel(
             _np(xc.contiguous()), _np(xdbl.contiguous()), _np(w_dt_t), _np(b_dt), _np(At2), _np(D),
-            _np(xz.contiguous()), _np(h0), _np(y), _np(h_last), tm_width(e, nb, threads),
+            _np(xz.contiguous()), _np(h0), _np(y), _np(h_last), TM_WIDTH,
+        )
+    return y, h_last
+
+
+def conv_silu_cpu(xz: torch.Tensor, hist: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``silu(causal depthwise conv)`` of the x half of ``xz`` (B, 2E, l) for inference, with
+    hist (B, E, k-1), weight (E, 1, k), bias (E,) or None -> (B, E, l). No autograd."""
+    e = xz.shape[1] // 2
+    dtype = xz.dtype
+    w = weight.detach().reshape(e, -1).to(dtype).contiguous()
+    b = torch.zeros(e, dtype=dtype) if bias is None else bias.detach().to(dtype).contiguous()
+    out = torch.empty(xz.shape[0], e, xz.shape[2], dtype=dtype)
+    # compiled with LLVM's default flags: no-interleave (see _KernelFlags) made it 4x slower
+    with _NumbaThreads(_threads()):
+        _conv_silu_kernel(_np(xz.contiguous()), _np(hist.contiguous()), _np(w), _np(b), _np(out))
+    return torch.nn.functional.silu(out, inplace=True)
+
+
+def fused_scan_cpu(u, dt_low, w_dt, b_dt, A, B_t, C_t, D, xz, h0):
+    """Inference-only fused scan (see :func:`_fused_scan_kernel`); no autograd.
+
+    u (B, E, l); dt_low (B, R, l); w_dt (E, R); b_dt (E,); A (E, N); B_t, C_t (B, l, N);
+    D (E,); xz (B, 2E, l) whose second half is z; h0 (B, E, N) or None.
+    Returns ``(y (B, E, l), h_last (B, E, N))``.
+    """
+    nb, e, length = u.shape
+    n = A.shape[1]
+    dtype = u.dtype
+    threads = _threads()
+    w_dt, b_dt, A, D = (t.detach().to(dtype).contiguous() for t in (w_dt, b_dt, A, D))
+    h0 = torch.zeros(nb, e, n, dtype=dtype) if h0 is None else h0.detach().to(dtype).contiguous()
+    y = torch.empty(nb, e, length, dtype=dtype)
+    h_last = torch.empty(nb, e, n, dtype=dtype)
+    with _NumbaThreads(threads), _KernelFlags(("fused", dtype)):
+        _fused_scan_kernel(
+            _np(u.contiguous()), _np(dt_low.contiguous()), _np(w_dt), _np(b_dt), _np(A),
+            _np(B_t.contiguous()), _np(C_t.contiguous()), _np(D), _np(xz.contiguous()), _np(h0),
+            _np(y), _np(h_last), _blocks(e, threads),
         )
     return y, h_last

@@ -179,7 +179,12 @@ class Mamba(nn.Module):
         can_carry = resolved != "cuda"  # mamba_ssm takes no initial state
         # Inference with the numba backend: conv + SiLU, and dt_proj + softplus + the scan +
         # the SiLU(z) gate, run as two fused kernels (no intermediate (B, E, l) tensors).
-        piece_fn = self._forward_piece_fused if (resolved == "cpu" and not needs_grad) else self._forward_piece
+        piece_fn = self._forward_piece
+        if resolved == "cpu" and not needs_grad:
+            from psmamba.nn import _scan_cpu
+
+            time_major = _scan_cpu.use_time_major(self.d_inner, batch, _scan_cpu._threads())
+            piece_fn = self._forward_piece_fused_tm if time_major else self._forward_piece_fused_cf
         if not chunk or length <= chunk or not can_carry:
             out, _, _ = piece_fn(x if pre is None else pre(x), None, None)
             return out + x if residual else out
@@ -211,7 +216,7 @@ class Mamba(nn.Module):
             out[:, start : start + chunk] = o
         return out
 
-    def _forward_piece_fused(
+    def _forward_piece_fused_tm(
         self,
         x: torch.Tensor,
         conv_hist: torch.Tensor | None,
@@ -241,6 +246,45 @@ class Mamba(nn.Module):
             xc, xdbl, self.dt_proj.weight, self.dt_proj.bias, A, self.D.to(hi), xz, h0
         )
         out = F.linear(y, self.out_proj.weight, self.out_proj.bias)  # (B, l, d_model)
+        return out, new_hist.contiguous(), h_last
+
+    def _forward_piece_fused_cf(
+        self,
+        x: torch.Tensor,
+        conv_hist: torch.Tensor | None,
+        h0: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`_forward_piece` for inference on the CPU with the channels-first fused numba
+        kernels (vectors over the N states): used where the time-major kernels of
+        :meth:`_forward_piece_fused_tm` would not fill a vector per thread.
+
+        Same contract and the same numbers (to float rounding); no autograd.
+        """
+        from psmamba.nn._scan_cpu import conv_silu_cpu, fused_scan_cpu
+
+        batch, length, _ = x.shape
+        e, n, k, r = self.d_inner, self.d_state, self.d_conv, self.dt_rank
+        xz = _linear_channels_first(x, self.in_proj.weight)  # (B, 2E, l)
+        if self.in_proj.bias is not None:
+            xz = xz + self.in_proj.bias[:, None]
+        xs = xz[:, :e]  # (B, E, l) view; z is the second half, read by the kernel
+        if conv_hist is None:
+            conv_hist = xs.new_zeros(batch, e, k - 1)
+        new_hist = torch.cat([conv_hist, xs[..., max(0, length - (k - 1)) :]], dim=-1)[..., -(k - 1) :]
+        xc = conv_silu_cpu(xz, conv_hist, self.conv1d.weight, self.conv1d.bias)  # (B, E, l)
+        w_dt, w_b, w_c = self.x_proj.weight.split([r, n, n], dim=0)
+        dt_low = torch.matmul(w_dt, xc)  # (B, dt_rank, l)
+        xc_t = xc.transpose(1, 2)
+        b_in = torch.matmul(xc_t, w_b.t())  # (B, l, N)
+        c_out = torch.matmul(xc_t, w_c.t())
+        hi = torch.promote_types(self.A_log.dtype, torch.float32)
+        A = -torch.exp(self.A_log.to(hi))
+        y, h_last = fused_scan_cpu(
+            xc, dt_low, self.dt_proj.weight, self.dt_proj.bias, A, b_in, c_out, self.D.to(hi), xz, h0
+        )
+        out = torch.matmul(y.transpose(1, 2), self.out_proj.weight.t())  # (B, l, d_model)
+        if self.out_proj.bias is not None:
+            out = out + self.out_proj.bias
         return out, new_hist.contiguous(), h_last
 
     def _forward_piece(
