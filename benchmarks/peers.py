@@ -145,8 +145,22 @@ def mambapy_block_like(layer: nn.Module, copy_weights: bool = True) -> nn.Module
     return block.to(device=layer.A_log.device, dtype=layer.A_log.dtype)
 
 
+class MambapyLayer(nn.Module):
+    """A mambapy block behind psmamba's Mamba call, ``layer(x, pre=None, residual=False)``:
+    ``block(pre(x)) (+ x)``, the whole sequence at once (mambapy has no chunked inference)."""
+
+    def __init__(self, block: nn.Module) -> None:
+        super().__init__()
+        self.block = block
+
+    def forward(self, x, pre=None, residual: bool = False):
+        out = self.block(x if pre is None else pre(x))
+        return out + x if residual else out
+
+
 def swap_in_mambapy(model: nn.Module, copy_weights: bool = True) -> int:
-    """Replace every :class:`psmamba.nn.mamba.Mamba` inside ``model`` by a mambapy block, in place.
+    """Replace every :class:`psmamba.nn.mamba.Mamba` inside ``model`` by a mambapy block
+    (in a :class:`MambapyLayer`), in place.
 
     Returns:
         How many layers were replaced.
@@ -156,7 +170,7 @@ def swap_in_mambapy(model: nn.Module, copy_weights: bool = True) -> int:
     targets = [(parent, name, child) for parent in model.modules()
                for name, child in parent.named_children() if isinstance(child, Mamba)]
     for parent, name, child in targets:
-        setattr(parent, name, mambapy_block_like(child, copy_weights=copy_weights))
+        setattr(parent, name, MambapyLayer(mambapy_block_like(child, copy_weights=copy_weights)))
     return len(targets)
 
 

@@ -111,10 +111,15 @@ def test_mambapy_block_matches_psmamba_layer():
     x = torch.randn(2, 50, 16)
     with torch.no_grad():
         torch.testing.assert_close(block(x), layer(x), rtol=1e-4, atol=1e-5)
-    model = build_model("paper", channels=1, mamba_backend="reference")
+    model = build_model("paper", channels=1, mamba_backend="reference").eval()
     n_layers = sum(isinstance(m, Mamba) for m in model.modules())
-    assert swap_in_mambapy(model) == n_layers > 0
+    mv, fx = torch.rand(1, 1, 32, 32, 32), torch.rand(1, 1, 32, 32, 32)
+    with torch.no_grad():
+        before = model(mv, fx).ddf
+        assert swap_in_mambapy(model) == n_layers > 0
+        after = model(mv, fx).ddf  # the whole model runs with the swapped-in layers
     assert not any(isinstance(m, Mamba) for m in model.modules())
+    torch.testing.assert_close(after, before, rtol=1e-3, atol=1e-6)
 
 
 def test_build_method_names_and_availability():

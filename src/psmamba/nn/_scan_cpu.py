@@ -101,6 +101,22 @@ def _bits_to_f32(typingctx, bits):
     return sig, codegen
 
 
+@njit(inline="always", fastmath=True)
+def _pow2_f32(z):
+    """``2^z`` for float32 ``z`` in [-126, 127]: ``2^k * 2^f`` with ``k = round(z)``,
+    ``|f| <= 1/2``, the polynomial for ``2^f`` and ``2^k`` built from its bits."""
+    k = np.floor(z + np.float32(0.5))
+    f = z - k
+    p = np.float32(_P6)
+    p = p * f + np.float32(_P5)
+    p = p * f + np.float32(_P4)
+    p = p * f + np.float32(_P3)
+    p = p * f + np.float32(_P2)
+    p = p * f + np.float32(_P1)
+    p = p * f + np.float32(_P0)
+    return p * _bits_to_f32(np.int32((np.int32(k) + np.int32(127)) << np.int32(23)))
+
+
 def _exp(x):  # pragma: no cover - replaced by the overload inside numba
     return math.exp(x)
 
@@ -110,21 +126,10 @@ def _exp_overload(x):
     if isinstance(x, types.Float) and x.bitwidth == 32:
 
         def exp32(x):
-            # exp(x) = 2^z, z = x log2(e) = k + f, k = round(z), |f| <= 1/2. Clamping z keeps
-            # 2^k a normal float: exp(x < -87.3) returns ~1e-38 instead of 0 (harmless here).
+            # exp(x) = 2^z, z = x log2(e). Clamping z keeps 2^k a normal float: exp(x < -87.3)
+            # returns ~1e-38 instead of 0 (harmless here).
             z = x * np.float32(_LOG2E)
-            z = min(max(z, np.float32(-126.0)), np.float32(127.0))
-            k = np.floor(z + np.float32(0.5))
-            f = z - k
-            p = np.float32(_P6)
-            p = p * f + np.float32(_P5)
-            p = p * f + np.float32(_P4)
-            p = p * f + np.float32(_P3)
-            p = p * f + np.float32(_P2)
-            p = p * f + np.float32(_P1)
-            p = p * f + np.float32(_P0)
-            scale = _bits_to_f32(np.int32((np.int32(k) + np.int32(127)) << np.int32(23)))
-            return p * scale
+            return _pow2_f32(min(max(z, np.float32(-126.0)), np.float32(127.0)))
 
         return exp32
 
@@ -146,17 +151,7 @@ def _exp2_overload(z):
     if isinstance(z, types.Float) and z.bitwidth == 32:
 
         def exp2_32(z):
-            z = max(z, np.float32(-126.0))
-            k = np.floor(z + np.float32(0.5))
-            f = z - k
-            p = np.float32(_P6)
-            p = p * f + np.float32(_P5)
-            p = p * f + np.float32(_P4)
-            p = p * f + np.float32(_P3)
-            p = p * f + np.float32(_P2)
-            p = p * f + np.float32(_P1)
-            p = p * f + np.float32(_P0)
-            return p * _bits_to_f32(np.int32((np.int32(k) + np.int32(127)) << np.int32(23)))
+            return _pow2_f32(max(z, np.float32(-126.0)))
 
         return exp2_32
 

@@ -27,6 +27,12 @@ holds several ``(B, L, 2E)`` tensors at once. In training, chunks of :attr:`Mamb
 tokens are checkpointed (``torch.utils.checkpoint``): only each chunk's input and carried state
 are kept for the backward pass, which recomputes the chunk. Both equal the one-piece
 computation (to rounding).
+
+Inference with the ``"cpu"`` backend runs fused numba kernels. Where the inner channels fill
+whole 16-channel vectors for every thread (every level of the paper model on a few cores) they
+are time-major: tokens stay ``(B, l, channels)``, each projection is one plain GEMM, and the scan
+vectorises over channels (:meth:`Mamba._forward_piece_fused_tm`); otherwise channels-first with
+vectors over the states (:meth:`Mamba._forward_piece_fused_cf`).
 """
 
 from __future__ import annotations
@@ -222,7 +228,7 @@ class Mamba(nn.Module):
         conv_hist: torch.Tensor | None,
         h0: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """:meth:`_forward_piece` for inference on the CPU with the fused numba kernels.
+        """:meth:`_forward_piece` for inference on the CPU with the time-major fused numba kernels.
 
         Same numbers (to float rounding), no autograd, but everything time-major, as the
         tokens arrive: ``conv_hist`` is ``(B, d_conv - 1, E)`` and the scan state ``(B, N, E)``
