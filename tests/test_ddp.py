@@ -79,7 +79,7 @@ def test_two_gloo_processes_match_one_process_with_accumulation(config, ddp_run,
     # The conv biases in front of a non-affine instance norm get a gradient that is rounding
     # noise (exactly zero in exact arithmetic); Adam scales that noise up to lr-sized steps, so
     # they depend on the order of the gradient sums and are not compared.
-    from psmamba.engine.config import load_train_config
+    from psmamba.config import load_train_config
     from psmamba.models import build_model
     from psmamba.nn.blocks import inert_parameters
 
@@ -136,7 +136,7 @@ _INIT: dict[str, torch.Tensor] = {}
 def weights_init(config: Path, key: str) -> torch.Tensor:
     """Initial weights of the run (the engine seeds torch with run.seed before building)."""
     if not _INIT:
-        from psmamba.engine.config import load_train_config
+        from psmamba.config import load_train_config
         from psmamba.models import build_model
 
         torch.manual_seed(load_train_config(config).run.seed)

@@ -203,7 +203,7 @@ def test_demo_identity_matches_the_demo_dice_before(tmp_path):
 def test_checkpoint_of_psmamba_train_knows_its_test_split(tmp_path):
     """With no pair source, the checkpoint's training config names the data: its test split is used."""
     from psmamba.data.demo import build_demo
-    from psmamba.engine.config import TrainConfig, config_to_dict
+    from psmamba.config import TrainConfig, config_to_dict
     from psmamba.models import build_model, save_checkpoint
 
     torch.manual_seed(0)

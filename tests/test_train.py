@@ -20,7 +20,7 @@ import torch
 import yaml
 
 from psmamba.cli import main
-from psmamba.engine.config import TrainConfig, config_to_dict, load_train_config
+from psmamba.config import TrainConfig, config_to_dict, load_train_config
 from psmamba.engine.distributed import epoch_order, rank_batches, steps_per_epoch
 from psmamba.engine.train import poly_lr
 from psmamba.errors import PsmambaError
@@ -268,7 +268,8 @@ def test_the_paper_architecture_trains(tmp_path):
 
 
 def test_synthetic_pairs_are_new_each_epoch_and_reproducible(tmp_path):
-    from psmamba.engine.train import SynthEpochs, fit
+    from psmamba.data.training import SynthEpochs
+    from psmamba.engine.train import fit
 
     a, b = SynthEpochs(3, seed=5, shape=SHAPE), SynthEpochs(3, seed=5, shape=SHAPE)
     first = a[0]["moving"].clone()

@@ -1,4 +1,6 @@
-"""The one exception type that carries a user-facing, one-line message."""
+"""The one exception type that carries a user-facing, one-line message, and its helper."""
+
+from __future__ import annotations
 
 
 class PsmambaError(ValueError):
@@ -7,3 +9,18 @@ class PsmambaError(ValueError):
     The command line prints ``psmamba: error: <message>`` and exits with status 2 instead of
     a traceback. It subclasses ``ValueError`` so library callers can catch either.
     """
+
+
+def first_line(exc: BaseException, default: str | None = None) -> str:
+    """The first non-empty line of an exception's message (its type name when it has none).
+
+    The one helper that turns a library's multi-line error into the one line psmamba shows.
+    """
+    text = str(exc).strip()
+    if text.startswith("Weights only load failed"):
+        # torch.load's first line advises weights_only=False (unsafe for a file of unknown
+        # origin); the reason is on a later line
+        detail = text.split("WeightsUnpickler error:", 1)[-1].strip().splitlines()
+        reason = detail[0].strip() if detail and detail[0].strip() else "unsupported content"
+        return f"not a torch file of tensors and plain data: {reason}"
+    return text.splitlines()[0] if text else (default or type(exc).__name__)

@@ -32,6 +32,7 @@ __all__ = [
     "warp",
     "compose",
     "resize_ddf",
+    "resize_volume",
     "upsample_ddf",
     "integrate_svf",
     "ddf_to_l2r",
@@ -172,6 +173,31 @@ def resize_ddf(ddf: torch.Tensor, size: Sequence[int], scale: Sequence[float] | 
     if tuple(old) == size:
         return ddf * factors
     return F.interpolate(ddf, size=size, mode="trilinear", align_corners=True) * factors
+
+
+def resize_volume(x: torch.Tensor, size: Sequence[int], labels: bool = False) -> torch.Tensor:
+    """Resample images or label maps ``(B, C, D, H, W)`` to the grid ``size`` spanning the same extent.
+
+    The corner voxel centres of both grids coincide (``align_corners=True``), the correspondence
+    :func:`resize_ddf` assumes, so a field predicted on the new grid maps back with it. Images
+    are interpolated trilinearly (integer input is taken as float); label maps take the nearest
+    voxel's code under the same correspondence and keep their dtype. A volume already on
+    ``size`` is returned as is.
+    """
+    size = tuple(int(s) for s in size)
+    if x.ndim != 5 or len(size) != 3 or min(size) < 1:
+        raise PsmambaError(f"resize_volume needs (B, C, D, H, W) and a 3-D size, got {tuple(x.shape)} and {size}")
+    if tuple(x.shape[2:]) == size:
+        return x
+    if labels:
+        # nearest with the align_corners=True correspondence: sample at the identity grid (float64
+        # holds every int32 code exactly)
+        theta = torch.eye(3, 4, dtype=torch.float64, device=x.device).unsqueeze(0).expand(x.shape[0], 3, 4)
+        grid = F.affine_grid(theta, [x.shape[0], x.shape[1], *size], align_corners=True)
+        out = F.grid_sample(x.double(), grid, mode="nearest", align_corners=True)
+        return out.round().to(x.dtype)
+    src = x if x.is_floating_point() else x.float()
+    return F.interpolate(src, size=size, mode="trilinear", align_corners=True)
 
 
 def upsample_ddf(ddf: torch.Tensor) -> torch.Tensor:

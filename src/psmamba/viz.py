@@ -234,20 +234,13 @@ def save_overview(
 
 def _save(fig, path: str | os.PathLike, **kwargs) -> Path:
     """Save a figure atomically (temporary file in the same folder, then rename) and close it."""
-    import tempfile
+    from psmamba.files import atomic_write
 
     plt = _pyplot()
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
     try:
-        fig.savefig(tmp, format="png", **kwargs)
-        os.replace(tmp, path)
+        return atomic_write(path, lambda name: fig.savefig(name, format="png", **kwargs), suffix=".png")
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
 
 
 def _method_colours(n: int):

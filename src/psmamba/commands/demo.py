@@ -108,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
           f"{len(demo.pairs.get('val', []))} validation pairs ({demo.root})")
 
     # ---- 2. the model: reuse, continue or train
-    from psmamba.engine.config import config_from_dict
+    from psmamba.config import config_from_dict
 
     cfg = config_from_dict(demo_config(str(train_dir), args.minutes, args.quick, args.device, args.seed,
                                        args.cache_dir), "psmamba demo")

@@ -34,7 +34,7 @@ def _resolve_config(args: argparse.Namespace):
     plus flags. The one-shot stops of a stored config (run.max_steps, run.max_minutes) are dropped."""
     from pathlib import Path
 
-    from psmamba.engine.config import apply_overrides, config_from_dict, load_train_config
+    from psmamba.config import apply_overrides, config_from_dict, load_train_config
     from psmamba.engine.train import RESET_ON_RESUME
     from psmamba.errors import PsmambaError
 

@@ -28,6 +28,7 @@ import numpy as np
 
 from psmamba.data.volume import Volume, VolumeRef
 from psmamba.errors import PsmambaError
+from psmamba.files import atomic_write
 
 if TYPE_CHECKING:  # pragma: no cover
     from psmamba.data.preprocess import Pipeline
@@ -76,14 +77,7 @@ def save_volume_npz(path: str | os.PathLike, vol: Volume, compress: bool = False
     }
     if vol.labels is not None:
         arrays["labels"] = np.ascontiguousarray(vol.labels)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            (np.savez_compressed if compress else np.savez)(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda name: (np.savez_compressed if compress else np.savez)(name, **arrays), suffix=".npz")
     return path
 
 

@@ -64,6 +64,7 @@ from psmamba.data.pairs import all_pairs
 from psmamba.data.sources import SourceData
 from psmamba.data.volume import NpzVolumeRef, Volume, file_fingerprint
 from psmamba.errors import PsmambaError
+from psmamba.files import atomic_write_text
 
 __all__ = ["build_demo", "DemoDataset", "DEMO_SIZES", "demo_grid", "TEMPLATES", "INSTALL_HINT"]
 
@@ -224,11 +225,6 @@ def _to_grid(data: np.ndarray, affine: np.ndarray, shape, target: np.ndarray, or
         if np.any(factor > 1):
             data = ndimage.gaussian_filter(data.astype(np.float32), np.maximum(0, (factor - 1) / 2))
     return resample_to_grid(data, affine, target, shape, order=order)
-
-
-def _minmax(x: np.ndarray) -> np.ndarray:
-    lo, hi = float(x.min()), float(x.max())
-    return ((x - lo) / (hi - lo)).astype(np.float32) if hi > lo else np.zeros_like(x, dtype=np.float32)
 
 
 def _deform(image: np.ndarray, labels: np.ndarray, spacing: float, seed: int, std_mm: float,
@@ -431,6 +427,8 @@ def build_demo(
 
 def _build(folder: Path, size: str, n_train: int, n_val: int, n_test: int, deform_mm: float,
            control_mm: float) -> DemoDataset:
+    from psmamba.data.preprocess import minmax_scale
+
     shape, affine = demo_grid(size)
     spacing = DEMO_SIZES[size][1]
     names = SUBCORTICAL.label_names
@@ -439,7 +437,7 @@ def _build(folder: Path, size: str, n_train: int, n_val: int, n_test: int, defor
     for t in TEMPLATES:
         data, img_aff, img_path = t.image()
         lab, lab_aff, lab_paths = t.labels()
-        image = _minmax(_to_grid(data, img_aff, shape, affine, order=1))
+        image = minmax_scale(_to_grid(data, img_aff, shape, affine, order=1).astype(np.float32))
         labels = _to_grid(lab, lab_aff, shape, affine, order=0).astype(np.uint8)
         v = Volume(t.id, image, affine, labels, names, subject=t.id,
                    meta={"template": t.id, "description": t.description, "image_file": str(img_path),
@@ -483,9 +481,7 @@ def _write_manifest(folder: Path, ds: DemoDataset) -> None:
         "label_names": {str(k): v for k, v in ds.label_names.items()},
         "dice_before": ds.dice_before, "templates": ds.templates, "build_seconds": ds.build_seconds,
     }
-    tmp = folder / "manifest.json.tmp"
-    tmp.write_text(json.dumps(info, indent=1))
-    os.replace(tmp, folder / "manifest.json")
+    atomic_write_text(folder / "manifest.json", json.dumps(info, indent=1))
 
 
 def _read_manifest(root: Path) -> DemoDataset:

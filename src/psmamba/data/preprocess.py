@@ -114,12 +114,15 @@ def resample_to_grid(
         cval: value outside ``data``.
 
     Returns:
-        ``target_shape`` array, dtype of ``data`` for ``order=0``, float32 otherwise.
+        ``target_shape`` array, dtype of ``data`` for ``order=0``, float32 otherwise. A target
+        grid equal to the source's returns the data unchanged.
     """
     from scipy import ndimage
 
     # target index -> world -> source index: one affine map, applied by scipy in index space.
     m = np.linalg.inv(np.asarray(affine, dtype=np.float64)) @ np.asarray(target_affine, dtype=np.float64)
+    if tuple(data.shape) == tuple(int(s) for s in target_shape) and np.allclose(m, np.eye(4), atol=1e-5):
+        return data if order == 0 else np.asarray(data, dtype=np.float32)  # the same grid
     src = data if order == 0 else np.asarray(data, dtype=np.float32)
     lin, off = m[:3, :3], m[:3, 3]
     if np.allclose(lin, np.diag(np.diag(lin))):
@@ -246,14 +249,22 @@ def _window(a: np.ndarray, start: np.ndarray, size: Sequence[int]) -> np.ndarray
 
 
 # ---------------------------------------------------------------------- intensities
+def minmax_scale(x):
+    """``(x - min) / (max - min)`` to [0, 1] (the paper's normalisation); a constant gives 0.
+
+    The one min-max scaling of psmamba: a numpy array or a torch tensor (any device) in, the
+    same kind out.
+    """
+    lo, hi = x.min(), x.max()
+    return (x - lo) / (hi - lo) if float(hi - lo) > 0 else x - lo
+
+
 @dataclass
 class MinMax(Step):
-    """``(x - min) / (max - min)`` to [0, 1] (the paper's normalisation); constant -> 0."""
+    """:func:`minmax_scale` of the image, in float32."""
 
     def __call__(self, vol: Volume) -> Volume:
-        x = vol.image.astype(np.float32, copy=False)
-        lo, hi = float(x.min()), float(x.max())
-        out = (x - lo) / (hi - lo) if hi > lo else np.zeros_like(x)
+        out = minmax_scale(vol.image.astype(np.float32, copy=False))
         return vol.replace(image=out.astype(np.float32, copy=False))
 
 

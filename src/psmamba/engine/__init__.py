@@ -4,7 +4,7 @@ Nothing heavy is imported here: the names below are resolved on first use, so th
 ``import psmamba.engine`` stays cheap (no torch until a function is called).
 
 * :func:`fit` (``psmamba.engine.train``): train a model from a :class:`TrainConfig`.
-* :func:`load_train_config` / :class:`TrainConfig` (``psmamba.engine.config``).
+* :func:`load_train_config` / :class:`TrainConfig` (``psmamba.config``).
 * :func:`save_training_state` / :func:`load_training_state` (``psmamba.engine.checkpointing``).
 * :func:`register_pair` (``psmamba.engine.register``), :func:`evaluate_pairs`
   (``psmamba.engine.evaluate``).
@@ -19,16 +19,18 @@ from typing import Any
 _LAZY = {
     "fit": "train",
     "FitResult": "train",
-    "TrainConfig": "config",
-    "DataConfig": "config",
-    "LossConfig": "config",
-    "OptimConfig": "config",
-    "RunConfig": "config",
-    "load_train_config": "config",
-    "apply_overrides": "config",
+    "TrainConfig": "psmamba.config",
+    "DataConfig": "psmamba.config",
+    "LossConfig": "psmamba.config",
+    "OptimConfig": "psmamba.config",
+    "RunConfig": "psmamba.config",
+    "load_train_config": "psmamba.config",
+    "apply_overrides": "psmamba.config",
+    "Trainer": "trainer",
+    "Objective": "objective",
+    "train_step": "objective",
     "save_training_state": "checkpointing",
     "load_training_state": "checkpointing",
-    "atomic_save": "checkpointing",
     "register_pair": "register",
     "RegistrationResult": "register",
     "evaluate_pairs": "evaluate",
@@ -42,7 +44,8 @@ def __getattr__(name: str) -> Any:
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'psmamba.engine' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"psmamba.engine.{module}"), name)
+    path = module if module.startswith("psmamba.") else f"psmamba.engine.{module}"
+    value = getattr(importlib.import_module(path), name)
     globals()[name] = value  # cache: later look-ups skip __getattr__
     return value
 

@@ -21,82 +21,27 @@ added under the key ``"training"``::
 Everything is stored as tensors, numbers, strings, lists, tuples and dicts so that
 ``torch.load(..., weights_only=True)`` reads it (no pickled objects).
 
-Atomic writes: the file is written to a temporary name in the same folder, flushed and
-fsync'ed, then renamed over the target (``os.replace`` is atomic on POSIX and Windows), so a
-run killed mid-write leaves the previous checkpoint intact and never a truncated one.
+Atomic writes (:mod:`psmamba.files`, through :func:`psmamba.models.save_checkpoint`): a run
+killed mid-write leaves the previous checkpoint intact and never a truncated one.
 """
 
 from __future__ import annotations
 
-import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
-from psmamba.errors import PsmambaError
+from psmamba.errors import PsmambaError, first_line
 
 __all__ = [
     "TRAIN_FORMAT",
-    "atomic_save",
-    "atomic_write_text",
     "capture_rng_state",
     "restore_rng_state",
     "save_training_state",
-    "save_model_checkpoint",
     "load_training_state",
 ]
 
 TRAIN_FORMAT = "psmamba-train/1"
-
-
-def _umask_mode() -> int:
-    """The mode a plain ``open(path, "w")`` would give (mkstemp's own is 0600)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
-def temp_beside(path: Path) -> str:
-    """A new, empty temp file in ``path``'s folder with the usual permissions; returns its name."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        os.chmod(tmp, _umask_mode())
-    except OSError:  # pragma: no cover - file systems without modes
-        pass
-    return tmp
-
-
-def _atomic_replace(path: Path, write) -> None:
-    """Call ``write(file_object)`` on a temp file beside ``path``, fsync, then rename it over ``path``."""
-    path = Path(path)
-    tmp = temp_beside(path)
-    fd = os.open(tmp, os.O_WRONLY)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
-def atomic_save(obj: Any, path: str | Path) -> None:
-    """``torch.save(obj, path)`` atomically (temp file in the same folder, then rename)."""
-    import torch
-
-    _atomic_replace(Path(path), lambda fh: torch.save(obj, fh))
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write ``text`` (UTF-8) to ``path`` atomically."""
-    _atomic_replace(Path(path), lambda fh: fh.write(text.encode("utf-8")))
 
 
 # --------------------------------------------------------------------------- RNG states
@@ -158,7 +103,7 @@ def save_training_state(
     Args:
         path: target file; its folder must exist.
         model: the bare model (unwrap DistributedDataParallel first).
-        config: the resolved :class:`~psmamba.engine.config.TrainConfig` as a plain dict.
+        config: the resolved :class:`~psmamba.config.TrainConfig` as a plain dict.
         optimizer, scheduler, scaler: their ``state_dict()`` is saved when given.
         epoch, step, step_in_epoch: the position to resume from (see the module docstring).
         best, metrics: model selection record and the latest numbers.
@@ -166,6 +111,8 @@ def save_training_state(
             :func:`capture_rng_state`); default: this process's state only.
         extra: more top-level entries of the model checkpoint (e.g. ``image_size``).
     """
+    from psmamba.models import save_checkpoint
+
     training: dict[str, Any] = {
         "format": TRAIN_FORMAT,
         "config": config,
@@ -184,30 +131,7 @@ def save_training_state(
         training["scaler"] = scaler.state_dict()
     training["rng"] = list(rng_states) if rng_states is not None else [capture_rng_state()]
 
-    save_model_checkpoint(path, model, training=training, **dict(extra or {}))
-
-
-def save_model_checkpoint(path: str | Path, model, **extra: Any) -> None:
-    """:func:`psmamba.models.save_checkpoint` with the file mode a plain write would get.
-
-    ``save_checkpoint`` owns the model part of the format and writes atomically; it is pointed
-    at a temp name here, given the usual (umask) permissions instead of mkstemp's 0600, and
-    renamed over ``path``.
-    """
-    from psmamba.models import save_checkpoint
-
-    path = Path(path)
-    tmp = temp_beside(path)
-    try:
-        save_checkpoint(tmp, model, **extra)
-        os.chmod(tmp, _umask_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    save_checkpoint(path, model, training=training, **dict(extra or {}))
 
 
 def load_training_state(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
@@ -226,8 +150,7 @@ def load_training_state(path: str | Path, map_location: Any = "cpu") -> dict[str
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # truncated/corrupt/foreign files all land here
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise PsmambaError(f"{path}: cannot read checkpoint ({first[:200]})") from None
+        raise PsmambaError(f"{path}: cannot read checkpoint ({first_line(exc)[:200]})") from None
     training = ckpt.get("training") if isinstance(ckpt, dict) else None
     if not isinstance(training, dict) or training.get("format") != TRAIN_FORMAT:
         raise PsmambaError(f"{path}: not a psmamba training checkpoint (no {TRAIN_FORMAT!r} state)")

@@ -228,16 +228,16 @@ def split_pairs(config: Any, split: str = "test") -> LazyPairs:
     """The pairs of a split of the data set a training configuration describes.
 
     The split is drawn exactly as ``psmamba train`` draws its train/val parts
-    (:func:`psmamba.engine.train.build_datasets`): ``make_splits(val=data.val_fraction,
+    (:func:`psmamba.data.training.build_datasets`): ``make_splits(val=data.val_fraction,
     test=data.options.test (0.2), seed=run.seed)`` (a published split keeps its own test
     part), with the same preprocessing pipeline and cache; ``demo`` uses the demo's splits.
 
     Args:
-        config: a :class:`psmamba.engine.config.TrainConfig`, its dict form (as stored in
+        config: a :class:`psmamba.config.TrainConfig`, its dict form (as stored in
             checkpoints), or the path of a YAML config.
         split: ``"test"`` (default), ``"val"``, ``"train"`` (``"test_hard"`` for the demo).
     """
-    from psmamba.engine.config import TrainConfig, config_from_dict, load_train_config
+    from psmamba.config import TrainConfig, config_from_dict, load_train_config
 
     if isinstance(config, (str, os.PathLike)):
         cfg = load_train_config(config)

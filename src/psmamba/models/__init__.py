@@ -8,7 +8,7 @@ Public API::
     save_checkpoint("model.pt", model, epoch=3)
     model, ckpt = load_checkpoint("model.pt")
 
-Modules: :mod:`~psmamba.models.config` (``ModelConfig``), :mod:`~psmamba.models.encoder`,
+Modules: :mod:`~psmamba.config` (``ModelConfig``), :mod:`~psmamba.models.encoder`,
 :mod:`~psmamba.models.decoder`, :mod:`~psmamba.models.refinement` (SIR),
 :mod:`~psmamba.models.net` (``PSMambaNet``), :mod:`~psmamba.models.presets`,
 :mod:`~psmamba.models.checkpoint`.
@@ -20,7 +20,7 @@ import importlib
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from psmamba.models.config import ModelConfig
+from psmamba.config import ModelConfig
 from psmamba.models.presets import PRESETS, get_config
 
 if TYPE_CHECKING:  # the torch-heavy names are imported on first use (PEP 562, see __getattr__)

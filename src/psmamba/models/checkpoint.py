@@ -12,7 +12,6 @@ A checkpoint is a ``torch.save``-d dict::
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -21,8 +20,9 @@ import torch
 import torch.nn as nn
 
 from psmamba import __version__
-from psmamba.errors import PsmambaError
-from psmamba.models.config import ModelConfig
+from psmamba.config import ModelConfig
+from psmamba.errors import PsmambaError, first_line
+from psmamba.files import atomic_save
 from psmamba.models.net import PSMambaNet
 
 __all__ = ["save_checkpoint", "load_checkpoint", "CHECKPOINT_FORMAT"]
@@ -30,17 +30,6 @@ __all__ = ["save_checkpoint", "load_checkpoint", "CHECKPOINT_FORMAT"]
 CHECKPOINT_FORMAT = "psmamba-checkpoint"
 _FORMAT_VERSION = 1
 _RESERVED = ("format", "format_version", "psmamba_version", "config", "state_dict")
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    if text.startswith("Weights only load failed"):
-        # torch's first line advises weights_only=False (unsafe for a file of unknown origin);
-        # the reason is on a later line
-        detail = text.split("WeightsUnpickler error:", 1)[-1].strip().splitlines()
-        reason = detail[0].strip() if detail and detail[0].strip() else "unsupported content"
-        return f"not a torch file of tensors and plain data: {reason}"
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -84,18 +73,7 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, **extra: Any) -> 
         "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()},
         **extra,
     }
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(payload, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return atomic_save(payload, path)
 
 
 def load_checkpoint(
@@ -129,7 +107,7 @@ def load_checkpoint(
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=weights_only)
     except Exception as exc:  # torch raises many types for a bad file (pickle, zip, runtime)
-        raise PsmambaError(f"{path}: not a readable checkpoint ({_one_line(exc)})") from None
+        raise PsmambaError(f"{path}: not a readable checkpoint ({first_line(exc)})") from None
     if not isinstance(ckpt, Mapping) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise PsmambaError(f"{path}: not a psmamba checkpoint (no '{CHECKPOINT_FORMAT}' format tag)")
     if not isinstance(ckpt.get("config"), Mapping) or not isinstance(ckpt.get("state_dict"), Mapping):
@@ -139,7 +117,7 @@ def load_checkpoint(
         if mamba_backend is not None:
             cfg = cfg.replace(mamba_backend=mamba_backend)
     except PsmambaError as exc:
-        raise PsmambaError(f"{path}: {_one_line(exc)}") from None
+        raise PsmambaError(f"{path}: {first_line(exc)}") from None
     model = PSMambaNet(cfg)
     try:
         model.load_state_dict(ckpt["state_dict"], strict=True)
@@ -168,4 +146,4 @@ def _mismatch(model: nn.Module, state: Mapping[str, Any], exc: Exception) -> str
         parts.append(f"unexpected {unexpected}")
     if shapes:
         parts.append(f"shape mismatch {shapes}")
-    return "; ".join(parts) if parts else _one_line(exc)
+    return "; ".join(parts) if parts else first_line(exc)

@@ -53,7 +53,7 @@ import torch.nn as nn
 
 from psmamba import spatial
 from psmamba.errors import PsmambaError
-from psmamba.models.config import ModelConfig
+from psmamba.config import ModelConfig
 from psmamba.models.decoder import DecoderBlock
 from psmamba.models.encoder import NUM_LEVELS, DualStreamEncoder
 from psmamba.models.refinement import SubstrateIterativeRefinement

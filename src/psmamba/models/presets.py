@@ -28,7 +28,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from psmamba.errors import PsmambaError
-from psmamba.models.config import ModelConfig
+from psmamba.config import ModelConfig
 
 __all__ = ["PRESETS", "get_config"]
 

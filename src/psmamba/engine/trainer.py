@@ -1,0 +1,407 @@
+"""The training loop as a class with hooks (the shape of nnU-Net's ``run_training``).
+
+:meth:`Trainer.run_training` is a short loop; each concern is a method of its own, so a
+subclass (or a reader) finds the training step, the validation step, the end of an epoch,
+checkpointing and logging by name::
+
+    run_training
+      on_train_start                     outputs, TensorBoard
+      for each epoch:
+        on_epoch_start                   pair order, micro-batches, progress bar
+        for each step: train_step        one optimiser step (psmamba.engine.objective.train_step)
+                       on_step_end       log, stop checks, mid-epoch checkpoint
+        on_epoch_end                     validate + select, poly lr, last.pt
+      on_train_end                       close files
+
+Exact resumption: the pair order of epoch ``m`` is a permutation seeded by ``(seed, m)``, the
+checkpoint stores the step inside the epoch, the optimiser, scheduler and gradient-scaler states
+and the random generator states of every rank, and the learning rate of an epoch is a function of
+its index; a resumed run continues with the weights the uninterrupted run would have had.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from psmamba.config import TrainConfig, config_to_dict, save_train_config
+from psmamba.data.training import collate_pairs
+from psmamba.engine.checkpointing import capture_rng_state, restore_rng_state, save_training_state
+from psmamba.engine.distributed import DistInfo, all_reduce_mean, any_rank, barrier, epoch_order, rank_batches, steps_per_epoch
+from psmamba.engine.logs import CsvLog, TensorBoardLog
+from psmamba.engine.objective import STEP_TERMS, Objective, autocast, to_device, train_step
+from psmamba.errors import PsmambaError
+
+__all__ = ["Trainer", "seed_all"]
+
+
+def seed_all(seed: int) -> None:
+    """Seed Python, NumPy and torch."""
+    import random
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class Trainer:
+    """Train ``cfg.model_config()`` on ``train_data``, validating on ``val_data``.
+
+    Construction checks everything that can fail before any output is written (the data's
+    first pair, labels for a Dice loss), builds the model, the optimiser, the scheduler and, with
+    ``resume``, restores them from ``ckpt`` (the ``last.pt`` dict).
+    """
+
+    def __init__(self, cfg: TrainConfig, info: DistInfo, train_data, val_data, ckpt: dict[str, Any] | None = None):
+        from psmamba.models import build_model
+
+        self.cfg, self.info, self.device = cfg, info, info.device
+        self.out = Path(cfg.run.out)
+        self.resume = ckpt is not None
+        self.train_data, self.val_data = train_data, val_data
+        # the grid the network learnt on, for register (recorded in every checkpoint)
+        self.ckpt_extra = {"image_size": list(cfg.data.resize)} if cfg.data.resize is not None else {}
+        self.n_pairs = len(train_data)
+        if self.n_pairs < 1:
+            raise PsmambaError("the training split holds no pairs")
+        first = train_data[0]
+        has_labels = first.get("moving_labels") is not None and first.get("fixed_labels") is not None
+        self.use_labels = bool(cfg.data.use_labels and has_labels)
+        if cfg.loss.dice_weight > 0 and not self.use_labels:
+            raise PsmambaError("loss.dice_weight > 0 needs label maps, but the training pairs have none")
+        collate_pairs([first])  # shape/key problems fail here, before any output
+        if not self.ckpt_extra:
+            self.ckpt_extra = {"image_size": [int(s) for s in torch.as_tensor(first["fixed"]).shape[-3:]]}
+
+        seed_all(cfg.run.seed)  # same initial weights on every rank
+        self.model = build_model(cfg.model_config()).to(self.device)
+        self.objective = Objective(cfg.loss).to(self.device)
+        o = cfg.optim
+        self.optim = torch.optim.Adam(self.model.parameters(), lr=o.lr, betas=tuple(o.betas),
+                                      weight_decay=o.weight_decay, amsgrad=o.amsgrad)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optim, lambda e: max(0.0, 1.0 - e / o.epochs) ** o.poly_power)
+        self.scaler = torch.amp.GradScaler(self.device.type) if cfg.run.amp == "fp16" and self.device.type != "cpu" else None
+        seed_all(cfg.run.seed + info.rank)  # data-side randomness differs per rank
+
+        self.epoch, self.start_step_in_epoch, self.global_step = 0, 0, 0
+        self.best: dict[str, Any] = {}
+        self.history: list[dict[str, Any]] = []
+        self.last_val: dict[str, float] = {}
+        self.csv_rows: int | None = None
+        if ckpt is not None:
+            self._restore(ckpt)
+        self.start_epoch = self.epoch
+        self.net = self.model
+        if info.distributed:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            self.net = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.stopped: str | None = None
+        self.best_metric = "val_dice" if self.use_labels else "val_loss"
+        self.csv_log: CsvLog | None = None
+        self.tb: TensorBoardLog | None = None
+        self.progress = None
+
+    def _restore(self, ckpt: dict[str, Any]) -> None:
+        state = ckpt["training"]
+        self.model.load_state_dict(ckpt["state_dict"], strict=True)
+        self.optim.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
+        self.epoch, self.start_step_in_epoch = int(state["epoch"]), int(state["step_in_epoch"])
+        self.global_step = int(state["step"])
+        self.best = dict(state.get("best", {}))
+        self.csv_rows = state.get("metrics", {}).get("csv_rows")
+        self.history = list(state.get("metrics", {}).get("history", []))
+        rngs = state.get("rng") or []
+        if len(rngs) == self.info.world_size:
+            restore_rng_state(rngs[self.info.rank])
+        elif rngs:
+            restore_rng_state(rngs[0])
+            if self.info.is_main:
+                warnings.warn(f"resuming {len(rngs)}-process run on {self.info.world_size}: RNG states of rank 0 reused")
+
+    # ------------------------------------------------------------------ the loop
+    def run_training(self, stop_signal) -> None:
+        """Train until the last epoch or a stop (``run.max_steps``, ``run.max_minutes``, a signal)."""
+        self.on_train_start()
+        try:
+            while self.epoch < self.cfg.optim.epochs and self.stopped is None:
+                steps = self.on_epoch_start()
+                for s in steps:
+                    self.step_terms = self.train_step()
+                    if self.on_step_end(s, stop_signal):
+                        break
+                self._close_progress()
+                if self.stopped is None:
+                    self.on_epoch_end()
+        finally:
+            self.on_train_end()
+
+    # ------------------------------------------------------------------ hooks
+    def on_train_start(self) -> None:
+        """Create the output folder, ``config.yaml``, ``metrics.csv`` and TensorBoard (rank 0)."""
+        if self.info.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            if not self.resume:
+                save_train_config(self.cfg, self.out / "config.yaml")
+            self.csv_log = CsvLog(self.out / "metrics.csv", keep_rows=self.csv_rows if self.resume else 0)
+            purge = self.global_step + 1 if self.resume else None
+            self.tb = TensorBoardLog(self.out / "tb", self.cfg.run.tensorboard, purge_step=purge)
+        barrier(self.info)
+        cfg, info = self.cfg, self.info
+        self.pairs_per_step = cfg.optim.batch_size * cfg.optim.accumulate * info.world_size
+        self.n_epoch_pairs = min(self.n_pairs, cfg.data.max_train_pairs or self.n_pairs)
+        self.n_steps = steps_per_epoch(self.n_epoch_pairs, self.pairs_per_step)
+        n_val = len(self.val_data) if self.val_data is not None else 0
+        self.val_idx = _val_indices(n_val, cfg.data.max_val_pairs, cfg.run.seed) if n_val else []
+        self.t_start = time.monotonic()
+        self.pairs_done = 0
+
+    def on_epoch_start(self) -> list[int]:
+        """This epoch's pair order and micro-batch stream; returns the steps left in it."""
+        cfg, info = self.cfg, self.info
+        if hasattr(self.train_data, "set_epoch"):
+            self.train_data.set_epoch(self.epoch)
+        order = epoch_order(self.n_pairs, self.epoch, cfg.run.seed)[: self.n_epoch_pairs]
+        first_step = self.start_step_in_epoch if self.epoch == self.start_epoch else 0
+        self.lr_now = self.optim.param_groups[0]["lr"]
+        steps = list(range(first_step, self.n_steps))
+        batches = [mb for s in steps for mb in rank_batches(
+            order, s, batch_size=cfg.optim.batch_size, accumulate=cfg.optim.accumulate,
+            world_size=info.world_size, rank=info.rank)]
+        self.stream = _micro_batches(self.train_data, batches, cfg.data.num_workers, self.device.type == "cuda")
+        if info.is_main and cfg.run.progress:
+            from tqdm.auto import tqdm
+
+            self.progress = tqdm(total=self.n_steps, initial=first_step, desc=f"epoch {self.epoch + 1}/{cfg.optim.epochs}",
+                                 unit="step", dynamic_ncols=True, leave=False)
+        self.net.train()
+        self.run_sums = torch.zeros(len(STEP_TERMS), dtype=torch.float64)  # over the log window
+        self.run_n = 0
+        return steps
+
+    def train_step(self) -> torch.Tensor:
+        """One optimiser step on the next ``optim.accumulate`` micro-batches."""
+        cfg = self.cfg
+        batches = (to_device(next(self.stream), self.device, self.use_labels) for _ in range(cfg.optim.accumulate))
+        terms = train_step(
+            self.net, self.objective, self.optim, batches, accumulate=cfg.optim.accumulate, amp=cfg.run.amp,
+            scaler=self.scaler, grad_clip=cfg.optim.grad_clip, clip_params=self.model.parameters(),
+            no_sync=self.net.no_sync if self.info.distributed else None,
+        )
+        self.global_step += 1
+        self.pairs_done += self.pairs_per_step
+        self.run_sums += terms.cpu()
+        self.run_n += 1
+        return terms
+
+    def on_step_end(self, s: int, stop_signal) -> bool:
+        """Log, check the stops (a planned one validates first), checkpoint; True ends the epoch."""
+        cfg = self.cfg
+        if self.global_step % cfg.run.log_every == 0 or s == self.n_steps - 1:
+            self.log_train()
+        if self.progress is not None:
+            self.progress.update(1)
+        reason = None
+        if stop_signal.received is not None:
+            reason = "signal"
+        elif cfg.run.max_steps is not None and self.global_step >= cfg.run.max_steps:
+            reason = "max_steps"
+        elif cfg.run.max_minutes is not None and time.monotonic() - self.t_start >= 60 * cfg.run.max_minutes:
+            reason = "time"
+        if self.info.distributed and any_rank(reason is not None, self.info) and reason is None:
+            reason = "signal"  # every rank must leave the loop at the same step
+        if reason is not None:
+            self.stopped = reason
+            if reason != "signal":  # a planned stop ends like an epoch: validated
+                self.validate_and_select()
+            self.save_last(self.epoch, s + 1)
+            return True
+        if cfg.run.checkpoint_every and self.global_step % cfg.run.checkpoint_every == 0 and s + 1 < self.n_steps:
+            self.save_last(self.epoch, s + 1)
+        return False
+
+    def on_epoch_end(self) -> None:
+        """Validate (every ``run.val_every`` epochs and after the last), decay the lr, write last.pt."""
+        if (self.epoch + 1) % self.cfg.run.val_every == 0 or self.epoch + 1 == self.cfg.optim.epochs:
+            self.validate_and_select()
+        self.scheduler.step()  # the next epoch's poly-decayed learning rate
+        self.epoch += 1
+        self.save_last(self.epoch, 0)
+
+    def on_train_end(self) -> None:
+        self._close_progress()
+        for log in (self.csv_log, self.tb):
+            if log is not None:
+                log.close()
+
+    def _close_progress(self) -> None:
+        if self.progress is not None:
+            self.progress.close()
+            self.progress = None
+
+    # ------------------------------------------------------------------ logging
+    def log_train(self) -> None:
+        """A ``train`` row (means over the steps since the last one) to the CSV and TensorBoard."""
+        means = all_reduce_mean((self.run_sums / max(self.run_n, 1)).tolist(), self.info)
+        rate = self.pairs_done / max(time.monotonic() - self.t_start, 1e-9)
+        if self.info.is_main:
+            vals = dict(zip(STEP_TERMS, means))
+            row = {"time": round(time.monotonic() - self.t_start, 3), "epoch": self.epoch + 1,
+                   "step": self.global_step, "split": "train", **vals, "lr": self.lr_now, "pairs_per_s": rate}
+            self.csv_log.write(row)
+            self.tb.scalars("train", {**vals, "lr": self.lr_now, "pairs_per_s": rate}, self.global_step)
+            if self.progress is not None:
+                self.progress.set_postfix(loss=f"{vals['loss']:.4f}", pairs_s=f"{rate:.2f}")
+        self.run_sums.zero_()
+        self.run_n = 0
+
+    # ------------------------------------------------------------------ validation
+    @torch.no_grad()
+    def validation_step(self, index: int) -> tuple[dict[str, float], Any]:
+        """Loss, folding % and (with labels) Dice of one validation pair; and its batch/output."""
+        from psmamba import metrics, spatial
+
+        batch = to_device(collate_pairs([self.val_data[index]]), self.device, self.use_labels)
+        with autocast(self.device, self.cfg.run.amp):
+            out = self.model(batch["moving"], batch["fixed"])
+        warped, ddf = out.warped.float(), out.ddf.float()
+        loss, _ = self.objective(warped, ddf, batch["fixed"], batch.get("moving_labels"), batch.get("fixed_labels"))
+        res = {"loss": float(loss), "folding_percent": float(metrics.folding_percent(ddf[0].cpu()))}
+        if "moving_labels" in batch and "fixed_labels" in batch:
+            warped_labels = spatial.warp(batch["moving_labels"], ddf, mode="nearest")
+            d = metrics.mean_dice(batch["fixed_labels"][0, 0].cpu().numpy(), warped_labels[0, 0].cpu().numpy())
+            if not math.isnan(float(d)):
+                res["dice"] = float(d)
+        return res, (batch, warped, ddf)
+
+    def validate(self) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+        """Mean loss / Dice / folding % over the validation subset, and TensorBoard slices."""
+        was_training = self.model.training
+        self.model.eval()
+        rows, images = [], {}
+        want_images = self.cfg.run.images and self.tb is not None and self.tb.writer is not None
+        for n, i in enumerate(self.val_idx):
+            res, (batch, warped, ddf) = self.validation_step(i)
+            rows.append(res)
+            if want_images and n == 0:
+                images = _slice_images(batch["moving"], batch["fixed"], warped, ddf)
+        if was_training:
+            self.model.train()
+
+        def mean(key: str) -> float:
+            vals = [r[key] for r in rows if key in r]
+            return float(np.mean(vals)) if vals else math.nan
+
+        return {"loss": mean("loss"), "dice": mean("dice"), "folding_percent": mean("folding_percent")}, images
+
+    def validate_and_select(self) -> None:
+        """Validate (rank 0), log, and write ``best.pt`` when the selection metric improved."""
+        if self.val_data is None or not self.val_idx:
+            return
+        if self.info.is_main:
+            res, images = self.validate()
+            row = {"time": round(time.monotonic() - self.t_start, 3), "epoch": self.epoch + 1,
+                   "step": self.global_step, "split": "val", **res, "lr": self.optim.param_groups[0]["lr"]}
+            self.csv_log.write(row)
+            self.tb.scalars("val", res, self.global_step)
+            self.tb.images(images, self.global_step)
+            self.history.append({k: row[k] for k in ("epoch", "step", "loss", "dice", "folding_percent", "lr")})
+            self.last_val = res
+            if self._improved(res):
+                self.best.update({"metric": self.best_metric, "value": self._metric(res),
+                                  "epoch": self.epoch + 1, "step": self.global_step})
+                self.save_best(res)
+        barrier(self.info)
+
+    def _metric(self, res: dict[str, float]) -> float:
+        return res["dice"] if self.best_metric == "val_dice" else res["loss"]
+
+    def _improved(self, res: dict[str, float]) -> bool:
+        value = self._metric(res)
+        if math.isnan(value):
+            return False
+        if "value" not in self.best:
+            return True
+        return value > self.best["value"] if self.best_metric == "val_dice" else value < self.best["value"]
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_best(self, res: dict[str, float]) -> None:
+        from psmamba.models import save_checkpoint
+
+        save_checkpoint(self.out / "best.pt", self.model, train_summary={
+            "config": config_to_dict(self.cfg), "best": dict(self.best), "val": dict(res)}, **self.ckpt_extra)
+
+    def save_last(self, epoch: int, step_in_epoch: int) -> None:
+        """``last.pt``: everything to resume exactly (a collective: every rank takes part)."""
+        rngs = _gather_rng(self.info)
+        if self.info.is_main:
+            save_training_state(
+                self.out / "last.pt", self.model, config=config_to_dict(self.cfg), optimizer=self.optim,
+                scheduler=self.scheduler, scaler=self.scaler, epoch=epoch, step=self.global_step,
+                step_in_epoch=step_in_epoch, best=self.best,
+                metrics={"csv_rows": self.csv_log.rows, "history": self.history, "last_val": self.last_val},
+                world_size=self.info.world_size, rng_states=rngs, extra=self.ckpt_extra,
+            )
+
+
+# --------------------------------------------------------------------------- helpers
+def _micro_batches(dataset, batches: list[list[int]], num_workers: int, pin: bool):
+    """Yield the collated micro-batches listed in ``batches``, in order."""
+    if num_workers <= 0:
+        for idx in batches:
+            yield collate_pairs([dataset[i] for i in idx])
+        return
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=batches, num_workers=num_workers, collate_fn=collate_pairs,
+        pin_memory=pin, persistent_workers=False,
+    )
+    yield from loader
+
+
+def _val_indices(n: int, limit: int | None, seed: int) -> list[int]:
+    if limit is None or n <= limit:
+        return list(range(n))
+    g = torch.Generator().manual_seed(int(seed) + 7919)  # fixed for the whole run
+    return sorted(torch.randperm(n, generator=g)[:limit].tolist())
+
+
+def _gather_rng(info: DistInfo) -> list[dict[str, Any]]:
+    """Every rank's RNG state (rank order), collected on all ranks."""
+    state = capture_rng_state()
+    if not info.distributed:
+        return [state]
+    import torch.distributed as dist
+
+    states: list[Any] = [None] * info.world_size
+    dist.all_gather_object(states, state)
+    return states
+
+
+def _slice_images(moving, fixed, warped, ddf) -> dict[str, np.ndarray]:
+    """Middle slices (first axis) for TensorBoard: moving | warped | fixed | |warped - fixed|,
+    and a square grid deformed by the field. Each ``(1, H, W')`` float in [0, 1]."""
+    from psmamba import spatial
+    from psmamba.data.preprocess import minmax_scale
+
+    d = fixed.shape[2] // 2
+    m, w, f = (minmax_scale(t[0, 0, d].detach().float().cpu().numpy()) for t in (moving, warped, fixed))
+    panel = np.concatenate([m, w, f, np.abs(w - f)], axis=1)
+    # a grid of lines every 4 voxels in the slice plane, pulled through the field like the image
+    lines = torch.zeros_like(fixed[:1])
+    lines[..., ::4, :] = 1.0
+    lines[..., :, ::4] = 1.0
+    grid = spatial.warp(lines, ddf[:1].float()).clamp(0, 1)[0, 0, d].cpu().numpy()
+    # small grids are enlarged (nearest) so that TensorBoard shows more than a thumbnail
+    k = max(1, 256 // max(panel.shape[0], 1))
+    up = lambda a: np.kron(a, np.ones((k, k), dtype=a.dtype))  # noqa: E731
+    return {"slices": up(panel)[None].astype(np.float32), "grid": up(grid)[None].astype(np.float32)}
