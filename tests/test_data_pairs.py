@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from psmamba.data.dataset import PairDataset, make_loader
-from psmamba.data.pairs import all_pairs, atlas_pairs, read_pair_list, split_subjects
+from psmamba.data.pairs import all_pairs, atlas_pairs, id_pairs, read_pair_list, split_subjects
 from psmamba.data.preprocess import CropOrPad, MinMax, Pipeline
 from psmamba.data.synth import SynthConfig, SynthPairDataset, random_ddf, random_label_map, synth_pair
 from psmamba.data.volume import ArrayVolumeRef, Volume
@@ -31,13 +31,14 @@ def test_all_and_atlas_pairs():
 
 def test_read_pair_list(tmp_path):
     (tmp_path / "p.csv").write_text("moving,fixed\na,b\nb,a\n")
-    assert read_pair_list(tmp_path / "p.csv", known_ids=["a", "b"]) == [("a", "b"), ("b", "a")]
+    assert id_pairs(read_pair_list(tmp_path / "p.csv"), known_ids=["a", "b"]) == [("a", "b"), ("b", "a")]
     (tmp_path / "p.json").write_text(json.dumps([{"moving": "a", "fixed": "b"}, ["b", "c"]]))
-    assert read_pair_list(tmp_path / "p.json") == [("a", "b"), ("b", "c")]
-    with pytest.raises(PsmambaError, match="p.json: pair 2 names volume 'c'"):
-        read_pair_list(tmp_path / "p.json", known_ids=["a", "b"])
+    rows = read_pair_list(tmp_path / "p.json")
+    assert [(r.moving, r.fixed) for r in rows] == [("a", "b"), ("b", "c")]
+    with pytest.raises(PsmambaError, match="p.json pair 2: names volume 'c'"):
+        id_pairs(rows, known_ids=["a", "b"])
     (tmp_path / "q.json").write_text(json.dumps([{"moving": "a"}]))
-    with pytest.raises(PsmambaError, match="q.json: pair 0 needs 'moving' and 'fixed'"):
+    with pytest.raises(PsmambaError, match="q.json pair 1: needs 'moving' and 'fixed'"):
         read_pair_list(tmp_path / "q.json")
 
 

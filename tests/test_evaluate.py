@@ -11,14 +11,8 @@ import pytest
 import torch
 
 from psmamba.cli import main
-from psmamba.engine.evaluate import (
-    Pair,
-    evaluate_pairs,
-    format_summary_table,
-    read_pair_list,
-    read_results,
-    summarize,
-)
+from psmamba.engine.evaluate import Pair, evaluate_pairs, pair_files
+from psmamba.engine.results import format_summary_table, read_results, summarize
 from psmamba.errors import PsmambaError
 
 S = 12
@@ -97,17 +91,17 @@ def test_pair_list_without_header_and_bad_rows(tmp_path):
     _, p = _hand_case(tmp_path)
     plain = tmp_path / "plain.csv"
     plain.write_text("m.nii.gz,f.nii.gz\n# a comment\nf.nii.gz,m.nii.gz,,\n")
-    pairs = read_pair_list(plain)
+    pairs = pair_files(plain)
     assert [x.pair_id for x in pairs] == ["m_to_f", "f_to_m"]
     assert pairs[0].moving == p["m"] and pairs[1].moving_labels is None
     bad = tmp_path / "bad.csv"
     bad.write_text("m.nii.gz,missing.nii.gz\n")
     with pytest.raises(PsmambaError, match="line 1.*missing.nii.gz"):
-        read_pair_list(bad)
+        pair_files(bad)
     dup = tmp_path / "dup.csv"
     dup.write_text("m.nii.gz,f.nii.gz\nm.nii.gz,f.nii.gz\n")
     with pytest.raises(PsmambaError, match="duplicate"):
-        read_pair_list(dup)
+        pair_files(dup)
 
 
 def _blob_pair(tmp_path):
@@ -124,7 +118,7 @@ def _blob_pair(tmp_path):
 def test_instance_optimisation_and_network_evaluation(tmp_path):
     pair = _blob_pair(tmp_path)
     res = evaluate_pairs([pair], iters=30, device="cpu")
-    assert res.method == "instance-opt"
+    assert res.method == "io"
     row = res.pair_rows[0]
     assert row["dice_mean"] > row["dice_before_mean"] + 0.1
     assert row["folding_percent"] < 1.0 and row["seconds"] > 0
@@ -147,7 +141,7 @@ def test_instance_optimisation_and_network_evaluation(tmp_path):
     assert main(["evaluate", "--pairs", _pairs_csv(tmp_path, pair), "--checkpoint", str(ckpt), "--iters", "30",
                  "--refine", "field", "--device", "cpu", "--no-hd95", "--out", str(out2), "--quiet"]) == 0
     refined = read_results(out2).pair_rows[0]
-    assert refined["method"] == "tiny+field30"
+    assert refined["method"] == "tiny+io"  # field refinement, not weight fine-tuning
     assert refined["dice_mean"] > summary["dice"][0] + 0.1
 
 
@@ -175,7 +169,7 @@ def test_bad_inputs_fail_early_without_output(tmp_path, capsys):
     fails(["evaluate", "--pairs", str(csv_path), "--checkpoint", str(bad_ckpt), "--out", str(out)], "x.pt")
     fails(["evaluate", "--pairs", str(csv_path), "--demo", "--identity", "--out", str(out)], "one source")
     with pytest.raises(PsmambaError, match="identity"):
-        evaluate_pairs(read_pair_list(csv_path), identity=True, iters=3)
+        evaluate_pairs(pair_files(csv_path), identity=True, iters=3)
 
 
 needs_demo = pytest.mark.skipif(

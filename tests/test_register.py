@@ -11,13 +11,10 @@ import pytest
 import torch
 
 from psmamba.cli import main
-from psmamba.engine.register import (
-    OUTPUT_FILES,
-    _resize_field,
-    register_pair,
-    resample_to_grid,
-    training_size,
-)
+from psmamba.data.preprocess import resample_to_grid
+from psmamba.engine.methods import training_size
+from psmamba.engine.register import OUTPUT_FILES, register_pair
+from psmamba.spatial import resize_ddf
 from psmamba.errors import PsmambaError
 
 
@@ -112,7 +109,7 @@ def test_register_iters_raises_dice_and_writes_outputs(blob_pair, tmp_path, caps
     assert after > before + 0.1, (before, after)
     assert after > 0.75
     assert summary["folding_percent"] < 1.0
-    assert summary["method"] == "instance-optimisation"
+    assert summary["method"] == "io"
     assert set(summary["timings_s"]) >= {"load", "register", "total"}
     # every NIfTI output carries the fixed image's affine
     aff = blob_pair["affine"]
@@ -173,18 +170,18 @@ def test_resample_to_grid_translation_and_identity():
     src = np.eye(4)
     dst = np.eye(4)
     dst[:3, 3] = [1.0, 2.0, -1.0]  # destination voxel p sits at world p + t = source voxel p + t
-    out = resample_to_grid(data, src, (10, 10, 10), dst)
+    out = resample_to_grid(data, src, dst, (10, 10, 10))
     assert out[3, 3, 7] == pytest.approx(1.0)
-    assert resample_to_grid(data, src, (10, 10, 10), src) is data
+    assert resample_to_grid(data, src, src, (10, 10, 10)) is data
     lab = data.astype(np.int16)
-    assert resample_to_grid(lab, src, (10, 10, 10), dst, order=0).dtype == np.int16
+    assert resample_to_grid(lab, src, dst, (10, 10, 10), order=0).dtype == np.int16
 
 
 def test_resize_field_keeps_world_displacement():
     """A uniform shift of 3 voxels on a 9-voxel grid is 6 voxels on the 17-voxel grid spanning the same extent."""
     ddf = torch.zeros(1, 3, 9, 9, 9)
     ddf[:, 0] = 3.0
-    big = _resize_field(ddf, (17, 17, 17))
+    big = resize_ddf(ddf, (17, 17, 17))
     assert big.shape == (1, 3, 17, 17, 17)
     torch.testing.assert_close(big[:, 0], torch.full((1, 17, 17, 17), 6.0))
     torch.testing.assert_close(big[:, 1:], torch.zeros(1, 2, 17, 17, 17))
@@ -210,7 +207,7 @@ def test_checkpoint_with_tto_on_another_model_grid(blob_pair, tmp_path):
         fixed_labels=blob_pair["fixed_labels"], model=model, iters=2, device="cpu", model_size=(20, 20, 20),
         out_dir=tmp_path / "o",
     )
-    assert res.summary["method"] == "network+tto" and res.summary["model_grid"] == [20, 20, 20]
+    assert res.summary["method"] == "network+finetune" and res.summary["model_grid"] == [20, 20, 20]
     assert res.ddf.shape == (3,) + blob_pair["shape"]
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     assert (tmp_path / "o" / "warped_labels.nii.gz").is_file()

@@ -46,6 +46,7 @@ __all__ = [
     "save_labels",
     "save_ddf",
     "SUFFIXES",
+    "as_image",
 ]
 
 #: File name endings read and written here. ``.img`` and ``.hdr`` name the same pair.
@@ -381,3 +382,45 @@ def save_ddf(path, ddf, affine) -> Path:
     field = ddf_to_l2r(arr).astype(np.float32)
     _check_finite(field, "ddf for", p)
     return _atomic_save(_build(field, _affine(affine, p)), p)
+
+
+def as_image(obj: Any, what: str, labels: bool = False) -> Image | None:
+    """A path, an :class:`Image`, a :class:`psmamba.data.Volume` or a 3-D array -> an :class:`Image`.
+
+    An array is taken with an identity affine (1 mm voxels); ``labels`` reads/keeps integer
+    label codes; ``what`` names the input in the one-line errors. None passes through.
+    """
+    if obj is None:
+        return None
+
+    if isinstance(obj, (str, os.PathLike)):
+        path = Path(obj).expanduser()
+        if not path.exists():
+            raise PsmambaError(f"{what} file {path} does not exist")
+        return load_labels(path) if labels else load_image(path, what=what)
+    if isinstance(obj, np.ndarray):
+        arr = np.asarray(obj)
+        if arr.ndim != 3:
+            raise PsmambaError(f"{what} must be a 3-D array, got shape {arr.shape}")
+        if labels and not np.issubdtype(arr.dtype, np.integer):
+            if not np.all(np.equal(np.mod(arr, 1), 0)):
+                raise PsmambaError(f"{what} must hold integer label codes")
+            arr = arr.astype(np.int32)
+        return Image(data=arr, affine=np.eye(4), header=None, path=None)  # type: ignore[arg-type]
+    if hasattr(obj, "data") and hasattr(obj, "affine"):
+        arr = np.asarray(obj.data)
+        if arr.ndim != 3:
+            raise PsmambaError(f"{what} must be a 3-D image, got shape {arr.shape}")
+        return obj
+    if hasattr(obj, "image") and hasattr(obj, "affine"):  # a psmamba.data.Volume
+        arr = obj.labels if labels else obj.image
+        if arr is None:
+            raise PsmambaError(f"{what}: volume {getattr(obj, 'id', '')!r} has no label map")
+        arr = np.asarray(arr)
+        if arr.ndim != 3:
+            raise PsmambaError(f"{what} must be a 3-D image, got shape {arr.shape}")
+        return Image(data=arr, affine=np.asarray(obj.affine, dtype=np.float64), header=None,
+                        path=getattr(obj, "id", None))  # type: ignore[arg-type]
+    raise PsmambaError(
+        f"{what} must be a path, a psmamba.io.Image, a psmamba.data.Volume or a 3-D array, got {type(obj).__name__}"
+    )

@@ -32,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="diffusion weight of --iters (default 1 for a network, 3 for a field)")
     meth.add_argument("--model-size", type=int, nargs=3, metavar=("D", "H", "W"), help="grid the network runs on")
     meth.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
-    meth.add_argument("--method", metavar="NAME", help="name in the method column (default from the settings)")
+    meth.add_argument("--method", metavar="NAME", help="name in the method column (default: the method's own name, a network named after its checkpoint file)")
     meth.add_argument("--labels", metavar="L", help="comma-separated label codes to score (default: all non-zero)")
     meth.add_argument("--no-hd95", action="store_true", help="skip HD95 (faster on large volumes)")
     meth.add_argument("--max-pairs", type=int, metavar="N", help="evaluate only the first N pairs (a quick look)")
@@ -58,7 +58,7 @@ def _labels(text: str | None):
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from psmamba.engine.evaluate import _write_csv, check_writable, format_summary_table, read_results, summarize
+    from psmamba.engine.results import check_writable, format_summary_table, read_results, summarize, write_csv
     from psmamba.engine.stats import compare_methods
     from psmamba.errors import PsmambaError
 
@@ -76,9 +76,34 @@ def _compare(args: argparse.Namespace) -> int:
     print(comp.to_text())
     if out is not None:
         rows = comp.to_rows()
-        _write_csv(out, list(rows[0]), rows, digits=10)
+        write_csv(out, list(rows[0]), rows, digits=10)
         print(f"\nwrote {out}")
     return 0
+
+
+def _method(args: argparse.Namespace):
+    """The registration method the flags name, and the checkpoint dict (None without one)."""
+    from pathlib import Path
+
+    from psmamba.engine.distributed import resolve_device
+    from psmamba.engine.methods import Identity, load_model, method_from_options, training_size
+    from psmamba.errors import PsmambaError
+
+    if args.identity:
+        if args.checkpoint or args.iters:
+            raise PsmambaError("--identity scores unregistered pairs: do not combine it with a checkpoint or --iters")
+        return Identity(), None
+    if not args.checkpoint and not args.iters:
+        raise PsmambaError("nothing to evaluate: give a checkpoint, --identity or --iters N")
+    model = ckpt = None
+    grid = args.model_size
+    if args.checkpoint:
+        model, ckpt = load_model(args.checkpoint, device=resolve_device(args.device))
+        grid = grid or training_size(ckpt)  # the network's own grid
+    name = Path(args.checkpoint).stem if args.checkpoint else None
+    method = method_from_options(model, iters=args.iters, refine=args.refine, lr=args.lr, lam=args.lam,
+                                 grid=grid, name=name, checkpoint=args.checkpoint)
+    return method, ckpt
 
 
 def run(args: argparse.Namespace) -> int:
@@ -89,7 +114,8 @@ def run(args: argparse.Namespace) -> int:
             raise PsmambaError("--compare reads result files only: do not combine it with pairs or a method")
         return _compare(args)
 
-    from psmamba.engine.evaluate import check_writable, evaluate_pairs, format_summary_table, read_pair_list
+    from psmamba.engine.evaluate import evaluate_pairs, pair_files, split_pairs
+    from psmamba.engine.results import check_writable, format_summary_table
 
     n_sources = sum(bool(x) for x in (args.pairs, args.demo, args.config))
     if n_sources > 1:
@@ -98,29 +124,19 @@ def run(args: argparse.Namespace) -> int:
         raise PsmambaError("--out CSV is required (where the results go)")
     out = check_writable(args.out)
     labels = _labels(args.labels)
-    model = None
-    if args.checkpoint:  # load once, early: a bad checkpoint fails before any pair is read
-        from psmamba.engine.register import load_model
-
-        from psmamba.engine.register import training_size
-
-        model, ckpt = load_model(args.checkpoint, device=args.device)
-        args.model_size = args.model_size or training_size(ckpt)  # the network's own grid
+    method, ckpt = _method(args)  # built once, early: a bad checkpoint fails before any pair is read
     if args.pairs:
-        pairs = read_pair_list(args.pairs)
+        pairs = pair_files(args.pairs)
     elif args.demo:
         from psmamba.engine.evaluate import demo_pairs
 
         pairs = demo_pairs(size=args.demo_size, split=args.split)
     elif args.config:
-        from psmamba.engine.evaluate import split_pairs
-
         pairs = split_pairs(args.config, split=args.split)
     else:
-        from psmamba.engine.evaluate import split_pairs
-        from psmamba.engine.register import train_config_of
+        from psmamba.engine.methods import train_config_of
 
-        cfg = train_config_of(ckpt) if model is not None else None
+        cfg = train_config_of(ckpt)
         if cfg is None:
             raise PsmambaError("give the pairs: --pairs CSV, --demo or --config YAML "
                                "(only a checkpoint of psmamba train knows its data set)")
@@ -129,17 +145,8 @@ def run(args: argparse.Namespace) -> int:
         if args.max_pairs < 1:
             raise PsmambaError(f"--max-pairs must be >= 1, got {args.max_pairs}")
         pairs = pairs[: args.max_pairs]
-    method = args.method
-    if method is None and args.checkpoint:
-        from pathlib import Path
-
-        tto = ("+tto" if args.refine == "weights" else "+field") + str(args.iters)
-        method = Path(args.checkpoint).stem + (tto if args.iters else "")
-    result = evaluate_pairs(
-        pairs, model=model, identity=args.identity, iters=args.iters, refine=args.refine, lr=args.lr,
-        lam=args.lam, device=args.device, labels=labels, hd95=not args.no_hd95, method=method,
-        model_size=args.model_size, progress=not args.quiet,
-    )
+    result = evaluate_pairs(pairs, method=method, device=args.device, labels=labels, hd95=not args.no_hd95,
+                            name=args.method, progress=not args.quiet)
     written = result.write(out)
     print(format_summary_table([result.summary()]))
     print(f"wrote {', '.join(str(p) for p in written)}")

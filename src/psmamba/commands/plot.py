@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from psmamba.commands.evaluate import _labels
-    from psmamba.engine.evaluate import read_results
+    from psmamba.engine.results import read_results
     from psmamba.errors import PsmambaError
     from psmamba.viz import dice_boxplot, pair_dice_plot
 

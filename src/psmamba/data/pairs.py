@@ -11,11 +11,12 @@ import json
 import os
 import random
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from psmamba.errors import PsmambaError
 
-__all__ = ["all_pairs", "atlas_pairs", "read_pair_list", "split_subjects"]
+__all__ = ["all_pairs", "atlas_pairs", "read_pair_list", "id_pairs", "PairRow", "split_subjects"]
 
 
 def all_pairs(ids: Sequence[str]) -> list[tuple[str, str]]:
@@ -46,50 +47,114 @@ def atlas_pairs(atlas: str, ids: Sequence[str], direction: str = "to_atlas") -> 
     raise PsmambaError(f"atlas_pairs direction must be 'to_atlas', 'from_atlas' or 'both', got {direction!r}")
 
 
-def read_pair_list(path: str | os.PathLike, known_ids: Sequence[str] | None = None) -> list[tuple[str, str]]:
-    """Read explicit pairs from a CSV (``moving,fixed`` columns, or two columns) or JSON file.
+@dataclass(frozen=True)
+class PairRow:
+    """One row of a pair list: the moving and fixed entries (volume ids or file paths, as the
+    list holds them), optional label-map entries and pair id, and where it came from."""
 
-    JSON: a list of ``{"moving": ..., "fixed": ...}`` objects or ``[moving, fixed]`` lists.
-    With ``known_ids``, an id that is not among them is an error naming the file and line.
+    moving: str
+    fixed: str
+    moving_labels: str | None = None
+    fixed_labels: str | None = None
+    pair_id: str | None = None
+    where: str = ""  # "FILE line N" / "FILE pair N", for error messages
+
+
+_COLUMNS = ("moving", "fixed", "moving_labels", "fixed_labels", "pair_id")
+
+
+def read_pair_list(path: str | os.PathLike) -> list[PairRow]:
+    """Read a pair list: a CSV or a JSON file.
+
+    CSV: columns ``moving, fixed[, moving_labels, fixed_labels][, pair_id]``. A header row is
+    optional: when the first row names the columns (any order) they are matched by name,
+    otherwise they are positional. Empty rows and rows starting with ``#`` are skipped; an empty
+    label cell means "no labels". JSON: a list (or ``{"pairs": [...]}``) of objects with those
+    keys, or of ``[moving, fixed]`` lists.
+
+    What an entry means (a volume id of a data source, a file path relative to the list) is the
+    caller's business: :func:`psmamba.data.sources` checks ids,
+    :func:`psmamba.engine.evaluate.pair_files` resolves and checks files.
+
+    Raises:
+        PsmambaError: a missing or unreadable file, an unknown column, a row without two
+            entries, or no pairs at all; the message names the file and line.
     """
-    path = Path(path)
+    path = Path(path).expanduser()
     if not path.is_file():
-        raise PsmambaError(f"{path}: pair list not found")
-    pairs: list[tuple[str, str]] = []
-    if path.suffix.lower() == ".json":
-        try:
-            data = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise PsmambaError(f"{path}: not valid JSON ({exc})") from None
-        if isinstance(data, dict) and "pairs" in data:
-            data = data["pairs"]
-        if not isinstance(data, list):
-            raise PsmambaError(f"{path}: expected a list of pairs")
-        for i, item in enumerate(data):
-            if isinstance(item, dict):
-                if "moving" not in item or "fixed" not in item:
-                    raise PsmambaError(f"{path}: pair {i} needs 'moving' and 'fixed' entries, got {sorted(item)}")
-                pairs.append((str(item["moving"]), str(item["fixed"])))
-            elif isinstance(item, (list, tuple)) and len(item) == 2:
-                pairs.append((str(item[0]), str(item[1])))
-            else:
-                raise PsmambaError(f"{path}: pair {i} must be {{moving, fixed}} or [moving, fixed], got {item!r}")
+        raise PsmambaError(f"pair list {path} does not exist")
+    rows = _json_rows(path) if path.suffix.lower() == ".json" else _csv_rows(path)
+    if not rows:
+        raise PsmambaError(f"pair list {path} lists no pairs")
+    return rows
+
+
+def _csv_rows(path: Path) -> list[PairRow]:
+    try:
+        with open(path, newline="", encoding="utf-8") as fh:
+            raw = [(n, r) for n, r in enumerate(csv.reader(fh), start=1)
+                   if any(c.strip() for c in r) and not r[0].lstrip().startswith("#")]
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise PsmambaError(f"pair list {path} cannot be read ({exc})") from None
+    header = [c.strip().lower() for c in raw[0][1]] if raw else []
+    if "moving" in header and "fixed" in header:
+        unknown = [c for c in header if c and c not in _COLUMNS]
+        if unknown:
+            raise PsmambaError(f"pair list {path}: unknown column(s) {unknown}; expected some of {list(_COLUMNS)}")
+        cols = {name: header.index(name) for name in _COLUMNS if name in header}
+        raw = raw[1:]
     else:
-        with path.open(newline="") as f:
-            rows = [r for r in csv.reader(f) if r and not r[0].startswith("#")]
-        if rows and [c.strip().lower() for c in rows[0][:2]] == ["moving", "fixed"]:
-            rows = rows[1:]
-        for i, row in enumerate(rows):
-            if len(row) < 2:
-                raise PsmambaError(f"{path}: row {i + 1} needs two columns (moving, fixed), got {row}")
-            pairs.append((row[0].strip(), row[1].strip()))
-    if known_ids is not None:
-        known = set(known_ids)
-        for i, (m, f) in enumerate(pairs):
-            for v in (m, f):
-                if v not in known:
-                    raise PsmambaError(f"{path}: pair {i + 1} names volume {v!r}, which the source does not have")
-    return pairs
+        cols = {name: i for i, name in enumerate(_COLUMNS[:4])}
+    out = []
+    for n, row in raw:
+        cells = {name: (row[i].strip() if i < len(row) else "") for name, i in cols.items()}
+        if not cells.get("moving") or not cells.get("fixed"):
+            raise PsmambaError(f"pair list {path} line {n}: expected moving,fixed[,moving_labels,fixed_labels]")
+        out.append(PairRow(cells["moving"], cells["fixed"], cells.get("moving_labels") or None,
+                           cells.get("fixed_labels") or None, cells.get("pair_id") or None, f"{path} line {n}"))
+    return out
+
+
+def _json_rows(path: Path) -> list[PairRow]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise PsmambaError(f"pair list {path}: not valid JSON ({exc})") from None
+    if isinstance(data, dict) and "pairs" in data:
+        data = data["pairs"]
+    if not isinstance(data, list):
+        raise PsmambaError(f"pair list {path}: expected a list of pairs")
+    out = []
+    for i, item in enumerate(data, start=1):
+        where = f"{path} pair {i}"
+        if isinstance(item, dict):
+            if "moving" not in item or "fixed" not in item:
+                raise PsmambaError(f"{where}: needs 'moving' and 'fixed' entries, got {sorted(item)}")
+            unknown = sorted(set(item) - set(_COLUMNS))
+            if unknown:
+                raise PsmambaError(f"{where}: unknown key(s) {unknown}; expected some of {list(_COLUMNS)}")
+            get = lambda k: None if item.get(k) in (None, "") else str(item[k])  # noqa: E731
+            out.append(PairRow(str(item["moving"]), str(item["fixed"]), get("moving_labels"), get("fixed_labels"),
+                               get("pair_id"), where))
+        elif isinstance(item, (list, tuple)) and len(item) == 2:
+            out.append(PairRow(str(item[0]), str(item[1]), where=where))
+        else:
+            raise PsmambaError(f"{where}: must be {{moving, fixed}} or [moving, fixed], got {item!r}")
+    return out
+
+
+def id_pairs(rows: Sequence[PairRow], known_ids: Sequence[str]) -> list[tuple[str, str]]:
+    """``(moving_id, fixed_id)`` of pair-list rows whose entries are volume ids of a source.
+
+    Raises:
+        PsmambaError: a row naming an id the source does not have (the message names the row).
+    """
+    known = set(known_ids)
+    for row in rows:
+        for v in (row.moving, row.fixed):
+            if v not in known:
+                raise PsmambaError(f"{row.where}: names volume {v!r}, which the source does not have")
+    return [(r.moving, r.fixed) for r in rows]
 
 
 def _count(part: float | int, n: int, name: str) -> int:

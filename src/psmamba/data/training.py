@@ -20,7 +20,7 @@ import torch
 from psmamba.config import TrainConfig
 from psmamba.errors import PsmambaError, first_line
 
-__all__ = ["collate_pairs", "SynthEpochs", "Resized", "build_datasets", "resize_datasets"]
+__all__ = ["collate_pairs", "SynthEpochs", "Resized", "build_datasets", "resize_datasets", "open_file_source"]
 
 
 def collate_pairs(items: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -142,6 +142,31 @@ class Resized(torch.utils.data.Dataset):
         return item
 
 
+def open_file_source(cfg: TrainConfig):
+    """The file source ``cfg.data`` names, and its subject splits as ``psmamba train`` draws them.
+
+    Returns ``(source, splits, engine_options)``: :func:`psmamba.data.open_source` on
+    ``data.root`` with the layout of ``data.source``; ``source.make_splits(val=data.val_fraction,
+    test=data.options.test (default 0.2), seed=run.seed)`` (a published split keeps its own
+    test part); the ``data.options`` handled here (``pipeline``, ``cache_dir``, ``test``,
+    ``atlas``, ``atlas_direction``). Every other option goes to the reader.
+    """
+    from psmamba.data.sources import open_source
+
+    d = cfg.data
+    options = dict(d.options)
+    root = Path(str(d.root)).expanduser()
+    if not root.exists():
+        raise PsmambaError(f"data.root {root} does not exist")
+    engine_opts = {k: options.pop(k) for k in _FILE_OPTIONS if k in options}
+    layout = _LAYOUT_OF.get(d.source, d.source)
+    try:
+        src = open_source(root, layout=layout, **options)
+    except TypeError as exc:
+        raise PsmambaError(f"data.options: {first_line(exc)} (options of the {layout} reader)") from None
+    return src, src.make_splits(val=d.val_fraction, test=engine_opts.get("test", 0.2), seed=cfg.run.seed), engine_opts
+
+
 def build_datasets(cfg: TrainConfig):
     """The training and validation pair data sets that ``cfg.data`` describes.
 
@@ -190,18 +215,9 @@ def build_datasets(cfg: TrainConfig):
         return train, val
 
     from psmamba.data.pairs import atlas_pairs
-    from psmamba.data.sources import open_source
 
+    src, splits, engine_opts = open_file_source(cfg)
     root = Path(str(d.root)).expanduser()
-    if not root.exists():
-        raise PsmambaError(f"data.root {root} does not exist")
-    engine_opts = {k: options.pop(k) for k in _FILE_OPTIONS if k in options}
-    layout = _LAYOUT_OF.get(d.source, d.source)
-    try:
-        src = open_source(root, layout=layout, **options)
-    except TypeError as exc:
-        raise PsmambaError(f"data.options: {first_line(exc)} (options of the {layout} reader)") from None
-    splits = src.make_splits(val=d.val_fraction, test=engine_opts.get("test", 0.2), seed=seed)
     pipeline = engine_opts.get("pipeline", "preset")
     cache_dir = engine_opts.get("cache_dir")
     parts = []

@@ -57,22 +57,42 @@ class DistInfo:
         return self.world_size > 1
 
 
-def resolve_device(name: str = "auto", local_rank: int = 0):
-    """``auto`` | ``cpu`` | ``cuda`` -> a ``torch.device`` (``cuda`` with this process's local rank).
+def resolve_device(device: Any = "auto", local_rank: int = 0):
+    """The one device resolution of psmamba: a name (or ``torch.device``) -> ``torch.device``.
+
+    ``"auto"`` (or None) takes CUDA when available (``cuda:LOCAL_RANK`` under torchrun), else
+    another available accelerator (``torch.accelerator``, torch >= 2.6), else the CPU. ``"cuda"``
+    without an index is bound to this process's local rank; ``"cuda:1"``, ``"mps"`` ... are taken
+    as given once checked to be available.
 
     Raises:
-        PsmambaError: ``cuda`` asked for on a machine without a usable CUDA device.
+        PsmambaError: an unknown device name, or an accelerator this machine does not have.
     """
     import torch
 
-    if name not in ("auto", "cpu", "cuda"):
-        raise PsmambaError(f"device must be auto, cpu or cuda; got {name!r}")
-    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
+    if isinstance(device, torch.device):
+        return device
+    name = "auto" if device is None else str(device).strip().lower()
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", local_rank % max(torch.cuda.device_count(), 1))
+        acc = getattr(torch, "accelerator", None)
+        if acc is not None and acc.is_available():
+            return acc.current_accelerator()
         return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise PsmambaError("--device cuda was asked for but torch sees no CUDA device (use --device auto or cpu)")
-    count = torch.cuda.device_count()
-    return torch.device("cuda", local_rank % max(count, 1))
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise PsmambaError(f"--device must be auto, cpu or an accelerator such as cuda, got {device!r}") from None
+    if dev.type == "cpu":
+        return dev
+    mod = getattr(torch, dev.type, None)
+    if mod is None or not hasattr(mod, "is_available") or not mod.is_available():
+        raise PsmambaError(f"--device {name} was asked for but torch sees no such device on this machine "
+                           "(use --device auto or cpu)")
+    if dev.type == "cuda" and dev.index is None:
+        return torch.device("cuda", local_rank % max(torch.cuda.device_count(), 1))
+    return dev
 
 
 def _env_int(name: str, default: int) -> int:

@@ -22,12 +22,12 @@ CSV_FIELDS = [
 ]
 
 
-def format_cell(value: Any, digits: int = 6) -> str:
+def format_cell(value: Any, digits: int = 6, nan: str = "nan") -> str:
     """A CSV cell: ``digits`` significant digits for floats, NaN as ``nan``, None as empty."""
     if value is None:
         return ""
     if isinstance(value, (float, np.floating)):
-        return "nan" if math.isnan(float(value)) else f"{float(value):.{digits}g}"
+        return nan if math.isnan(float(value)) else f"{float(value):.{digits}g}"
     return str(value)
 
 

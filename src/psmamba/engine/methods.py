@@ -1,0 +1,348 @@
+"""Registration methods as named objects: ``method(moving, fixed) -> ddf``.
+
+Every method has a ``name`` (what ``summary.json``, the evaluation CSVs and the plots call it)
+and ``settings()`` (what it ran with), and maps two images on one grid to a displacement field
+on that grid:
+
+* ``moving``, ``fixed``: ``(1, 1, D, H, W)`` float32 on the same grid, intensities in [0, 1];
+* ``init``: optional ``(1, 3, D, H, W)`` field to start from (what an earlier stage found);
+* returns ``(1, 3, D, H, W)`` voxel displacements on that grid, without gradient.
+
+A method that works on a grid of its own (a network trained at 2 mm, say) resizes the images
+to it and its field back (``align_corners=True``: :func:`psmamba.spatial.resize_volume` and
+:func:`psmamba.spatial.resize_ddf`). :class:`Chain` runs methods one after the other, each
+starting from the previous field: ``Chain([Network(...), InstanceOptimisation(...)])`` is the
+network's field refined on the pair (``network+io``).
+
+:func:`method_from_options` turns the command line's options into one of these.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from psmamba.engine.objective import Objective, train_step
+from psmamba.errors import PsmambaError, first_line
+
+__all__ = [
+    "RegistrationMethod", "Identity", "Network", "NetworkFineTuned", "InstanceOptimisation", "Chain",
+    "method_from_options", "load_model", "training_size", "train_config_of",
+    "LR_NETWORK", "LR_FIELD", "LAM_NETWORK", "LAM_FIELD",
+]
+
+# Defaults of the two kinds of test-time optimisation (Adam).
+LR_NETWORK = 1e-4  # the paper's training learning rate: fine-tuning continues training
+LR_FIELD = 0.1  # voxels per step at most; Adam's steps are about lr in size
+LAM_NETWORK = 1.0  # the paper's lambda: fine-tuning continues training with its loss
+# A free field has none of a network's implicit smoothness: on the demo's test_hard pairs
+# (40 iterations) lambda = 3 kept Dice (0.666 vs 0.670) and cut folding from 0.155 % to 0.019 %
+# and SDlogJ from 0.84 to 0.32; on its test pairs Dice was 0.750 vs 0.747.
+LAM_FIELD = 3.0
+
+
+class RegistrationMethod:
+    """The interface (see the module docstring). ``grid``: the grid it works on (None: the images')."""
+
+    name: str = "method"
+    grid: tuple[int, int, int] | None = None
+
+    def __call__(self, moving: torch.Tensor, fixed: torch.Tensor, init: torch.Tensor | None = None) -> torch.Tensor:
+        size = tuple(int(s) for s in fixed.shape[2:])
+        if self.grid is None or tuple(self.grid) == size:
+            return self.run(moving, fixed, init)
+        from psmamba.spatial import resize_ddf, resize_volume
+
+        init_g = None if init is None else resize_ddf(init, self.grid)
+        ddf = self.run(resize_volume(moving, self.grid), resize_volume(fixed, self.grid), init_g)
+        return resize_ddf(ddf, size)
+
+    def run(self, moving: torch.Tensor, fixed: torch.Tensor, init: torch.Tensor | None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def settings(self) -> dict[str, Any]:
+        """What the method ran with (JSON-ready), for ``summary.json``."""
+        return {"method": self.name, "grid": None if self.grid is None else list(self.grid)}
+
+    def to(self, device: torch.device) -> RegistrationMethod:
+        """Move what the method holds (a network) to ``device``."""
+        return self
+
+
+class Identity(RegistrationMethod):
+    """No registration: the zero field (the "initial" row of the papers' tables)."""
+
+    name = "identity"
+
+    def run(self, moving, fixed, init):
+        return torch.zeros((1, 3) + tuple(fixed.shape[2:]), device=fixed.device, dtype=fixed.dtype)
+
+
+class Network(RegistrationMethod):
+    """A trained network's prediction ``model(moving, fixed).ddf`` on its grid.
+
+    Args:
+        model: ``forward(moving, fixed) -> (warped, ddf)``, put in eval mode.
+        grid: the grid it runs on (its training grid: :func:`training_size`), None for the images'.
+        name: default ``"network"``; the evaluation names it after its checkpoint file.
+        checkpoint: the file it came from, recorded in the settings.
+    """
+
+    def __init__(self, model: nn.Module, grid: Sequence[int] | None = None, name: str = "network",
+                 checkpoint: str | os.PathLike | None = None) -> None:
+        self.model = model.eval()
+        self.grid = None if grid is None else tuple(int(s) for s in grid)
+        self.name = name
+        self.checkpoint = None if checkpoint is None else str(checkpoint)
+
+    def to(self, device):
+        self.model = self.model.to(device)
+        return self
+
+    def predict(self, model: nn.Module, moving, fixed) -> torch.Tensor:
+        with torch.no_grad():
+            return model(moving, fixed).ddf
+
+    def run(self, moving, fixed, init):
+        return self.predict(self.model, moving, fixed)
+
+    def settings(self):
+        return {**super().settings(), "checkpoint": self.checkpoint}
+
+
+class NetworkFineTuned(Network):
+    """The network fine-tuned on the pair: Adam (amsgrad) on a COPY of its weights for ``iters``
+    steps of the training loss ``LNCC(window) + lam * Diffusion``, then its prediction."""
+
+    def __init__(self, model: nn.Module, iters: int, lr: float = LR_NETWORK, lam: float = LAM_NETWORK,
+                 window: int = 9, grid: Sequence[int] | None = None, name: str = "network+finetune",
+                 checkpoint: str | os.PathLike | None = None) -> None:
+        super().__init__(model, grid, name, checkpoint)
+        self.iters, self.lr, self.lam, self.window = int(iters), float(lr), float(lam), int(window)
+
+    def run(self, moving, fixed, init):
+        net = copy.deepcopy(self.model)  # the caller's (and the next pair's) weights stay intact
+        net.train()
+        objective = Objective.lncc_diffusion(self.window, self.lam).to(fixed.device)
+        opt = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=self.lr, amsgrad=True)
+        batch = {"moving": moving, "fixed": fixed}
+        for _ in range(self.iters):
+            train_step(net, objective, opt, [batch])
+        net.eval()
+        return self.predict(net, moving, fixed)
+
+    def settings(self):
+        return {**super().settings(), "iters": self.iters, "lr": self.lr, "lambda_diffusion": self.lam,
+                "lncc_window": self.window}
+
+
+class _Field(nn.Module):
+    """A displacement field as the parameter: ``forward(moving, fixed) -> (warp(moving, ddf), ddf)``."""
+
+    def __init__(self, init: torch.Tensor) -> None:
+        super().__init__()
+        self.ddf = nn.Parameter(init.clone())
+
+    def forward(self, moving, fixed):
+        from psmamba.models.net import RegistrationOutput
+        from psmamba.spatial import warp
+
+        return RegistrationOutput(warp(moving, self.ddf), self.ddf)
+
+
+class InstanceOptimisation(RegistrationMethod):
+    """The displacement field itself optimised on the pair, coarse to fine (``io``).
+
+    Adam on the field, loss ``LNCC + lam * Diffusion``, on grids at 1/4, 1/2 and 1 of the working
+    grid (as many as keep at least 8 voxels a side), the iterations shared equally; each level
+    starts from the previous level's field (or from ``init``), resized; the LNCC window shrinks
+    with the grid so it covers about the same anatomy.
+    """
+
+    name = "io"
+
+    def __init__(self, iters: int, lr: float = LR_FIELD, lam: float = LAM_FIELD, window: int = 9,
+                 grid: Sequence[int] | None = None) -> None:
+        if int(iters) < 1:
+            raise PsmambaError(f"instance optimisation needs iters >= 1, got {iters}")
+        self.iters, self.lr, self.lam, self.window = int(iters), float(lr), float(lam), int(window)
+        self.grid = None if grid is None else tuple(int(s) for s in grid)
+
+    def run(self, moving, fixed, init):
+        from psmamba.spatial import resize_ddf, resize_volume
+
+        size = tuple(int(s) for s in fixed.shape[2:])
+        factors = _pyramid_factors(size)
+        per_level = [self.iters // len(factors)] * len(factors)
+        per_level[-1] += self.iters - sum(per_level)
+        ddf = None if init is None else init.detach()
+        for f, n in zip(factors, per_level):
+            lsize = tuple(max(2, int(math.ceil((s - 1) / f)) + 1) for s in size)  # corner-aligned grid
+            batch = {"moving": resize_volume(moving, lsize), "fixed": resize_volume(fixed, lsize)}
+            start = torch.zeros((1, 3) + lsize, device=fixed.device, dtype=fixed.dtype) if ddf is None \
+                else resize_ddf(ddf, lsize)
+            field = _Field(start)
+            objective = Objective.lncc_diffusion(max(3, (self.window // f) | 1), self.lam).to(fixed.device)
+            opt = torch.optim.Adam(field.parameters(), lr=self.lr)
+            for _ in range(n):
+                train_step(field, objective, opt, [batch])
+            ddf = field.ddf.detach()
+        assert ddf is not None
+        return resize_ddf(ddf, size)
+
+    def settings(self):
+        return {**super().settings(), "iters": self.iters, "lr": self.lr, "lambda_diffusion": self.lam,
+                "lncc_window": self.window}
+
+
+def _pyramid_factors(size: Sequence[int], min_size: int = 8) -> list[int]:
+    """Coarse-to-fine downsampling factors among 4, 2, 1 whose grid keeps >= min_size voxels a side."""
+    return [f for f in (4, 2) if min(size) // f >= min_size] + [1]
+
+
+class Chain(RegistrationMethod):
+    """Methods one after the other, each starting from the previous one's field; named ``a+b``."""
+
+    def __init__(self, stages: Sequence[RegistrationMethod]) -> None:
+        if not stages:
+            raise PsmambaError("a chain of registration methods needs at least one stage")
+        self.stages = list(stages)
+        self.name = "+".join(s.name for s in self.stages)
+
+    def to(self, device):
+        self.stages = [s.to(device) for s in self.stages]
+        return self
+
+    def __call__(self, moving, fixed, init=None):
+        ddf = init
+        for stage in self.stages:
+            ddf = stage(moving, fixed, ddf)
+        return ddf
+
+    def settings(self):
+        return {"method": self.name, "stages": [s.settings() for s in self.stages]}
+
+
+# --------------------------------------------------------------------------- from options
+def method_from_options(
+    model: nn.Module | None = None, *, iters: int = 0, refine: str = "weights", lr: float | None = None,
+    lam: float | None = None, window: int = 9, grid: Sequence[int] | None = None, name: str | None = None,
+    checkpoint: str | os.PathLike | None = None,
+) -> RegistrationMethod:
+    """The method the command-line options name.
+
+    * a network, ``iters == 0``: :class:`Network`;
+    * a network, ``iters > 0``: ``refine="weights"`` :class:`NetworkFineTuned`,
+      ``refine="field"`` the network's field refined on the pair's own grid (``Chain`` of
+      :class:`Network` and :class:`InstanceOptimisation`);
+    * no network: :class:`InstanceOptimisation` with ``iters > 0``, else :class:`Identity`.
+
+    ``name`` names the network (default ``"network"``). ``lr``/``lam`` default to
+    :data:`LR_NETWORK`/:data:`LAM_NETWORK` for fine-tuning and :data:`LR_FIELD`/:data:`LAM_FIELD`
+    for a field.
+    """
+    if int(iters) < 0:
+        raise PsmambaError(f"iters must be >= 0, got {iters}")
+    if refine not in ("weights", "field"):
+        raise PsmambaError(f"refine must be 'weights' or 'field', got {refine!r}")
+    for flag, value in (("--lr", lr), ("--lambda", lam)):
+        if value is not None and not (math.isfinite(value) and value >= (0 if flag == "--lambda" else 1e-300)):
+            raise PsmambaError(f"{flag} must be a finite number {'>= 0' if flag == '--lambda' else '> 0'}, got {value}")
+    if model is None:
+        if iters > 0:
+            return InstanceOptimisation(iters, lr or LR_FIELD, LAM_FIELD if lam is None else lam, window, grid)
+        return Identity()
+    net_name = name or "network"
+    if iters > 0 and refine == "weights":
+        return NetworkFineTuned(model, iters, lr or LR_NETWORK, LAM_NETWORK if lam is None else lam, window, grid,
+                                name=f"{net_name}+finetune", checkpoint=checkpoint)
+    network = Network(model, grid, name=net_name, checkpoint=checkpoint)
+    if iters > 0:
+        return Chain([network, InstanceOptimisation(iters, lr or LR_FIELD, LAM_FIELD if lam is None else lam, window)])
+    return network
+
+
+# --------------------------------------------------------------------------- checkpoints
+def load_model(checkpoint: str | os.PathLike, device: Any = "cpu"):
+    """Load a psmamba checkpoint -> ``(model, checkpoint_dict)``, model in eval mode on ``device``.
+
+    Raises:
+        PsmambaError: missing file, not a psmamba checkpoint, or weights of another model
+            (strict loading fails); the message names the file.
+    """
+    from psmamba.engine.distributed import resolve_device
+
+    path = Path(checkpoint).expanduser()
+    if not path.exists():
+        raise PsmambaError(f"checkpoint {path} does not exist")
+    if not path.is_file():
+        raise PsmambaError(f"checkpoint {path} is not a file")
+    from psmamba.models import load_checkpoint
+
+    try:
+        # the scan backend is a run-time choice (it does not change the weights): "auto" takes
+        # the CUDA kernel on a GPU with mamba_ssm and the CPU kernels elsewhere, so a model
+        # trained on a GPU loads on a laptop and vice versa
+        model, ckpt = load_checkpoint(path, map_location="cpu", mamba_backend="auto")
+    except PsmambaError as exc:
+        msg = first_line(exc, "cannot be loaded")
+        raise PsmambaError(msg if str(path.name) in msg else f"checkpoint {path}: {msg}") from None
+    except Exception as exc:  # pickle/zip/key errors: a corrupt file or another program's
+        raise PsmambaError(f"checkpoint {path} is not a loadable psmamba checkpoint ({first_line(exc)[:200]})") from None
+    model.eval()
+    return model.to(resolve_device(device)), ckpt
+
+
+def train_config_of(ckpt: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The training configuration (a plain dict) a checkpoint carries, if any.
+
+    ``psmamba train`` stores it under ``train_summary.config`` (``best.pt``) and
+    ``training.config`` (``last.pt``).
+    """
+    if not isinstance(ckpt, dict):
+        return None
+    for section in ("train_summary", "training"):
+        sub = ckpt.get(section)
+        if isinstance(sub, dict) and isinstance(sub.get("config"), dict):
+            return sub["config"]
+    return None
+
+
+def _size3(v: Any) -> tuple[int, int, int] | None:
+    import numpy as np
+
+    if isinstance(v, (list, tuple)) and len(v) == 3 and all(
+        isinstance(x, (int, np.integer)) and not isinstance(x, bool) and x > 0 for x in v
+    ):
+        return tuple(int(x) for x in v)  # type: ignore[return-value]
+    return None
+
+
+def training_size(ckpt: dict[str, Any] | None) -> tuple[int, int, int] | None:
+    """The image size the network was trained at, when the checkpoint tells.
+
+    In order: a top-level ``image_size`` entry (three integers; ``psmamba train`` always writes
+    it); the training configuration's data set when it fixes the size (``demo``: its grid;
+    ``synth``: ``options.shape``), for checkpoints of earlier versions.
+    """
+    if not isinstance(ckpt, dict):
+        return None
+    if _size3(ckpt.get("image_size")):
+        return _size3(ckpt.get("image_size"))
+    data = (train_config_of(ckpt) or {}).get("data")
+    if isinstance(data, dict):
+        if data.get("source") == "demo":
+            from psmamba.data.demo import DEMO_SIZES
+
+            if data.get("size", "small") in DEMO_SIZES:
+                return tuple(DEMO_SIZES[data.get("size", "small")][0])  # type: ignore[return-value]
+        if data.get("source") == "synth":
+            return _size3((data.get("options") or {}).get("shape", (64, 64, 64)))
+    return None
