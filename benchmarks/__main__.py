@@ -24,12 +24,12 @@ from benchmarks.common import RESULTS_DIR, load_average, parse_size, wait_for_lo
 PROFILES = {
     "quick": {
         "sizes": ["32x40x32", "64x80x64"], "repeats": 3, "train_repeats": 3, "mem_limit_gb": 8.0,
-        "steps": 60, "iters": 20, "val_every": 30, "grid": "32x40x32", "demo_size": "small", "one_way": True,
+        "steps": 60, "iters": 20, "val_every": 1, "grid": "32x40x32", "demo_size": "small", "one_way": True,
         "lr": 1e-4,
     },
     "full": {
         "sizes": ["96x112x96", "160x192x160"], "repeats": 3, "train_repeats": 2, "mem_limit_gb": 16.0,
-        "steps": 600, "iters": 50, "val_every": 150, "grid": "32x40x32", "demo_size": "small", "one_way": True,
+        "steps": 600, "iters": 50, "val_every": 1, "grid": "32x40x32", "demo_size": "small", "one_way": True,
         "lr": 1e-4,
     },
 }
@@ -90,7 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import torch  # noqa: F401  (after argument parsing: --help stays fast)
 
     from benchmarks.common import machine_info, set_threads
-    from psmamba.engine.register import resolve_device
+    from psmamba.engine.distributed import resolve_device
 
     dev = resolve_device(args.device)
     tag = args.tag if args.tag is not None else ("_quick" if args.quick else "") + ("" if dev.type == "cpu" else "_gpu")

@@ -10,12 +10,14 @@ Protocol (``python -m benchmarks --only accuracy``):
 * **Methods** (rows): no registration; ANTs SyN (``antspyx`` defaults, with the demo's voxel
   size); VoxelMorph (MONAI) and PSMamba-Net (``paper``) trained with the SAME budget: the same
   training pairs in the same seeded order, the same number of steps, the same loss
-  (``LNCC(9) + lambda * Diffusion``, lambda = 1), the same optimiser (Adam, amsgrad, constant
-  lr) through ONE loop (:func:`benchmarks.common.train_network`), each checkpoint chosen by
-  mean Dice on the ``val`` pairs; and each network again with test-time refinement
+  (``LNCC(9) + lambda * Diffusion``, lambda = 1), the same optimiser (Adam, amsgrad, the
+  paper's per-epoch poly decay) through the engine's training step
+  (:func:`benchmarks.common.train_network` uses :func:`psmamba.engine.objective.train_step`
+  and the trainer's schedule and selection rule), each checkpoint chosen by mean Dice on the
+  ``val`` pairs; and each network again with test-time refinement
   (``iters`` Adam steps per test pair on the network's predicted field, on the data grid,
-  same loss, the field's default lr: :func:`psmamba.engine.register.register_pair`
-  ``iters=, refine="field"``). Fine-tuning a copy of the weights instead (``refine="weights"``)
+  same loss, the field's default lr: the ``network+io`` method of
+  :mod:`psmamba.engine.methods`). Fine-tuning a copy of the weights instead (``refine="weights"``)
   was tried first: with Adam at lr 1e-4 it wrecked barely trained networks (PSMamba-Net's Dice
   0.747 -> 0.424 in 3 steps in the quick run), because Adam's first steps move every weight by
   about lr, most likely the cause: that is ten times the N(0, 1e-5) projection weights, whose
@@ -46,8 +48,6 @@ from benchmarks.common import (
     load_average,
     machine_lines,
     markdown_table,
-    minmax,
-    resize_volume,
     set_threads,
     size_str,
     train_network,
@@ -56,6 +56,8 @@ from benchmarks.common import (
     write_text,
 )
 from benchmarks.peers import available, build_method
+from psmamba.data.preprocess import minmax_scale as minmax
+from psmamba.spatial import resize_volume
 
 __all__ = ["run_accuracy", "write_accuracy", "plot_accuracy", "ROWS", "NETS", "LABEL_CSV_COLUMNS"]
 
@@ -66,9 +68,9 @@ ROWS = {
     "identity": "no registration",
     "ants_syn": "ANTs SyN",
     "voxelmorph": "VoxelMorph",
-    "voxelmorph+tto": "VoxelMorph + test-time refinement",
+    "voxelmorph+io": "VoxelMorph + test-time refinement",
     "paper": "PSMamba-Net (paper)",
-    "paper+tto": "PSMamba-Net (paper) + test-time refinement",
+    "paper+io": "PSMamba-Net (paper) + test-time refinement",
 }
 LABEL_CSV_COLUMNS = ("split", "method", "pair_id", "moving", "fixed", "label", "label_name", "dice", "dice_before",
                      "hd95_mm", "folding_percent", "sdlogj", "seconds")
@@ -164,7 +166,7 @@ def _val_fn(data: AccuracyData, grid, device, labels) -> Callable[[Any], float]:
 
     def score(model) -> float:
         res = evaluate_pairs(pairs, model=model, model_size=grid, device=device, labels=labels, hd95=False,
-                             method="validation")
+                             name="validation")
         return float(np.nanmean([p["dice_mean"] for p in res.pair_rows]))
 
     return score
@@ -179,7 +181,7 @@ def run_accuracy(
     lr: float = 1e-4,
     lam: float = 1.0,
     iters: int = 20,
-    val_every: int = 100,
+    val_every: int = 1,
     splits: Sequence[str] = ("test", "test_hard"),
     rows: Sequence[str] = tuple(ROWS),
     device: str = "auto",
@@ -198,8 +200,8 @@ def run_accuracy(
         steps: training steps per network (the shared budget).
         lr: Adam learning rate, training and test-time refinement alike.
         lam: diffusion weight (the paper's 1).
-        iters: test-time refinement steps per pair (the ``+tto`` rows).
-        val_every: validation (mean Dice on ``val`` pairs) every this many steps, and at the end.
+        iters: test-time refinement steps per pair (the ``+io`` rows).
+        val_every: validation (mean Dice on ``val`` pairs) every this many epochs, and at the end (0: none).
         splits: the test splits to score.
         rows: which rows of :data:`ROWS` to run.
         device, threads, seed: where, how many threads, the seed of weights and pair order.
@@ -209,8 +211,9 @@ def run_accuracy(
     Returns:
         ``{"settings", "training", "label_rows", "pair_rows", "summaries", "load_before", "load_after", ...}``.
     """
-    from psmamba.engine.evaluate import evaluate_pairs, summarize
-    from psmamba.engine.register import resolve_device
+    from psmamba.engine.evaluate import evaluate_pairs
+    from psmamba.engine.results import summarize
+    from psmamba.engine.distributed import resolve_device
 
     say = log or (lambda _m: None)
     t_all = time.perf_counter()
@@ -229,7 +232,7 @@ def run_accuracy(
     rows = [r for r in rows if r not in skipped]
     out: dict[str, Any] = {
         "settings": {"data": data.name, "grid": list(grid), "data_grid": list(data.shape), "spacing_mm": list(data.spacing),
-                     "steps": steps, "lr": lr, "lam": lam, "lncc_window": 9, "optimiser": "Adam (amsgrad), constant learning rate",
+                     "steps": steps, "lr": lr, "lam": lam, "lncc_window": 9, "optimiser": "Adam (amsgrad), per-epoch poly decay from learning rate",
                      "batch": 1, "iters": iters, "val_every": val_every, "splits": list(splits), "rows": list(rows),
                      "seed": seed, "device": str(dev), "threads": threads, "one_way": one_way,
                      "n_pairs": {k: len(v) for k, v in data.pairs.items()},
@@ -271,14 +274,14 @@ def run_accuracy(
             pair = _pair(data, m, f)
             for r in rows:
                 base = r.split("+")[0]
-                kw: dict[str, Any] = {"device": dev, "labels": labels, "hd95": hd95, "method": r, "lam": lam}
+                kw: dict[str, Any] = {"device": dev, "labels": labels, "hd95": hd95, "name": r, "lam": lam}
                 if r == "identity":
                     kw["identity"] = True
                 elif r == "ants_syn":
                     kw["model"] = ants
                 else:
                     kw.update(model=nets[base], model_size=grid)
-                    if r.endswith("+tto"):
+                    if r.endswith("+io"):
                         kw.update(iters=iters, refine="field")
                 res = evaluate_pairs([pair], **kw)
                 for row in res.label_rows:
@@ -334,7 +337,7 @@ def accuracy_markdown(result: dict, machine: dict, command: str) -> str:
         f"Budget (the same for every network): {s['steps']} training steps, batch 1, on the {s['n_pairs'].get('train', 0)} "
         f"train pairs in one seeded order, at the grid {size_str(s['grid'])}; loss LNCC (window 9) + {s['lam']} x "
         f"diffusion; {s['optimiser']} {s['lr']}; checkpoint chosen by mean Dice on the val pairs every "
-        f"{s['val_every']} steps and at the end; test-time refinement: {s['iters']} Adam steps on the network's "
+        f"{s['val_every']} epoch(s) and at the end; test-time refinement: {s['iters']} Adam steps on the network's "
         f"predicted field per pair (the field's default lr, on the data grid). ANTs and all scoring work on the data grid {size_str(s['data_grid'])}. "
         "Nothing was tuned on test pairs.", "",
     ]

@@ -4,8 +4,9 @@ For each size (default 96x112x96 and 160x192x160) and mode, in a fresh subproces
 
 * ``fwd``: one forward pass under ``torch.no_grad`` (the Mamba layers then run in sequence
   chunks, see :class:`psmamba.nn.mamba.Mamba`);
-* ``train``: one training step: forward, loss ``LNCC(window=9) + 1.0 * Diffusion`` (the paper's),
-  backward and an Adam (amsgrad) step.
+* ``train``: one training step of the engine (:func:`psmamba.engine.objective.train_step`):
+  forward, loss ``LNCC(window=9) + 1.0 * Diffusion`` (the paper's), backward and an Adam
+  (amsgrad) step.
 
 Reported: wall and CPU seconds, peak resident memory of the measured call (``VmHWM`` after
 resetting the mark through ``/proc/self/clear_refs`` just before it; falls back to
@@ -140,19 +141,17 @@ def child(spec: dict) -> dict:
     fixed = smooth_volume(shape, 2)
 
     if mode == "train":
-        from psmamba.losses import LNCC, Diffusion
+        # the engine's training step (psmamba train runs the same), timed from the end of the forward
+        from psmamba.engine.objective import Objective, train_step
 
-        sim, reg = LNCC(window=9), Diffusion()
+        objective = Objective.lncc_diffusion(9, 1.0)
         opt = torch.optim.Adam(model.parameters(), lr=1e-4, amsgrad=True)
+        forward_end = {}
+        model.register_forward_hook(lambda *_: forward_end.__setitem__("t", time.perf_counter()))
 
         def step(mv, fx):
-            opt.zero_grad(set_to_none=True)
-            out = model(mv, fx)
-            loss = sim(out.warped, fx) + 1.0 * reg(out.ddf)
-            t_b = time.perf_counter()
-            loss.backward()
-            opt.step()
-            return time.perf_counter() - t_b
+            train_step(model, objective, opt, [{"moving": mv, "fixed": fx}])
+            return time.perf_counter() - forward_end["t"]
     else:
         model.requires_grad_(False)
 

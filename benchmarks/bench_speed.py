@@ -84,7 +84,8 @@ def speed_inputs(size: Sequence[int], inputs: str = "demo", seed: int = 0):
     import numpy as np
     import torch
 
-    from benchmarks.common import minmax, resize_volume
+    from psmamba.data.preprocess import minmax_scale as minmax
+    from psmamba.spatial import resize_volume
 
     size = tuple(int(s) for s in size)
     spacing = speed_spacing(size)
@@ -107,7 +108,7 @@ def speed_inputs(size: Sequence[int], inputs: str = "demo", seed: int = 0):
 
 
 def _device(name: str):
-    from psmamba.engine.register import resolve_device
+    from psmamba.engine.distributed import resolve_device
 
     return resolve_device(name)
 
@@ -128,20 +129,17 @@ def _reset_gpu_peak(device) -> None:
 
 
 def _train_step_fn(model, device):
-    """A closure doing one training step (forward, LNCC(9) + Diffusion, backward, Adam)."""
+    """A closure doing one training step of the engine (:func:`psmamba.engine.objective.train_step`:
+    forward, LNCC(9) + Diffusion, backward, Adam with amsgrad), as ``psmamba train`` runs it."""
     import torch
 
-    from psmamba.losses import LNCC, Diffusion
+    from psmamba.engine.objective import Objective, train_step
 
-    sim, reg = LNCC(window=9).to(device), Diffusion().to(device)
+    objective = Objective.lncc_diffusion(9, 1.0).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=1e-4, amsgrad=True)
 
     def step(moving, fixed) -> None:
-        opt.zero_grad(set_to_none=True)
-        out = model(moving, fixed)
-        loss = sim(out.warped, fixed) + reg(out.ddf)
-        loss.backward()
-        opt.step()
+        train_step(model, objective, opt, [{"moving": moving, "fixed": fixed}])
 
     return step
 

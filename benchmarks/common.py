@@ -41,9 +41,6 @@ __all__ = [
     "median",
     "TrainReport",
     "train_network",
-    "pair_order",
-    "minmax",
-    "resize_volume",
     "write_json",
     "write_csv",
     "write_text",
@@ -300,25 +297,6 @@ def is_oom(exc: BaseException) -> bool:
 
 
 # --------------------------------------------------------------------------- images
-def minmax(x):
-    """Scale a tensor to [0, 1] (the paper's preprocessing; register_pair does the same)."""
-    lo, hi = x.min(), x.max()
-    return (x - lo) / (hi - lo) if float(hi - lo) > 0 else x - lo
-
-
-def resize_volume(x, size: Sequence[int], mode: str = "trilinear"):
-    """Resize ``(B, C, D, H, W)`` to ``size``: trilinear ``align_corners=True`` (register_pair's
-    convention) or ``"nearest"`` for label maps."""
-    import torch.nn.functional as F
-
-    size = tuple(int(s) for s in size)
-    if tuple(x.shape[2:]) == size:
-        return x
-    if mode == "nearest":
-        return F.interpolate(x.float(), size=size, mode="nearest").to(x.dtype)
-    return F.interpolate(x, size=size, mode="trilinear", align_corners=True)
-
-
 def parse_size(text: str) -> tuple[int, int, int]:
     """``"160x192x160"`` or ``"64"`` (a cube) -> ``(D, H, W)``."""
     parts = [p for p in str(text).lower().replace(",", "x").split("x") if p]
@@ -358,18 +336,6 @@ class TrainReport:
         return asdict(self)
 
 
-def pair_order(n_pairs: int, steps: int, seed: int) -> list[int]:
-    """The pair index used at each step: successive seeded permutations (epochs) of ``range(n_pairs)``.
-
-    Every learned method gets the SAME sequence for the same seed (same pairs, same order).
-    """
-    rng = np.random.default_rng(seed)
-    order: list[int] = []
-    while len(order) < steps:
-        order += [int(i) for i in rng.permutation(n_pairs)]
-    return order[:steps]
-
-
 def train_network(
     model,
     pairs: Sequence[tuple[Any, Any]],
@@ -380,70 +346,68 @@ def train_network(
     window: int = 9,
     seed: int = 0,
     val_fn: Callable[[Any], float] | None = None,
-    val_every: int = 0,
+    val_every: int = 1,
     log: Callable[[str], None] | None = None,
 ) -> TrainReport:
-    """The one training loop of the benchmark: unsupervised, ``LNCC(window) + lam * Diffusion``.
+    """Train a network the way ``psmamba train`` does, for a budget of ``steps`` steps.
 
-    Adam with ``amsgrad`` (the paper's optimiser) at a constant ``lr``, batch 1, pairs in
-    :func:`pair_order`. With ``val_fn`` (higher is better, computed on VALIDATION pairs only)
-    the model is scored every ``val_every`` steps and after the last one, and the best of
-    those checkpoints is loaded back at the end (validation-based selection).
+    The same pieces as :class:`psmamba.engine.trainer.Trainer`: epochs of every pair in the
+    seeded order of :func:`psmamba.engine.distributed.epoch_order`, batch 1, the objective
+    ``LNCC(window) + lam * Diffusion`` (:class:`~psmamba.engine.objective.Objective`), Adam with
+    amsgrad through :func:`~psmamba.engine.objective.train_step`, the paper's per-epoch poly
+    learning-rate decay over the ``ceil(steps / pairs)`` epochs, validation every ``val_every``
+    epochs and after the last (``val_fn``, higher is better, on VALIDATION pairs only) and the same selection rule
+    (:func:`~psmamba.engine.trainer.is_better`): the best validated weights are loaded back.
 
     Args:
         model: ``forward(moving, fixed) -> (warped, ddf)``; trained in place.
         pairs: ``(moving, fixed)`` tensors ``(1, 1, D, H, W)``, already on the model's device.
         steps: optimiser steps (the budget, the same for every method).
-
-    Returns:
-        A :class:`TrainReport` (loss per step, validation scores, the selected step).
     """
+    import math
+
     import torch
 
-    from psmamba.losses import LNCC, Diffusion
+    from psmamba.config import LossConfig, OptimConfig
+    from psmamba.engine.distributed import epoch_order
+    from psmamba.engine.objective import Objective, train_step
+    from psmamba.engine.trainer import is_better, poly_scheduler
 
     if steps < 0 or not pairs:
         raise ValueError(f"train_network: need steps >= 0 and at least one pair, got {steps} steps, {len(pairs)} pairs")
-    dev, dtype = pairs[0][0].device, pairs[0][0].dtype
-    sim = LNCC(window=window).to(dev, dtype)
-    reg = Diffusion().to(dev, dtype)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=lr, amsgrad=True)
+    dev = pairs[0][0].device
+    optim_cfg = OptimConfig(lr=lr, epochs=max(1, math.ceil(steps / len(pairs))))
+    objective = Objective(LossConfig(window=window, reg_weight=lam)).to(dev)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=optim_cfg.lr,
+                           betas=optim_cfg.betas, amsgrad=optim_cfg.amsgrad)
+    scheduler = poly_scheduler(opt, optim_cfg.epochs, optim_cfg.poly_power)
     report = TrainReport(steps=steps, lr=lr, lam=lam, window=window, seed=seed, n_pairs=len(pairs))
     best: tuple[float, int, dict] | None = None
-
-    def validate(step: int) -> None:
-        nonlocal best
-        model.eval()
-        with torch.no_grad():
-            score = float(val_fn(model))
-        model.train()
-        report.validation.append({"step": step, "score": score})
-        if log:
-            log(f"  step {step}: validation score {score:.4f}")
-        if best is None or score > best[0]:
-            best = (score, step, copy.deepcopy(model.state_dict()))
-
     times: list[float] = []
-    model.train()
     t_start = time.perf_counter()
-    for step, idx in enumerate(pair_order(len(pairs), steps, seed), start=1):
-        moving, fixed = pairs[idx]
-        t0 = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        out = model(moving, fixed)
-        loss = sim(out.warped if hasattr(out, "warped") else out[0], fixed) + lam * reg(out.ddf if hasattr(out, "ddf") else out[1])
-        loss.backward()
-        opt.step()
-        synchronize(dev)
-        times.append(time.perf_counter() - t0)
-        report.losses.append(float(loss.detach()))
-        if log and (step == 1 or step % max(1, steps // 10) == 0):
-            log(f"  step {step}/{steps}: loss {report.losses[-1]:.4f} ({times[-1]:.2f} s)")
-        if val_fn is not None and val_every and step % val_every == 0 and step != steps:
-            validate(step)
-    if val_fn is not None and steps:
-        validate(steps)
+    step = 0
+    for epoch in range(optim_cfg.epochs):
+        model.train()
+        for idx in epoch_order(len(pairs), epoch, seed)[: steps - step]:
+            moving, fixed = pairs[idx]
+            t0 = time.perf_counter()
+            terms = train_step(model, objective, opt, [{"moving": moving, "fixed": fixed}])
+            synchronize(dev)
+            times.append(time.perf_counter() - t0)
+            step += 1
+            report.losses.append(float(terms[0]))
+            if log and (step == 1 or step % max(1, steps // 10) == 0):
+                log(f"  step {step}/{steps}: loss {report.losses[-1]:.4f} ({times[-1]:.2f} s)")
+        if val_fn is not None and ((epoch + 1) % max(1, val_every) == 0 or epoch + 1 == optim_cfg.epochs):
+            model.eval()
+            with torch.no_grad():
+                score = float(val_fn(model))
+            report.validation.append({"step": step, "score": score})
+            if log:
+                log(f"  epoch {epoch + 1} (step {step}): validation score {score:.4f}")
+            if is_better(score, None if best is None else best[0]):
+                best = (score, step, copy.deepcopy(model.state_dict()))
+        scheduler.step()
     report.seconds = time.perf_counter() - t_start
     report.step_seconds_median = median(times)
     if best is not None:
@@ -455,10 +419,10 @@ def train_network(
 
 # --------------------------------------------------------------------------- writing
 def _atomic_write(path: Path, text: str) -> None:
+    from psmamba.files import atomic_write_text
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic_write_text(path, text)
 
 
 def _jsonable(obj: Any) -> Any:
@@ -484,17 +448,20 @@ def write_json(path: Path, obj: Any) -> Path:
 
 def write_csv(path: Path, rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> Path:
     """Atomic CSV write of ``rows`` (missing keys are empty cells)."""
+    from psmamba.files import atomic_write
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(columns), extrasaction="ignore")
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: ("" if r.get(k) is None else fmt(r.get(k), 6) if isinstance(r.get(k), float) else r.get(k))
-                        for k in columns})
-    os.replace(tmp, path)
-    return path
+
+    def write(name: str) -> None:
+        with open(name, "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=list(columns), extrasaction="ignore")
+            w.writeheader()
+            for r in rows:
+                w.writerow({k: ("" if r.get(k) is None else fmt(r.get(k), 6) if isinstance(r.get(k), float) else r.get(k))
+                            for k in columns})
+
+    return atomic_write(path, write)
 
 
 def write_text(path: Path, text: str) -> Path:

@@ -22,7 +22,7 @@ import yaml
 from psmamba.cli import main
 from psmamba.config import TrainConfig, config_to_dict, load_train_config
 from psmamba.engine.distributed import epoch_order, rank_batches, steps_per_epoch
-from psmamba.engine.train import poly_lr
+from psmamba.engine.trainer import poly_lr
 from psmamba.errors import PsmambaError
 
 from _folders import SHAPE, make_folder  # noqa: E402  (tests/ is on sys.path under pytest)

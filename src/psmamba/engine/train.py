@@ -40,7 +40,7 @@ from psmamba.engine.distributed import DistInfo, barrier, init_distributed, shut
 from psmamba.errors import PsmambaError
 from psmamba.files import probe_writable
 
-__all__ = ["FitResult", "poly_lr", "fit", "check_output_dir", "VOLATILE_KEYS", "RESET_ON_RESUME"]
+__all__ = ["FitResult", "fit", "check_output_dir", "VOLATILE_KEYS", "RESET_ON_RESUME"]
 
 #: settings a resumed run may change without breaking exact continuation
 VOLATILE_KEYS = {
@@ -81,14 +81,6 @@ class FitResult:
     stopped: str | None
     history: list[dict[str, Any]] = field(default_factory=list)
     metrics_csv: Path | None = None
-
-
-def poly_lr(base_lr: float, epoch: int, epochs: int, power: float = 0.8) -> float:
-    """The paper's per-epoch decay for 0-based ``epoch``: ``base * (1 - epoch / epochs) ** power``.
-
-    (The paper writes it 1-based: ``lr_m = lr (1 - (m - 1) / M)^0.8``.)
-    """
-    return float(base_lr) * (1.0 - float(epoch) / float(epochs)) ** float(power)
 
 
 def check_output_dir(out: str | Path, resume: bool) -> Path:

@@ -38,7 +38,7 @@ from psmamba.engine.logs import CsvLog, TensorBoardLog
 from psmamba.engine.objective import STEP_TERMS, Objective, autocast, to_device, train_step
 from psmamba.errors import PsmambaError
 
-__all__ = ["Trainer", "seed_all"]
+__all__ = ["Trainer", "seed_all", "poly_lr", "poly_scheduler", "is_better"]
 
 
 def seed_all(seed: int) -> None:
@@ -48,6 +48,28 @@ def seed_all(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def poly_lr(base_lr: float, epoch: int, epochs: int, power: float = 0.8) -> float:
+    """The paper's per-epoch decay for 0-based ``epoch``: ``base * (1 - epoch / epochs) ** power``.
+
+    (The paper writes it 1-based: ``lr_m = lr (1 - (m - 1) / M)^0.8``.) Zero from ``epochs`` on.
+    """
+    return float(base_lr) * max(0.0, 1.0 - float(epoch) / float(epochs)) ** float(power)
+
+
+def poly_scheduler(optimizer: torch.optim.Optimizer, epochs: int, power: float):
+    """:func:`poly_lr` as a scheduler of ``optimizer``, stepped once per epoch."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: poly_lr(1.0, e, epochs, power))
+
+
+def is_better(value: float, best: float | None, higher: bool = True) -> bool:
+    """The model selection rule: a validation value (not NaN) beats the best so far (or none)."""
+    if math.isnan(value):
+        return False
+    if best is None:
+        return True
+    return value > best if higher else value < best
 
 
 class Trainer:
@@ -85,8 +107,7 @@ class Trainer:
         o = cfg.optim
         self.optim = torch.optim.Adam(self.model.parameters(), lr=o.lr, betas=tuple(o.betas),
                                       weight_decay=o.weight_decay, amsgrad=o.amsgrad)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optim, lambda e: max(0.0, 1.0 - e / o.epochs) ** o.poly_power)
+        self.scheduler = poly_scheduler(self.optim, o.epochs, o.poly_power)
         self.scaler = torch.amp.GradScaler(self.device.type) if cfg.run.amp == "fp16" and self.device.type != "cpu" else None
         seed_all(cfg.run.seed + info.rank)  # data-side randomness differs per rank
 
@@ -327,12 +348,7 @@ class Trainer:
         return res["dice"] if self.best_metric == "val_dice" else res["loss"]
 
     def _improved(self, res: dict[str, float]) -> bool:
-        value = self._metric(res)
-        if math.isnan(value):
-            return False
-        if "value" not in self.best:
-            return True
-        return value > self.best["value"] if self.best_metric == "val_dice" else value < self.best["value"]
+        return is_better(self._metric(res), self.best.get("value"), higher=self.best_metric == "val_dice")
 
     # ------------------------------------------------------------------ checkpoints
     def save_best(self, res: dict[str, float]) -> None:
