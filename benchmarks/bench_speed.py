@@ -59,6 +59,7 @@ from benchmarks.common import (
     write_text,
 )
 from benchmarks.peers import LEARNED, METHODS, available
+from psmamba.errors import first_line
 
 __all__ = ["run_speed", "write_speed", "plot_speed", "speed_inputs", "speed_spacing", "SPEED_COLUMNS", "DEMO_FOV_MM"]
 
@@ -183,7 +184,7 @@ def _probe_one(model, name: str, moving, fixed, device, train: bool, flops: bool
         res["seconds"] = time.perf_counter() - t0
     except Exception as exc:  # reported, not raised: one failure must not stop the other measurements
         res["status"] = "oom" if is_oom(exc) else "error"
-        res["error"] = f"{stage}: {type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+        res["error"] = f"{stage}: {type(exc).__name__}: {first_line(exc, '')[:300]}"
         if res["status"] == "error":
             res["traceback"] = traceback.format_exc(limit=6)[-2000:]
     res["peak_rss_mib"] = peak_rss_mib()
@@ -228,7 +229,7 @@ def child_probe(spec: dict) -> dict:
             del moving, fixed
     except Exception as exc:  # building the method or its inputs failed: nothing to measure
         res["status"] = "oom" if is_oom(exc) else "error"
-        res["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+        res["error"] = f"{type(exc).__name__}: {first_line(exc, '')[:300]}"
     return res
 
 

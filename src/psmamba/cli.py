@@ -22,7 +22,7 @@ import pkgutil
 import sys
 
 from psmamba import __version__
-from psmamba.errors import PsmambaError
+from psmamba.errors import PsmambaError, first_line
 
 
 def _command_modules():
@@ -61,8 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args._run(args) or 0)
     except (PsmambaError, FileNotFoundError, IsADirectoryError, PermissionError) as exc:
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        print(f"psmamba: error: {msg}", file=sys.stderr)
+        print(f"psmamba: error: {first_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("psmamba: interrupted", file=sys.stderr)

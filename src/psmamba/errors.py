@@ -23,4 +23,4 @@ def first_line(exc: BaseException, default: str | None = None) -> str:
         detail = text.split("WeightsUnpickler error:", 1)[-1].strip().splitlines()
         reason = detail[0].strip() if detail and detail[0].strip() else "unsupported content"
         return f"not a torch file of tensors and plain data: {reason}"
-    return text.splitlines()[0] if text else (default or type(exc).__name__)
+    return text.splitlines()[0] if text else (type(exc).__name__ if default is None else default)

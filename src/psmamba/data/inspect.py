@@ -14,7 +14,7 @@ import numpy as np
 
 from psmamba.data.labels import format_codes
 from psmamba.data.sources import SourceData, open_source
-from psmamba.errors import PsmambaError
+from psmamba.errors import PsmambaError, first_line
 
 __all__ = ["VolumeReport", "InspectReport", "inspect_source"]
 
@@ -98,7 +98,7 @@ def _inspect_volume(ref, source: SourceData) -> VolumeReport:
     try:
         vol = ref.load(remap=False)
     except PsmambaError as exc:
-        rep.problem = str(exc).splitlines()[0]
+        rep.problem = first_line(exc)
         return rep
     rep.shape = vol.shape
     rep.spacing = vol.spacing

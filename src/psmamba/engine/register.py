@@ -386,34 +386,28 @@ def register_pair(
     """Register ``moving`` onto ``fixed``; optionally write the outputs to ``out_dir``.
 
     Args:
-        fixed: the fixed (target) image: a path (``.nii``, ``.nii.gz``, Analyze ``.hdr/.img``),
-            a :class:`psmamba.io.Image`, a :class:`psmamba.data.Volume` (its image) or a 3-D
-            array (identity affine: 1 mm voxels).
-        moving: the moving image, likewise; its size, spacing and orientation may differ from
-            the fixed image's (it is resampled onto the fixed grid through the two affines).
-        moving_labels: label map on the moving image's grid (warped nearest-neighbour): a path,
-            an Image, an integer array, or a :class:`psmamba.data.Volume` (its ``labels``).
-        fixed_labels: label map on the fixed grid; with ``moving_labels`` gives Dice
-            before and after registration.
+        fixed, moving: the images: paths (NIfTI, Analyze), :class:`psmamba.io.Image`,
+            :class:`psmamba.data.Volume` or 3-D arrays (:func:`psmamba.io.as_image`); the moving
+            image may have any size, spacing and orientation (resampled through the affines).
+        moving_labels, fixed_labels: label maps on their image's grid; with both, Dice before
+            and after registration.
         method: a :class:`psmamba.engine.methods.RegistrationMethod`; or build one from the
             options below (:func:`~psmamba.engine.methods.method_from_options`):
         checkpoint: a psmamba checkpoint (``psmamba train``'s output); the network runs on the
             grid it was trained at. Exclusive with ``model``.
-        model: an already loaded network ``forward(moving, fixed) -> (warped, ddf)``; it runs on
-            the fixed grid unless ``model_size`` is given.
+        model: a loaded network ``forward(moving, fixed) -> (warped, ddf)`` (on ``model_size``).
         iters: test-time optimisation steps: with a network, of a copy of its weights
             (``refine="weights"``) or of its field on the fixed grid (``refine="field"``); with
             no network, instance optimisation of the field. 0 with no network: the identity.
-        lr, lam, window: Adam's learning rate (default 1e-4 for weights, 0.1 voxels for a field),
-            the diffusion weight (default 1 for weights, 3 for a field) and the LNCC window.
+        lr, lam, window: Adam's learning rate, the diffusion weight and the LNCC window
+            (defaults: :func:`~psmamba.engine.methods.method_from_options`).
         device: ``"auto"`` (accelerator if available, else CPU), ``"cpu"``, ``"cuda"``, ...
         out_dir: when given, the outputs are written there atomically (see module docstring).
         model_size: ``(D, H, W)`` grid the network runs on (default: its training grid).
         overview: also draw ``overview.png`` when writing outputs.
         labels: the label codes Dice is computed on (default: see :func:`psmamba.metrics.dice`).
 
-    Returns:
-        A :class:`RegistrationResult` (arrays on the fixed grid, and the summary dict).
+    Returns a :class:`RegistrationResult` (arrays on the fixed grid, and the summary dict).
 
     Raises:
         PsmambaError: bad inputs, a bad checkpoint or an unwritable output folder, raised
@@ -438,22 +432,27 @@ def register_pair(
         _synchronize(dev)  # accelerator kernels run asynchronously: time them to completion
         t_reg = time.perf_counter()
         result = _finish(inp, prep, method, ddf_t, dev, labels)
-        t_metrics = time.perf_counter()
-        timings = result.summary["timings_s"] = {
+        result.summary["timings_s"] = {
             "load": t_load - t_start, "preprocess": t_prep - t_load,
-            "register": t_reg - t_prep, "metrics": t_metrics - t_reg,
+            "register": t_reg - t_prep, "metrics": time.perf_counter() - t_reg,
         }
-        if staging is not None:
-            t_w = time.perf_counter()
-            timings["total"] = t_w - t_start  # written into summary.json
-            result._write(staging.tmp, overview=overview)
-            result.out_dir = staging.commit()
-            timings["write"] = time.perf_counter() - t_w
-        timings["total"] = time.perf_counter() - t_start
+        _write_outputs(result, staging, overview, t_start)
         return result
     finally:
         if staging is not None:
             staging.cleanup()
+
+
+def _write_outputs(result: RegistrationResult, staging: StagingDir | None, overview: bool, t_start: float) -> None:
+    """Write the staged outputs and move them into place; the timings get ``write`` and ``total``."""
+    timings = result.summary["timings_s"]
+    if staging is not None:
+        t_w = time.perf_counter()
+        timings["total"] = t_w - t_start  # written into summary.json
+        result._write(staging.tmp, overview=overview)
+        result.out_dir = staging.commit()
+        timings["write"] = time.perf_counter() - t_w
+    timings["total"] = time.perf_counter() - t_start
 
 
 def _synchronize(dev: "torch.device") -> None:
