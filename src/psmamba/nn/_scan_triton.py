@@ -39,7 +39,7 @@ import torch
 
 from psmamba.errors import PsmambaError
 
-__all__ = ["scan_triton", "CHUNK", "interpreting", "kernels"]
+__all__ = ["scan_triton", "CHUNK", "interpreting", "interpreter_usable", "kernels"]
 
 #: time steps per chunk (a power of two): the tile length of the kernels and the checkpoint
 #: interval of the forward pass
@@ -57,11 +57,28 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
 
 
+def interpreter_usable() -> bool:
+    """Whether Triton's interpreter can run kernels in this process: ``TRITON_INTERPRET`` is set
+    now *and* was set when ``triton.language`` was imported (triton defines its own library
+    functions, ``tl.sum`` and the like, in the mode of that moment)."""
+    if not interpreting():
+        return False
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(getattr(tl, "cdiv", None), InterpretedFunction)
+
+
 def kernels():
     """The kernel module, (re)imported so that its kernels match the current interpreter mode
     (``triton.jit`` reads ``TRITON_INTERPRET`` when a kernel is defined, not when it runs)."""
     global _kernels_mode
     mode = interpreting()
+    if mode and not interpreter_usable():
+        raise PsmambaError(
+            "selective_scan backend 'triton': TRITON_INTERPRET=1 was set after triton was imported; "
+            "set it before Python starts (or before the first import of triton)"
+        )
     module = sys.modules.get(_KERNEL_MODULE)
     if module is None:
         module = importlib.import_module(_KERNEL_MODULE)
@@ -111,6 +128,13 @@ class _Device:
 
 def _forward_impl(u, delta, A, B, C, D, h0, chunk: int, block_e: int, groups: int):
     """Run the three forward passes; returns ``(y, h_last, start states (B, nc, E, N))``."""
+    if not (u.is_cuda or interpreting()):
+        raise PsmambaError(
+            f"selective_scan backend 'triton' needs the tensors on a GPU (or TRITON_INTERPRET=1 for "
+            f"Triton's interpreter on the CPU), they are on {u.device}; use backend='auto'"
+        )
+    if importlib.util.find_spec("triton") is None:
+        raise PsmambaError("selective_scan backend 'triton' needs triton: pip install triton")
     k = kernels()
     batch, e, length = u.shape
     n = A.shape[1]
@@ -285,13 +309,6 @@ def scan_triton(u, delta, A, B, C, D=None, h0=None, *, chunk: int | None = None,
     Returns:
         ``(y (B, E, L) in u's dtype, h_last (B, E, N) in the compute dtype)``.
     """
-    if not (u.is_cuda or interpreting()):
-        raise PsmambaError(
-            f"selective_scan backend 'triton' needs the tensors on a GPU (or TRITON_INTERPRET=1 for "
-            f"Triton's interpreter on the CPU), they are on {u.device}; use backend='auto'"
-        )
-    if importlib.util.find_spec("triton") is None:
-        raise PsmambaError("selective_scan backend 'triton' needs triton: pip install triton")
     cdt = torch.float64 if u.dtype == torch.float64 else torch.float32
     args = [None if t is None else t.to(cdt) for t in (u, delta, A, B, C, D, h0)]
     batch, e, length = u.shape
