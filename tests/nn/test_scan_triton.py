@@ -14,7 +14,7 @@ backend defines its kernels on first use, :func:`psmamba.nn._scan_triton.kernels
 
 A fixture replaces the interpreter's per-element ``associative_scan`` loop by one that runs the
 same left-to-right fold vectorised over the other axes (identical operations in the identical
-order, 10-20x faster); where the triton version lacks that hook the slow loop stays.
+order, 10-20x faster: :class:`psmamba.nn._scan_triton.fast_interpreter_scan`).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ if "triton" not in sys.modules and not torch.cuda.is_available() and importlib.u
 pytest.importorskip("triton")
 
 from psmamba.errors import PsmambaError  # noqa: E402
-from psmamba.nn._scan_triton import interpreter_usable  # noqa: E402
+from psmamba.nn._scan_triton import fast_interpreter_scan, interpreter_usable  # noqa: E402
 from psmamba.nn.scan import selective_scan  # noqa: E402
 
 IN_PROCESS = interpreter_usable()
@@ -57,38 +57,9 @@ def test_cases_in_a_fresh_interpreter_process():
 NAMES = ["u", "delta", "A", "B", "C", "D", "h0"]
 
 
-def _vectorised_generic_scan(self, input):
-    """The interpreter's ``ScanOps.generic_scan``, one combine per step over whole slices."""
-    import numpy as np
-
-    datas = [np.moveaxis(arg.handle.data, self.axis, 0) for arg in input]
-    outs = [np.empty_like(d) for d in datas]
-    acc = None
-    for k in range(datas[0].shape[0]):
-        cur = tuple(self.to_tensor(np.ascontiguousarray(d[k]), arg.dtype) for d, arg in zip(datas, input))
-        if acc is None:
-            acc = cur
-        else:
-            ret = self.combine_fn.fn(*acc, *cur)
-            acc = ret if isinstance(ret, tuple) else (ret,)
-        for o, a in zip(outs, acc):
-            o[k] = a.handle.data
-    return [
-        self.to_tensor(np.ascontiguousarray(np.moveaxis(o, 0, self.axis)), arg.dtype)
-        for o, arg in zip(outs, input)
-    ]
-
-
 @pytest.fixture(scope="module", autouse=True)
-def fast_interpreter_scan():
-    with pytest.MonkeyPatch.context() as mp:
-        try:
-            from triton.runtime import interpreter as interp
-
-            if hasattr(interp, "ScanOps") and hasattr(interp.ScanOps, "generic_scan"):
-                mp.setattr(interp.ScanOps, "generic_scan", _vectorised_generic_scan)
-        except ImportError:
-            pass
+def fast_scan():
+    with fast_interpreter_scan():
         yield
 
 

@@ -39,7 +39,7 @@ import torch
 
 from psmamba.errors import PsmambaError
 
-__all__ = ["scan_triton", "CHUNK", "interpreting", "interpreter_usable", "kernels"]
+__all__ = ["scan_triton", "CHUNK", "interpreting", "interpreter_usable", "kernels", "fast_interpreter_scan"]
 
 #: time steps per chunk (a power of two): the tile length of the kernels and the checkpoint
 #: interval of the forward pass
@@ -86,6 +86,57 @@ def kernels():
         module = importlib.reload(module)
     _kernels_mode = mode
     return module
+
+
+class fast_interpreter_scan:
+    """Context: Triton's interpreter runs ``tl.associative_scan`` vectorised (tests, smoke runs).
+
+    The interpreter's own ``ScanOps.generic_scan`` calls the combine function once per element
+    from Python; this replacement runs the same left-to-right fold one step of the scanned
+    axis at a time over whole slices of the other axes: the same operations in the same order
+    (bit-identical results), 10-20x faster on the backend's tiles. It changes nothing on a GPU,
+    and nothing where the triton version lacks that hook (the slow loop stays).
+    """
+
+    def __enter__(self):
+        self._saved = None
+        try:
+            from triton.runtime import interpreter as interp
+        except ImportError:
+            return self
+        ops = getattr(interp, "ScanOps", None)
+        if ops is not None and hasattr(ops, "generic_scan"):
+            self._saved = (ops, ops.generic_scan)
+            ops.generic_scan = _vectorised_generic_scan
+        return self
+
+    def __exit__(self, *exc):
+        if self._saved is not None:
+            ops, original = self._saved
+            ops.generic_scan = original
+        return False
+
+
+def _vectorised_generic_scan(self, input):
+    """``ScanOps.generic_scan`` of the interpreter, one combine per step over whole slices."""
+    import numpy as np
+
+    datas = [np.moveaxis(arg.handle.data, self.axis, 0) for arg in input]
+    outs = [np.empty_like(d) for d in datas]
+    acc = None
+    for k in range(datas[0].shape[0]):
+        cur = tuple(self.to_tensor(np.ascontiguousarray(d[k]), arg.dtype) for d, arg in zip(datas, input))
+        if acc is None:
+            acc = cur
+        else:
+            ret = self.combine_fn.fn(*acc, *cur)
+            acc = ret if isinstance(ret, tuple) else (ret,)
+        for o, a in zip(outs, acc):
+            o[k] = a.handle.data
+    return [
+        self.to_tensor(np.ascontiguousarray(np.moveaxis(o, 0, self.axis)), arg.dtype)
+        for o, arg in zip(outs, input)
+    ]
 
 
 def _next_pow2(x: int) -> int:
