@@ -45,7 +45,7 @@ __all__ = ["scan_triton", "CHUNK", "interpreting", "interpreter_usable", "kernel
 #: interval of the forward pass
 CHUNK = 64
 #: elements per (channels, T, N) tile that one program scans at a time
-_TILE_ELEMENTS = 4096
+_TILE_ELEMENTS = 2048
 _NUM_WARPS = 4
 
 _KERNEL_MODULE = "psmamba.nn._scan_triton_kernels"
@@ -353,7 +353,7 @@ def scan_triton(u, delta, A, B, C, D=None, h0=None, *, chunk: int | None = None,
     Args:
         u, delta, A, B, C, D, h0: as in :func:`psmamba.nn.scan.selective_scan`.
         chunk: steps per chunk, a power of two (default :data:`CHUNK`).
-        block_e: channels per tile (default: a tile of about 4096 elements).
+        block_e: channels per tile (default: a tile of about 2048 elements).
         groups: channel groups per chunk, i.e. programs per (chunk, batch item) (default: enough
             to fill the GPU; 1 under the interpreter).
 
