@@ -187,9 +187,15 @@ def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
 
 
 @cases
-def test_triton_is_opaque_to_torch_compile():
+def test_triton_is_opaque_to_torch_compile(monkeypatch):
     # fullgraph=True fails on any graph break: the scan must trace as one custom op (its fake
-    # implementation gives the shapes); aot_eager also traces the backward through it
+    # implementation gives the shapes); aot_eager also traces the backward through it. The
+    # backend is unloaded first, so its import (and the availability probes) happen while
+    # tracing, as in a process whose first scan is compiled.
+    from psmamba.nn import scan as scan_mod
+
+    monkeypatch.setattr(scan_mod._REGISTRY["triton"], "_fn", None)
+    monkeypatch.setattr(scan_mod, "_PROBES", {})
     args_c = make_inputs(batch=2, e=3, n=4, length=19, seed=8)
     args_e = clone(args_c)
 

@@ -333,7 +333,6 @@ def _triton_available() -> bool:
     return _probe("triton", ("triton", "triton.language"))
 
 
-@_constant_for_compile
 def _load_triton() -> BackendFn:
     try:
         module = importlib.import_module("psmamba.nn._scan_triton")
@@ -344,7 +343,6 @@ def _load_triton() -> BackendFn:
     return module.scan_triton
 
 
-@_constant_for_compile
 def _load_cuda() -> BackendFn:
     try:
         from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
@@ -371,7 +369,6 @@ def _load_cuda() -> BackendFn:
     return scan_cuda
 
 
-@_constant_for_compile
 def _load_cpu() -> BackendFn:
     module = importlib.import_module("psmamba.nn._scan_cpu")
     return module.scan_cpu
@@ -390,6 +387,14 @@ register_backend("reference", _scan_reference)
 register_backend("cpu", loader=_load_cpu, is_available=_cpu_available)
 register_backend("cuda", loader=_load_cuda, is_available=lambda: _mamba_ssm_available())
 register_backend("triton", loader=_load_triton, is_available=lambda: _triton_available())
+
+
+@_constant_for_compile
+def _ensure_loaded(name: str) -> bool:
+    """Import the backend ``name`` (its loader runs once); a separate step so that
+    ``torch.compile`` runs the import while tracing instead of tracing into it."""
+    _REGISTRY[name].get()
+    return True
 
 
 def _on_gpu(u: torch.Tensor) -> bool:
@@ -480,9 +485,8 @@ def selective_scan(
     cdt = _compute_dtype(u, delta, A, B, C, D, h0)
     name = resolve_backend(backend, u, h0, dtype=cdt)
     entry = _REGISTRY[name]
-    if not entry.available() and name in ("cuda", "triton"):
-        # Let the loader raise its actionable message.
-        entry.get()
+    # (for "cuda" and "triton" an unavailable backend's loader raises its actionable message)
+    _ensure_loaded(name)
     fn = entry.get()
     args = [None if t is None else t.to(cdt) for t in (u, delta, A, B, C, D, h0)]
     y, h_last = fn(*args)
