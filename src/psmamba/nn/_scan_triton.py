@@ -29,6 +29,7 @@ On a torch without ``torch.library.custom_op`` (< 2.4) an ``autograd.Function`` 
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import os
@@ -154,11 +155,16 @@ def _config(batch: int, e: int, n: int, length: int, chunk: int, block_e: int | 
     if groups is None:
         if device.type == "cuda" and not interpreting():
             # enough programs to fill the GPU; each group adds a (B, N, L) slice of dB/dC partials
-            sms = torch.cuda.get_device_properties(device).multi_processor_count
+            sms = _multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
             groups = max(1, min(n_blocks, 8, -(-4 * sms // max(1, batch * nc))))
         else:
             groups = 1
     return nc, bn, be, max(1, min(int(groups), n_blocks))
+
+
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 class _Device:
