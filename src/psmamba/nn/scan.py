@@ -24,8 +24,14 @@ Backends
     The fast numba kernels of :mod:`psmamba.nn._scan_cpu` (forward and backward).
 ``"cuda"``
     ``mamba_ssm``'s kernel; needs ``mamba_ssm`` installed and the tensors on a GPU.
+``"triton"``
+    The Triton kernels of :mod:`psmamba.nn._scan_triton` (forward and backward, takes ``h0``);
+    needs triton and the tensors on a GPU, or ``TRITON_INTERPRET=1`` for CPU tensors (tests).
 ``"auto"``
-    ``"cuda"`` when possible, else ``"cpu"`` for CPU tensors, else ``"reference"``.
+    On a GPU: ``"cuda"`` when ``mamba_ssm`` (with its compiled extension) imports, the dtype is
+    not float64 (``mamba_ssm`` refuses it) and no ``h0`` is given; else ``"triton"`` when triton
+    imports; else ``"reference"``, with a warning once. On a CPU: ``"cpu"`` (numba), else
+    ``"reference"``.
 
 :func:`register_backend` is the seam for new backends; :func:`available_backends` lists the
 ones usable in this environment.
@@ -36,6 +42,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import math
+import warnings
 from collections.abc import Callable
 from typing import Optional
 
@@ -128,7 +135,8 @@ def registered_backends() -> list[str]:
 
 
 def available_backends() -> list[str]:
-    """Names of the backends usable in this environment (``"cuda"`` only with ``mamba_ssm``)."""
+    """Names of the backends usable in this environment (``"cuda"`` only with ``mamba_ssm``,
+    ``"triton"`` only with triton; either may still need the tensors on a GPU)."""
     return sorted(name for name, b in _REGISTRY.items() if b.available())
 
 
@@ -284,8 +292,55 @@ def _scan_reference(u, delta, A, B, C, D, h0, chunk: int | None = None):
 # --------------------------------------------------------------------------------------------
 
 
+def _constant_for_compile(fn):
+    """Let ``torch.compile`` call ``fn`` once while tracing and use its result as a constant
+    instead of tracing into it (imports and ``find_spec`` would break the graph). This is what
+    ``torch._dynamo.assume_constant_result`` does, without importing dynamo (seconds) here."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+#: results of the availability probes (importing mamba_ssm is slow); clear to probe again
+_PROBES: dict[str, bool] = {}
+
+
+def _probe(name: str, modules: tuple[str, ...]) -> bool:
+    """Whether every module in ``modules`` imports (cached under ``name``)."""
+    if name not in _PROBES:
+        try:
+            ok = importlib.util.find_spec(modules[0].split(".")[0]) is not None
+            for module in modules if ok else ():
+                importlib.import_module(module)
+        except Exception:  # a broken build raises anything: ImportError, OSError, RuntimeError
+            ok = False
+        _PROBES[name] = ok
+    return _PROBES[name]
+
+
+@_constant_for_compile
 def _mamba_ssm_available() -> bool:
-    return importlib.util.find_spec("mamba_ssm") is not None
+    """Whether ``mamba_ssm``'s selective scan really imports, its compiled extension too.
+
+    A ``mamba_ssm`` whose CUDA build is broken is installed but fails on import (ImportError,
+    OSError for an undefined symbol, ...): it counts as absent, so ``auto`` falls back.
+    """
+    return _probe("mamba_ssm", ("mamba_ssm", "mamba_ssm.ops.selective_scan_interface"))
+
+
+@_constant_for_compile
+def _triton_available() -> bool:
+    """Whether triton (and ``triton.language``) imports."""
+    return _probe("triton", ("triton", "triton.language"))
+
+
+def _load_triton() -> BackendFn:
+    try:
+        module = importlib.import_module("psmamba.nn._scan_triton")
+    except Exception as exc:
+        raise PsmambaError(
+            f"selective_scan backend 'triton' needs triton: pip install triton ({exc})"
+        ) from None
+    return module.scan_triton
 
 
 def _load_cuda() -> BackendFn:
@@ -319,6 +374,7 @@ def _load_cpu() -> BackendFn:
     return module.scan_cpu
 
 
+@_constant_for_compile
 def _cpu_available() -> bool:
     return (
         importlib.util.find_spec("numba") is not None
@@ -329,14 +385,44 @@ def _cpu_available() -> bool:
 register_backend("loop", _scan_loop)
 register_backend("reference", _scan_reference)
 register_backend("cpu", loader=_load_cpu, is_available=_cpu_available)
-register_backend("cuda", loader=_load_cuda, is_available=_mamba_ssm_available)
+register_backend("cuda", loader=_load_cuda, is_available=lambda: _mamba_ssm_available())
+register_backend("triton", loader=_load_triton, is_available=lambda: _triton_available())
 
 
-def resolve_backend(backend: str, u: torch.Tensor, h0: torch.Tensor | None = None) -> str:
+@_constant_for_compile
+def _ensure_loaded(name: str) -> bool:
+    """Import the backend ``name`` (its loader runs once); a separate step so that
+    ``torch.compile`` runs the import while tracing instead of tracing into it."""
+    _REGISTRY[name].get()
+    return True
+
+
+def _on_gpu(u: torch.Tensor) -> bool:
+    """Whether ``u`` lives on a GPU (a seam: tests fake a GPU tensor through it)."""
+    return u.is_cuda
+
+
+_warned_slow_gpu = False
+
+
+def _warn_slow_gpu_once() -> None:
+    global _warned_slow_gpu
+    if not _warned_slow_gpu:
+        _warned_slow_gpu = True
+        warnings.warn(
+            "slow reference scan on a GPU: install triton or mamba_ssm", RuntimeWarning, stacklevel=3
+        )
+
+
+def resolve_backend(
+    backend: str, u: torch.Tensor, h0: torch.Tensor | None = None, dtype: torch.dtype | None = None
+) -> str:
     """The concrete backend name that ``backend`` means for tensors like ``u``.
 
-    ``"auto"``: ``"cuda"`` for GPU tensors when ``mamba_ssm`` is installed (and no ``h0``),
-    ``"cpu"`` for CPU tensors when numba is available, else ``"reference"``.
+    ``"auto"`` on a GPU: ``"cuda"`` when ``mamba_ssm`` imports, the compute dtype (``dtype``,
+    default ``u.dtype``) is not float64 and there is no ``h0``; else ``"triton"`` when triton
+    imports; else ``"reference"`` (warning once that it is slow). On a CPU: ``"cpu"`` when
+    numba is available, else ``"reference"``.
     """
     if backend != "auto":
         if backend not in _REGISTRY:
@@ -345,8 +431,14 @@ def resolve_backend(backend: str, u: torch.Tensor, h0: torch.Tensor | None = Non
                 f"{['auto', *registered_backends()]}"
             )
         return backend
-    if u.is_cuda and h0 is None and "cuda" in _REGISTRY and _REGISTRY["cuda"].available():
-        return "cuda"
+    if _on_gpu(u):
+        dtype = u.dtype if dtype is None else dtype
+        if dtype != torch.float64 and h0 is None and "cuda" in _REGISTRY and _REGISTRY["cuda"].available():
+            return "cuda"
+        if "triton" in _REGISTRY and _REGISTRY["triton"].available():
+            return "triton"
+        _warn_slow_gpu_once()
+        return "reference"
     if u.device.type == "cpu" and "cpu" in _REGISTRY and _REGISTRY["cpu"].available():
         return "cpu"
     return "reference"
@@ -378,7 +470,8 @@ def selective_scan(
         C: output projection ``(B, N, L)``.
         D: skip weights ``(E,)`` or ``None`` (no skip term).
         h0: initial state ``(B, E, N)`` or ``None`` (zeros).
-        backend: ``"auto"``, ``"reference"``, ``"loop"``, ``"cpu"``, ``"cuda"`` or a registered name.
+        backend: ``"auto"``, ``"reference"``, ``"loop"``, ``"cpu"``, ``"cuda"``, ``"triton"`` or a
+            registered name.
         return_state: also return the final state ``h_L``.
 
     Returns:
@@ -389,13 +482,12 @@ def selective_scan(
         PsmambaError: bad shapes, dtypes, devices or an unusable backend.
     """
     _check_inputs(u, delta, A, B, C, D, h0)
-    name = resolve_backend(backend, u, h0)
-    entry = _REGISTRY[name]
-    if not entry.available() and name == "cuda":
-        # Let the loader raise its actionable message.
-        entry.get()
-    fn = entry.get()
     cdt = _compute_dtype(u, delta, A, B, C, D, h0)
+    name = resolve_backend(backend, u, h0, dtype=cdt)
+    entry = _REGISTRY[name]
+    # (for "cuda" and "triton" an unavailable backend's loader raises its actionable message)
+    _ensure_loaded(name)
+    fn = entry.get()
     args = [None if t is None else t.to(cdt) for t in (u, delta, A, B, C, D, h0)]
     y, h_last = fn(*args)
     y = y.to(u.dtype)
