@@ -198,7 +198,8 @@ class SFE(nn.Module):
 class MambaMixer(nn.Module):
     """Residual Mamba layer over the voxels as one sequence: ``x + Mamba(LayerNorm(tokens(x)))``.
 
-    The volume is flattened in C order (W fastest, :func:`to_tokens`) and scanned in one
+    The block owns its norm and residual (as mamba.py's ``ResidualBlock``); without autograd it
+    runs all three piece by piece through :meth:`psmamba.nn.mamba.Mamba.forward_chunk`. The volume is flattened in C order (W fastest, :func:`to_tokens`) and scanned in one
     direction only. ``dt_rank`` is ``ceil(dim / 16)`` (Mamba's "auto"); the selective-scan
     implementation is picked by ``backend`` (see :mod:`psmamba.nn.scan`).
 
@@ -214,8 +215,22 @@ class MambaMixer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         t = to_tokens(x)  # (B, L, dim)
-        t = self.mamba(t, pre=self.norm, residual=True)  # t + Mamba(LayerNorm(t)), chunk by chunk
-        return from_tokens(t, x.shape[2:])
+        if torch.is_grad_enabled() and (t.requires_grad or any(p.requires_grad for p in self.parameters())):
+            return from_tokens(t + self.mamba(self.norm(t)), x.shape[2:])  # the layer checkpoints its pieces
+        # Inference: norm, Mamba and residual piece by piece, so neither the normalised
+        # sequence nor the layer's output is ever held whole besides the result.
+        length = t.shape[1]
+        chunk = self.mamba.chunk_length(t, training=False)
+        if chunk >= length:
+            out = self.mamba.forward_chunk(self.norm(t))[0].add_(t)  # a new tensor of the layer
+            return from_tokens(out, x.shape[2:])
+        out = t.new_empty(t.shape)
+        state = None
+        for start in range(0, length, chunk):
+            piece = t[:, start : start + chunk]
+            y, state = self.mamba.forward_chunk(self.norm(piece), state)
+            out[:, start : start + chunk] = y.add_(piece)
+        return from_tokens(out, x.shape[2:])
 
 
 class AttentionMixer(nn.Module):

@@ -8,23 +8,24 @@ during inference on the CPU.
 
 Each function here returns the same numbers as its plain PyTorch statement (to float
 rounding) and falls back to that statement whenever the fast path does not apply: autograd
-on, a CUDA tensor, a dtype other than float32/float64, channels-first data, or
-``PSMAMBA_FAST_CPU=0`` in the environment (used by the tests to compare both paths).
+on, a CUDA tensor, a dtype other than float32/float64, channels-first data, or the runtime
+setting ``fast_cpu`` off (``psmamba.runtime.use(fast_cpu=False)``, or ``PSMAMBA_FAST_CPU=0`` in
+the environment; the tests compare both paths this way).
 """
 
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from psmamba import runtime
+
 __all__ = [
     "CHANNELS_LAST",
     "avg_pool2",
-    "fast_cpu_enabled",
     "instance_norm_act",
     "level_projection",
     "pointwise_conv",
@@ -35,13 +36,8 @@ __all__ = [
 CHANNELS_LAST = torch.channels_last_3d
 
 
-def fast_cpu_enabled() -> bool:
-    """Whether the numba kernels may be used (``PSMAMBA_FAST_CPU=0`` turns them off)."""
-    return os.environ.get("PSMAMBA_FAST_CPU", "1") != "0"
-
-
 def _kernel_ok(*tensors: torch.Tensor) -> bool:
-    if not fast_cpu_enabled():
+    if not runtime.current().fast_cpu:
         return False
     grad = torch.is_grad_enabled()
     for t in tensors:
@@ -58,15 +54,17 @@ def _is_cl(x: torch.Tensor) -> bool:
 
 def _numba_threads():
     """Context that runs the numba kernels on as many threads as torch may use."""
-    from psmamba.nn._scan_cpu import _NumbaThreads, _threads
+    from psmamba.nn._numba import NumbaThreads, threads
 
-    return _NumbaThreads(_threads())
+    return NumbaThreads(threads())
 
 
 def _chunks(length: int) -> int:
-    from psmamba.nn._scan_cpu import _threads
+    """Slabs of voxels per batch item for the norm kernels: a few per thread, at least 4096
+    voxels each (parallel work granularity; the float64 sums make any split equally exact)."""
+    from psmamba.nn._numba import threads
 
-    return max(1, min(8 * _threads(), length // 4096))
+    return max(1, min(8 * threads(), length // 4096))
 
 
 def instance_norm_act(
