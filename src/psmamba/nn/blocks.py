@@ -58,6 +58,11 @@ __all__ = [
 #: standard deviation of the N(0, 1e-5) initialisation of the projections and registration heads
 TINY_INIT_STD = 1e-5
 
+#: epsilon of every instance norm (``nn.InstanceNorm3d``'s default). The norms have no affine
+#: parameters and no running statistics, so they have no state: the blocks call
+#: :func:`~psmamba.nn.fast.instance_norm_act` with this epsilon instead of holding a module.
+INSTANCE_NORM_EPS = 1e-5
+
 
 def to_tokens(x: torch.Tensor) -> torch.Tensor:
     """``(B, C, D, H, W)`` -> ``(B, L, C)`` with ``L = D*H*W`` in C order (W fastest)."""
@@ -81,12 +86,11 @@ class ConvNormAct(nn.Module):
     def __init__(self, in_ch: int, out_ch: int, kernel_size: int = 3, act: nn.Module | None = None) -> None:
         super().__init__()
         self.conv = nn.Conv3d(in_ch, out_ch, kernel_size, padding=kernel_size // 2, bias=True)
-        self.norm = nn.InstanceNorm3d(out_ch, affine=False)
         self.act = act if act is not None else nn.LeakyReLU(0.1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = pointwise_conv(x, self.conv)  # a plain conv unless 1x1x1 on channels-last data
-        return instance_norm_act(y, self.act, eps=self.norm.eps, inplace=True)
+        return instance_norm_act(y, self.act, eps=INSTANCE_NORM_EPS, inplace=True)
 
 
 def ConvIN(in_ch: int, out_ch: int) -> ConvNormAct:  # noqa: N802  (named as in the spec)
@@ -172,8 +176,9 @@ class SFE(nn.Module):
 
     ``x1 = relu(IN(conv3(x)))``, ``x1 = relu(IN(conv3(x1)))``; split x1 into ``u, v`` (D/2 each);
     ``u = relu(IN(conv3(u)))``; ``g = u * v`` (a plain product, no sigmoid);
-    ``out = x + relu(IN(conv1x1(g)))``. All convolutions carry a bias. The last-but-one norm
-    is declared with D/2 channels (the reference declares D; without affine it is the same).
+    ``out = x + relu(IN(conv1x1(g)))``. All convolutions carry a bias. The norms have no
+    affine parameters, so their channel count is no parameter (the reference declares D
+    channels for the last-but-one, which normalises D/2; the same computation).
 
     Shapes: ``(B, D, d, h, w)`` -> same.
     """
@@ -290,12 +295,11 @@ class SMB(nn.Module):
             self.mixer = AttentionMixer(dim, heads=heads)
         else:
             raise ValueError(f"mixer must be 'mamba' or 'attention', got {mixer!r}")
-        self.norm = nn.InstanceNorm3d(dim, affine=False)
         self.mlp = nn.Sequential(nn.Conv3d(dim, 2 * dim, 1), nn.GELU(), nn.Conv3d(2 * dim, dim, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.mixer(self.sfe(x))
-        x = instance_norm_act(x, None, eps=self.norm.eps)
+        x = instance_norm_act(x, None, eps=INSTANCE_NORM_EPS)
         conv1, act, conv2 = self.mlp
         return pointwise_mlp(x, conv1, act, conv2)
 

@@ -107,7 +107,7 @@ def instance_norm_act(
 
 def pointwise_conv(x: torch.Tensor, conv: nn.Conv3d) -> torch.Tensor:
     """``conv(x)`` for a 1x1x1 ``conv``; on channels-last ``x`` one GEMM over the voxels
-    (oneDNN's 1x1x1 path was 3-4x slower at 5 M voxels). Works with autograd."""
+    (oneDNN's 1x1x1 path was several times slower on millions of voxels). Works with autograd."""
     if conv.kernel_size != (1, 1, 1) or conv.groups != 1 or not _is_cl(x):
         return conv(x)
     w = conv.weight.reshape(conv.out_channels, conv.in_channels)
@@ -119,7 +119,7 @@ def pointwise_mlp(x: torch.Tensor, conv1: nn.Conv3d, act: nn.Module, conv2: nn.C
 
     In inference on channels-last CPU data the voxels go through in chunks of ``chunk``, so
     the 2x wider hidden activations stay in cache instead of making a round trip through
-    memory (0.84 -> 0.47 s at 160x192x160, 16 -> 32 -> 16 channels, measured).
+    memory (benchmarks/README.md has the figure).
     """
     if not (_is_cl(x) and _kernel_ok(x, conv1.weight, conv2.weight)) or x.dtype != conv1.weight.dtype:
         return pointwise_conv(act(pointwise_conv(x, conv1)), conv2)
@@ -164,7 +164,7 @@ def level_projection(x: torch.Tensor, linear: nn.Linear, norm: nn.Module) -> tor
 
 def avg_pool2(x: torch.Tensor) -> torch.Tensor:
     """``F.avg_pool3d(x, 2)``; on channels-last CPU data in inference by a numba kernel
-    (PyTorch's channels-last pooling was 3x slower than its channels-first one)."""
+    (PyTorch's channels-last pooling was several times slower than its channels-first one)."""
     if not _is_cl(x) or not _kernel_ok(x) or min(x.shape[2:]) < 2:
         return F.avg_pool3d(x, 2)
     from psmamba.nn._fast_cpu import avg_pool2_kernel
