@@ -204,8 +204,9 @@ class MambaMixer(nn.Module):
     """Residual Mamba layer over the voxels as one sequence: ``x + Mamba(LayerNorm(tokens(x)))``.
 
     The block owns its norm and residual (as mamba.py's ``ResidualBlock``); without autograd it
-    runs all three piece by piece through :meth:`psmamba.nn.mamba.Mamba.forward_chunk`. The volume is flattened in C order (W fastest, :func:`to_tokens`) and scanned in one
-    direction only. ``dt_rank`` is ``ceil(dim / 16)`` (Mamba's "auto"); the selective-scan
+    runs all three piece by piece through :meth:`psmamba.nn.mamba.Mamba.forward_chunk`. The
+    volume is flattened in C order (W fastest, :func:`to_tokens`) and scanned in one direction
+    only. ``dt_rank`` is ``ceil(dim / 16)`` (Mamba's "auto"); the selective-scan
     implementation is picked by ``backend`` (see :mod:`psmamba.nn.scan`).
 
     Shapes: ``(B, dim, D, H, W)`` -> same.
