@@ -146,16 +146,27 @@ def mambapy_block_like(layer: nn.Module, copy_weights: bool = True) -> nn.Module
 
 
 class MambapyLayer(nn.Module):
-    """A mambapy block behind psmamba's Mamba call, ``layer(x, pre=None, residual=False)``:
-    ``block(pre(x)) (+ x)``, the whole sequence at once (mambapy has no chunked inference)."""
+    """A mambapy block behind psmamba's Mamba layer calls: ``layer(x)`` is ``block(x)`` on the
+    whole sequence (mambapy has no chunked inference), and :meth:`forward_chunk` runs that on
+    one piece holding the whole sequence (:meth:`chunk_length` is always the full length).
+
+    Shapes: ``(B, L, d_model)`` -> same.
+    """
 
     def __init__(self, block: nn.Module) -> None:
         super().__init__()
         self.block = block
 
-    def forward(self, x, pre=None, residual: bool = False):
-        out = self.block(x if pre is None else pre(x))
-        return out + x if residual else out
+    def forward(self, x):
+        return self.block(x)
+
+    def chunk_length(self, x, training: bool) -> int:
+        return x.shape[1]
+
+    def forward_chunk(self, x, state=None):
+        if state is not None:
+            raise ValueError("the mambapy peer runs a sequence in one piece; it carries no state")
+        return self.block(x), None
 
 
 def swap_in_mambapy(model: nn.Module, copy_weights: bool = True) -> int:

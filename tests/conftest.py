@@ -1,10 +1,22 @@
-"""Tiny shared fixtures (keep this file small; module-specific helpers live in their tests)."""
+"""Tiny shared fixtures (keep this file small; module-specific helpers live in their tests).
+
+The tests mirror the package in sub-folders (``tests/nn/`` ...) and are imported with
+``--import-mode=importlib`` (pyproject's addopts), so two test files of one name in different
+folders cannot clash; that mode puts no folder on ``sys.path``, so this file puts ``tests/``
+there for the shared helpers (``_folders``, ``golden``).
+"""
 
 from __future__ import annotations
+
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+
+if str(Path(__file__).parent) not in sys.path:
+    sys.path.insert(0, str(Path(__file__).parent))
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-_JIT = dict(parallel=True, fastmath=True, cache=True, nogil=True)
+from psmamba.nn._numba import JIT as _JIT
 
 def tile_width(c: int) -> int:
     """Elements per inner loop: a multiple of ``c`` of about 1024 (LLVM vectorises a long

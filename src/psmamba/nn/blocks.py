@@ -58,6 +58,11 @@ __all__ = [
 #: standard deviation of the N(0, 1e-5) initialisation of the projections and registration heads
 TINY_INIT_STD = 1e-5
 
+#: epsilon of every instance norm (``nn.InstanceNorm3d``'s default). The norms have no affine
+#: parameters and no running statistics, so they have no state: the blocks call
+#: :func:`~psmamba.nn.fast.instance_norm_act` with this epsilon instead of holding a module.
+INSTANCE_NORM_EPS = 1e-5
+
 
 def to_tokens(x: torch.Tensor) -> torch.Tensor:
     """``(B, C, D, H, W)`` -> ``(B, L, C)`` with ``L = D*H*W`` in C order (W fastest)."""
@@ -81,12 +86,11 @@ class ConvNormAct(nn.Module):
     def __init__(self, in_ch: int, out_ch: int, kernel_size: int = 3, act: nn.Module | None = None) -> None:
         super().__init__()
         self.conv = nn.Conv3d(in_ch, out_ch, kernel_size, padding=kernel_size // 2, bias=True)
-        self.norm = nn.InstanceNorm3d(out_ch, affine=False)
         self.act = act if act is not None else nn.LeakyReLU(0.1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = pointwise_conv(x, self.conv)  # a plain conv unless 1x1x1 on channels-last data
-        return instance_norm_act(y, self.act, eps=self.norm.eps, inplace=True)
+        return instance_norm_act(y, self.act, eps=INSTANCE_NORM_EPS, inplace=True)
 
 
 def ConvIN(in_ch: int, out_ch: int) -> ConvNormAct:  # noqa: N802  (named as in the spec)
@@ -172,8 +176,9 @@ class SFE(nn.Module):
 
     ``x1 = relu(IN(conv3(x)))``, ``x1 = relu(IN(conv3(x1)))``; split x1 into ``u, v`` (D/2 each);
     ``u = relu(IN(conv3(u)))``; ``g = u * v`` (a plain product, no sigmoid);
-    ``out = x + relu(IN(conv1x1(g)))``. All convolutions carry a bias. The last-but-one norm
-    is declared with D/2 channels (the reference declares D; without affine it is the same).
+    ``out = x + relu(IN(conv1x1(g)))``. All convolutions carry a bias. The norms have no
+    affine parameters, so their channel count is no parameter (the reference declares D
+    channels for the last-but-one, which normalises D/2; the same computation).
 
     Shapes: ``(B, D, d, h, w)`` -> same.
     """
@@ -198,8 +203,10 @@ class SFE(nn.Module):
 class MambaMixer(nn.Module):
     """Residual Mamba layer over the voxels as one sequence: ``x + Mamba(LayerNorm(tokens(x)))``.
 
-    The volume is flattened in C order (W fastest, :func:`to_tokens`) and scanned in one
-    direction only. ``dt_rank`` is ``ceil(dim / 16)`` (Mamba's "auto"); the selective-scan
+    The block owns its norm and residual (as mamba.py's ``ResidualBlock``); without autograd it
+    runs all three piece by piece through :meth:`psmamba.nn.mamba.Mamba.forward_chunk`. The
+    volume is flattened in C order (W fastest, :func:`to_tokens`) and scanned in one direction
+    only. ``dt_rank`` is ``ceil(dim / 16)`` (Mamba's "auto"); the selective-scan
     implementation is picked by ``backend`` (see :mod:`psmamba.nn.scan`).
 
     Shapes: ``(B, dim, D, H, W)`` -> same.
@@ -214,8 +221,22 @@ class MambaMixer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         t = to_tokens(x)  # (B, L, dim)
-        t = self.mamba(t, pre=self.norm, residual=True)  # t + Mamba(LayerNorm(t)), chunk by chunk
-        return from_tokens(t, x.shape[2:])
+        if torch.is_grad_enabled() and (t.requires_grad or any(p.requires_grad for p in self.parameters())):
+            return from_tokens(t + self.mamba(self.norm(t)), x.shape[2:])  # the layer checkpoints its pieces
+        # Inference: norm, Mamba and residual piece by piece, so neither the normalised
+        # sequence nor the layer's output is ever held whole besides the result.
+        length = t.shape[1]
+        chunk = self.mamba.chunk_length(t, training=False)
+        if chunk >= length:
+            out = self.mamba.forward_chunk(self.norm(t))[0].add_(t)  # a new tensor of the layer
+            return from_tokens(out, x.shape[2:])
+        out = t.new_empty(t.shape)
+        state = None
+        for start in range(0, length, chunk):
+            piece = t[:, start : start + chunk]
+            y, state = self.mamba.forward_chunk(self.norm(piece), state)
+            out[:, start : start + chunk] = y.add_(piece)
+        return from_tokens(out, x.shape[2:])
 
 
 class AttentionMixer(nn.Module):
@@ -275,12 +296,11 @@ class SMB(nn.Module):
             self.mixer = AttentionMixer(dim, heads=heads)
         else:
             raise ValueError(f"mixer must be 'mamba' or 'attention', got {mixer!r}")
-        self.norm = nn.InstanceNorm3d(dim, affine=False)
         self.mlp = nn.Sequential(nn.Conv3d(dim, 2 * dim, 1), nn.GELU(), nn.Conv3d(2 * dim, dim, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.mixer(self.sfe(x))
-        x = instance_norm_act(x, None, eps=self.norm.eps)
+        x = instance_norm_act(x, None, eps=INSTANCE_NORM_EPS)
         conv1, act, conv2 = self.mlp
         return pointwise_mlp(x, conv1, act, conv2)
 

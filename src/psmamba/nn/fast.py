@@ -8,23 +8,24 @@ during inference on the CPU.
 
 Each function here returns the same numbers as its plain PyTorch statement (to float
 rounding) and falls back to that statement whenever the fast path does not apply: autograd
-on, a CUDA tensor, a dtype other than float32/float64, channels-first data, or
-``PSMAMBA_FAST_CPU=0`` in the environment (used by the tests to compare both paths).
+on, a CUDA tensor, a dtype other than float32/float64, channels-first data, or the runtime
+setting ``fast_cpu`` off (``psmamba.runtime.use(fast_cpu=False)``, or ``PSMAMBA_FAST_CPU=0`` in
+the environment; the tests compare both paths this way).
 """
 
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from psmamba import runtime
+
 __all__ = [
     "CHANNELS_LAST",
     "avg_pool2",
-    "fast_cpu_enabled",
     "instance_norm_act",
     "level_projection",
     "pointwise_conv",
@@ -35,13 +36,8 @@ __all__ = [
 CHANNELS_LAST = torch.channels_last_3d
 
 
-def fast_cpu_enabled() -> bool:
-    """Whether the numba kernels may be used (``PSMAMBA_FAST_CPU=0`` turns them off)."""
-    return os.environ.get("PSMAMBA_FAST_CPU", "1") != "0"
-
-
 def _kernel_ok(*tensors: torch.Tensor) -> bool:
-    if not fast_cpu_enabled():
+    if not runtime.current().fast_cpu:
         return False
     grad = torch.is_grad_enabled()
     for t in tensors:
@@ -58,15 +54,17 @@ def _is_cl(x: torch.Tensor) -> bool:
 
 def _numba_threads():
     """Context that runs the numba kernels on as many threads as torch may use."""
-    from psmamba.nn._scan_cpu import _NumbaThreads, _threads
+    from psmamba.nn._numba import NumbaThreads, threads
 
-    return _NumbaThreads(_threads())
+    return NumbaThreads(threads())
 
 
 def _chunks(length: int) -> int:
-    from psmamba.nn._scan_cpu import _threads
+    """Slabs of voxels per batch item for the norm kernels: a few per thread, at least 4096
+    voxels each (parallel work granularity; the float64 sums make any split equally exact)."""
+    from psmamba.nn._numba import threads
 
-    return max(1, min(8 * _threads(), length // 4096))
+    return max(1, min(8 * threads(), length // 4096))
 
 
 def instance_norm_act(
@@ -109,7 +107,7 @@ def instance_norm_act(
 
 def pointwise_conv(x: torch.Tensor, conv: nn.Conv3d) -> torch.Tensor:
     """``conv(x)`` for a 1x1x1 ``conv``; on channels-last ``x`` one GEMM over the voxels
-    (oneDNN's 1x1x1 path was 3-4x slower at 5 M voxels). Works with autograd."""
+    (oneDNN's 1x1x1 path was several times slower on millions of voxels). Works with autograd."""
     if conv.kernel_size != (1, 1, 1) or conv.groups != 1 or not _is_cl(x):
         return conv(x)
     w = conv.weight.reshape(conv.out_channels, conv.in_channels)
@@ -121,7 +119,7 @@ def pointwise_mlp(x: torch.Tensor, conv1: nn.Conv3d, act: nn.Module, conv2: nn.C
 
     In inference on channels-last CPU data the voxels go through in chunks of ``chunk``, so
     the 2x wider hidden activations stay in cache instead of making a round trip through
-    memory (0.84 -> 0.47 s at 160x192x160, 16 -> 32 -> 16 channels, measured).
+    memory (benchmarks/README.md has the figure).
     """
     if not (_is_cl(x) and _kernel_ok(x, conv1.weight, conv2.weight)) or x.dtype != conv1.weight.dtype:
         return pointwise_conv(act(pointwise_conv(x, conv1)), conv2)
@@ -166,7 +164,7 @@ def level_projection(x: torch.Tensor, linear: nn.Linear, norm: nn.Module) -> tor
 
 def avg_pool2(x: torch.Tensor) -> torch.Tensor:
     """``F.avg_pool3d(x, 2)``; on channels-last CPU data in inference by a numba kernel
-    (PyTorch's channels-last pooling was 3x slower than its channels-first one)."""
+    (PyTorch's channels-last pooling was several times slower than its channels-first one)."""
     if not _is_cl(x) or not _kernel_ok(x) or min(x.shape[2:]) < 2:
         return F.avg_pool3d(x, 2)
     from psmamba.nn._fast_cpu import avg_pool2_kernel

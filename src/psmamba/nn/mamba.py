@@ -20,13 +20,19 @@ out_proj.weight (D, E)                                 nn.Linear default (no bia
 with ``E = expand * d_model`` and ``dt_rank = ceil(d_model / 16)`` when ``"auto"``. ``A_log``
 and ``D`` carry ``_no_weight_decay = True`` as in ``mamba_ssm``.
 
-Long sequences: without autograd (``torch.no_grad()`` or no parameter needing a gradient) the
-layer runs in chunks of :attr:`Mamba.inference_chunk` tokens, carrying the scan state and the
-last ``d_conv - 1`` convolution inputs from one chunk to the next, so a 4.9 M-token level never
-holds several ``(B, L, 2E)`` tensors at once. In training, chunks of :attr:`Mamba.train_chunk`
-tokens are checkpointed (``torch.utils.checkpoint``): only each chunk's input and carried state
-are kept for the backward pass, which recomputes the chunk. Both equal the one-piece
-computation (to rounding).
+The layer is only the token mixer: a block puts its own norm and residual around it (as
+:class:`psmamba.nn.blocks.MambaMixer` does).
+
+Long sequences: a sequence can run in pieces through :meth:`Mamba.forward_chunk`, each piece
+continuing from the :class:`MambaState` the previous one returned (the scan state and the last
+``d_conv - 1`` convolution inputs); :meth:`Mamba.forward` does so itself. Without autograd
+(``torch.no_grad()`` or no parameter needing a gradient) the pieces have
+``runtime.current().mamba_inference_chunk`` tokens, so a 4.9 M-token level never holds several
+``(B, L, 2E)`` tensors at once; a block can drive the pieces itself to apply its per-token steps
+piece by piece too. In training, pieces of ``mamba_train_chunk`` tokens are checkpointed
+(``torch.utils.checkpoint``): only each piece's input and carried state are kept for the
+backward pass, which recomputes the piece. Both equal the one-piece computation (to rounding);
+the sizes are settings of :mod:`psmamba.runtime`.
 
 Inference with the ``"cpu"`` backend runs fused numba kernels. Where the inner channels fill
 whole 16-channel vectors for every thread (every level of the paper model on a few cores) they
@@ -37,18 +43,31 @@ vectors over the states (:meth:`Mamba._forward_piece_fused_cf`).
 
 from __future__ import annotations
 
-from collections.abc import Callable
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from psmamba import runtime
 from psmamba.errors import PsmambaError
 from psmamba.nn.scan import resolve_backend, selective_scan
 
-__all__ = ["Mamba"]
+__all__ = ["Mamba", "MambaState"]
 
+
+class MambaState(NamedTuple):
+    """What a Mamba layer carries from one piece of a sequence to the next (one layout for
+    every backend and inference path).
+
+    * ``conv``: the last ``d_conv - 1`` inputs of the causal convolution, ``(B, E, d_conv - 1)``;
+    * ``ssm``: the scan state after the last token, ``(B, E, N)``, in the compute dtype
+      (float32, or float64 for a float64 model).
+    """
+
+    conv: torch.Tensor
+    ssm: torch.Tensor
 
 
 def _linear_channels_first(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -61,6 +80,7 @@ def _linear_channels_first(x: torch.Tensor, weight: torch.Tensor) -> torch.Tenso
     if x.shape[0] == 1:
         return torch.mm(weight, x[0].t()).unsqueeze(0)
     return torch.stack([torch.mm(weight, x[b].t()) for b in range(x.shape[0])])
+
 
 class Mamba(nn.Module):
     """Mamba v1 token mixer: ``(B, L, d_model) -> (B, L, d_model)``.
@@ -82,12 +102,6 @@ class Mamba(nn.Module):
         backend: scan backend (see :mod:`psmamba.nn.scan`); may be changed later through the
             ``backend`` attribute.
     """
-
-    #: tokens per piece when running without autograd (see the module docstring); 0 = one piece
-    inference_chunk: int = 2**16
-    #: tokens per checkpointed piece when training (recomputed in the backward pass); 0 = one
-    #: piece, nothing recomputed
-    train_chunk: int = 2**18
 
     def __init__(
         self,
@@ -159,90 +173,110 @@ class Mamba(nn.Module):
             f"expand={self.expand}, dt_rank={self.dt_rank}, backend={self.backend!r}"
         )
 
-    def forward(
-        self, x: torch.Tensor, pre: Callable[[torch.Tensor], torch.Tensor] | None = None, residual: bool = False
-    ) -> torch.Tensor:
-        """Mix tokens along the sequence: ``mamba(pre(x)) (+ x if residual)``.
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Mix tokens along the sequence.
+
+        Long sequences run in pieces (see the module docstring): without autograd of
+        ``runtime.current().mamba_inference_chunk`` tokens through :meth:`forward_chunk`, in
+        training of ``mamba_train_chunk`` tokens, each checkpointed.
 
         Args:
             x: ``(B, L, d_model)``.
-            pre: a per-token function applied to the input first (the block's LayerNorm);
-                in chunked inference it runs chunk by chunk, so its output for the whole
-                sequence is never held at once.
-            residual: add ``x`` to the output (again chunk by chunk in inference).
 
         Returns:
             ``(B, L, d_model)``.
         """
-        if x.ndim != 3 or x.shape[-1] != self.d_model:
-            raise PsmambaError(f"Mamba: input must be (B, L, {self.d_model}), got {tuple(x.shape)}")
-        batch, length, _ = x.shape
-        needs_grad = torch.is_grad_enabled() and (
-            x.requires_grad or any(p.requires_grad for p in self.parameters())
-        )
-        chunk = self.train_chunk if needs_grad else self.inference_chunk
-        resolved = resolve_backend(self.backend, x)
-        can_carry = resolved != "cuda"  # mamba_ssm takes no initial state
-        # Inference with the numba backend: conv + SiLU, and dt_proj + softplus + the scan +
-        # the SiLU(z) gate, run as two fused kernels (no intermediate (B, E, l) tensors).
-        piece_fn = self._forward_piece
-        if resolved == "cpu" and not needs_grad:
-            from psmamba.nn import _scan_cpu
-
-            time_major = _scan_cpu.use_time_major(self.d_inner, batch, _scan_cpu._threads())
-            piece_fn = self._forward_piece_fused_tm if time_major else self._forward_piece_fused_cf
-        if not chunk or length <= chunk or not can_carry:
-            out, _, _ = piece_fn(x if pre is None else pre(x), None, None)
-            return out + x if residual else out
-
-        conv_hist, h = None, None
-        if needs_grad:
-            # Training on a long sequence: each piece is checkpointed (only its input, the
-            # conv history and the scan state are kept; its intermediates are recomputed in
-            # the backward pass), so the layer's saved memory does not grow with L * E.
+        self._check_input(x)
+        length = x.shape[1]
+        training = self.needs_grad(x)
+        chunk = self.chunk_length(x, training)
+        if chunk >= length:
+            return self.forward_chunk(x)[0]
+        state = None
+        if training:
+            # Each piece is checkpointed (only its input and the carried state are kept; its
+            # intermediates are recomputed in the backward pass), so the layer's saved memory
+            # does not grow with L * E.
             from torch.utils.checkpoint import checkpoint
 
-            xin = x if pre is None else pre(x)
             outs = []
             for start in range(0, length, chunk):
-                piece = xin[:, start : start + chunk]
-                o, conv_hist, h = checkpoint(self._forward_piece, piece, conv_hist, h, use_reentrant=False)
+                o, state = checkpoint(self.forward_chunk, x[:, start : start + chunk], state, use_reentrant=False)
                 outs.append(o)
-            out = torch.cat(outs, dim=1)
-            return out + x if residual else out
-
-        # Inference on a long sequence: pieces of `chunk` tokens, carrying the causal-conv
-        # history and the scan state, so only one piece's intermediates live at a time.
-        out = x.new_empty(batch, length, self.d_model)
+            return torch.cat(outs, dim=1)
+        # Inference: only one piece's intermediates live at a time.
+        out = x.new_empty(x.shape)
         for start in range(0, length, chunk):
-            piece = x[:, start : start + chunk]
-            o, conv_hist, h = piece_fn(piece if pre is None else pre(piece), conv_hist, h)
-            if residual:
-                o = o.add_(piece)  # o is this piece's own new tensor
-            out[:, start : start + chunk] = o
+            out[:, start : start + chunk], state = self.forward_chunk(x[:, start : start + chunk], state)
         return out
 
+    def forward_chunk(
+        self, x: torch.Tensor, state: MambaState | None = None
+    ) -> tuple[torch.Tensor, MambaState]:
+        """One piece of a longer sequence, continuing from ``state``.
+
+        Running a sequence piece by piece, each call getting the state the previous one
+        returned, gives the one-piece output (to rounding); a caller may apply per-token steps
+        (a norm, a residual) to each piece around it. Without autograd on the ``"cpu"``
+        backend this runs the fused inference kernels.
+
+        Args:
+            x: ``(B, l, d_model)``, the next ``l`` tokens.
+            state: what the previous piece returned, or ``None`` at the start of the sequence
+                (the ``"cuda"`` backend takes only ``None``: mamba_ssm carries no state in).
+
+        Returns:
+            ``(out (B, l, d_model), state)`` with the state after the last token.
+        """
+        self._check_input(x)
+        if not self.needs_grad(x) and resolve_backend(self.backend, x) == "cpu":
+            from psmamba.nn import _scan_cpu
+
+            if _scan_cpu.use_time_major(self.d_inner, x.shape[0], _scan_cpu.threads()):
+                return self._forward_piece_fused_tm(x, state)
+            return self._forward_piece_fused_cf(x, state)
+        return self._forward_piece(x, state)
+
+    def needs_grad(self, x: torch.Tensor) -> bool:
+        """Whether a call on ``x`` records autograd (grad mode on and ``x`` or a parameter
+        requiring a gradient): decides between training and inference pieces."""
+        return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
+
+    def chunk_length(self, x: torch.Tensor, training: bool) -> int:
+        """Tokens per piece for the sequence ``x`` ``(B, L, d_model)``: the runtime's
+        ``mamba_train_chunk`` or ``mamba_inference_chunk``, or ``L`` (one piece) where that is
+        0 or the backend cannot carry a state between pieces (``"cuda"``)."""
+        settings = runtime.current()
+        chunk = settings.mamba_train_chunk if training else settings.mamba_inference_chunk
+        length = x.shape[1]
+        if not chunk or resolve_backend(self.backend, x) == "cuda":  # mamba_ssm takes no initial state
+            return length
+        return min(chunk, length)
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if x.ndim != 3 or x.shape[-1] != self.d_model:
+            raise PsmambaError(f"Mamba: input must be (B, L, {self.d_model}), got {tuple(x.shape)}")
+
     def _forward_piece_fused_tm(
-        self,
-        x: torch.Tensor,
-        conv_hist: torch.Tensor | None,
-        h0: torch.Tensor | None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        self, x: torch.Tensor, state: MambaState | None
+    ) -> tuple[torch.Tensor, MambaState]:
         """:meth:`_forward_piece` for inference on the CPU with the time-major fused numba kernels.
 
         Same numbers (to float rounding), no autograd, but everything time-major, as the
-        tokens arrive: ``conv_hist`` is ``(B, d_conv - 1, E)`` and the scan state ``(B, N, E)``
-        (the carried values of :meth:`_forward_piece`, transposed). Every matmul is a plain
-        ``(l, in) @ W^T`` and the scan's vectors run over channels (see
-        :func:`psmamba.nn._scan_cpu._fused_scan_tm_kernel`).
+        tokens arrive: the kernels take the conv history ``(B, d_conv - 1, E)`` and the scan
+        state ``(B, N, E)``, transposed views of the carried :class:`MambaState`. Every matmul
+        is a plain ``(l, in) @ W^T`` and the scan's vectors run over channels (see
+        :mod:`psmamba.nn._scan_cpu.inference`).
         """
         from psmamba.nn._scan_cpu import conv_silu_tm_cpu, fused_scan_tm_cpu
 
         batch, length, _ = x.shape
         e, k = self.d_inner, self.d_conv
         xz = F.linear(x, self.in_proj.weight, self.in_proj.bias)  # (B, l, 2E)
-        if conv_hist is None:
-            conv_hist = xz.new_zeros(batch, k - 1, e)
+        if state is None:
+            conv_hist, h0 = xz.new_zeros(batch, k - 1, e), None
+        else:
+            conv_hist, h0 = state.conv.transpose(1, 2), state.ssm.transpose(1, 2)  # time-major views
         new_hist = torch.cat([conv_hist, xz[:, max(0, length - (k - 1)) :, :e]], dim=1)[:, -(k - 1) :]
         xc = conv_silu_tm_cpu(xz, conv_hist, self.conv1d.weight, self.conv1d.bias)  # (B, l, E)
         xdbl = F.linear(xc, self.x_proj.weight)  # (B, l, dt_rank + 2N): dt_low, B_t, C_t
@@ -252,14 +286,12 @@ class Mamba(nn.Module):
             xc, xdbl, self.dt_proj.weight, self.dt_proj.bias, A, self.D.to(hi), xz, h0
         )
         out = F.linear(y, self.out_proj.weight, self.out_proj.bias)  # (B, l, d_model)
-        return out, new_hist.contiguous(), h_last
+        # back to the one state layout: (B, E, d_conv - 1) and (B, E, N) views
+        return out, MambaState(new_hist.contiguous().transpose(1, 2), h_last.transpose(1, 2))
 
     def _forward_piece_fused_cf(
-        self,
-        x: torch.Tensor,
-        conv_hist: torch.Tensor | None,
-        h0: torch.Tensor | None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        self, x: torch.Tensor, state: MambaState | None
+    ) -> tuple[torch.Tensor, MambaState]:
         """:meth:`_forward_piece` for inference on the CPU with the channels-first fused numba
         kernels (vectors over the N states): used where the time-major kernels of
         :meth:`_forward_piece_fused_tm` would not fill a vector per thread.
@@ -274,8 +306,7 @@ class Mamba(nn.Module):
         if self.in_proj.bias is not None:
             xz = xz + self.in_proj.bias[:, None]
         xs = xz[:, :e]  # (B, E, l) view; z is the second half, read by the kernel
-        if conv_hist is None:
-            conv_hist = xs.new_zeros(batch, e, k - 1)
+        conv_hist, h0 = (xs.new_zeros(batch, e, k - 1), None) if state is None else state
         new_hist = torch.cat([conv_hist, xs[..., max(0, length - (k - 1)) :]], dim=-1)[..., -(k - 1) :]
         xc = conv_silu_cpu(xz, conv_hist, self.conv1d.weight, self.conv1d.bias)  # (B, E, l)
         w_dt, w_b, w_c = self.x_proj.weight.split([r, n, n], dim=0)
@@ -291,24 +322,20 @@ class Mamba(nn.Module):
         out = torch.matmul(y.transpose(1, 2), self.out_proj.weight.t())  # (B, l, d_model)
         if self.out_proj.bias is not None:
             out = out + self.out_proj.bias
-        return out, new_hist.contiguous(), h_last
+        return out, MambaState(new_hist.contiguous(), h_last)
 
     def _forward_piece(
-        self,
-        x: torch.Tensor,
-        conv_hist: torch.Tensor | None,
-        h0: torch.Tensor | None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One piece of the sequence.
+        self, x: torch.Tensor, state: MambaState | None
+    ) -> tuple[torch.Tensor, MambaState]:
+        """One piece of the sequence with any scan backend, differentiable.
 
         Args:
             x: ``(B, l, d_model)``.
-            conv_hist: the previous ``d_conv - 1`` inputs of the convolution ``(B, E, d_conv - 1)``
-                or ``None`` (start of the sequence: zeros, as the causal padding).
-            h0: scan state ``(B, E, N)`` or ``None``.
+            state: the carried :class:`MambaState`, or ``None`` at the start of the sequence
+                (a zero conv history, as the causal padding, and no initial scan state).
 
         Returns:
-            ``(out (B, l, d_model), conv_hist (B, E, d_conv - 1), h_last (B, E, N))``.
+            ``(out (B, l, d_model), state after the piece)``.
         """
         batch, length, _ = x.shape
         e, n, k, r = self.d_inner, self.d_state, self.d_conv, self.dt_rank
@@ -319,8 +346,7 @@ class Mamba(nn.Module):
         if self.in_proj.bias is not None:
             xz = xz + self.in_proj.bias[:, None]
         xs, z = xz[:, :e], xz[:, e:]  # (B, E, l) each, rows contiguous
-        if conv_hist is None:
-            conv_hist = xs.new_zeros(batch, e, k - 1)
+        conv_hist, h0 = (xs.new_zeros(batch, e, k - 1), None) if state is None else state
         # Causal depthwise convolution: prepend the history instead of padding on both sides
         # and cropping (same numbers as conv1d(x)[..., :l], and it carries across pieces).
         xpad = torch.cat([conv_hist, xs], dim=-1)  # (B, E, k - 1 + l)
@@ -347,4 +373,4 @@ class Mamba(nn.Module):
         out = torch.matmul(y.transpose(1, 2), self.out_proj.weight.t())  # (B, l, d_model)
         if self.out_proj.bias is not None:
             out = out + self.out_proj.bias
-        return out, new_hist, h_last
+        return out, MambaState(new_hist, h_last)

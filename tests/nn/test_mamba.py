@@ -7,8 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from psmamba import runtime
 from psmamba.errors import PsmambaError
-from psmamba.nn.mamba import Mamba
+from psmamba.nn.mamba import Mamba, MambaState
 from psmamba.nn.scan import selective_scan
 
 # mamba_ssm.Mamba(d_model=16) state dict (d_state=16, d_conv=4, expand=2, dt_rank=ceil(16/16)=1),
@@ -103,39 +104,38 @@ def test_chunked_inference_equals_one_piece():
     x = torch.randn(2, 50, 8, dtype=torch.float64)
     with torch.no_grad():
         whole = m(x)
-        m.inference_chunk = 7  # 50 = 7 * 7 + 1: the last piece is shorter than d_conv
-        pieces = m(x)
+        with runtime.use(mamba_inference_chunk=7):  # 50 = 7 * 7 + 1: the last piece is shorter than d_conv
+            pieces = m(x)
     torch.testing.assert_close(pieces, whole, rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
-def test_pre_and_residual_run_piece_by_piece_like_the_whole(backend):
-    """``mamba(x, pre=norm, residual=True)`` = ``x + mamba(norm(x))`` in one piece, in chunks and with autograd."""
+def test_forward_chunk_carries_one_state_layout(backend):
+    """Pieces driven by hand through ``forward_chunk`` give the whole sequence's output, and the
+    state has the one documented layout whichever path produced it."""
+    if backend == "cpu":
+        pytest.importorskip("numba")
     torch.manual_seed(5)
     m = Mamba(8, backend=backend)
-    norm = torch.nn.LayerNorm(8)
+    x = torch.randn(2, 50, 8)
     with torch.no_grad():
-        norm.weight.uniform_(0.5, 1.5)
-    x = torch.randn(2, 50, 8) * 3 + 1
-    with torch.no_grad():
-        want = x + m(norm(x))
-        m.inference_chunk = 7
-        got = m(x, pre=norm, residual=True)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    m.train_chunk = 7
-    xg = x.clone().requires_grad_(True)
-    got_grad = m(xg, pre=norm, residual=True)
-    torch.testing.assert_close(got_grad.detach(), want, rtol=1e-5, atol=1e-5)
-    got_grad.sum().backward()
-    assert xg.grad is not None and torch.isfinite(xg.grad).all()
+        whole = m(x)
+        state, outs = None, []
+        for start in range(0, 50, 7):
+            y, state = m.forward_chunk(x[:, start : start + 7], state)
+            assert isinstance(state, MambaState)
+            assert state.conv.shape == (2, 16, 3) and state.ssm.shape == (2, 16, 16)
+            outs.append(y)
+    torch.testing.assert_close(torch.cat(outs, dim=1), whole, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(state.ssm, m._forward_piece(x, None)[1].ssm.detach(), rtol=1e-4, atol=1e-5)
 
 
 def test_training_uses_one_piece_and_gets_gradients():
     torch.manual_seed(4)
     m = Mamba(8, backend="reference")
-    m.inference_chunk = 5
     x = torch.randn(2, 23, 8)
-    m(x).square().mean().backward()
+    with runtime.use(mamba_inference_chunk=5):  # an inference setting: training ignores it
+        m(x).square().mean().backward()
     for name, p in m.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
         assert p.grad.abs().sum() > 0, name
@@ -159,10 +159,9 @@ def test_cpu_backend_layer_matches_reference_and_chunks():
     with torch.no_grad():
         a = m(x)
         torch.testing.assert_close(a, ref(x), rtol=1e-5, atol=1e-5)
-        m.inference_chunk = 64
-        torch.testing.assert_close(m(x), a, rtol=1e-5, atol=1e-5)
+        with runtime.use(mamba_inference_chunk=64):
+            torch.testing.assert_close(m(x), a, rtol=1e-5, atol=1e-5)
     # training (one piece, autograd through the numba backward) gives the reference's gradients
-    m.inference_chunk = 2**18
     m(x).square().mean().backward()
     ref(x).square().mean().backward()
     for (name, p), q in zip(m.named_parameters(), ref.parameters()):
@@ -178,10 +177,10 @@ def test_checkpointed_training_pieces_equal_one_piece(backend):
     x = torch.randn(2, 50, 8, dtype=torch.float64, requires_grad=True)
     grads = []
     for train_chunk in (0, 7):  # one piece; pieces of 7 (the last one shorter than d_conv)
-        m.train_chunk = train_chunk
         m.zero_grad()
         x.grad = None
-        out = m(x)
+        with runtime.use(mamba_train_chunk=train_chunk):
+            out = m(x)
         (out * torch.linspace(-1, 1, out.numel(), dtype=torch.float64).view_as(out)).sum().backward()
         grads.append([out.detach(), x.grad.clone()] + [p.grad.clone() for p in m.parameters()])
     for a, b in zip(*grads):
@@ -200,10 +199,10 @@ def test_fused_cpu_inference_equals_unfused(dtype, tol, time_major, monkeypatch)
     m = Mamba(20, dt_rank=3, backend="cpu").to(dtype)  # E = 40, no multiple of the blocks
     x = torch.randn(2, 90, 20, dtype=dtype)
     with torch.no_grad():
-        m.inference_chunk = 0
-        fused = m(x)
-        m.inference_chunk = 2  # pieces shorter than the conv history
-        fused_pieces = m(x)
+        with runtime.use(mamba_inference_chunk=0):
+            fused = m(x)
+        with runtime.use(mamba_inference_chunk=2):  # pieces shorter than the conv history
+            fused_pieces = m(x)
         m.backend = "reference"
         plain = m(x)
     scale = plain.abs().max()
@@ -213,7 +212,7 @@ def test_fused_cpu_inference_equals_unfused(dtype, tol, time_major, monkeypatch)
 
 def test_time_major_only_where_every_thread_gets_a_whole_vector():
     pytest.importorskip("numba")
-    from psmamba.nn._scan_cpu import use_time_major
+    from psmamba.nn._scan_cpu.chunks import use_time_major
 
     assert use_time_major(32, 1, 2)  # level 1 of the paper model on 2 cores: 2 units of 16
     assert use_time_major(512, 1, 2)
@@ -227,9 +226,9 @@ def test_wide_kernel_flags_drop_only_vectoriser_remarks(capfd):
     import os
 
     pytest.importorskip("numba")
-    from psmamba.nn._scan_cpu import _KernelFlags
+    from psmamba.nn._numba import KernelFlags
 
-    flags = _KernelFlags(("test-remarks",), wide=True)
+    flags = KernelFlags(("test-remarks",), wide=True)
     flags._quiet_start()
     os.write(2, b"remark: <unknown>:0:0: loop not vectorized: call instruction cannot be vectorized\n")
     os.write(2, b"a real warning\n")

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from psmamba import spatial
+from psmamba import runtime, spatial
 from psmamba.nn import fast
 from psmamba.nn.blocks import LevelProjection
 
@@ -55,7 +55,7 @@ def test_pointwise_conv_is_the_conv():
     assert fast.pointwise_conv(x, conv).is_contiguous(memory_format=CL)
 
 
-def test_level_projection_fused_matches_torch(monkeypatch):
+def test_level_projection_fused_matches_torch():
     torch.manual_seed(3)
     proj = LevelProjection(8)
     with torch.no_grad():
@@ -65,8 +65,8 @@ def test_level_projection_fused_matches_torch(monkeypatch):
     x = _cl(torch.randn(2, 8, 5, 6, 7))
     with torch.no_grad():
         got = proj(x)
-        monkeypatch.setenv("PSMAMBA_FAST_CPU", "0")
-        want = proj(x)
+        with runtime.use(fast_cpu=False):
+            want = proj(x)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
@@ -79,7 +79,7 @@ def test_avg_pool2_matches_torch():
 
 
 @pytest.mark.parametrize("channels_last", [True, False])
-def test_warp_kernel_matches_grid_sample(monkeypatch, channels_last):
+def test_warp_kernel_matches_grid_sample(channels_last):
     torch.manual_seed(5)
     img = torch.randn(2, 5, 7, 8, 9, dtype=torch.float64)
     if channels_last:
@@ -90,8 +90,8 @@ def test_warp_kernel_matches_grid_sample(monkeypatch, channels_last):
     with torch.no_grad():
         got = spatial.warp(img, ddf)
         kernel = fast.warp_trilinear_cpu(img, ddf)
-        monkeypatch.setenv("PSMAMBA_FAST_CPU", "0")
-        want = spatial.warp(img, ddf)
+        with runtime.use(fast_cpu=False):
+            want = spatial.warp(img, ddf)
     assert kernel is not None and torch.equal(kernel, got)  # spatial.warp took the kernel
     assert got.is_contiguous(memory_format=CL) == channels_last
     keep = torch.isfinite(want)
@@ -99,7 +99,7 @@ def test_warp_kernel_matches_grid_sample(monkeypatch, channels_last):
     assert got[:, :, 1, 1, 1].abs().max() == 0  # far outside: zeros
 
 
-def test_model_forward_same_with_and_without_fast_paths(monkeypatch):
+def test_model_forward_same_with_and_without_fast_paths():
     from psmamba.models import build_model
 
     torch.manual_seed(6)
@@ -110,8 +110,8 @@ def test_model_forward_same_with_and_without_fast_paths(monkeypatch):
     a, b = torch.rand(1, 1, 20, 24, 18), torch.rand(1, 1, 20, 24, 18)
     with torch.no_grad():
         fast_out = model(a, b)
-        monkeypatch.setenv("PSMAMBA_FAST_CPU", "0")
-        plain_out = model(a, b)
+        with runtime.use(fast_cpu=False):
+            plain_out = model(a, b)
     assert fast_out.ddf.is_contiguous()
     assert plain_out.ddf.abs().max() > 1e-3
     torch.testing.assert_close(fast_out.ddf, plain_out.ddf, rtol=1e-3, atol=1e-4)

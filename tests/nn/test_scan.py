@@ -176,9 +176,9 @@ def rel_err(a, b):
 @pytest.fixture(scope="module")
 def cpu_scan():
     pytest.importorskip("numba")
-    from psmamba.nn import _scan_cpu
+    from psmamba.nn._scan_cpu import chunks
 
-    return _scan_cpu
+    return chunks  # the kernels' sizes, read at call time
 
 
 def test_auto_picks_cpu_on_cpu(cpu_scan):
@@ -191,7 +191,7 @@ def test_cpu_forward_and_grads_match_reference_float32(cpu_scan, with_h0, sync_c
     # chunks of 64 steps: L = 203 is no multiple of it, and three chunk boundaries are crossed;
     # the backward meets every 1, 2 or 8 chunks (several sync blocks, a last partial one)
     monkeypatch.setattr(cpu_scan, "CHECKPOINT_EVERY", 64)
-    monkeypatch.setattr(cpu_scan, "_sync_steps", lambda every, units, n: sync_chunks * every)
+    monkeypatch.setattr(cpu_scan, "sync_steps", lambda every, units, n: sync_chunks * every)
     args_c = make_inputs(batch=3, e=6, n=16, length=203, dtype=torch.float32, grad=True, h0=with_h0, seed=7)
     args_r = [None if t is None else t.detach().clone().requires_grad_(True) for t in args_c]
     g = torch.Generator().manual_seed(1)
@@ -213,7 +213,7 @@ def test_cpu_forward_and_grads_match_reference_float32(cpu_scan, with_h0, sync_c
 
 def test_cpu_matches_loop_float64_with_chunks(cpu_scan, monkeypatch):
     monkeypatch.setattr(cpu_scan, "CHECKPOINT_EVERY", 16)
-    monkeypatch.setattr(cpu_scan, "_sync_steps", lambda every, units, n: 2 * every)
+    monkeypatch.setattr(cpu_scan, "sync_steps", lambda every, units, n: 2 * every)
     args_c = make_inputs(batch=2, e=5, n=7, length=53, grad=True, seed=8)
     args_l = [t.detach().clone().requires_grad_(True) for t in args_c]
     g = torch.Generator().manual_seed(2)

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from psmamba import runtime
 from psmamba.nn import blocks
 from psmamba.nn.blocks import (
     SE,
@@ -42,7 +43,7 @@ def test_convin_shape_layers_and_inert_bias():
     y = block(x)
     assert y.shape == (2, 5, 6, 7, 8)
     assert block.conv.kernel_size == (3, 3, 3) and block.conv.padding == (1, 1, 1)
-    assert not block.norm.affine
+    assert not any(isinstance(m, torch.nn.modules.instancenorm._InstanceNorm) for m in block.modules())
     assert isinstance(block.act, torch.nn.LeakyReLU) and block.act.negative_slope == 0.1
     # instance norm removes the conv bias: changing it leaves the output unchanged
     with torch.no_grad():
@@ -136,6 +137,35 @@ def test_mamba_mixer_scans_one_direction_in_c_order():
     assert mixer.mamba.dt_rank == math.ceil(8 / 16)
 
 
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_mamba_mixer_norm_and_residual_piece_by_piece_like_the_whole(backend):
+    """``x + Mamba(LayerNorm(x))``: the block's own norm and residual, in one piece, in pieces
+    (inference drives the layer's chunks itself) and with autograd (checkpointed pieces)."""
+    if backend == "cpu":
+        pytest.importorskip("numba")
+    mixer = MambaMixer(8, backend=backend)
+    with torch.no_grad():
+        mixer.norm.weight.uniform_(0.5, 1.5)
+        mixer.norm.bias.uniform_(-0.5, 0.5)
+    x = torch.randn(2, 8, 3, 4, 5) * 3 + 1  # 60 tokens
+    t = to_tokens(x)
+    with torch.no_grad():
+        want = from_tokens(t + mixer.mamba(mixer.norm(t)), x.shape[2:])
+        with runtime.use(mamba_inference_chunk=0):
+            whole = mixer(x)
+        with runtime.use(mamba_inference_chunk=7):  # 60 = 8 * 7 + 4
+            pieces = mixer(x)
+    torch.testing.assert_close(whole, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(pieces, want, rtol=1e-5, atol=1e-5)
+    xg = x.clone().requires_grad_(True)
+    with runtime.use(mamba_train_chunk=7):
+        got = mixer(xg)
+    torch.testing.assert_close(got.detach(), want, rtol=1e-5, atol=1e-5)
+    got.square().sum().backward()
+    assert xg.grad is not None and torch.isfinite(xg.grad).all()
+    assert mixer.norm.weight.grad is not None and mixer.norm.weight.grad.abs().sum() > 0
+
+
 def test_attention_mixer_is_global_and_checks_heads():
     mixer = AttentionMixer(16, heads=8).eval()
     x = torch.randn(1, 16, 2, 3, 4)
@@ -182,3 +212,18 @@ def test_conv_block_is_two_convin():
     assert n_params(block) == 2 * (27 * 12 * 12 + 12)
     x = torch.randn(1, 12, 3, 4, 5)
     assert block(x).shape == x.shape
+
+
+def test_state_dict_keys_are_those_of_the_recorded_checkpoint():
+    """The blocks hold no state beyond the old code's: the checkpoint written before the
+    reshaping (tests/data/golden_v0_best.pt) has exactly the keys of a freshly built model, and
+    the full-size model keeps its parameter count."""
+    from pathlib import Path
+
+    from psmamba.models import build_model
+
+    ckpt = torch.load(Path(__file__).parents[1] / "data" / "golden_v0_best.pt", map_location="cpu", weights_only=True)
+    model = build_model("paper", channels=ckpt["config"]["channels"])
+    assert list(model.state_dict()) == list(ckpt["state_dict"])
+    model.load_state_dict(ckpt["state_dict"], strict=True)
+    assert n_params(build_model("paper")) == 8_408_063
