@@ -236,25 +236,31 @@ def test_mamba_layer_triton_carries_the_state_across_pieces():
     # the layer cuts long sequences into pieces and hands the scan state over as h0 (in
     # inference and in checkpointed training): with the triton backend this must give the
     # one-piece result, as with the others
+    from psmamba import runtime
     from psmamba.nn.mamba import Mamba
 
     torch.manual_seed(1)
     whole = Mamba(d_model=4, d_state=4, backend="triton")
     pieces = Mamba(d_model=4, d_state=4, backend="triton")
     pieces.load_state_dict(whole.state_dict())
-    if not (hasattr(pieces, "inference_chunk") and hasattr(pieces, "train_chunk")):
-        pytest.skip("the Mamba layer no longer has inference_chunk/train_chunk")
-    pieces.inference_chunk = pieces.train_chunk = 8
-    x = torch.randn(2, 19, 4)  # three pieces, the last one partial
-    with torch.no_grad():
-        assert rel_err(pieces(x), whole(x)) < 1e-5
+    x = torch.randn(2, 19, 4)  # three pieces of 8 tokens, the last one partial
+
+    def run(m, chunk: int, grad: bool):
+        with runtime.use(mamba_inference_chunk=chunk, mamba_train_chunk=chunk):
+            if not grad:
+                with torch.no_grad():
+                    return m(x)
+            xi = x.clone().requires_grad_(True)
+            out = m(xi)
+            out.square().sum().backward()
+            return out.detach(), [xi.grad] + [p.grad for p in m.parameters()]
+
+    assert rel_err(run(pieces, 8, False), run(whole, 0, False)) < 1e-5
     outs, grads = [], []
-    for m in (whole, pieces):
-        xi = x.clone().requires_grad_(True)
-        out = m(xi)
-        out.square().sum().backward()
-        outs.append(out.detach())
-        grads.append([xi.grad] + [p.grad for p in m.parameters()])
+    for m, chunk in ((whole, 0), (pieces, 8)):
+        out, g = run(m, chunk, True)
+        outs.append(out)
+        grads.append(g)
     assert rel_err(outs[1], outs[0]) < 1e-5
     for a, b in zip(grads[1], grads[0]):
         assert rel_err(a, b) < 1e-4
