@@ -7,6 +7,8 @@ interpolation of the fixed image -- and the recovered matrix can be compared wit
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 import torch
@@ -24,6 +26,8 @@ from psmamba.errors import PsmambaError
 from psmamba.losses import MutualInformation
 from psmamba.spatial import warp
 from psmamba.transforms import lps_to_ras, ras_to_lps, read_itk_affine, write_itk_affine
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # --------------------------------------------------------------------------- helpers
@@ -220,12 +224,23 @@ def test_affine_ddf_composes_exactly_with_a_later_field(torch_seed):
 
 
 # --------------------------------------------------------------------------- registration
-@pytest.mark.parametrize("true, similarity", [(RIGID, "lncc"), (AFFINE, "lncc"), (AFFINE, "mi")])
-def test_recovers_known_motion(true, similarity):
+MOTIONS = {"rigid": RIGID, "affine": AFFINE}
+
+
+@functools.lru_cache(maxsize=None)
+def registered(motion: str, similarity: str) -> AffineResult:
+    """One registration per (motion, similarity), shared by the tests that need it."""
+    fixed, moving = pair(MOTIONS[motion])
+    return affine_register((fixed, GRID), (moving, GRID), similarity=similarity)
+
+
+@pytest.mark.parametrize("motion, similarity", [("rigid", "lncc"), ("affine", "lncc"), ("affine", "mi")])
+def test_recovers_known_motion(motion, similarity):
+    true = MOTIONS[motion]
     fixed, moving = pair(true)
     before = point_error(np.eye(4), true, fixed)
     assert before.mean() > 5.0
-    res = affine_register((fixed, GRID), (moving, GRID), similarity=similarity)
+    res = registered(motion, similarity)
     assert isinstance(res, AffineResult)
     err = point_error(res.matrix, true, fixed)
     assert err.max() < MAX_ERR and err.mean() < MEAN_ERR, (err.mean(), err.max())
@@ -244,7 +259,7 @@ def test_mi_registers_across_a_contrast_inversion():
 
 def test_one_extreme_voxel_does_not_change_the_result():
     fixed, moving = pair(RIGID)
-    clean = affine_register((fixed, GRID), (moving, GRID))
+    clean = registered("rigid", "lncc")
     spiked = moving.copy()
     spiked[20, 9, 14] = 1e6
     res = affine_register((fixed, GRID), (spiked, GRID))
