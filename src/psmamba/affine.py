@@ -48,6 +48,7 @@ import torch
 import torch.nn.functional as F
 
 from psmamba.errors import PsmambaError
+from psmamba.losses import box_sum
 
 __all__ = [
     "AffineResult",
@@ -65,6 +66,10 @@ _INITS = ("com", "geometry", "none")
 _FINE_VOXELS = 200_000  # voxels of the finest automatic level
 _PATIENCE = 6  # iterations without a relative improvement of _TOL before the step halves
 _TOL = 3e-4
+# LNCC's eps (1e-5 in the losses) is large beside the variance products of a [0, 1] image's
+# weak-contrast windows there, and it biases an affine fit: the loss then rewards raising the
+# moving image's local variance (measured: an image registered to itself moved 0.3 voxel)
+_LNCC_EPS = 1e-9
 _MIN_SIZE = 8  # voxels a side of any pyramid level (LNCC windows, Gaussian supports)
 _MI_POINTS = 60_000  # MI is estimated on at most this many fixed voxels per level (a fixed random subset)
 
@@ -614,7 +619,7 @@ def affine_register(
     else:
         from psmamba.losses import LNCC
 
-        sim_lncc = LNCC(window=int(window))
+        sim_lncc = LNCC(window=int(window), eps=_LNCC_EPS)
 
     history: list[dict[str, Any]] = []
     lin0 = torch.eye(3, dtype=dtype, device=device)
@@ -712,6 +717,13 @@ def _level_loss(lev: _Level, similarity: str, sim, rng: torch.Generator, dtype):
     mmask = lev.moving_mask
     denom = float(np.prod(fshape)) if weight is None else float(weight.sum().clamp(min=1.0))
 
+    gate = None
+    if similarity == "lncc":
+        # windows where the fixed image is flat (std below 1e-3 of the [0, 1] range) carry no
+        # information; with LNCC's eps tiny, elsewhere cc is the plain squared correlation
+        s1 = box_sum(lev.fixed, sim.window)
+        var_f = box_sum(lev.fixed * lev.fixed, sim.window) - s1 * s1 / sim.window**3
+        gate = (var_f > 1e-6 * sim.window**3).to(dtype)
     if similarity == "mi":
         n = int(np.prod(fshape))
         cand = torch.arange(n) if weight is None else torch.nonzero(weight.reshape(-1).cpu() > 0)[:, 0]
@@ -728,9 +740,10 @@ def _level_loss(lev: _Level, similarity: str, sim, rng: torch.Generator, dtype):
             theta = (km @ t @ kf)[:3]
             g = (pts @ theta.T).view(1, -1, 1, 1, 3)
             mvals = F.grid_sample(lev.moving, g, mode="bilinear", padding_mode="zeros", align_corners=True)
-            w = (g.detach().abs() <= 1).all(-1).to(dtype).view(1, 1, -1, 1, 1)
-            if mmask is not None:
-                w = w * F.grid_sample(mmask, g.detach(), mode="nearest", align_corners=True)
+            # outside the moving image is background (0 after scaling), as for LNCC: weighting by
+            # the overlap instead would reward transforms that drop background samples (the
+            # entropy of the rest rises), which moves even an image registered to itself
+            w = None if mmask is None else F.grid_sample(mmask, g.detach(), mode="nearest", align_corners=True)
             return sim(mvals, fvals, weight=w)
 
         return loss
@@ -740,6 +753,8 @@ def _level_loss(lev: _Level, similarity: str, sim, rng: torch.Generator, dtype):
         g = F.affine_grid(theta, [1, 1, *fshape], align_corners=True)
         warped = F.grid_sample(lev.moving, g, mode="bilinear", padding_mode="zeros", align_corners=True)
         cc = sim.local_cc(warped, lev.fixed)
+        if gate is not None:
+            cc = cc * gate
         # voxels that map outside the moving image see zeros (cc = 0). The mean runs over ALL
         # fixed voxels (in the mask): a mean over the overlap only would reward transforms that
         # push poorly matching voxels out of the moving image.
