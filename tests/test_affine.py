@@ -297,8 +297,8 @@ def test_masks_and_image_object_inputs():
     fixed, moving = pair(RIGID)
     mask = fixed > 0
     img = Image(data=moving, affine=GRID, header=None, path=None)
-    res = affine_register(Image(data=fixed, affine=GRID, header=None, path=None), img, fixed_mask=mask,
-                          moving_mask=moving > 0)
+    res = affine_register((torch.from_numpy(fixed)[None, None], torch.from_numpy(GRID)), img,
+                          fixed_mask=mask, moving_mask=moving > 0)
     assert point_error(res.matrix, RIGID, fixed).max() < MAX_ERR
 
 

@@ -26,7 +26,22 @@ fixed grid, in fixed voxels, that :func:`psmamba.spatial.warp` applies to the mo
 a later deformable field ``u`` found on the affinely warped image, ``affine_ddf(T, A_f,
 shape, ddf=u)`` is the whole map ``p -> L(p + u(p)) - p`` (``L = inv(A_f) T A_f``), exact (no
 resampling of the affine part). Equivalently, the moving image with header ``inv(T) @ A_m``
-(:func:`moved_affine`) lies in register with the fixed image in world space.
+(:func:`moved_affine`) lies in register with the fixed image in world space: resampling it
+onto the fixed grid through that header is the affinely registered image in ONE
+interpolation, and keeps moving content that lies outside the fixed field of view before
+the affine (a moving image first resampled onto the fixed grid has lost it).
+
+Similarities (the loss is a mean over the fixed voxels of each pyramid level):
+
+* ``"lncc"``: squared local correlation in ``window^3`` boxes, with a tiny eps and only in
+  windows where the fixed image is not flat. Fixed voxels whose match falls outside the
+  moving image see zeros; the mean still runs over all fixed voxels, so moving part of the
+  fixed image out of view is never rewarded.
+* ``"mi"``: Mattes mutual information (:class:`psmamba.losses.MutualInformation`), on a fixed
+  random subset of at most 60k fixed voxels per level; outside the moving image is 0.
+
+Inputs are scaled by their 0.5 and 99.5 percentiles to [0, 1] (clipped) before anything
+else: one extreme voxel neither squashes the image nor moves the centre of mass.
 
 Initialisation: the translation that superposes the intensity centres of mass. Moments
 (principal axes) were not chosen: their axes have sign and order ambiguities (a brain's
