@@ -303,11 +303,16 @@ def test_masks_and_image_object_inputs():
 
 
 # --------------------------------------------------------------------------- ITK files
-sitk = pytest.importorskip("SimpleITK")
+@pytest.fixture
+def sitk():
+    """SimpleITK (the test extra), the independent reader of the written files."""
+    return pytest.importorskip("SimpleITK")
+
+
 FLIP = np.diag([-1.0, -1.0, 1.0, 1.0])  # RAS <-> LPS
 
 
-def to_sitk(data: np.ndarray, affine: np.ndarray):
+def to_sitk(sitk, data: np.ndarray, affine: np.ndarray):
     """A SimpleITK image of ``data`` (file voxel order) whose physical space is the RAS affine's, in LPS."""
     img = sitk.GetImageFromArray(np.ascontiguousarray(data.transpose(2, 1, 0)))  # sitk index (i, j, k)
     spacing = np.sqrt((affine[:3, :3] ** 2).sum(0))
@@ -319,7 +324,7 @@ def to_sitk(data: np.ndarray, affine: np.ndarray):
 
 
 @pytest.mark.parametrize("suffix", [".txt", ".tfm", ".mat"])
-def test_itk_file_applied_by_simpleitk_matches_psmamba_resampling(tmp_path, suffix):
+def test_itk_file_applied_by_simpleitk_matches_psmamba_resampling(tmp_path, suffix, sitk):
     moving = sample((30, 28, 34), A_MOVING)
     shape = (26, 30, 28)
     result = AffineResult(matrix=WORLD, rigid_matrix=np.eye(4), init_matrix=np.eye(4),
@@ -327,8 +332,8 @@ def test_itk_file_applied_by_simpleitk_matches_psmamba_resampling(tmp_path, suff
     path = result.save_itk(tmp_path / f"affine{suffix}")
     assert np.allclose(read_itk_affine(path), WORLD, atol=1e-12)
     tx = sitk.ReadTransform(str(path))
-    fixed_img = to_sitk(np.zeros(shape, np.float32), A_FIXED)
-    out = sitk.Resample(to_sitk(moving, A_MOVING), fixed_img, tx, sitk.sitkLinear, 0.0)
+    fixed_img = to_sitk(sitk, np.zeros(shape, np.float32), A_FIXED)
+    out = sitk.Resample(to_sitk(sitk, moving, A_MOVING), fixed_img, tx, sitk.sitkLinear, 0.0)
     theirs = sitk.GetArrayFromImage(out).transpose(2, 1, 0)
     ours = resample_affine(torch.from_numpy(moving), A_MOVING, WORLD, A_FIXED, shape).numpy()
     # compare where the sampling point lies at least half a voxel inside the moving grid
@@ -345,7 +350,7 @@ def test_itk_file_applied_by_simpleitk_matches_psmamba_resampling(tmp_path, suff
 
 
 @pytest.mark.parametrize("suffix", [".txt", ".mat"])
-def test_reads_files_written_by_simpleitk(tmp_path, suffix):
+def test_reads_files_written_by_simpleitk(tmp_path, suffix, sitk):
     tx = sitk.AffineTransform(3)
     lps = ras_to_lps(WORLD)
     tx.SetMatrix(lps[:3, :3].reshape(-1).tolist())
