@@ -9,6 +9,8 @@ computed on the device and in the dtype of its inputs (no kernels fixed at const
 * :class:`Diffusion` -- the paper's gradient-L2 regulariser of a displacement field.
 * :class:`BendingEnergy` -- second-derivative regulariser of a displacement field.
 * :class:`DiceLoss` -- ``1 - soft Dice`` on one-hot labels / class probabilities.
+* :class:`MutualInformation` -- Mattes-style mutual information with cubic B-spline Parzen
+  windows (differentiable), returned NEGATED; for images of different modalities.
 
 Fields are ``(B, 3, D, H, W)`` in voxels (see :mod:`psmamba.spatial`), so the regularisers
 are in voxel units.
@@ -22,7 +24,7 @@ from torch import nn
 
 from psmamba.errors import PsmambaError
 
-__all__ = ["LNCC", "MSE", "Diffusion", "BendingEnergy", "DiceLoss", "one_hot", "box_sum"]
+__all__ = ["LNCC", "MSE", "Diffusion", "BendingEnergy", "DiceLoss", "MutualInformation", "one_hot", "box_sum"]
 
 
 def _check_volume(x: torch.Tensor, name: str) -> None:
@@ -301,3 +303,100 @@ class DiceLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return f"include_background={self.include_background}, smooth={self.smooth}"
+
+
+def _cubic_bspline(u: torch.Tensor) -> torch.Tensor:
+    """The cubic B-spline ``beta3(u)``: support ``|u| < 2``, integral 1, and its integer
+    shifts sum to 1 everywhere (a partition of unity), so every sample adds exactly 1 to a histogram."""
+    a = u.abs()
+    inner = (4 - 6 * a * a + 3 * a * a * a) / 6
+    outer = (2 - a).clamp(min=0) ** 3 / 6
+    return torch.where(a < 1, inner, outer)
+
+
+class MutualInformation(nn.Module):
+    """Negative mutual information from a Parzen-window joint histogram (Mattes et al. 2003).
+
+    Intensities are expected in [0, 1] (values outside are clamped): ``bins`` histogram bins
+    have their centres at ``k / (bins - 1)``, and two more bins on each side receive the tails of
+    the windows, so each sample adds exactly 1 to the histogram. Both images use the cubic
+    B-spline window ``beta3`` one bin wide (Mattes uses a box window for the fixed image; a
+    smooth window on both keeps the loss differentiable in either argument)::
+
+        P[a, b] = sum_x w(x) beta3(u_pred(x) - a) beta3(u_target(x) - b) / sum_x w(x)
+        MI      = sum_ab P log(P / (P_pred P_target))
+        loss    = -MI        (mean over the batch)
+
+    ``u = (bins - 1) * intensity``. MI is invariant to any one-to-one intensity remapping up to
+    the binning, which is why it aligns images of different modalities (MR to CT).
+
+    Args:
+        bins: number of intensity bins over [0, 1] (Mattes and ANTs: 32).
+        eps: added inside the logarithms (empty bins).
+    """
+
+    def __init__(self, bins: int = 32, eps: float = 1e-10) -> None:
+        super().__init__()
+        if int(bins) != bins or bins < 4:
+            raise PsmambaError(f"MutualInformation bins must be an integer >= 4, got {bins}")
+        self.bins = int(bins)
+        self.eps = float(eps)
+
+    def _windows(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(B, N)`` intensities -> the 4 bins each sample touches and their weights.
+
+        Returns ``(first, weights)``: ``first`` ``(B, N)`` long, the index of the first of four
+        consecutive bins (of ``bins + 4``), and ``weights`` ``(B, N, 4)`` = ``beta3(u - k)`` for
+        those bins (the cubic B-spline basis of the fractional part; rows sum to 1).
+        """
+        u = x.clamp(0, 1) * (self.bins - 1)
+        i = u.detach().floor().clamp(max=self.bins - 2)  # u = bins - 1 falls in the last interval
+        t = (u - i).unsqueeze(-1)
+        t2, t3 = t * t, t * t * t
+        w = torch.cat([(1 - t) ** 3, 3 * t3 - 6 * t2 + 4, -3 * t3 + 3 * t2 + 3 * t + 1, t3], dim=-1) / 6
+        return i.long() + 1, w  # bin k of the padded histogram has centre k - 2; u's bins are i-1 .. i+2
+
+    def joint_histogram(
+        self, pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The normalised joint histogram ``(B, bins + 4, bins + 4)`` (rows: pred, columns: target).
+
+        Each sample touches 4 x 4 bins, which are accumulated with one ``scatter_add`` (16
+        products per sample rather than a dense ``N x (bins + 4)`` window matrix per image).
+        """
+        _check_pair(pred, target, ("pred", "target"))
+        b = pred.shape[0]
+        k = self.bins + 4
+        ip, wp = self._windows(pred.reshape(b, -1))  # channels pooled with the voxels
+        it, wt = self._windows(target.reshape(b, -1))
+        if weight is None:
+            w = pred.new_ones(ip.shape)
+        else:
+            if not torch.is_tensor(weight) or weight.numel() != pred.numel():
+                raise PsmambaError(f"weight must have the shape of pred {tuple(pred.shape)}")
+            w = weight.reshape(b, -1).to(pred)
+        offs = torch.arange(4, device=pred.device)
+        rows = (ip.unsqueeze(-1) + offs).unsqueeze(-1)  # (B, N, 4, 1)
+        cols = (it.unsqueeze(-1) + offs).unsqueeze(-2)  # (B, N, 1, 4)
+        index = (rows * k + cols).reshape(b, -1)  # (B, 16 N)
+        vals = (wp.unsqueeze(-1) * (wt * w.unsqueeze(-1)).unsqueeze(-2)).reshape(b, -1)
+        joint = pred.new_zeros(b, k * k).scatter_add(1, index, vals).view(b, k, k)
+        total = w.sum(1).clamp(min=self.eps).view(b, 1, 1)
+        return joint / total
+
+    def forward(
+        self, pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``pred``, ``target``: ``(B, C, D, H, W)`` in [0, 1]; ``weight``: optional non-negative
+        per-voxel weights of the same shape (a mask). Returns ``-MI`` in nats."""
+        joint = self.joint_histogram(pred, target, weight)
+        p_pred = joint.sum(2)
+        p_target = joint.sum(1)
+        eps = self.eps
+        h_joint = -(joint * torch.log(joint + eps)).sum((1, 2))
+        h_pred = -(p_pred * torch.log(p_pred + eps)).sum(1)
+        h_target = -(p_target * torch.log(p_target + eps)).sum(1)
+        return -(h_pred + h_target - h_joint).mean()
+
+    def extra_repr(self) -> str:
+        return f"bins={self.bins}, eps={self.eps}"
