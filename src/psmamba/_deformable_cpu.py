@@ -126,7 +126,7 @@ def lncc_moments_kernel(img, ref, mom):
 
 
 @njit(**_JIT)
-def lncc_coeff_kernel(sums, mask, use_mask, n, eps, coef, cc_out):
+def lncc_coeff_kernel(sums, mask, use_mask, n, eps, coef):
     """From the box sums of the moments: ``cc`` per voxel and the four maps the gradient needs.
 
     With ``cross = S_IJ - S_I S_J / n``, ``vI = S_II - S_I^2 / n``, ``vJ`` likewise and
@@ -136,10 +136,13 @@ def lncc_coeff_kernel(sums, mask, use_mask, n, eps, coef, cc_out):
     2 b(y) (I(x) - S_I(y)/n)`` with ``a = 2 cross / D`` and ``b = -cross^2 vJ / D^2``. The box
     is symmetric, so summing over the windows that contain ``x`` is again a box sum:
     ``coef = (m a, m a S_J / n, m b, m b S_I / n)`` (``m`` the mask, or 1).
-    Writes ``cc_out`` (times the mask); returns nothing.
+    Returns ``(sum(m cc), sum(m))`` (accumulated in float64).
     """
     _, nd, nh, nw = sums.shape
+    part = np.zeros((nd, 2))
     for d in prange(nd):
+        pc = 0.0
+        pm = 0.0
         for h in range(nh):
             for w in range(nw):
                 si = sums[0, d, h, w]
@@ -155,7 +158,11 @@ def lncc_coeff_kernel(sums, mask, use_mask, n, eps, coef, cc_out):
                 coef[1, d, h, w] = a * sj / n
                 coef[2, d, h, w] = b
                 coef[3, d, h, w] = b * si / n
-                cc_out[d, h, w] = m * cross * cross / den
+                pc += m * cross * cross / den
+                pm += m
+        part[d, 0] = pc
+        part[d, 1] = pm
+    return part[:, 0].sum(), part[:, 1].sum()
 
 
 @njit(**_JIT)
@@ -310,3 +317,35 @@ def sample_kernel(src, disp, sign, add, out):
                     if add:
                         v += disp[c, d, h, w]
                     out[c, d, h, w] = v
+
+
+# --------------------------------------------------------------------------- small field steps
+@njit(**_JIT)
+def max_norm_kernel(x):
+    """The largest vector length of a ``(3, D, H, W)`` field."""
+    _, nd, nh, nw = x.shape
+    best = np.zeros(nd)
+    for d in prange(nd):
+        b = 0.0
+        for h in range(nh):
+            for w in range(nw):
+                n2 = x[0, d, h, w] ** 2 + x[1, d, h, w] ** 2 + x[2, d, h, w] ** 2
+                if n2 > b:
+                    b = n2
+        best[d] = b
+    return np.sqrt(best.max())
+
+
+@njit(**_JIT)
+def axpy_kernel(a, x, y, use_y, out):
+    """``out = a * x (+ y)`` elementwise on ``(C, D, H, W)`` arrays; ``out`` may be ``x`` or ``y``."""
+    nc, nd, nh, nw = x.shape
+    for unit in prange(nc * nd):
+        c = unit // nd
+        d = unit % nd
+        for h in range(nh):
+            for w in range(nw):
+                v = a * x[c, d, h, w]
+                if use_y:
+                    v += y[c, d, h, w]
+                out[c, d, h, w] = v
