@@ -98,7 +98,7 @@ class DeformableConfig:
 
     method: str = "svf"
     levels: tuple[int, ...] = (4, 2, 1)
-    iterations: tuple[int, ...] = (150, 100, 0)
+    iterations: tuple[int, ...] = (100, 30, 0)
     lr: float = 1.0
     max_step: float = 0.5
     sigma_update: float = 1.5
