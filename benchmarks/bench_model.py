@@ -44,8 +44,10 @@ from pathlib import Path
 
 try:
     from benchmarks._child import run_json_child
+    from benchmarks.common import machine_info
 except ImportError:  # run as a script: python benchmarks/<this file>.py
     from _child import run_json_child
+    from common import machine_info
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -231,17 +233,9 @@ def main(argv: list[str] | None = None) -> int:
     memories = [m for m in args.memory.split(",") if m]
     if not memories or any(m not in ("kept", "plain", "auto") for m in memories):
         p.error(f"--memory takes 'auto', 'kept', 'plain' or a list of them, got {args.memory!r}")
-    machine = {
-        "cpu_model": next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                           if ln.startswith("model name")), platform.processor()),
-        "cores": os.cpu_count(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "numba": numba.__version__,
-        "loadavg_start": os.getloadavg(),
-    }
-    print(f"machine: {machine['cpu_model']}, {machine['cores']} cores, torch {machine['torch']} "
-          f"({machine['torch_threads']} threads), load average {machine['loadavg_start']}")
+    machine = {**machine_info(), "numba": numba.__version__}
+    print(f"machine: {machine['cpu']}, {machine['logical_cores']} cores, torch {machine['torch']} "
+          f"({machine['torch_threads']} threads), load average {machine['load_average']}")
     rows = []
     for size in sizes:
         dims = [int(x) for x in size.lower().split("x")]

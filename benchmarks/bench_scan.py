@@ -47,8 +47,10 @@ from pathlib import Path
 
 try:
     from benchmarks._child import run_json_child
+    from benchmarks.common import machine_info as common_machine_info
 except ImportError:  # run as a script: python benchmarks/<this file>.py
     from _child import run_json_child
+    from common import machine_info as common_machine_info
 
 # (level, L at 160x192x160, d_model) from the architecture table
 LEVELS = {
@@ -68,29 +70,11 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def machine_info() -> dict:
+    """:func:`benchmarks.common.machine_info` plus numba's threads and threading layer."""
     import numba
-    import torch
 
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "cpu_model": cpu,
-        "cores": os.cpu_count(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "numba": numba.__version__,
-        "numba_threads": numba.get_num_threads(),
-        "numba_threading_layer": _threading_layer(),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "loadavg_start": os.getloadavg(),
-    }
+    return {**common_machine_info(), "numba_threads": numba.get_num_threads(),
+            "numba_threading_layer": _threading_layer()}
 
 
 def _threading_layer() -> str:
@@ -331,9 +315,9 @@ def main(argv: list[str] | None = None) -> int:
             backends.remove("mambapy")
 
     info = machine_info()
-    print(f"machine: {info['cpu_model']}, {info['cores']} cores, torch {info['torch']} "
+    print(f"machine: {info['cpu']}, {info['logical_cores']} cores, torch {info['torch']} "
           f"({info['torch_threads']} threads), numba {info['numba']} ({info['numba_threads']} threads), "
-          f"load average {info['loadavg_start']}")
+          f"load average {info['load_average']}")
     limit = measure_limit()
     print(f"limit (1 exp + 3 FMA per state element, in cache, {limit['threads']} threads): "
           f"{limit['updates_per_s'] / 1e9:.2f} G state updates/s")

@@ -131,6 +131,7 @@ def machine_info(device: Any = None) -> dict[str, Any]:
                                            "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "OMP_WAIT_POLICY")
                 if k in os.environ},
         "load_average": load_average(),
+        "runtime": _runtime_settings(),
         "device": "cpu",
     }
     if device is not None and getattr(device, "type", str(device)) != "cpu":
@@ -141,6 +142,14 @@ def machine_info(device: Any = None) -> dict[str, Any]:
         except (RuntimeError, AssertionError, AttributeError):
             pass
     return info
+
+
+def _runtime_settings() -> dict[str, Any]:
+    """psmamba's process settings in force (:class:`psmamba.runtime.Runtime`): fast paths, kept
+    memory, threads, Mamba chunk sizes."""
+    from psmamba import runtime
+
+    return {**runtime.current().as_dict(), "freed_memory_kept": runtime.freed_memory_kept()}
 
 
 def wait_for_load(max_load: float, max_wait_s: float, log: Callable[[str], None] | None = None) -> list[float]:

@@ -3,11 +3,14 @@
 Nothing heavy is imported here: the names below are resolved on first use, so that
 ``import psmamba.engine`` stays cheap (no torch until a function is called).
 
-* :func:`fit` (``psmamba.engine.train``): train a model from a :class:`TrainConfig`.
+* :func:`fit` (``psmamba.engine.train``): train a model from a :class:`TrainConfig`; the loop is
+  :class:`Trainer` (``engine.trainer``), every step :func:`train_step` of an :class:`Objective`
+  (``engine.objective``).
 * :func:`load_train_config` / :class:`TrainConfig` (``psmamba.config``).
 * :func:`save_training_state` / :func:`load_training_state` (``psmamba.engine.checkpointing``).
-* :func:`register_pair` (``psmamba.engine.register``), :func:`evaluate_pairs`
-  (``psmamba.engine.evaluate``).
+* registration methods as named objects (``engine.methods``), :func:`register_pair`
+  (``engine.register``: validate -> resample -> method -> outputs), :func:`evaluate_pairs`
+  (``engine.evaluate``) and its result files (``engine.results``).
 """
 
 from __future__ import annotations
@@ -32,6 +35,9 @@ _LAZY = {
     "save_training_state": "checkpointing",
     "load_training_state": "checkpointing",
     "register_pair": "register",
+    "RegistrationMethod": "methods",
+    "method_from_options": "methods",
+    "load_model": "methods",
     "RegistrationResult": "register",
     "evaluate_pairs": "evaluate",
     "EvaluationResult": "evaluate",

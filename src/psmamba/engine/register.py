@@ -336,11 +336,11 @@ def _find_setting(settings: dict[str, Any], key: str) -> Any:
     return None
 
 
-def _runtime_settings() -> dict[str, Any] | None:
+def _runtime_settings() -> dict[str, Any]:
+    """The process settings this registration ran with (:class:`psmamba.runtime.Runtime`)."""
     from psmamba import runtime
 
-    current = getattr(runtime, "current", None)
-    return current().as_dict() if current is not None else None
+    return {**runtime.current().as_dict(), "freed_memory_kept": runtime.freed_memory_kept()}
 
 
 def _build_method(method, checkpoint, model, iters, refine, lr, lam, window, model_size, dev):
