@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from psmamba.errors import PsmambaError
 from psmamba.spatial import (
@@ -242,3 +243,50 @@ def test_mm_conversion_round_trip_and_columns(oblique_affine, torch_seed):
     # one voxel along axis k is the affine's column k in mm (translation plays no part)
     unit = constant_field((0.0, 1.0, 0.0), (2, 2, 2), dtype=torch.float64)
     assert torch.allclose(ddf_to_mm(unit, oblique_affine)[0, :, 0, 0, 0], torch.tensor(oblique_affine[:3, 1]))
+
+
+# --------------------------------------------------------------------------- mixed precision
+def test_geometry_stays_float32_under_bf16_autocast():
+    """bf16 holds voxel positions near 128-255 only in whole steps: warps, compositions, resizing
+    and scaling and squaring run in float32 under autocast, whatever their inputs' dtype."""
+    from psmamba import spatial
+
+    g = torch.Generator().manual_seed(0)
+    image = torch.rand(1, 2, 8, 9, 10, generator=g).bfloat16()
+    ddf = (torch.rand(1, 3, 8, 9, 10, generator=g) - 0.5).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        outs = [
+            spatial.warp(image, ddf), spatial.compose(ddf, ddf), spatial.resize_ddf(ddf, (5, 6, 7)),
+            spatial.resize_volume(image, (5, 6, 7)), spatial.upsample_ddf(ddf), spatial.integrate_svf(ddf, steps=3),
+        ]
+    assert all(o.dtype == torch.float32 for o in outs), [o.dtype for o in outs]
+    # the sampling positions are float32: a sub-voxel shift at a large coordinate survives
+    ramp = torch.arange(256, dtype=torch.float32).view(1, 1, 1, 1, 256).expand(1, 1, 2, 2, 256).contiguous()
+    shift = torch.zeros(1, 3, 2, 2, 256)
+    shift[:, 2] = 0.3
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        moved = spatial.warp(ramp, shift)
+    torch.testing.assert_close(moved[0, 0, 0, 0, 200], torch.tensor(200.3), atol=1e-4, rtol=0)
+
+
+def test_model_fields_and_warps_are_float32_under_bf16_autocast():
+    """Every grid_sample / interpolate the model runs under CPU bf16 autocast sees float32 inputs."""
+    from torch.overrides import TorchFunctionMode
+
+    from psmamba.models import build_model
+
+    seen: list[tuple[str, torch.dtype]] = []
+
+    class Record(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func in (F.grid_sample, F.interpolate):
+                seen.append((func.__name__, args[0].dtype))
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    model = build_model("paper", channels=1, mamba_backend="reference").eval()
+    x = torch.rand(1, 1, 32, 16, 16)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), Record():
+        out = model(x, x.flip(-1))
+    assert out.ddf.dtype == torch.float32 and out.warped.dtype == torch.float32
+    assert seen and all(dtype == torch.float32 for _, dtype in seen), seen

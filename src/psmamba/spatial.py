@@ -13,11 +13,13 @@ Convention (written down once, used everywhere)
   (``x -> x + b(x) + a(x + b(x))``), the rule the reference code uses to add a new residual.
 
 The only place that turns voxel displacements into ``grid_sample``'s normalised,
-axis-reversed coordinates is :func:`_to_sampling_grid`.
+axis-reversed coordinates is :func:`_to_sampling_grid`. Under mixed precision every transform
+here runs in float32 (:func:`float32_geometry`).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -42,6 +44,32 @@ __all__ = [
     "pad_to_multiple",
     "crop_to",
 ]
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def float32_geometry(fn):
+    """Run a spatial transform in float32 whatever the autocast state.
+
+    Under mixed precision (``torch.autocast`` with bf16/fp16) the networks' convolutions run in
+    low precision, but voxel positions do not survive it: bf16 holds only whole steps near
+    128-255 voxels. Every function of this module that builds sampling grids or touches fields
+    therefore turns autocast off and takes its float16/bfloat16 tensor arguments as float32:
+    fields, warps, compositions, resizing and scaling and squaring stay float32 (and so return
+    float32).
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        tensors = [a for a in (*args, *kwargs.values()) if torch.is_tensor(a)]
+        device_type = tensors[0].device.type if tensors else "cpu"
+        args = tuple(a.float() if torch.is_tensor(a) and a.dtype in _LOW_PRECISION else a for a in args)
+        kwargs = {k: (v.float() if torch.is_tensor(v) and v.dtype in _LOW_PRECISION else v) for k, v in kwargs.items()}
+        with torch.autocast(device_type=device_type, enabled=False):
+            return fn(*args, **kwargs)
+
+    return wrapper
+
 
 _MODES = ("bilinear", "nearest")
 _PADDINGS = ("zeros", "border")
@@ -87,6 +115,7 @@ def _to_sampling_grid(ddf: torch.Tensor) -> torch.Tensor:
     return norm.flip(-1)  # grid_sample reads (x, y, z) = (W, H, D)
 
 
+@float32_geometry
 def warp(
     image: torch.Tensor, ddf: torch.Tensor, mode: str = "bilinear", padding: str = "zeros"
 ) -> torch.Tensor:
@@ -137,6 +166,7 @@ def warp(
     return out
 
 
+@float32_geometry
 def compose(a: torch.Tensor, b: torch.Tensor, padding: str = "zeros") -> torch.Tensor:
     """Field of "first ``b``, then ``a``": ``warp(a, b) + b`` (both ``(B, 3, D, H, W)``)."""
     _check_field(a, "a")
@@ -144,6 +174,7 @@ def compose(a: torch.Tensor, b: torch.Tensor, padding: str = "zeros") -> torch.T
     return warp(a, b, mode="bilinear", padding=padding) + b
 
 
+@float32_geometry
 def resize_ddf(ddf: torch.Tensor, size: Sequence[int], scale: Sequence[float] | float | None = None) -> torch.Tensor:
     """Resample a field to a new grid AND rescale its vectors to the new voxel units.
 
@@ -175,6 +206,7 @@ def resize_ddf(ddf: torch.Tensor, size: Sequence[int], scale: Sequence[float] | 
     return F.interpolate(ddf, size=size, mode="trilinear", align_corners=True) * factors
 
 
+@float32_geometry
 def resize_volume(x: torch.Tensor, size: Sequence[int], labels: bool = False) -> torch.Tensor:
     """Resample images or label maps ``(B, C, D, H, W)`` to the grid ``size`` spanning the same extent.
 
@@ -200,12 +232,14 @@ def resize_volume(x: torch.Tensor, size: Sequence[int], labels: bool = False) ->
     return F.interpolate(src, size=size, mode="trilinear", align_corners=True)
 
 
+@float32_geometry
 def upsample_ddf(ddf: torch.Tensor) -> torch.Tensor:
     """The paper's ``up(2 * phi)``: x2 trilinear upsampling (align_corners=True), vectors x2."""
     _check_field(ddf)
     return resize_ddf(ddf, [2 * s for s in ddf.shape[2:]], scale=2.0)
 
 
+@float32_geometry
 def integrate_svf(svf: torch.Tensor, steps: int = 7, padding: str = "zeros") -> torch.Tensor:
     """Scaling and squaring: the displacement of ``exp(svf)``.
 

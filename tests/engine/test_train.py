@@ -345,3 +345,17 @@ def test_dice_loss_without_labels_fails_early(tmp_path, capsys, cache_dir):
                                                        data={"val_fraction": 0.0, "options": {"cache_dir": str(cache_dir), "test": 0}}))
     _fails_cleanly(capsys, ["train", "--config", str(path), "--out", str(tmp_path / "out")], "dice_weight")
     assert not (tmp_path / "out").exists()
+
+
+def test_grad_scaler_falls_back_on_torch_without_torch_amp_gradscaler(monkeypatch):
+    """torch 2.1/2.2 (admitted by the package) have no torch.amp.GradScaler: fp16 training uses
+    torch.cuda.amp.GradScaler there instead of failing."""
+    import warnings
+
+    from psmamba.engine.trainer import grad_scaler
+
+    assert isinstance(grad_scaler(torch.device("cpu")), torch.amp.GradScaler)
+    monkeypatch.delattr(torch.amp, "GradScaler")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the CUDA scaler disables itself without CUDA, with a warning
+        assert isinstance(grad_scaler(torch.device("cuda")), torch.cuda.amp.GradScaler)

@@ -456,11 +456,16 @@ def _write_outputs(result: RegistrationResult, staging: StagingDir | None, overv
 
 
 def _synchronize(dev: "torch.device") -> None:
+    """Wait for an accelerator's queued kernels (``torch.accelerator`` from torch 2.6, CUDA before)."""
     import torch
 
+    if dev.type == "cpu":
+        return
     acc = getattr(torch, "accelerator", None)
-    if dev.type != "cpu" and acc is not None and acc.is_available():
+    if acc is not None and acc.is_available():
         acc.synchronize()
+    elif dev.type == "cuda" and torch.cuda.is_available():
+        torch.cuda.synchronize(dev)
 
 
 def _spacing(img) -> list[float]:

@@ -38,7 +38,7 @@ from psmamba.engine.logs import CsvLog, TensorBoardLog
 from psmamba.engine.objective import STEP_TERMS, Objective, autocast, to_device, train_step
 from psmamba.errors import PsmambaError
 
-__all__ = ["Trainer", "seed_all", "poly_lr", "poly_scheduler", "is_better"]
+__all__ = ["Trainer", "seed_all", "poly_lr", "poly_scheduler", "is_better", "grad_scaler"]
 
 
 def seed_all(seed: int) -> None:
@@ -61,6 +61,15 @@ def poly_lr(base_lr: float, epoch: int, epochs: int, power: float = 0.8) -> floa
 def poly_scheduler(optimizer: torch.optim.Optimizer, epochs: int, power: float):
     """:func:`poly_lr` as a scheduler of ``optimizer``, stepped once per epoch."""
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: poly_lr(1.0, e, epochs, power))
+
+
+def grad_scaler(device: torch.device):
+    """fp16's gradient scaler: ``torch.amp.GradScaler`` (torch >= 2.3), else the CUDA one that
+    older torch versions (2.1, 2.2: the package admits them) have."""
+    amp = getattr(torch, "amp", None)
+    if amp is not None and hasattr(amp, "GradScaler"):
+        return amp.GradScaler(device.type)
+    return torch.cuda.amp.GradScaler()
 
 
 def is_better(value: float, best: float | None, higher: bool = True) -> bool:
@@ -108,7 +117,7 @@ class Trainer:
         self.optim = torch.optim.Adam(self.model.parameters(), lr=o.lr, betas=tuple(o.betas),
                                       weight_decay=o.weight_decay, amsgrad=o.amsgrad)
         self.scheduler = poly_scheduler(self.optim, o.epochs, o.poly_power)
-        self.scaler = torch.amp.GradScaler(self.device.type) if cfg.run.amp == "fp16" and self.device.type != "cpu" else None
+        self.scaler = grad_scaler(self.device) if cfg.run.amp == "fp16" and self.device.type != "cpu" else None
         seed_all(cfg.run.seed + info.rank)  # data-side randomness differs per rank
 
         self.epoch, self.start_step_in_epoch, self.global_step = 0, 0, 0
