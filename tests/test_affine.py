@@ -185,8 +185,8 @@ def test_affine_ddf_warp_equals_direct_resampling():
     """On an image linear in world coordinates (trilinear interpolation is exact there):
     resample_affine samples the moving image at inv(A_m) T A_f p; warp(moving resampled on the
     fixed grid through the headers, affine_ddf) samples the same points; and the header route
-    (moved_affine with the register engine's resample_to_grid) gives the same image."""
-    from psmamba.engine.register import resample_to_grid
+    (moved_affine with the engine's resample_to_grid) gives the same image."""
+    from psmamba.data.preprocess import resample_to_grid
 
     grad = np.array([0.3, -0.2, 0.5])
     mshape, shape = (30, 28, 34), (26, 30, 28)
@@ -205,7 +205,7 @@ def test_affine_ddf_warp_equals_direct_resampling():
     ok = warp(torch.from_numpy(exact.astype(np.float64))[None, None], ddf)[0, 0].numpy() > 1 - 1e-9
     assert ok.mean() > 0.1
     assert np.abs(two_step - expected)[ok].max() < 1e-6
-    header = resample_to_grid(moving.astype(np.float32), moved_affine(WORLD, A_MOVING), shape, A_FIXED, order=1)
+    header = resample_to_grid(moving.astype(np.float32), moved_affine(WORLD, A_MOVING), A_FIXED, shape, order=1)
     assert np.abs(header - expected)[inside].max() < 1e-3
     assert np.allclose(voxel_matrix(WORLD, A_FIXED, A_MOVING), np.linalg.inv(A_MOVING) @ WORLD @ A_FIXED)
 

@@ -178,11 +178,16 @@ def test_speed_children_and_report(tmp_path):
 def test_peak_rss_is_resettable():
     if not common.reset_peak_rss():
         pytest.skip("this kernel cannot reset the peak-RSS mark (no /proc/self/clear_refs, or it has no effect)")
+    import mmap
+
     base = common.peak_rss_mib()
-    block = np.ones(256 * 2**20 // 8)  # 256 MiB, touched (large margins: RSS counters may lag a little)
+    # 256 MiB mapped and touched directly (not through malloc, which may keep freed memory: the
+    # CLI tests before this one set that up for the process); large margins, RSS counters may lag
+    block = mmap.mmap(-1, 256 * 2**20)
+    np.frombuffer(block, dtype=np.uint8)[::4096] = 1
     high = common.peak_rss_mib()
     assert high > base + 128
-    del block
+    block.close()
     common.reset_peak_rss()
     assert common.peak_rss_mib() < high - 128
 

@@ -179,7 +179,7 @@ def moved_affine(matrix, moving_affine) -> np.ndarray:
     """The moving image's header that puts it in register with the fixed image: ``inv(T) @ A_m``.
 
     Resampling the moving voxels with this header onto the fixed grid through world space
-    (e.g. ``resample_to_grid`` of the register engine) gives the affinely registered image in
+    (e.g. :func:`psmamba.data.preprocess.resample_to_grid`) gives the affinely registered image in
     one interpolation.
     """
     return np.linalg.inv(_check_affine(matrix, "matrix")) @ _check_affine(moving_affine, "moving_affine")

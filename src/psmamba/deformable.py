@@ -209,9 +209,9 @@ def _use_numba(backend: str, *tensors: torch.Tensor) -> bool:
 
 
 def _threads():
-    from psmamba.nn._scan_cpu import _NumbaThreads, _threads as n
+    from psmamba.nn._numba import NumbaThreads, threads
 
-    return _NumbaThreads(n())
+    return NumbaThreads(threads())
 
 
 def _np(t: torch.Tensor):
