@@ -38,6 +38,7 @@ from psmamba import spatial
 from psmamba.models.peers._common import ConvNormLReLU, PeerNet, UpCatDecoderBlock, registration_head
 from psmamba.models.peers.config import MambaMorphConfig
 from psmamba.models.peers.swin import PatchEmbed, PatchMerging
+from psmamba.models.net import _check_backend
 from psmamba.models.peers.voxelmorph import VxmUNet
 from psmamba.nn.mamba import Mamba
 
@@ -75,6 +76,7 @@ class MambaMorph(PeerNet):
     def __init__(self, config: MambaMorphConfig | None = None, name: str = "mambamorph") -> None:
         cfg = config if config is not None else MambaMorphConfig()
         super().__init__(name, cfg)
+        _check_backend(cfg.mamba_backend)
         e = cfg.embed_dim
         in_ch = 2
         self.features = None
@@ -126,6 +128,7 @@ class MambaMorph(PeerNet):
 
     def set_mamba_backend(self, backend: str) -> None:
         """Switch the selective-scan backend of every Mamba layer (weights are unchanged)."""
+        _check_backend(backend)
         self.config = self.config.replace(mamba_backend=backend)
         for m in self.mambas:
             m.backend = backend
