@@ -168,7 +168,8 @@ def test_neighbourhood_field_finds_the_matching_offset():
     assert field.shape == (1, 2, 3, *size)
     for h, o in enumerate(target):
         inner = field[0, h, :, 1:-1, 1:-1, 1:-1]
-        torch.testing.assert_close(inner, torch.tensor(o, dtype=torch.float32).view(3, 1, 1, 1).expand_as(inner), atol=1e-3, rtol=0)
+        expected = torch.tensor(o, dtype=torch.float32).view(3, 1, 1, 1).expand_as(inner)
+        torch.testing.assert_close(inner, expected, atol=1e-3, rtol=0)
     # a bias alone (zero features) decides the offset as well
     bias = torch.full((1, 27), -50.0)
     bias[0, NEIGHBOUR_OFFSETS.index((0, 1, 0))] = 0.0

@@ -77,7 +77,9 @@ PEERS: dict[str, PeerSpec] = {
 
 def _ncc(reg_weight: float, lr: float, amsgrad: bool, poly_power: float) -> dict[str, dict[str, Any]]:
     return {
-        "loss": {"similarity": "lncc", "window": 9, "regulariser": "diffusion", "reg_weight": reg_weight, "dice_weight": 0.0},
+        "loss": {
+            "similarity": "lncc", "window": 9, "regulariser": "diffusion", "reg_weight": reg_weight, "dice_weight": 0.0,
+        },
         "optim": {"lr": lr, "amsgrad": amsgrad, "poly_power": poly_power},
     }
 

@@ -1,4 +1,4 @@
-"""Im2Grid (Liu, Zuo, Carass, Prince; MICCAI 2022, "coordinate translator"), our implementation
+"""Im2Grid (Liu et al., MICCAI 2022 workshops, "coordinate translator"), our implementation
 of the version the ModeT authors published and the paper compared with.
 
 From ``shared/spec/peers.md``::

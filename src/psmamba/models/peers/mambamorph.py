@@ -1,4 +1,4 @@
-"""MambaMorph (Guo, Wang, Ge, Xia, Chen, Wang, Zheng; arXiv:2401.13934, 2024), our implementation.
+"""MambaMorph (Guo et al., arXiv:2401.13934, 2024), our implementation.
 
 TransMorph's layout with each Swin stage replaced by ONE Mamba layer (``shared/spec/peers.md``)::
 

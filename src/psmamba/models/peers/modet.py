@@ -1,4 +1,4 @@
-"""ModeT (Wang, Ni, Wang; MICCAI 2023, "motion decomposition transformer"), our implementation.
+"""ModeT (Wang et al., MICCAI 2023, "motion decomposition transformer"), our implementation.
 
 From ``shared/spec/peers.md``::
 
@@ -62,7 +62,9 @@ class CompetitiveWeighting(nn.Module):
 
     def __init__(self, heads: int) -> None:
         super().__init__()
-        self.weights = nn.Sequential(ConvIN(3 * heads, 6 * heads), ConvIN(6 * heads, 6 * heads), nn.Conv3d(6 * heads, heads, 3, padding=1))
+        self.weights = nn.Sequential(
+            ConvIN(3 * heads, 6 * heads), ConvIN(6 * heads, 6 * heads), nn.Conv3d(6 * heads, heads, 3, padding=1)
+        )
 
     def forward(self, fields: torch.Tensor) -> torch.Tensor:
         b, n, _, *grid = fields.shape

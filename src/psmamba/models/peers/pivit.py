@@ -1,5 +1,4 @@
-"""PIViT (Ma, Zou, Li, Chen, Zhang, Zhang, Liu; MICCAI 2023, pyramid iterative vision
-transformer), our implementation.
+"""PIViT (Ma et al., MICCAI 2023, pyramid-iterative vision transformer), our implementation.
 
 From ``shared/spec/peers.md``::
 

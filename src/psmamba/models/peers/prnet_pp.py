@@ -1,4 +1,4 @@
-"""Dual-PRNet++ (Kang, Hu, Cao, Zhang, Gao; Medical Image Analysis 2022), our implementation of
+"""Dual-PRNet++ (Kang et al., Medical Image Analysis 78, 2022), our implementation of
 the version the ModeT authors published and the paper compared with ("PR++").
 
 From ``shared/spec/peers.md``. A backbone (shared by both images)::
@@ -49,7 +49,10 @@ def correlation3d(m: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
     d, h, w = m.shape[2:]
     fp = F.pad(f, (2, 2, 2, 2, 2, 2))
     prods = torch.cat(
-        [(m * fp[:, :, 2 + i : 2 + i + d, 2 + j : 2 + j + h, 2 + k : 2 + k + w]).sum(1, keepdim=True) for i, j, k in CORRELATION_OFFSETS],
+        [
+            (m * fp[:, :, 2 + i : 2 + i + d, 2 + j : 2 + j + h, 2 + k : 2 + k + w]).sum(1, keepdim=True)
+            for i, j, k in CORRELATION_OFFSETS
+        ],
         dim=1,
     )  # (B, 27, D, H, W): the dot product per voxel and offset
     return F.avg_pool3d(prods, 3, stride=1, padding=1, count_include_pad=True)  # box sum / 27

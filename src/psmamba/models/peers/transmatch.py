@@ -1,4 +1,4 @@
-"""TransMatch (Chen, Zheng, Gee; IEEE TMI 43(3), 2024), our implementation, LPBA40 config.
+"""TransMatch (Chen et al., IEEE Transactions on Medical Imaging 43, 2024), our implementation, LPBA40 config.
 
 From ``shared/spec/peers.md`` and the paper::
 

@@ -1,4 +1,4 @@
-"""TransMorph (Chen, Frey, He, Segars, Li, Du; Medical Image Analysis 82, 2022), our implementation.
+"""TransMorph (Chen et al., Medical Image Analysis 82, 2022), our implementation.
 
 From ``shared/spec/peers.md`` and the paper::
 
