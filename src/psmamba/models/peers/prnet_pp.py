@@ -55,7 +55,8 @@ def correlation3d(m: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
         ],
         dim=1,
     )  # (B, 27, D, H, W): the dot product per voxel and offset
-    return F.avg_pool3d(prods, 3, stride=1, padding=1, count_include_pad=True)  # box sum / 27
+    # box sum / 27 with zeros outside (padded first: avg_pool3d refuses a 2-voxel axis even with padding)
+    return F.avg_pool3d(F.pad(prods, (1, 1, 1, 1, 1, 1)), 3, stride=1)
 
 
 class PRPlusPlusBlock(nn.Module):
