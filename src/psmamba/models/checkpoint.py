@@ -7,6 +7,8 @@ A checkpoint is a ``torch.save``-d dict::
 
 :func:`load_checkpoint` rebuilds the model from ``config`` and loads the weights with
 ``strict=True``, so a checkpoint of another architecture fails loudly instead of half-loading.
+A comparison network (:mod:`psmamba.models.peers`) stores ``{"model": name, **its config}``
+as ``config``; a config without ``"model"`` is PSMamba-Net's.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from psmamba.config import ModelConfig
 from psmamba.errors import PsmambaError, first_line
 from psmamba.files import atomic_save
 from psmamba.models.net import PSMambaNet
+from psmamba.models.peers import build_peer
+from psmamba.models.peers._common import PeerNet
 
 __all__ = ["save_checkpoint", "load_checkpoint", "CHECKPOINT_FORMAT"]
 
@@ -34,10 +38,10 @@ _RESERVED = ("format", "format_version", "psmamba_version", "config", "state_dic
 
 def _unwrap(model: nn.Module) -> nn.Module:
     # DistributedDataParallel / DataParallel keep the model in .module, torch.compile in ._orig_mod
-    while not isinstance(model, PSMambaNet):
+    while not isinstance(model, (PSMambaNet, PeerNet)):
         inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
         if inner is None:
-            raise PsmambaError(f"save_checkpoint needs a PSMambaNet, got {type(model).__name__}")
+            raise PsmambaError(f"save_checkpoint needs a PSMambaNet or a peer network, got {type(model).__name__}")
         model = inner
     return model
 
@@ -50,7 +54,7 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, **extra: Any) -> 
 
     Args:
         path: destination file (its folder must exist).
-        model: a :class:`PSMambaNet` (or a DDP / ``torch.compile`` wrapper of one).
+        model: a :class:`PSMambaNet` or a peer network (or a DDP / ``torch.compile`` wrapper).
         **extra: more entries to store (optimiser state, epoch, metrics...). Plain data
             (numbers, strings, lists, dicts, tensors) keeps the file loadable with
             ``weights_only=True``.
@@ -69,7 +73,7 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, **extra: Any) -> 
         "format": CHECKPOINT_FORMAT,
         "format_version": _FORMAT_VERSION,
         "psmamba_version": __version__,
-        "config": net.config.to_dict(),
+        "config": net.checkpoint_config() if isinstance(net, PeerNet) else net.config.to_dict(),
         "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()},
         **extra,
     }
@@ -82,7 +86,7 @@ def load_checkpoint(
     *,
     mamba_backend: str | None = None,
     weights_only: bool = True,
-) -> tuple[PSMambaNet, dict[str, Any]]:
+) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the model stored in ``path`` and load its weights with ``strict=True``.
 
     Args:
@@ -90,12 +94,14 @@ def load_checkpoint(
         map_location: where tensors go (as in ``torch.load``); the model is moved there too
             when it is a device.
         mamba_backend: replace the stored scan backend (a run-time choice: e.g. a model trained
-            with ``"cuda"`` evaluated on a CPU). ``None`` keeps the stored one.
+            with ``"cuda"`` evaluated on a CPU). ``None`` keeps the stored one. Ignored for a
+            peer network without Mamba layers.
         weights_only: passed to ``torch.load``; ``True`` (safe) refuses arbitrary pickled
             objects. Set ``False`` only for trusted files whose extras need it.
 
     Returns:
-        ``(model, checkpoint)``: the model (in eval mode) and the whole checkpoint dict.
+        ``(model, checkpoint)``: the model (a :class:`PSMambaNet` or a peer network, in eval
+        mode) and the whole checkpoint dict.
 
     Raises:
         PsmambaError: one line naming the file, for a missing, corrupt or foreign file, a bad
@@ -113,12 +119,18 @@ def load_checkpoint(
     if not isinstance(ckpt.get("config"), Mapping) or not isinstance(ckpt.get("state_dict"), Mapping):
         raise PsmambaError(f"{path}: psmamba checkpoint without a config or state_dict")
     try:
-        cfg = ModelConfig.from_dict(ckpt["config"])
-        if mamba_backend is not None:
-            cfg = cfg.replace(mamba_backend=mamba_backend)
+        stored = dict(ckpt["config"])
+        if "model" in stored:  # a comparison network
+            if mamba_backend is not None and "mamba_backend" in stored:
+                stored["mamba_backend"] = mamba_backend
+            model: nn.Module = build_peer(stored["model"], stored)
+        else:
+            cfg = ModelConfig.from_dict(stored)
+            if mamba_backend is not None:
+                cfg = cfg.replace(mamba_backend=mamba_backend)
+            model = PSMambaNet(cfg)
     except PsmambaError as exc:
         raise PsmambaError(f"{path}: {first_line(exc)}") from None
-    model = PSMambaNet(cfg)
     try:
         model.load_state_dict(ckpt["state_dict"], strict=True)
     except RuntimeError as exc:
