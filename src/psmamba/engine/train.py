@@ -127,30 +127,6 @@ class _StopSignal:
             signal.signal(sig, old)
 
 
-# --------------------------------------------------------------------------- signals
-class _StopSignal:
-    """Turn the first SIGINT/SIGTERM into a flag (checked after each step); a second one aborts."""
-
-    def __init__(self) -> None:
-        self.received: int | None = None
-        self._old: dict[int, Any] = {}
-
-    def __enter__(self) -> _StopSignal:
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._old[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        if self.received is not None:
-            raise KeyboardInterrupt
-        self.received = signum
-
-    def __exit__(self, *exc) -> None:
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-
-
 # --------------------------------------------------------------------------- config helpers
 def _as_config(config: TrainConfig | Mapping[str, Any] | str | Path) -> TrainConfig:
     if isinstance(config, TrainConfig):

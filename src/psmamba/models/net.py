@@ -60,7 +60,7 @@ from psmamba.models.refinement import SubstrateIterativeRefinement
 from psmamba.nn.blocks import SFE, LevelProjection
 from psmamba.nn.fast import CHANNELS_LAST
 
-__all__ = ["PSMambaNet", "RegistrationOutput", "PAD_MULTIPLE"]
+__all__ = ["PSMambaNet", "RegistrationOutput", "PAD_MULTIPLE", "check_pair"]
 
 #: the input grid must be divisible by 2^(levels - 1)
 PAD_MULTIPLE = 2 ** (NUM_LEVELS - 1)
@@ -85,6 +85,29 @@ class RegistrationOutput(NamedTuple):
 
     warped: torch.Tensor
     ddf: torch.Tensor
+
+
+def check_pair(moving: torch.Tensor, fixed: torch.Tensor, min_extent: int = 0) -> None:
+    """The input checks of every registration network (one-line :class:`PsmambaError`).
+
+    ``min_extent``: at least one axis must have MORE voxels than this (0 = any size).
+    """
+    for name, x in (("moving", moving), ("fixed", fixed)):
+        if not torch.is_tensor(x):
+            raise PsmambaError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if x.ndim != 5 or x.shape[1] != 1:
+            raise PsmambaError(f"{name} must have shape (B, 1, D, H, W), got {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise PsmambaError(f"{name} must be a floating-point tensor, got {x.dtype}")
+    if moving.shape != fixed.shape:
+        raise PsmambaError(f"moving {tuple(moving.shape)} and fixed {tuple(fixed.shape)} must have the same shape")
+    if max(moving.shape[2:]) <= min_extent:
+        raise PsmambaError(
+            f"input of size {tuple(moving.shape[2:])} is too small: at least one axis must exceed {min_extent} voxels"
+        )
+    for name, x in (("moving", moving), ("fixed", fixed)):
+        if not bool(torch.isfinite(x).all()):
+            raise PsmambaError(f"{name} contains NaN or infinite values")
 
 
 class PSMambaNet(nn.Module):
@@ -140,25 +163,8 @@ class PSMambaNet(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def _check_inputs(self, moving: torch.Tensor, fixed: torch.Tensor) -> None:
-        for name, x in (("moving", moving), ("fixed", fixed)):
-            if not torch.is_tensor(x):
-                raise PsmambaError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-            if x.ndim != 5 or x.shape[1] != 1:
-                raise PsmambaError(f"{name} must have shape (B, 1, D, H, W), got {tuple(x.shape)}")
-            if not x.is_floating_point():
-                raise PsmambaError(f"{name} must be a floating-point tensor, got {x.dtype}")
-        if moving.shape != fixed.shape:
-            raise PsmambaError(
-                f"moving {tuple(moving.shape)} and fixed {tuple(fixed.shape)} must have the same shape"
-            )
-        if max(moving.shape[2:]) <= PAD_MULTIPLE:
-            # the coarsest grid would be one voxel, where instance norm is undefined
-            raise PsmambaError(
-                f"input of size {tuple(moving.shape[2:])} is too small: at least one axis must exceed {PAD_MULTIPLE} voxels"
-            )
-        for name, x in (("moving", moving), ("fixed", fixed)):
-            if not bool(torch.isfinite(x).all()):
-                raise PsmambaError(f"{name} contains NaN or infinite values")
+        # the coarsest grid of a 16-voxel axis would be one voxel, where instance norm is undefined
+        check_pair(moving, fixed, PAD_MULTIPLE)
 
     def _integrate(self, w: torch.Tensor) -> torch.Tensor:
         return spatial.integrate_svf(w, steps=self.config.int_steps) if self.config.diff else w

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from psmamba import spatial
 from psmamba.errors import PsmambaError
-from psmamba.models.net import RegistrationOutput
+from psmamba.models.net import RegistrationOutput, check_pair
 
 __all__ = [
     "PeerNet",
@@ -41,29 +41,6 @@ TINY_INIT_STD = 1e-5
 
 #: the 27 integer offsets of a 3x3x3 neighbourhood, C order (the D offset outermost)
 NEIGHBOUR_OFFSETS: tuple[tuple[int, int, int], ...] = tuple(itertools.product((-1, 0, 1), repeat=3))
-
-
-def check_pair(moving: torch.Tensor, fixed: torch.Tensor, min_extent: int = 0) -> None:
-    """The input checks of every registration network (one-line :class:`PsmambaError`).
-
-    ``min_extent``: at least one axis must have MORE voxels than this (0 = any size).
-    """
-    for name, x in (("moving", moving), ("fixed", fixed)):
-        if not torch.is_tensor(x):
-            raise PsmambaError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-        if x.ndim != 5 or x.shape[1] != 1:
-            raise PsmambaError(f"{name} must have shape (B, 1, D, H, W), got {tuple(x.shape)}")
-        if not x.is_floating_point():
-            raise PsmambaError(f"{name} must be a floating-point tensor, got {x.dtype}")
-    if moving.shape != fixed.shape:
-        raise PsmambaError(f"moving {tuple(moving.shape)} and fixed {tuple(fixed.shape)} must have the same shape")
-    if max(moving.shape[2:]) <= min_extent:
-        raise PsmambaError(
-            f"input of size {tuple(moving.shape[2:])} is too small: at least one axis must exceed {min_extent} voxels"
-        )
-    for name, x in (("moving", moving), ("fixed", fixed)):
-        if not bool(torch.isfinite(x).all()):
-            raise PsmambaError(f"{name} contains NaN or infinite values")
 
 
 class PeerNet(nn.Module):
