@@ -36,7 +36,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from psmamba.errors import PsmambaError
-from psmamba.models.peers.config import (
+from psmamba.models.peers.hparams import (
     Im2GridConfig,
     MambaMorphConfig,
     ModeTConfig,

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from psmamba import spatial
 from psmamba.models.peers._common import PeerNet, coordinate_embedding, neighbourhood_field
-from psmamba.models.peers.config import Im2GridConfig
+from psmamba.models.peers.hparams import Im2GridConfig
 from psmamba.nn.blocks import ConvIN
 
 __all__ = ["Im2Grid", "PyramidEncoder", "NUM_LEVELS"]
@@ -83,7 +83,7 @@ class CoordinateProjection(nn.Module):
 
 
 class Im2Grid(PeerNet):
-    """Im2Grid from an :class:`~psmamba.models.peers.config.Im2GridConfig`."""
+    """Im2Grid from an :class:`~psmamba.models.peers.hparams.Im2GridConfig`."""
 
     divisor = 16
     min_extent = 16

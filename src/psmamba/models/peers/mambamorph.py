@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from psmamba import spatial
 from psmamba.models.peers._common import ConvNormLReLU, PeerNet, UpCatDecoderBlock, registration_head
-from psmamba.models.peers.config import MambaMorphConfig
+from psmamba.models.peers.hparams import MambaMorphConfig
 from psmamba.models.peers.swin import PatchEmbed, PatchMerging
 from psmamba.models.net import _check_backend
 from psmamba.models.peers.voxelmorph import VxmUNet
@@ -69,7 +69,7 @@ def sinusoidal_position_code(grid: tuple[int, int, int], channels: int, device, 
 
 
 class MambaMorph(PeerNet):
-    """MambaMorph / MambaMorphFeat from a :class:`~psmamba.models.peers.config.MambaMorphConfig`."""
+    """MambaMorph / MambaMorphFeat from a :class:`~psmamba.models.peers.hparams.MambaMorphConfig`."""
 
     divisor = 16
 

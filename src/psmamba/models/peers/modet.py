@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from psmamba import spatial
 from psmamba.models.peers._common import TINY_INIT_STD, PeerNet, neighbourhood_field
-from psmamba.models.peers.config import ModeTConfig
+from psmamba.models.peers.hparams import ModeTConfig
 from psmamba.models.peers.im2grid import NUM_LEVELS, PyramidEncoder
 from psmamba.nn.blocks import ConvIN
 
@@ -74,7 +74,7 @@ class CompetitiveWeighting(nn.Module):
 
 
 class ModeT(PeerNet):
-    """ModeT from a :class:`~psmamba.models.peers.config.ModeTConfig`."""
+    """ModeT from a :class:`~psmamba.models.peers.hparams.ModeTConfig`."""
 
     divisor = 16
     min_extent = 16

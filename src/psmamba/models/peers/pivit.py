@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from psmamba import spatial
 from psmamba.models.peers._common import ConvAct, PeerNet, registration_head
-from psmamba.models.peers.config import PIViTConfig
+from psmamba.models.peers.hparams import PIViTConfig
 from psmamba.models.peers.swin import SwinStage, init_swin
 
 __all__ = ["PIViT"]
@@ -59,7 +59,7 @@ class _Iteration(nn.Module):
 
 
 class PIViT(PeerNet):
-    """PIViT from a :class:`~psmamba.models.peers.config.PIViTConfig`."""
+    """PIViT from a :class:`~psmamba.models.peers.hparams.PIViTConfig`."""
 
     divisor = 8
 

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from psmamba import spatial
 from psmamba.models.peers._common import ConvAct, PeerNet, registration_head
-from psmamba.models.peers.config import PRNetPPConfig
+from psmamba.models.peers.hparams import PRNetPPConfig
 
 __all__ = ["PRNetPP", "correlation3d"]
 
@@ -80,7 +80,7 @@ class PRPlusPlusBlock(nn.Module):
 
 
 class PRNetPP(PeerNet):
-    """PR++ from a :class:`~psmamba.models.peers.config.PRNetPPConfig`."""
+    """PR++ from a :class:`~psmamba.models.peers.hparams.PRNetPPConfig`."""
 
     divisor = 16
 

@@ -28,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from psmamba.models.peers._common import ConvNormLReLU, PeerNet, UpCatDecoderBlock, registration_head
-from psmamba.models.peers.config import TransMatchConfig
+from psmamba.models.peers.hparams import TransMatchConfig
 from psmamba.models.peers.swin import SwinEncoder, SwinStage, init_swin
 
 __all__ = ["TransMatch", "CrossStage"]
@@ -53,7 +53,7 @@ class CrossStage(nn.Module):
 
 
 class TransMatch(PeerNet):
-    """TransMatch from a :class:`~psmamba.models.peers.config.TransMatchConfig`."""
+    """TransMatch from a :class:`~psmamba.models.peers.hparams.TransMatchConfig`."""
 
     divisor = 32
 

@@ -22,14 +22,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from psmamba.models.peers._common import ConvNormLReLU, PeerNet, UpCatDecoderBlock, registration_head
-from psmamba.models.peers.config import TransMorphConfig
+from psmamba.models.peers.hparams import TransMorphConfig
 from psmamba.models.peers.swin import SwinEncoder
 
 __all__ = ["TransMorph"]
 
 
 class TransMorph(PeerNet):
-    """TransMorph from a :class:`~psmamba.models.peers.config.TransMorphConfig`."""
+    """TransMorph from a :class:`~psmamba.models.peers.hparams.TransMorphConfig`."""
 
     divisor = 32
 

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from psmamba import spatial
 from psmamba.models.peers._common import ConvAct, PeerNet, registration_head
-from psmamba.models.peers.config import VoxelMorphConfig
+from psmamba.models.peers.hparams import VoxelMorphConfig
 
 __all__ = ["VoxelMorph", "VxmUNet"]
 
@@ -73,7 +73,7 @@ class VxmUNet(nn.Module):
 
 
 class VoxelMorph(PeerNet):
-    """``VxmDense`` from a :class:`~psmamba.models.peers.config.VoxelMorphConfig`."""
+    """``VxmDense`` from a :class:`~psmamba.models.peers.hparams.VoxelMorphConfig`."""
 
     divisor = 16
 
