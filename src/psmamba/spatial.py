@@ -200,10 +200,12 @@ def resize_ddf(ddf: torch.Tensor, size: Sequence[int], scale: Sequence[float] | 
         scale = [float(scale)] * 3
     if len(scale) != 3:
         raise PsmambaError(f"scale needs one factor per axis, got {scale}")
-    factors = torch.tensor([float(s) for s in scale], device=ddf.device, dtype=ddf.dtype).view(1, 3, 1, 1, 1)
-    if tuple(old) == size:
-        return ddf * factors
-    return F.interpolate(ddf, size=size, mode="trilinear", align_corners=True) * factors
+    out = ddf.clone() if tuple(old) == size else F.interpolate(ddf, size=size, mode="trilinear", align_corners=True)
+    # per channel with Python floats: no factor tensor copied to the device (a sync on a GPU)
+    for i, factor in enumerate(scale):
+        if float(factor) != 1.0:
+            out[:, i] *= float(factor)
+    return out
 
 
 @float32_geometry

@@ -110,6 +110,9 @@ class Trainer:
         if not self.ckpt_extra:
             self.ckpt_extra = {"image_size": [int(s) for s in torch.as_tensor(first["fixed"]).shape[-3:]]}
 
+        if self.device.type == "cuda":
+            # one input size per run: let cuDNN pick its fastest convolution algorithms once
+            torch.backends.cudnn.benchmark = not cfg.run.deterministic
         seed_all(cfg.run.seed)  # same initial weights on every rank
         self.model = build_model(cfg.model_config()).to(self.device)
         self.objective = Objective(cfg.loss).to(self.device)
@@ -215,7 +218,9 @@ class Trainer:
             self.progress = tqdm(total=self.n_steps, initial=first_step, desc=f"epoch {self.epoch + 1}/{cfg.optim.epochs}",
                                  unit="step", dynamic_ncols=True, leave=False)
         self.net.train()
-        self.run_sums = torch.zeros(len(STEP_TERMS), dtype=torch.float64)  # over the log window
+        # sums over the log window, kept on the device: reading them (a host-device sync) happens
+        # only when a row is logged
+        self.run_sums = torch.zeros(len(STEP_TERMS), dtype=torch.float64, device=self.device)
         self.run_n = 0
         return steps
 
@@ -230,7 +235,7 @@ class Trainer:
         )
         self.global_step += 1
         self.pairs_done += self.pairs_per_step
-        self.run_sums += terms.cpu()
+        self.run_sums += terms
         self.run_n += 1
         return terms
 
@@ -384,7 +389,9 @@ def _micro_batches(dataset, batches: list[list[int]], num_workers: int, pin: boo
     """Yield the collated micro-batches listed in ``batches``, in order."""
     if num_workers <= 0:
         for idx in batches:
-            yield collate_pairs([dataset[i] for i in idx])
+            batch = collate_pairs([dataset[i] for i in idx])
+            # page-locked host memory lets the copy to the GPU run asynchronously
+            yield {k: v.pin_memory() if pin and torch.is_tensor(v) else v for k, v in batch.items()}
         return
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=batches, num_workers=num_workers, collate_fn=collate_pairs,
