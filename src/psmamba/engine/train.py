@@ -217,6 +217,9 @@ def _fit(cfg: TrainConfig, info: DistInfo, resume: bool, train_data, val_data) -
     trainer = Trainer(cfg, info, train_data, val_data, ckpt)
     with _StopSignal() as stop_signal:
         trainer.run_training(stop_signal)
+    # every rank has finished (rank 0 has written last.pt) before any of them tears the process
+    # group down: a rank destroying its gloo group while a peer still holds it can abort
+    barrier(info)
     best_path = out / "best.pt"
     return FitResult(
         out_dir=out, last_checkpoint=out / "last.pt",
