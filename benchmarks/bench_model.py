@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import sys
 import time
@@ -226,7 +225,6 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     import numba
-    import torch
 
     sizes = ["64x64x64"] if args.quick else [s for s in args.sizes.split(",") if s]
     modes = [m for m in args.modes.split(",") if m]

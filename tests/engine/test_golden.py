@@ -3,7 +3,6 @@ from the code before it (see ``tests/golden.py``), and an old checkpoint still l
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import torch

@@ -20,7 +20,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from psmamba import spatial
-from psmamba.errors import PsmambaError
 from psmamba.models.net import RegistrationOutput, check_pair
 
 __all__ = [

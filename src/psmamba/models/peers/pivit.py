@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from psmamba import spatial
 from psmamba.models.peers._common import ConvAct, PeerNet, registration_head

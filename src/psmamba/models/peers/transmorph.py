@@ -18,7 +18,6 @@ displacement (not diffeomorphic). The input must divide by 32 (patch 4, three me
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 from psmamba.models.peers._common import ConvNormLReLU, PeerNet, UpCatDecoderBlock, registration_head
