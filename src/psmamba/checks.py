@@ -7,7 +7,7 @@ so a bad input never costs the time of a registration and never leaves half an o
 
 * :func:`check_number` -- a numeric flag: finite, positive / non-negative, integer, a minimum.
 * :func:`check_image` -- an image array: 3-D, finite (NaN/Inf counted), not constant, large
-  enough (``min_size`` voxels a side, with the reason).
+  enough (:func:`check_size`: ``min_size`` voxels a side, with the reason).
 * :func:`check_affine` -- a voxel-to-world matrix: 4x4, finite, ``0 0 0 1`` last row,
   non-singular and not nearly so.
 * :func:`check_same_grid` -- a label map on its image's grid (shape, affine to 1e-3 mm).
@@ -36,6 +36,7 @@ from psmamba.errors import PsmambaError
 __all__ = [
     "check_number",
     "check_image",
+    "check_size",
     "check_affine",
     "check_same_grid",
     "check_label_overlap",
@@ -189,11 +190,18 @@ def _judge(st: _Stats, shape: tuple[int, ...], name: str, labels: bool, min_size
     if labels and st.n_fraction:
         raise PsmambaError(f"{name}: a label map must hold integer values, found {st.n_fraction} "
                            f"non-integer voxel(s) (e.g. {st.example_fraction:g})")
-    if min_size is not None and min(shape) < min_size:
-        reason = why or f"at least {min_size} voxels a side are needed"
-        raise PsmambaError(f"{name} of shape {'x'.join(map(str, shape))} is too small: {reason}")
+    check_size(shape, name, min_size, why)
     if not labels and st.lo == st.hi:
         raise PsmambaError(f"{name}: the image is constant (every voxel is {st.lo:g}): nothing to register")
+
+
+def check_size(shape: Sequence[int], name: str, min_size: int | None, why: str | None = None) -> None:
+    """Every side of ``shape`` is at least ``min_size`` voxels (None: no limit); ``why`` is the
+    reason said in the error, e.g. ``fixed image f.nii.gz of shape 12x12x12 is too small: the
+    3-level pyramid needs 16 voxels a side``."""
+    if min_size is not None and min(shape) < min_size:
+        reason = why or f"at least {min_size} voxels a side are needed"
+        raise PsmambaError(f"{name} of shape {'x'.join(str(int(s)) for s in shape)} is too small: {reason}")
 
 
 def check_image(data: Any, name: str, *, min_size: int | None = None, why: str | None = None) -> None:

@@ -37,8 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     meth.add_argument("--no-hd95", action="store_true", help="skip HD95 (faster on large volumes)")
     meth.add_argument("--max-pairs", type=int, metavar="N", help="evaluate only the first N pairs (a quick look)")
     parser.add_argument("--out", metavar="CSV",
-                        help="results CSV (per pair x label; also writes <stem>_pairs.csv and <stem>_summary.md); "
-                        "with --compare: a CSV of the tests")
+                        help="results CSV (per pair x label; also writes <stem>_pairs.csv and <stem>_summary.md; "
+                        "its folder is created); with --compare: a CSV of the tests")
     cmp_ = parser.add_argument_group("statistics")
     cmp_.add_argument("--compare", nargs="+", metavar="CSV",
                       help="compare two or more results CSVs: paired t / Wilcoxon (Bonferroni), ANOVA + Tukey HSD")
@@ -106,9 +106,22 @@ def _method(args: argparse.Namespace):
     return method, ckpt
 
 
+def _check_numbers(args: argparse.Namespace) -> None:
+    """Every numeric flag, before anything is read (one line naming the flag)."""
+    from psmamba.checks import check_number
+
+    check_number("--iters", args.iters, integer=True, nonnegative=True)
+    check_number("--lr", args.lr, positive=True)
+    check_number("--lambda", args.lam, nonnegative=True)
+    check_number("--max-pairs", args.max_pairs, integer=True, positive=True)
+    for v in args.model_size or ():
+        check_number("--model-size", v, integer=True, minimum=2)
+
+
 def run(args: argparse.Namespace) -> int:
     from psmamba.errors import PsmambaError
 
+    _check_numbers(args)
     if args.compare:
         if args.pairs or args.demo or args.checkpoint or args.identity or args.iters:
             raise PsmambaError("--compare reads result files only: do not combine it with pairs or a method")
@@ -142,8 +155,6 @@ def run(args: argparse.Namespace) -> int:
                                "(only a checkpoint of psmamba train knows its data set)")
         pairs = split_pairs(cfg, split=args.split)
     if args.max_pairs is not None:
-        if args.max_pairs < 1:
-            raise PsmambaError(f"--max-pairs must be >= 1, got {args.max_pairs}")
         pairs = pairs[: args.max_pairs]
     result = evaluate_pairs(pairs, method=method, device=args.device, labels=labels, hd95=not args.no_hd95,
                             name=args.method, progress=not args.quiet)

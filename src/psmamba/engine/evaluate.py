@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +38,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from psmamba.engine.methods import RegistrationMethod
 
-__all__ = ["Pair", "pair_files", "LazyPairs", "demo_pairs", "split_pairs", "evaluate_pairs"]
+__all__ = ["Pair", "pair_files", "check_pairs", "LazyPairs", "demo_pairs", "split_pairs", "evaluate_pairs"]
 
 
 @dataclass
@@ -88,7 +89,11 @@ def pair_files(path: str | os.PathLike) -> list[Pair]:
             p = Path(value).expanduser()
             p = p if p.is_absolute() else base / p
             if not p.exists():
-                raise PsmambaError(f"pair list {row.where}: {name.replace('_', ' ')} file {p} does not exist")
+                hint = ""
+                if not pairs and not value.lower().endswith((".nii", ".nii.gz", ".hdr", ".img")):
+                    hint = (" (if this row is a header, name its columns moving, fixed[, moving_labels, "
+                            "fixed_labels][, pair_id])")
+                raise PsmambaError(f"pair list {row.where}: {name.replace('_', ' ')} file {p} does not exist{hint}")
             files[name] = p
         pid = row.pair_id or f"{_stem(files['moving'])}_to_{_stem(files['fixed'])}"
         if pid in seen:
@@ -96,6 +101,86 @@ def pair_files(path: str | os.PathLike) -> list[Pair]:
         seen.add(pid)
         pairs.append(Pair(pid, files["moving"], files["fixed"], files["moving_labels"], files["fixed_labels"]))
     return pairs
+
+
+def check_pairs(
+    pairs: Sequence[Pair],
+    *,
+    labels: Sequence[int] | None = None,
+    min_size: int | None = None,
+    why: str | None = None,
+) -> int:
+    """Check every input of every pair before the first one is registered.
+
+    Each distinct file is read once (:func:`psmamba.checks.check_volume_file`: readable,
+    3-D, finite, a sane affine, an image not constant, a label map of integers) and only its
+    facts are kept; in-memory images are checked in place. Then, per pair: label maps on
+    their image's grid, and fixed and moving label maps sharing a label (of ``labels``,
+    when given). :class:`LazyPairs` (the demo's and a config's preprocessed volumes) are not
+    read here: each pair is checked when it is registered.
+
+    Args:
+        pairs: the pairs.
+        labels: the label codes to be scored (default: all).
+        min_size, why: the fewest voxels a side the method needs of both images, and why
+            (:func:`psmamba.checks.check_size`); the fixed image also needs
+            :data:`psmamba.checks.METRICS_MIN_SIZE` for the metrics.
+
+    Returns:
+        The number of files read.
+
+    Raises:
+        PsmambaError: the first problem found, naming the file (or the pair and its files).
+    """
+    from psmamba.checks import (
+        METRICS_MIN_SIZE, METRICS_WHY, check_affine, check_image, check_label_overlap, check_same_grid,
+        check_size, check_volume_file, image_name,
+    )
+    from psmamba.io import as_image
+
+    if isinstance(pairs, LazyPairs):
+        return 0
+    cache: dict[tuple[str, bool], Any] = {}
+
+    def facts(obj: Any, what: str, is_labels: bool) -> Any:
+        if obj is None:
+            return None
+        if isinstance(obj, (str, os.PathLike)):
+            key = (os.path.realpath(Path(obj).expanduser()), is_labels)
+            if key not in cache:
+                cache[key] = check_volume_file(obj, what, labels=is_labels)
+            return cache[key]
+        img = as_image(obj, what, labels=is_labels)  # in memory: no copy
+        name = image_name(what, img)
+        check_affine(img.affine, name)
+        if not is_labels:
+            check_image(img.data, name)
+        return img
+
+    def name(what: str, f: Any) -> str:
+        return image_name(what, f)
+
+    if min_size is not None and min_size > METRICS_MIN_SIZE:
+        fixed_min, fixed_why = min_size, why
+    else:
+        fixed_min, fixed_why = METRICS_MIN_SIZE, METRICS_WHY
+    for pair in pairs:
+        fixed = facts(pair.fixed, "fixed image", False)
+        moving = facts(pair.moving, "moving image", False)
+        check_size(fixed.shape, name("fixed image", fixed), fixed_min, fixed_why)
+        check_size(moving.shape, name("moving image", moving), min_size, why)
+        flab = facts(pair.fixed_labels, "fixed labels", True)
+        mlab = facts(pair.moving_labels, "moving labels", True)
+        try:
+            for lab, img, role in ((flab, fixed, "fixed"), (mlab, moving, "moving")):
+                if lab is not None:
+                    check_same_grid(lab, img, name(f"{role} labels", lab), name(f"{role} image", img))
+            if flab is not None and mlab is not None:
+                check_label_overlap(flab, mlab, name("fixed labels", flab), name("moving labels", mlab),
+                                    labels=labels)
+        except PsmambaError as exc:
+            raise PsmambaError(f"pair {pair.pair_id}: {exc}") from None
+    return len(cache)
 
 
 # --------------------------------------------------------------------------- data set splits
@@ -239,9 +324,12 @@ def evaluate_pairs(
         name: the name in the ``method`` column (default: the method's own name).
         progress: print one line per pair to stderr (or call this function with it).
 
+    Every input of every pair is checked before the first pair is registered
+    (:func:`check_pairs`; the method's ``min_size`` / ``min_size_why`` attributes, when it has
+    them, say how small an image it can take).
+
     Raises:
-        PsmambaError: conflicting options, duplicate pair ids, or any bad input
-            (checked by ``register_pair`` before it works on that pair).
+        PsmambaError: conflicting options, duplicate pair ids, or any bad input.
     """
     from psmamba.engine.distributed import resolve_device
     from psmamba.engine.register import register_pair
@@ -261,6 +349,11 @@ def evaluate_pairs(
         method = _method_of(checkpoint, model, iters, refine, lr, lam, model_size, dev)
     method = method.to(dev)
     say = _say(progress)
+    t0 = time.perf_counter()
+    n_files = check_pairs(pairs, labels=labels, min_size=getattr(method, "min_size", None),
+                          why=getattr(method, "min_size_why", None))
+    if say is not None and n_files:
+        say(f"checked {n_files} files of {len(pairs)} pairs in {time.perf_counter() - t0:.1f} s")
     result = EvaluationResult(method=name or method.name)
     for k, pair in enumerate(pairs, start=1):
         res = register_pair(pair.fixed, pair.moving, moving_labels=pair.moving_labels,
