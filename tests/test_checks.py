@@ -14,6 +14,7 @@ from psmamba.checks import (
     LabelOverlap,
     check_affine,
     check_image,
+    check_inputs,
     check_label_overlap,
     check_number,
     check_same_grid,
@@ -155,6 +156,34 @@ def test_label_overlap_counts_and_errors():
     assert check_label_overlap(f, m, "f", "m", labels=[2, 7]).shared == (2,)
 
 
+# --------------------------------------------------------------------------- one registration
+def test_check_inputs_of_one_registration(tmp_path):
+    a, b = _blob(12), np.roll(_blob(12), 1, axis=0)
+    lab = (a > 0.5).astype(np.int16) + (a > 0.8)
+    img = lambda d, aff=None, p=None: Image(d, np.eye(4) if aff is None else aff, None, p)
+    ov = check_inputs(img(a, p="f.nii"), img(b), img(lab), img(np.roll(lab, 1, axis=0)))
+    assert ov.shared == (1, 2)
+    assert check_inputs(img(a), img(b)) is None
+    # files already checked (VolumeFacts) mix with loaded images
+    facts = check_volume_file(_save(tmp_path / "l.nii.gz", lab), "fixed labels", labels=True)
+    assert check_inputs(img(a), img(b), facts, img(lab)).shared == (1, 2)
+    cases = [
+        ((img(a, np.diag([1.0, 1.0, 0.0, 1.0]), "f.nii"), img(b)), {}, "fixed image f.nii: its voxel-to-world affine is singular"),
+        ((img(a), img(b, np.diag([1.0, 0.0, 1.0, 1.0]), "m.nii")), {}, "moving image m.nii: its voxel-to-world"),
+        ((img(a), img(np.ones_like(b), p="m.nii")), {}, "moving image m.nii: the image is constant"),
+        ((img(a[:4]), img(b)), {}, "fixed image of shape 4x12x12 is too small: the metrics need 5"),
+        ((img(a), img(b[:8])), {"min_size": 9, "why": "the pyramid needs 9"}, "moving image of shape 8x12x12 is too small: the pyramid needs 9"),
+        ((img(a), img(b), img(lab[:11], p="fl.nii")), {}, "fixed labels fl.nii has shape (11, 12, 12) but fixed image"),
+        ((img(a), img(b), img(lab), img(lab * 10)), {}, "share no label"),
+        ((img(a), img(b), img(lab), img(lab)), {"labels": [5]}, "none of the labels to score (5)"),
+        ((img(a), img(b), img(lab, np.diag([1.0, 1.0, 1.0, 1.0]) * 2, "fl.nii")), {}, "its affine's last row"),
+    ]
+    for args, kw, needle in cases:
+        with pytest.raises(PsmambaError) as e:
+            check_inputs(*args, **kw)
+        assert needle in _one_line(e), (needle, str(e.value))
+
+
 # --------------------------------------------------------------------------- files
 def _save(path, data, affine=None):
     nib.save(nib.Nifti1Image(data, np.eye(4) if affine is None else affine), str(path))
@@ -162,7 +191,7 @@ def _save(path, data, affine=None):
 
 
 def test_check_volume_file_facts(tmp_path, monkeypatch):
-    import psmamba.checks as checks
+    from psmamba import checks
 
     monkeypatch.setattr(checks, "_SLAB_VOXELS", 50)  # many slabs: the pass over slabs is what is tested
     a = _blob(10)
@@ -182,7 +211,7 @@ def test_check_volume_file_facts(tmp_path, monkeypatch):
 
 
 def test_check_volume_file_rejects(tmp_path, monkeypatch):
-    import psmamba.checks as checks
+    from psmamba import checks
 
     monkeypatch.setattr(checks, "_SLAB_VOXELS", 50)
 

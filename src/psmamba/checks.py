@@ -12,6 +12,7 @@ so a bad input never costs the time of a registration and never leaves half an o
   non-singular and not nearly so.
 * :func:`check_same_grid` -- a label map on its image's grid (shape, affine to 1e-3 mm).
 * :func:`check_label_overlap` -- two label maps share at least one non-zero label.
+* :func:`check_inputs` -- all of the above for one registration's images and label maps.
 * :func:`check_volume_file` -- an image or label FILE read once, slab by slab (bounded memory;
   a ``.nii.gz`` is decompressed whole, so a corrupt or truncated one fails its CRC here), with
   the checks above on what it holds; returns the facts later checks need (shape, affine,
@@ -40,6 +41,7 @@ __all__ = [
     "check_affine",
     "check_same_grid",
     "check_label_overlap",
+    "check_inputs",
     "check_volume_file",
     "image_name",
     "LabelOverlap",
@@ -337,6 +339,60 @@ def check_label_overlap(
     return LabelOverlap(tuple(sorted(shared)), tuple(sorted(f - m)), tuple(sorted(m - f)))
 
 
+# --------------------------------------------------------------------------- one registration
+def check_inputs(
+    fixed: Any,
+    moving: Any,
+    fixed_labels: Any = None,
+    moving_labels: Any = None,
+    *,
+    labels: Sequence[int] | None = None,
+    min_size: int | None = None,
+    why: str | None = None,
+) -> LabelOverlap | None:
+    """All checks of one registration's inputs, in the order a user would fix them.
+
+    Each input is a loaded :class:`psmamba.io.Image` (its voxels and affine are checked
+    here: :func:`check_image`, :func:`check_affine`) or the :class:`VolumeFacts` of a file
+    :func:`check_volume_file` already checked. Then: both images large enough (``min_size``
+    voxels a side, and the fixed one :data:`METRICS_MIN_SIZE` for the metrics computed on its
+    grid), each label map on its image's grid (:func:`check_same_grid`), and the two label
+    maps sharing a label (:func:`check_label_overlap`, of ``labels`` when given).
+
+    Args:
+        fixed, moving: the images; fixed_labels, moving_labels: their label maps or None.
+        labels: the codes to be scored (default: all).
+        min_size, why: the fewest voxels a side the method needs, and the reason.
+
+    Returns:
+        The label overlap when both label maps are given, else None.
+
+    Raises:
+        PsmambaError: the first problem, one line naming the image (and its file).
+    """
+    def name(what: str, img: Any) -> str:
+        return image_name(what, img)
+
+    for img, what, is_labels in ((fixed, "fixed image", False), (moving, "moving image", False),
+                                 (fixed_labels, "fixed labels", True), (moving_labels, "moving labels", True)):
+        if img is not None and not isinstance(img, VolumeFacts):
+            if not is_labels:
+                check_image(img.data, name(what, img))
+            check_affine(img.affine, name(what, img))
+    if min_size is not None and min_size > METRICS_MIN_SIZE:
+        check_size(fixed.shape, name("fixed image", fixed), min_size, why)
+    else:
+        check_size(fixed.shape, name("fixed image", fixed), METRICS_MIN_SIZE, METRICS_WHY)
+    check_size(moving.shape, name("moving image", moving), min_size, why)
+    for lab, img, role in ((fixed_labels, fixed, "fixed"), (moving_labels, moving, "moving")):
+        if lab is not None:
+            check_same_grid(lab, img, name(f"{role} labels", lab), name(f"{role} image", img))
+    if fixed_labels is None or moving_labels is None:
+        return None
+    return check_label_overlap(fixed_labels, moving_labels, name("fixed labels", fixed_labels),
+                               name("moving labels", moving_labels), labels=labels)
+
+
 # --------------------------------------------------------------------------- files
 @dataclass(frozen=True)
 class VolumeFacts:
@@ -436,7 +492,7 @@ def check_volume_file(
     p = Path(path).expanduser()
     img = _open(p, what)
     name = f"{what} {p}"
-    shape = list(int(s) for s in img.shape)
+    shape = [int(s) for s in img.shape]
     while len(shape) > 3 and shape[-1] == 1:
         shape.pop()
     if len(shape) != 3 or min(shape) == 0:

@@ -163,7 +163,8 @@ def test_out_folder_is_created_only_when_all_is_well(case, capsys):
     two = _csv(case, GOOD + "f.nii.gz,m.nii.gz,fl.nii.gz,ml.nii.gz,b\n")
     assert main(["evaluate", "--pairs", two, "--identity", "--out", str(out), "--quiet"]) == 0
     assert sorted(p.name for p in out.parent.iterdir()) == ["r.csv", "r_pairs.csv", "r_summary.md"]
-    rows = list(csv.DictReader(open(out)))
+    with open(out, newline="") as fh:
+        rows = list(csv.DictReader(fh))
     assert {int(r["label"]) for r in rows} == {1, 2}
     # --compare writes into a new folder too
     cmp_out = case / "cmp" / "tests.csv"
@@ -185,7 +186,8 @@ def test_results_are_all_or_nothing(case, monkeypatch):
             calls.append(name)
             if len(calls) == 2:
                 raise OSError(28, "No space left on device")
-            open(name, "w").write("x")
+            with open(name, "w") as fh:
+                fh.write("x")
         return write
 
     monkeypatch.setattr(results_mod, "_csv_writer", broken)
@@ -200,18 +202,18 @@ def test_in_memory_pairs_are_checked_before_the_first(case):
     bad = good.copy()
     bad[3, 3, 3] = np.inf
     pairs = [Pair("a", good, good), Pair("b", bad, good)]
-    with pytest.raises(PsmambaError, match=r"^moving image: the image holds 1 Inf voxel value\(s\) of 1728$"):
+    with pytest.raises(PsmambaError, match=r"^pair b: moving image: the image holds 1 Inf voxel value\(s\) of 1728$"):
         evaluate_pairs(pairs, identity=True, progress=lines.append)
     assert lines == []
     pairs = [Pair("a", good, good), Pair("b", good, np.zeros((S, S, S), np.float32))]
-    with pytest.raises(PsmambaError, match="^fixed image: the image is constant"):
+    with pytest.raises(PsmambaError, match="^pair b: fixed image: the image is constant"):
         evaluate_pairs(pairs, identity=True, progress=lines.append)
     assert lines == []
 
 
 def test_each_file_is_read_once(case, monkeypatch):
     """A file named in several pairs is checked once."""
-    import psmamba.checks as checks
+    from psmamba import checks
 
     seen = []
     real = checks.check_volume_file

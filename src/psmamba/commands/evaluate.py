@@ -135,6 +135,9 @@ def run(args: argparse.Namespace) -> int:
         raise PsmambaError("give one source of pairs: --pairs CSV, --demo or --config YAML")
     if not args.out:
         raise PsmambaError("--out CSV is required (where the results go)")
+    from psmamba.engine.distributed import resolve_device
+
+    resolve_device(args.device)  # a bad --device fails before any file is read
     out = check_writable(args.out)
     labels = _labels(args.labels)
     method, ckpt = _method(args)  # built once, early: a bad checkpoint fails before any pair is read

@@ -114,9 +114,9 @@ def check_pairs(
 
     Each distinct file is read once (:func:`psmamba.checks.check_volume_file`: readable,
     3-D, finite, a sane affine, an image not constant, a label map of integers) and only its
-    facts are kept; in-memory images are checked in place. Then, per pair: label maps on
-    their image's grid, and fixed and moving label maps sharing a label (of ``labels``,
-    when given). :class:`LazyPairs` (the demo's and a config's preprocessed volumes) are not
+    facts are kept; in-memory images are checked in place. Then, per pair
+    (:func:`psmamba.checks.check_inputs`): image sizes, label maps on their image's grid, and
+    fixed and moving label maps sharing a label (of ``labels``, when given). :class:`LazyPairs` (the demo's and a config's preprocessed volumes) are not
     read here: each pair is checked when it is registered.
 
     Args:
@@ -130,12 +130,10 @@ def check_pairs(
         The number of files read.
 
     Raises:
-        PsmambaError: the first problem found, naming the file (or the pair and its files).
+        PsmambaError: the first problem found, naming the file (a problem of a pair: the pair
+            id, then its files).
     """
-    from psmamba.checks import (
-        METRICS_MIN_SIZE, METRICS_WHY, check_affine, check_image, check_label_overlap, check_same_grid,
-        check_size, check_volume_file, image_name,
-    )
+    from psmamba.checks import check_inputs, check_volume_file
     from psmamba.io import as_image
 
     if isinstance(pairs, LazyPairs):
@@ -143,6 +141,7 @@ def check_pairs(
     cache: dict[tuple[str, bool], Any] = {}
 
     def facts(obj: Any, what: str, is_labels: bool) -> Any:
+        """A file's facts (read once), or the in-memory image as an Image (checked with the pair)."""
         if obj is None:
             return None
         if isinstance(obj, (str, os.PathLike)):
@@ -150,34 +149,13 @@ def check_pairs(
             if key not in cache:
                 cache[key] = check_volume_file(obj, what, labels=is_labels)
             return cache[key]
-        img = as_image(obj, what, labels=is_labels)  # in memory: no copy
-        name = image_name(what, img)
-        check_affine(img.affine, name)
-        if not is_labels:
-            check_image(img.data, name)
-        return img
+        return as_image(obj, what, labels=is_labels)  # in memory: no copy
 
-    def name(what: str, f: Any) -> str:
-        return image_name(what, f)
-
-    if min_size is not None and min_size > METRICS_MIN_SIZE:
-        fixed_min, fixed_why = min_size, why
-    else:
-        fixed_min, fixed_why = METRICS_MIN_SIZE, METRICS_WHY
     for pair in pairs:
-        fixed = facts(pair.fixed, "fixed image", False)
-        moving = facts(pair.moving, "moving image", False)
-        check_size(fixed.shape, name("fixed image", fixed), fixed_min, fixed_why)
-        check_size(moving.shape, name("moving image", moving), min_size, why)
-        flab = facts(pair.fixed_labels, "fixed labels", True)
-        mlab = facts(pair.moving_labels, "moving labels", True)
+        inputs = [facts(pair.fixed, "fixed image", False), facts(pair.moving, "moving image", False),
+                  facts(pair.fixed_labels, "fixed labels", True), facts(pair.moving_labels, "moving labels", True)]
         try:
-            for lab, img, role in ((flab, fixed, "fixed"), (mlab, moving, "moving")):
-                if lab is not None:
-                    check_same_grid(lab, img, name(f"{role} labels", lab), name(f"{role} image", img))
-            if flab is not None and mlab is not None:
-                check_label_overlap(flab, mlab, name("fixed labels", flab), name("moving labels", mlab),
-                                    labels=labels)
+            check_inputs(*inputs, labels=labels, min_size=min_size, why=why)
         except PsmambaError as exc:
             raise PsmambaError(f"pair {pair.pair_id}: {exc}") from None
     return len(cache)
