@@ -270,7 +270,7 @@ def split_pairs(config: Any, split: str = "test") -> LazyPairs:
 def evaluate_pairs(
     pairs: Sequence[Pair],
     *,
-    method: RegistrationMethod | None = None,
+    method: "RegistrationMethod | str | None" = None,
     checkpoint: str | os.PathLike | None = None,
     model: "torch.nn.Module | None" = None,
     identity: bool = False,
@@ -289,8 +289,11 @@ def evaluate_pairs(
 
     Args:
         pairs: the pairs (:class:`Pair`); ids must be unique.
-        method: a :class:`psmamba.engine.methods.RegistrationMethod` (built once, run on every
-            pair); or one built from the options below, as ``psmamba evaluate`` does:
+        method: a method name (``"default"``, ``"affine+io"``, ``"network+io"``, ...: see
+            :func:`psmamba.engine.methods.parse_method`; with ``checkpoint``/``model`` for the
+            network), a :class:`psmamba.engine.register.Pipeline` or a
+            :class:`psmamba.engine.methods.RegistrationMethod` (built once, run on every pair);
+            or, when None, one built from the options below as earlier versions did:
         checkpoint / model: the network (loaded once, shared by all pairs; with ``iters > 0``
             each pair fine-tunes its own copy or refines the network's field). Exclusive with
             ``identity``. A checkpoint's network is named after its file.
@@ -315,7 +318,7 @@ def evaluate_pairs(
     if identity and (checkpoint is not None or model is not None or iters or method is not None):
         raise PsmambaError("--identity scores unregistered pairs: do not combine it with a checkpoint or --iters")
     if method is None and not identity and checkpoint is None and model is None and not iters:
-        raise PsmambaError("nothing to evaluate: give a checkpoint, --identity or --iters N")
+        raise PsmambaError("nothing to evaluate: give --method NAME, a checkpoint, --identity or --iters N")
     if not pairs:
         raise PsmambaError("no pairs to evaluate")
     ids = list(getattr(pairs, "pair_ids", None) or [p.pair_id for p in pairs])
@@ -323,7 +326,14 @@ def evaluate_pairs(
     if dup:
         raise PsmambaError(f"duplicate pair ids: {dup[:5]}")
     dev = resolve_device(device)
-    if method is None:
+    if isinstance(method, str):  # a pipeline by name ("default", "affine+io", ...), built once
+        from psmamba.engine.register import build_pipeline
+
+        if iters:
+            raise PsmambaError("give --method or --iters, not both")
+        method = build_pipeline(method, checkpoint=checkpoint, model=model, lr=lr, lam=lam, model_size=model_size,
+                                device=dev)
+    elif method is None:
         method = _method_of(checkpoint, model, iters, refine, lr, lam, model_size, dev)
     method = method.to(dev)
     say = _say(progress)
