@@ -7,8 +7,10 @@
   of block runs, Mamba layers included), seed 0, one thread, on the tiny folder of
   ``tests/_folders.py``; the final weights (``last.pt``) are recorded, and the checkpoint file
   itself is kept as ``golden_v0_best.pt``, a checkpoint written by the old code.
-* ``register``: ``psmamba register --iters 20`` (instance optimisation) on a smooth two-blob
-  pair, one thread; the written ``ddf.nii.gz`` is recorded.
+* ``register``: ``psmamba register --iters 20`` (the Adam instance optimisation) on a smooth
+  two-blob pair, one thread; the written ``ddf.nii.gz`` is recorded. Re-recorded once, on
+  purpose, when ``register`` changed from min-max to 0.5/99.5 percentile intensity scaling (with
+  min-max scaling patched back in, the new code gave the old field bit for bit).
 """
 
 from __future__ import annotations

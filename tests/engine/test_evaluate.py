@@ -118,7 +118,7 @@ def _blob_pair(tmp_path):
 def test_instance_optimisation_and_network_evaluation(tmp_path):
     pair = _blob_pair(tmp_path)
     res = evaluate_pairs([pair], iters=30, device="cpu")
-    assert res.method == "io"
+    assert res.method == "adam"  # the Adam optimisation of earlier versions
     row = res.pair_rows[0]
     assert row["dice_mean"] > row["dice_before_mean"] + 0.1
     assert row["folding_percent"] < 1.0 and row["seconds"] > 0
@@ -141,8 +141,21 @@ def test_instance_optimisation_and_network_evaluation(tmp_path):
     assert main(["evaluate", "--pairs", _pairs_csv(tmp_path, pair), "--checkpoint", str(ckpt), "--iters", "30",
                  "--refine", "field", "--device", "cpu", "--no-hd95", "--out", str(out2), "--quiet"]) == 0
     refined = read_results(out2).pair_rows[0]
-    assert refined["method"] == "tiny+io"  # field refinement, not weight fine-tuning
+    assert refined["method"] == "tiny+adam"  # field refinement, not weight fine-tuning
     assert refined["dice_mean"] > summary["dice"][0] + 0.1
+
+
+def test_evaluate_a_pipeline_by_name(tmp_path):
+    pair = _blob_pair(tmp_path)
+    res = evaluate_pairs([pair], method="io", device="cpu", hd95=False)
+    assert res.method == "io"
+    assert res.pair_rows[0]["dice_mean"] > res.pair_rows[0]["dice_before_mean"] + 0.1
+    out = tmp_path / "named.csv"
+    assert main(["evaluate", "--pairs", _pairs_csv(tmp_path, pair), "--method", "affine+io", "--name", "mine",
+                 "--device", "cpu", "--no-hd95", "--out", str(out), "--quiet"]) == 0
+    assert {r["method"] for r in csv.DictReader(open(out))} == {"mine"}
+    assert main(["evaluate", "--pairs", _pairs_csv(tmp_path, pair), "--method", "network", "--out",
+                 str(tmp_path / "x.csv"), "--quiet"]) == 2  # no network to run
 
 
 def _pairs_csv(tmp_path, pair):

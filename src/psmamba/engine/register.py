@@ -400,10 +400,16 @@ def _aligned(prep: _Prepared, matrix: np.ndarray, f_shape):
     """The scaled moving image (and its mask) on the fixed grid through the world ``matrix``."""
     from psmamba.affine import resample_affine
 
-    moving = resample_affine(prep.moving_s, prep.a_m, matrix, prep.a_f, f_shape)
+    same = (tuple(prep.moving_s.shape[2:]) == tuple(f_shape) and np.array_equal(matrix, np.eye(4))
+            and np.allclose(prep.a_m, prep.a_f, atol=1e-6))
+
+    def onto_fixed(x, mode="bilinear"):
+        return x if same else resample_affine(x, prep.a_m, matrix, prep.a_f, f_shape, mode=mode)
+
+    moving = onto_fixed(prep.moving_s)
     mask = prep.fixed_mask
     if prep.moving_mask is not None:
-        mm = resample_affine(prep.moving_mask, prep.a_m, matrix, prep.a_f, f_shape, mode="nearest")
+        mm = onto_fixed(prep.moving_mask, mode="nearest")
         mask = mm if mask is None else mask * mm
     return moving, (None if mask is None else mask[None, None])
 
