@@ -226,7 +226,7 @@ class ModelConfig:
 
 
 # --------------------------------------------------------------------------- training
-DATA_SOURCES = ("demo", "folder", "manifest", "lpba40", "mindboggle", "abdomenct", "pickle", "synth")
+DATA_SOURCES = ("demo", "folder", "manifest", "lpba40", "mindboggle", "abdomenct", "pickle", "synth", "pretrain")
 SIMILARITIES = ("lncc", "mse")
 REGULARISERS = ("diffusion", "bending")
 AMP_MODES = ("none", "bf16", "fp16")
@@ -241,7 +241,9 @@ class DataConfig:
         source: ``demo`` (the built-in real example, :mod:`psmamba.data.demo`), ``folder`` (any
             folder of scans, matched by patterns), ``manifest`` (a CSV/JSON list), the published
             layouts ``lpba40`` / ``mindboggle`` / ``abdomenct``, ``pickle`` (``(image, label)``
-            pickles) or ``synth`` (SynthMorph-style pairs generated on the fly, no images).
+            pickles), ``synth`` (SynthMorph-style pairs generated on the fly, no images) or
+            ``pretrain`` (:mod:`psmamba.data.pretrain`: SynthMorph-style pairs from real atlas label
+            maps mixed with augmented demo training pairs; validation on the demo's val pairs).
         root: the folder (or manifest file) for the file-based sources.
         size: for ``demo``: ``small`` (about 64^3, tests and the CPU) or ``full`` (160x192x160).
         options: extra keyword arguments for the reader / preprocessing / generator of
@@ -253,7 +255,7 @@ class DataConfig:
         num_workers: DataLoader worker processes (0 = load in the training process).
         max_train_pairs: use only the first this-many pairs of each epoch's order (debugging).
         max_val_pairs: validate on at most this many pairs (a fixed, seeded subset).
-        synth_pairs: pairs per epoch for ``source: synth``.
+        synth_pairs: pairs per epoch for ``source: synth`` and ``source: pretrain``.
         resize: train on this ``[D, H, W]`` grid: every pair is resampled to it on the fly (images
             trilinear, labels nearest, ``align_corners=True``) -- e.g. half resolution on a CPU.
             It is stored in the checkpoints as ``image_size``, so ``register`` runs the network

@@ -20,7 +20,7 @@ import numpy as np
 
 from psmamba.errors import PsmambaError
 
-__all__ = ["save_overview", "dice_boxplot", "pair_dice_plot", "PLANES"]
+__all__ = ["save_overview", "dice_boxplot", "pair_dice_plot", "read_training_log", "training_curves", "PLANES"]
 
 PLANES = ("axial", "coronal", "sagittal")
 
@@ -355,5 +355,67 @@ def pair_dice_plot(
     ax.legend(fontsize=8)
     if title:
         ax.set_title(title)
+    fig.tight_layout()
+    return _save(fig, path, dpi=dpi)
+
+
+def read_training_log(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """The validation rows of a run's ``metrics.csv``: ``{"step", "dice", "loss", "folding_percent",
+    "time"}`` arrays in step order (a resumed run's rows are already de-duplicated by the trainer).
+
+    Raises:
+        PsmambaError: missing file, or no validation rows yet.
+    """
+    import csv
+
+    p = Path(path)
+    if not p.is_file():
+        raise PsmambaError(f"training log {p} does not exist (a run's metrics.csv)")
+    cols: dict[str, list[float]] = {k: [] for k in ("step", "dice", "loss", "folding_percent", "time")}
+    with p.open(newline="", encoding="utf-8") as f:
+        for row in csv.DictReader(f):
+            if row.get("split") != "val":
+                continue
+            for k, values in cols.items():
+                try:
+                    values.append(float(row.get(k) or "nan"))
+                except ValueError:
+                    values.append(float("nan"))
+    if not cols["step"]:
+        raise PsmambaError(f"{p}: no validation rows yet")
+    order = np.argsort(cols["step"], kind="stable")
+    return {k: np.asarray(v, dtype=np.float64)[order] for k, v in cols.items()}
+
+
+def training_curves(
+    runs: Mapping[str, str | os.PathLike],
+    path: str | os.PathLike,
+    *,
+    baseline: float | None = None,
+    title: str | None = "Validation Dice",
+    dpi: int = 110,
+) -> Path:
+    """Validation Dice (network alone) against optimiser steps, one line per run.
+
+    Args:
+        runs: ``{name: metrics.csv of a run}``.
+        path: the PNG to write.
+        baseline: a horizontal reference line (e.g. the Dice before registration).
+    """
+    plt = _pyplot()
+    if not runs:
+        raise PsmambaError("training_curves: no runs to plot")
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    for (name, csv_path), colour in zip(runs.items(), _method_colours(len(runs))):
+        log = read_training_log(csv_path)
+        ax.plot(log["step"], log["dice"], marker=".", ms=3, lw=1.2, color=colour, label=name)
+    if baseline is not None:
+        ax.axhline(baseline, color="0.4", lw=0.8, ls="--", label="no registration")
+    ax.set_xlabel("optimiser step")
+    ax.set_ylabel("mean Dice (validation pairs)")
+    ax.grid(lw=0.3)
+    ax.legend(fontsize=8, frameon=False)
+    if title:
+        ax.set_title(title, loc="left")
     fig.tight_layout()
     return _save(fig, path, dpi=dpi)

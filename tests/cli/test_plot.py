@@ -100,3 +100,31 @@ def test_overview_panels(tmp_path):
         save_overview(tmp_path / "bad.png", fixed=fixed, moving=fixed, warped=fixed, ddf=ddf[:2],
                       jacobian=fixed)
     assert not (tmp_path / "bad.png").exists()
+
+
+def test_training_curves_from_metrics_csv(tmp_path):
+    """Validation rows of two runs' metrics.csv -> one PNG; train rows ignored; steps sorted."""
+    from psmamba.engine.logs import CSV_FIELDS
+    from psmamba.viz import read_training_log, training_curves
+
+    def write(path, rows):
+        with open(path, "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=CSV_FIELDS)
+            w.writeheader()
+            for r in rows:
+                w.writerow(r)
+
+    a, b = tmp_path / "a.csv", tmp_path / "b.csv"
+    write(a, [{"step": 10, "split": "train", "loss": 0.5}, {"step": 100, "split": "val", "dice": 0.7},
+              {"step": 50, "split": "val", "dice": 0.65, "folding_percent": 0.01}])
+    write(b, [{"step": 50, "split": "val", "dice": 0.6}])
+    log = read_training_log(a)
+    np.testing.assert_array_equal(log["step"], [50, 100])
+    np.testing.assert_allclose(log["dice"], [0.65, 0.7])
+    out = training_curves({"paper": a, "baseline_conv": b}, tmp_path / "curve.png", baseline=0.6)
+    assert _png_shape(out)[0] > 100
+    write(tmp_path / "empty.csv", [{"step": 10, "split": "train", "loss": 0.5}])
+    with pytest.raises(PsmambaError, match="no validation rows"):
+        read_training_log(tmp_path / "empty.csv")
+    with pytest.raises(PsmambaError, match="does not exist"):
+        read_training_log(tmp_path / "missing.csv")

@@ -4,9 +4,12 @@ From one label map (given, or drawn from smooth noise), each side of a pair is m
 
 1. a random smooth deformation: a stationary velocity field drawn as Gaussian noise on a
    coarse grid, upsampled and integrated by scaling and squaring (diffeomorphic), applied to
-   the label map with nearest-neighbour sampling;
-2. a random intensity per label (Gaussian mixture: one mean and one spread per label);
-3. a Gaussian blur of random width;
+   the label map with nearest-neighbour sampling; optionally composed with a random affine
+   map about the centre (rotation, scaling, shear, translation: ``affine_*`` ranges);
+2. a random intensity per label (Gaussian mixture: one mean and one spread per label); label 0
+   may be made black (``zero_background``: skull-stripped images have an empty background);
+3. a Gaussian blur of random width; optionally a resolution change (``resolution_prob``):
+   down-sampled by a random factor per axis and back (thick slices, low-resolution scans);
 4. a multiplicative bias field (exp of smooth coarse noise);
 5. min-max to [0, 1], a random gamma, and additive noise.
 
@@ -30,11 +33,14 @@ from psmamba.errors import PsmambaError
 __all__ = [
     "SynthConfig",
     "SynthPair",
-    "random_label_map",
-    "random_ddf",
-    "synthesize_image",
-    "synth_pair",
     "SynthPairDataset",
+    "augment_image",
+    "random_affine_ddf",
+    "random_ddf",
+    "random_deformation",
+    "random_label_map",
+    "synth_pair",
+    "synthesize_image",
 ]
 
 
@@ -55,6 +61,16 @@ class SynthConfig:
         bias_scale: the bias noise lives on a grid ``1/bias_scale`` of the image size.
         gamma_std: ``image ** exp(N(0, gamma_std))``.
         noise_std: additive noise std drawn from ``U(0, noise_std)``.
+        affine_rotation: rotation angles (degrees, about each axis) drawn from ``U(-a, a)``.
+        affine_scale: log scale per axis drawn from ``U(-s, s)`` (0.1: about +-10 %).
+        affine_shear: shear terms drawn from ``U(-h, h)``.
+        affine_shift: translation per axis drawn from ``U(-t, t)`` voxels.
+        resolution_prob: probability of a resolution change of an image.
+        resolution_max: its factor per axis is drawn from ``U(1, resolution_max)``.
+        zero_background: probability that label 0 is given intensity 0 (no spread).
+
+    The ``affine_*``, ``resolution_*`` and ``zero_background`` draws are only made when they
+    are switched on, so the defaults give the same pairs as before they existed.
     """
 
     num_labels: int = 16
@@ -69,6 +85,13 @@ class SynthConfig:
     bias_scale: int = 24
     gamma_std: float = 0.25
     noise_std: float = 0.03
+    affine_rotation: float = 0.0
+    affine_scale: float = 0.0
+    affine_shear: float = 0.0
+    affine_shift: float = 0.0
+    resolution_prob: float = 0.0
+    resolution_max: float = 1.0
+    zero_background: float = 0.0
 
     def __post_init__(self) -> None:
         if self.num_labels < 1:
@@ -76,9 +99,19 @@ class SynthConfig:
         for name in ("label_scale", "svf_scale", "bias_scale"):
             if getattr(self, name) < 1:
                 raise PsmambaError(f"SynthConfig {name} must be >= 1, got {getattr(self, name)}")
-        for name in ("svf_std", "blur_sigma", "bias_std", "gamma_std", "noise_std"):
+        for name in ("svf_std", "blur_sigma", "bias_std", "gamma_std", "noise_std", "affine_rotation",
+                     "affine_scale", "affine_shear", "affine_shift"):
             if getattr(self, name) < 0:
                 raise PsmambaError(f"SynthConfig {name} must be >= 0, got {getattr(self, name)}")
+        for name in ("resolution_prob", "zero_background"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise PsmambaError(f"SynthConfig {name} must be in [0, 1], got {getattr(self, name)}")
+        if self.resolution_max < 1:
+            raise PsmambaError(f"SynthConfig resolution_max must be >= 1, got {self.resolution_max}")
+
+    @property
+    def has_affine(self) -> bool:
+        return any(v > 0 for v in (self.affine_rotation, self.affine_scale, self.affine_shear, self.affine_shift))
 
 
 class SynthPair(NamedTuple):
@@ -152,6 +185,57 @@ def random_ddf(
     return integrate_svf(svf * std_t, steps=steps, padding="border")
 
 
+def random_affine_ddf(
+    shape: tuple[int, int, int], config: SynthConfig, batch: int = 1, seed: int | torch.Generator | None = 0,
+    device: torch.device | str | None = None, dtype=torch.float32,
+) -> torch.Tensor:
+    """The displacement ``(batch, 3, D, H, W)`` (voxels) of a random affine map about the grid centre.
+
+    ``x -> c + A (x - c) + t`` with ``A = R S H``: rotations about the three axes drawn from
+    ``U(-affine_rotation, affine_rotation)`` degrees, per-axis scales ``exp(U(-affine_scale,
+    affine_scale))``, an upper-triangular shear of ``U(-affine_shear, affine_shear)`` terms, and
+    ``t`` from ``U(-affine_shift, affine_shift)`` voxels. Voxel units on every axis (the grids
+    here are near-isotropic).
+    """
+    shape = tuple(int(s) for s in shape)
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    g = _generator(seed, device)
+    c = config
+    ang = _uniform(-c.affine_rotation, c.affine_rotation, (batch, 3), g, device, torch.float64) * math.pi / 180
+    log_s = _uniform(-c.affine_scale, c.affine_scale, (batch, 3), g, device, torch.float64)
+    shear = _uniform(-c.affine_shear, c.affine_shear, (batch, 3), g, device, torch.float64)
+    shift = _uniform(-c.affine_shift, c.affine_shift, (batch, 3), g, device, torch.float64)
+    eye = torch.eye(3, dtype=torch.float64, device=device).expand(batch, 3, 3)
+    mats = []
+    for axis in range(3):  # rotation in the plane of the two other axes
+        i, j = [a for a in range(3) if a != axis]
+        r = eye.clone()
+        cos, sin = torch.cos(ang[:, axis]), torch.sin(ang[:, axis])
+        r[:, i, i], r[:, i, j], r[:, j, i], r[:, j, j] = cos, -sin, sin, cos
+        mats.append(r)
+    h = eye.clone()
+    h[:, 0, 1], h[:, 0, 2], h[:, 1, 2] = shear[:, 0], shear[:, 1], shear[:, 2]
+    a = mats[0] @ mats[1] @ mats[2] @ torch.diag_embed(torch.exp(log_s)) @ h  # (B, 3, 3)
+    axes = [torch.arange(n, device=device, dtype=torch.float64) - (n - 1) / 2 for n in shape]
+    x = torch.stack(torch.meshgrid(*axes, indexing="ij"))  # (3, D, H, W), centred voxel coordinates
+    y = torch.einsum("bij,jdhw->bidhw", a, x) + shift[:, :, None, None, None]
+    return (y - x).to(dtype)
+
+
+def _change_resolution(x: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+    """``(B, 1, D, H, W)`` down-sampled by ``factors[b]`` (3 per item, >= 1) and back, trilinearly."""
+    shape = tuple(x.shape[2:])
+    out = []
+    for b in range(x.shape[0]):
+        small = [max(2, round(n / float(f))) for n, f in zip(shape, factors[b])]
+        if tuple(small) == shape:
+            out.append(x[b : b + 1])
+            continue
+        low = F.interpolate(x[b : b + 1], size=small, mode="trilinear", align_corners=True)
+        out.append(F.interpolate(low, size=shape, mode="trilinear", align_corners=True))
+    return torch.cat(out, dim=0)
+
+
 def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     """Separable Gaussian blur of ``(B, 1, D, H, W)`` with one sigma (voxels) per batch item."""
     out = []
@@ -196,15 +280,45 @@ def synthesize_image(
     device = labels.device
     g = _generator(seed, device)
     b = labels.shape[0]
-    shape = tuple(labels.shape[2:])
     k = int(num_labels) if num_labels is not None else int(labels.max()) + 1
     means = _uniform(*cfg.mean_range, (b, k), g, device)
     stds = _uniform(*cfg.std_range, (b, k), g, device)
     idx = labels.long().clamp_min(0).view(b, -1)
+    if cfg.zero_background > 0:  # a skull-stripped look: label 0 black, without spread
+        black = torch.rand((b,), generator=g, device=device) < cfg.zero_background
+        means[:, 0] = torch.where(black, torch.zeros_like(means[:, 0]), means[:, 0])
+        stds[:, 0] = torch.where(black, torch.zeros_like(stds[:, 0]), stds[:, 0])
     mu = torch.gather(means, 1, idx).view_as(labels).float()
     sd = torch.gather(stds, 1, idx).view_as(labels).float()
     img = mu + sd * torch.randn(labels.shape, generator=g, device=device)
-    img = _gaussian_blur(img, _uniform(0, cfg.blur_sigma, (b,), g, device))
+    return augment_image(img, cfg, seed=g)
+
+
+def augment_image(image: torch.Tensor, config: SynthConfig | None = None,
+                  seed: int | torch.Generator | None = 0) -> torch.Tensor:
+    """Steps 3-5 of the module doc on any image: blur, resolution change, bias field, min-max to
+    [0, 1], gamma, noise (for real images, whose contrast is kept).
+
+    Args:
+        image: ``(B, 1, D, H, W)`` float.
+        config: the ranges (default :class:`SynthConfig`).
+        seed: an int or a ``torch.Generator`` on ``image.device``.
+
+    Returns:
+        ``(B, 1, D, H, W)`` float32 in [0, 1].
+    """
+    cfg = config or SynthConfig()
+    if image.ndim != 5 or image.shape[1] != 1:
+        raise PsmambaError(f"augment_image needs a (B, 1, D, H, W) image, got {tuple(image.shape)}")
+    device = image.device
+    g = _generator(seed, device)
+    b = image.shape[0]
+    shape = tuple(image.shape[2:])
+    img = _gaussian_blur(image.float(), _uniform(0, cfg.blur_sigma, (b,), g, device))
+    if cfg.resolution_prob > 0:
+        change = torch.rand((b, 1), generator=g, device=device) < cfg.resolution_prob
+        factors = _uniform(1.0, cfg.resolution_max, (b, 3), g, device)
+        img = _change_resolution(img, torch.where(change, factors, torch.ones_like(factors)))
     bias_std = _uniform(0, cfg.bias_std, (b, 1, 1, 1, 1), g, device)
     img = img * torch.exp(_smooth_noise(shape, 1, b, cfg.bias_scale, g, device) * bias_std)
     lo = img.amin(dim=(1, 2, 3, 4), keepdim=True)
@@ -215,6 +329,27 @@ def synthesize_image(
     noise = _uniform(0, cfg.noise_std, (b, 1, 1, 1, 1), g, device)
     img = img + noise * torch.randn(img.shape, generator=g, device=device)
     return img.clamp(0, 1)
+
+
+def random_deformation(
+    shape: tuple[int, int, int], config: SynthConfig, batch: int = 1, seed: int | torch.Generator | None = 0,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """One side's random spatial transform ``(batch, 3, D, H, W)`` (voxels): the smooth field of
+    :func:`random_ddf` (std drawn from ``U(0, svf_std)``), then the affine map of
+    :func:`random_affine_ddf` when the config has one (``x -> affine(x + smooth(x))``)."""
+    from psmamba.spatial import compose
+
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    g = _generator(seed, device)
+    std = _uniform(0, config.svf_std, (batch,), g, device)
+    ddf = random_ddf(shape, std, config.svf_scale, config.integrate_steps, batch=batch, seed=g, device=device)
+    if config.has_affine:
+        # warp samples at x + ddf(x); "first the smooth field, then the affine map" composes them
+        # so the affine part acts on the deformed coordinates
+        aff = random_affine_ddf(shape, config, batch=batch, seed=g, device=device)
+        ddf = compose(aff, ddf, padding="border")
+    return ddf
 
 
 def synth_pair(
@@ -265,8 +400,7 @@ def synth_pair(
     k = int(labels.max()) + 1
     out = []
     for _ in range(2):  # moving, then fixed: each its own deformation and contrast
-        std = _uniform(0, cfg.svf_std, (b,), g, device)
-        ddf = random_ddf(shape, std, cfg.svf_scale, cfg.integrate_steps, batch=b, seed=g, device=device)
+        ddf = random_deformation(shape, cfg, batch=b, seed=g, device=device)
         lab = warp(labels, ddf, mode="nearest", padding="border")
         img = synthesize_image(lab, cfg, seed=g, num_labels=k)
         out.append((img, lab, ddf))

@@ -181,6 +181,11 @@ def build_datasets(cfg: TrainConfig):
     * ``synth``: ``data.synth_pairs`` new :mod:`psmamba.data.synth` pairs per epoch;
       ``data.options`` may set ``shape`` (default 64^3) and any ``SynthConfig`` field.
       Validation: ``data.max_val_pairs`` (default 8) fixed pairs from other seeds.
+    * ``pretrain``: :func:`psmamba.data.pretrain.build_pretrain` on the grid ``data.resize``
+      (default: the demo grid of ``data.size``): ``data.synth_pairs`` pairs per epoch,
+      synthetic from atlas label maps or augmented demo ``train`` pairs; validation on the
+      demo's ``val`` pairs. ``data.options`` may set ``atlases``, ``real_fraction``,
+      ``dice_groups``, ``demo_options`` and any ``SynthConfig`` field.
 
     Returns ``(train, val)``: map-style data sets of pair dicts; ``val`` is None when empty.
 
@@ -213,6 +218,16 @@ def build_datasets(cfg: TrainConfig):
         train = SynthEpochs(d.synth_pairs, seed=seed, shape=shape, config=synth_cfg)
         val = SynthEpochs(d.max_val_pairs or 8, seed=seed + 10**9, shape=shape, config=synth_cfg, fresh=False)
         return train, val
+
+    if d.source == "pretrain":
+        from psmamba.data.demo import demo_grid
+        from psmamba.data.pretrain import build_pretrain
+
+        grid = d.resize if d.resize is not None else demo_grid(d.size)[0]
+        try:
+            return build_pretrain(grid, d.synth_pairs, seed=seed, size=d.size, **options)
+        except TypeError as exc:
+            raise PsmambaError(f"data.options: {first_line(exc)} (options of psmamba.data.pretrain.build_pretrain)") from None
 
     from psmamba.data.pairs import atlas_pairs
 
