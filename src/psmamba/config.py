@@ -9,7 +9,7 @@ No torch import: cheap to load anywhere. Every configuration is a dataclass vali
   :mod:`psmamba.models.presets`), never separate classes.
 * :class:`TrainConfig`: one training run, five sections::
 
-      model:  {preset: paper, ...any ModelConfig field}
+      model:  {preset: paper, ...any ModelConfig field} or {preset: transmorph, ...its config's fields}
       data:   where the pairs come from (the demo example, a folder or published layout, synthetic)
       loss:   similarity, regulariser and optional Dice supervision
       optim:  Adam, the per-epoch poly decay, epochs, batch size, gradient accumulation
@@ -18,7 +18,8 @@ No torch import: cheap to load anywhere. Every configuration is a dataclass vali
   Every default is the paper's protocol (``shared/spec/architecture.md`` section 7): LNCC with
   a 9^3 window plus lambda = 1 diffusion, Adam with lr 1e-4 and amsgrad,
   ``lr_m = lr (1 - (m-1)/M)^0.8`` per epoch, batch 1, every ordered pair of training volumes,
-  30 epochs, fp32.
+  30 epochs, fp32. A peer network's preset brings its own loss and optimiser defaults (the
+  paper's Table 1: :data:`psmamba.models.peers.PEER_TRAINING`); values the config sets win.
 
     from psmamba.config import ModelConfig, save_yaml, load_yaml
     save_yaml("model.yaml", ModelConfig(sir_iters=5))
