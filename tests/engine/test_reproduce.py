@@ -201,3 +201,21 @@ def test_quick_reproduction_on_the_demo_data(tmp_path):
         from psmamba.engine.reproduce import reproduce
 
         reproduce(CONFIG_DIR, "lpba40", ["paper"], tmp_path / "x", grid=(8, 8, 8))
+
+
+def test_method_panel_draws_every_method_and_checks_shapes(tmp_path):
+    from psmamba.viz import PanelEntry, save_method_panel
+
+    rng = np.random.default_rng(0)
+    fixed, moving = rng.random((12, 14, 10)), rng.random((12, 14, 10))
+    labels = (fixed > 0.6).astype(np.int16)
+    methods = {f"m{k}": PanelEntry(moving, rng.normal(size=(3, 12, 14, 10)) * k, labels) for k in (1, 2, 3)}
+    one = _png_size(save_method_panel(tmp_path / "one.png", fixed=fixed, moving=moving, methods=dict(list(methods.items())[:1])))
+    three = _png_size(save_method_panel(tmp_path / "three.png", fixed=fixed, moving=moving, methods=methods,
+                                        fixed_labels=labels, moving_labels=labels, plane="coronal"))
+    assert three[0] > one[0] * 1.3  # a column per method
+    with pytest.raises(PsmambaError, match="m1's ddf has shape"):
+        save_method_panel(tmp_path / "bad.png", fixed=fixed, moving=moving,
+                          methods={"m1": PanelEntry(moving, np.zeros((3, 12, 14, 9)))})
+    with pytest.raises(PsmambaError, match="no methods"):
+        save_method_panel(tmp_path / "none.png", fixed=fixed, moving=moving, methods={})

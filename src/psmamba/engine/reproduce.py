@@ -309,7 +309,7 @@ def _evaluate(run: MethodRun, pairs, device: str, hd95: bool, say: Callable[[str
     run.params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     method = method_from_options(model, grid=training_size(ckpt), name=run.name, checkpoint=run.checkpoint)
     run.results_csv = run.train_dir.parent / "results.csv"
-    if _results_match(run.results_csv, pairs):
+    if not run.trained_now and _results_match(run.results_csv, pairs):
         say(f"  {run.title}: evaluated earlier, reusing {run.results_csv}")
     else:
         say(f"  {run.title}: evaluating {len(pairs)} pairs ...")
