@@ -214,7 +214,9 @@ def reproduce(
             raw, where = read_yaml(path), str(path)
             if steps is not None:
                 raw = apply_overrides(raw, [f"run.max_steps={int(steps)}"])
-        raw = apply_overrides(raw, [*overrides, f"run.out={out / name / 'train'}", f"run.device={device}"])
+        raw = apply_overrides(raw, list(overrides))
+        if isinstance(raw.get("run") or {}, dict):  # else config_from_dict names the bad section
+            raw["run"] = {**(raw.get("run") or {}), "out": str(out / name / "train"), "device": device}
         cfg = config_from_dict(raw, f"{where} + --set" if overrides else where)
         if cfg.model_name != name:
             raise PsmambaError(f"{where}: model.preset is {cfg.model_name!r}, expected {name!r}")
