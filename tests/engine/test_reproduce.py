@@ -113,6 +113,7 @@ def test_bad_requests_fail_before_anything_is_written(tmp_path, capsys):
         (["--quick", "--data", "lpba40"], "--quick runs on the built-in demo data"),
         (["--methods", "paper"], "--data is required"),
         (["--data", "lpba40", "--methods", "paper", "--set", "optim.lr=-1"], "optim.lr must be > 0"),
+        (["--data", "lpba40", "--methods", "paper,pivit", "--set", f"data.root={tmp_path / 'none'}"], "none"),
     ):
         assert main(["reproduce", "--config-dir", str(CONFIG_DIR), *argv, "--out", str(out)]) == 2
         assert needle in capsys.readouterr().err, needle

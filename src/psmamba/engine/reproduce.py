@@ -222,7 +222,6 @@ def reproduce(
             raise PsmambaError(f"{where}: model.preset is {cfg.model_name!r}, expected {name!r}")
         configs[name] = cfg
         runs.append(MethodRun(name, method_title(name), where, out / name / "train"))
-    out.mkdir(parents=True, exist_ok=True)
 
     # ---- the pairs every method is scored on
     from psmamba.engine.evaluate import split_pairs
@@ -234,6 +233,7 @@ def reproduce(
         pairs = pairs[:max_pairs]
     if not 0 <= figure_pair < len(pairs):
         raise PsmambaError(f"--figure-pair {figure_pair}: the {split} split has {len(pairs)} pairs here")
+    out.mkdir(parents=True, exist_ok=True)
     say(f"reproduce: {len(runs)} method(s) on {data_name} ({split}: {len(pairs)} pairs) -> {out}")
 
     # ---- train and evaluate each method
