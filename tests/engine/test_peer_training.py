@@ -168,3 +168,23 @@ def test_two_peers_train_then_register_and_evaluate(tmp_path, data_dir):
     assert main(["train", "--config", str(cfg_path), "--set", "model.preset=voxelmorph", "--out", str(vxm_out),
                  "--resume", "--set", "run.max_steps=3"]) == 0
     assert torch.load(vxm_out / "last.pt", weights_only=True)["training"]["step"] == 3
+
+
+def test_mambamorph_outputs_the_velocity_its_field_integrates():
+    from psmamba import spatial
+    from psmamba.models import RegistrationOutput, build_model
+    from psmamba.models.peers._common import VelocityOutput
+
+    torch.manual_seed(0)
+    net = build_model("mambamorph", mamba_backend="reference").eval()
+    moving, fixed = torch.rand(1, 1, 16, 16, 16), torch.rand(1, 1, 16, 16, 16)
+    with torch.no_grad():
+        out = net(moving, fixed)
+        warped, ddf = out  # still a (warped, ddf) pair
+        assert isinstance(out, RegistrationOutput) and isinstance(out, VelocityOutput)
+        assert out.velocity.shape == ddf.shape and float(out.velocity.abs().max()) > 0
+        torch.testing.assert_close(spatial.integrate_svf(out.velocity, net.config.int_steps), ddf)
+        # on a padded grid the velocity is cropped back like the field
+        odd = net(moving[..., :15, :13, :14], fixed[..., :15, :13, :14])
+        assert odd.velocity.shape == odd.ddf.shape == (1, 3, 15, 13, 14)
+    assert not hasattr(build_model("voxelmorph")(moving, fixed), "velocity")
