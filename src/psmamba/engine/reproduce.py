@@ -93,8 +93,8 @@ def quick_config(method: str, steps: int = QUICK_STEPS, grid: Sequence[int] = QU
     """A small run of ``method`` on the demo data: ``steps`` optimiser steps on ``grid``.
 
     The method's own training settings apply (its preset's defaults: the paper's Table 1); the
-    demo's volumes are resampled to ``grid``; one validation pair at the end selects nothing
-    (one validation) but exercises the same path as a full run.
+    demo's volumes are resampled to ``grid``. The run validates once, on one pair, when it
+    stops: ``best.pt`` is then simply the last model, written by the same path as in a full run.
     """
     return {
         "model": {"preset": method},
