@@ -9,7 +9,7 @@ No torch import: cheap to load anywhere. Every configuration is a dataclass vali
   :mod:`psmamba.models.presets`), never separate classes.
 * :class:`TrainConfig`: one training run, five sections::
 
-      model:  {preset: paper, ...any ModelConfig field}
+      model:  {preset: paper, ...any ModelConfig field} or {preset: transmorph, ...its config's fields}
       data:   where the pairs come from (the demo example, a folder or published layout, synthetic)
       loss:   similarity, regulariser and optional Dice supervision
       optim:  Adam, the per-epoch poly decay, epochs, batch size, gradient accumulation
@@ -18,7 +18,8 @@ No torch import: cheap to load anywhere. Every configuration is a dataclass vali
   Every default is the paper's protocol (``shared/spec/architecture.md`` section 7): LNCC with
   a 9^3 window plus lambda = 1 diffusion, Adam with lr 1e-4 and amsgrad,
   ``lr_m = lr (1 - (m-1)/M)^0.8`` per epoch, batch 1, every ordered pair of training volumes,
-  30 epochs, fp32.
+  30 epochs, fp32. A peer network's preset brings its own loss and optimiser defaults (the
+  paper's Table 1: :data:`psmamba.models.peers.PEER_TRAINING`); values the config sets win.
 
     from psmamba.config import ModelConfig, save_yaml, load_yaml
     save_yaml("model.yaml", ModelConfig(sir_iters=5))
@@ -41,7 +42,7 @@ __all__ = [
     "ModelConfig", "BLOCK_KINDS", "LEVEL_BLOCK_KINDS",
     "DataConfig", "LossConfig", "OptimConfig", "RunConfig", "TrainConfig",
     "load_train_config", "save_train_config", "apply_overrides", "parse_override", "config_to_dict",
-    "config_from_dict", "build_model_config",
+    "config_from_dict", "build_model_config", "preset_training_defaults",
     "check_keys", "to_dict", "from_dict", "save_yaml", "load_yaml", "read_yaml",
 ]
 
@@ -227,8 +228,9 @@ class ModelConfig:
 
 # --------------------------------------------------------------------------- training
 DATA_SOURCES = ("demo", "folder", "manifest", "lpba40", "mindboggle", "abdomenct", "pickle", "synth", "pretrain")
-SIMILARITIES = ("lncc", "mse")
+SIMILARITIES = ("lncc", "mse", "none")
 REGULARISERS = ("diffusion", "bending")
+REGULARISED_FIELDS = ("ddf", "velocity")
 AMP_MODES = ("none", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -304,23 +306,33 @@ class LossConfig:
     """The training objective ``sim(warped, fixed) + reg_weight * reg(ddf) + dice_weight * Dice``.
 
     Attributes:
-        similarity: ``lncc`` (negative local NCC, lower is better) or ``mse``.
+        similarity: ``lncc`` (negative local NCC, lower is better), ``mse`` or ``none`` (no
+            image term: MambaMorph's Dice-only training, paper Table 1).
         window: LNCC box window (the paper: 9).
         regulariser: ``diffusion`` (the paper's gradient L2) or ``bending``.
+        regularise: the field the regulariser sees: ``ddf`` (the displacement, the paper) or
+            ``velocity`` (the stationary velocity field BEFORE integration, as MambaMorph's code
+            does; only for a network that outputs it, see
+            :class:`psmamba.models.peers._common.VelocityOutput`).
         reg_weight: lambda (the paper: 1).
         dice_weight: weight of the soft Dice loss between warped moving labels and fixed labels
             (0 = unsupervised, the paper). Needs labels in the data.
+
+    A peer network's preset (``model.preset: transmorph``, ...) brings its own defaults for
+    these fields (:data:`psmamba.models.peers.PEER_TRAINING`); a value set in the config wins.
     """
 
     similarity: str = "lncc"
     window: int = 9
     regulariser: str = "diffusion"
+    regularise: str = "ddf"
     reg_weight: float = 1.0
     dice_weight: float = 0.0
 
     def __post_init__(self) -> None:
         _choice("loss.similarity", self.similarity, SIMILARITIES)
         _choice("loss.regulariser", self.regulariser, REGULARISERS)
+        _choice("loss.regularise", self.regularise, REGULARISED_FIELDS)
         _pos_int("loss.window", self.window)
         if self.window % 2 == 0:
             raise PsmambaError(f"loss.window must be odd (a box centred on each voxel), got {self.window}")
@@ -328,6 +340,8 @@ class LossConfig:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or value < 0 or not math.isfinite(value):
                 raise PsmambaError(f"loss.{name} must be a finite number >= 0, got {value!r}")
+        if self.similarity == "none" and self.dice_weight == 0:
+            raise PsmambaError("loss.similarity=none needs loss.dice_weight > 0 (else nothing matches the images)")
 
 
 @dataclass
@@ -433,6 +447,11 @@ class TrainConfig:
     ``model`` is a mapping: ``preset`` names one of :data:`psmamba.models.PRESETS` (default
     ``paper``) and every other key overrides a field of that preset's
     :class:`psmamba.models.ModelConfig`; the keys are checked against ``ModelConfig``.
+    ``preset`` may also name a comparison network of :data:`psmamba.models.PEERS`
+    (``transmorph``, ...): the other keys then override fields of its config, and its training
+    settings of the paper's Table 1 (:data:`psmamba.models.peers.PEER_TRAINING`) are the
+    defaults of ``loss`` and ``optim`` (:func:`config_from_dict` applies them; a value the
+    config sets wins).
     """
 
     model: dict[str, Any] = field(default_factory=lambda: {"preset": "paper"})
@@ -448,8 +467,14 @@ class TrainConfig:
         self.model.setdefault("preset", "paper")
 
     def model_config(self):
-        """The :class:`psmamba.models.ModelConfig` this run trains (preset plus overrides)."""
+        """The config of the network this run trains (preset plus overrides): a
+        :class:`ModelConfig`, or a peer network's config (see :attr:`model_name`)."""
         return build_model_config(self.model)
+
+    @property
+    def model_name(self) -> str:
+        """The preset: a PSMamba-Net preset or a peer network's name (``transmorph``, ...)."""
+        return str(self.model.get("preset", "paper"))
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (YAML/JSON safe); :meth:`from_dict` inverts it."""
@@ -471,14 +496,27 @@ _SECTIONS: dict[str, type] = {
 
 # --------------------------------------------------------------------------- model section
 def build_model_config(section: Mapping[str, Any], source: str = "config"):
-    """``{preset: NAME, key: value, ...}`` -> ``ModelConfig`` (unknown keys raise, naming ``source``)."""
-    from psmamba import models  # torch; only when a model section is actually resolved
+    """``{preset: NAME, key: value, ...}`` -> the network's config (unknown keys raise, naming ``source``).
+
+    A PSMamba-Net preset gives a :class:`ModelConfig`; a peer network's name (a key of
+    :data:`psmamba.models.PEERS`) gives that peer's config dataclass
+    (:mod:`psmamba.models.peers.hparams`), the other keys overriding its fields.
+    """
+    from psmamba import models  # only when a model section is actually resolved
 
     section = dict(section)
     preset = section.pop("preset", "paper")
     presets = getattr(models, "PRESETS", {})
+    if preset in models.PEERS:
+        from psmamba.models.peers import peer_config
+
+        try:
+            return peer_config(preset, **section)
+        except PsmambaError as exc:
+            raise PsmambaError(f"{source}: model.preset {preset}: {first_line(exc)}") from None
     if preset not in presets:
-        raise PsmambaError(f"{source}: unknown model.preset {preset!r} (known: {', '.join(sorted(presets))})")
+        known = ", ".join([*sorted(presets), *sorted(models.PEERS)])
+        raise PsmambaError(f"{source}: unknown model.preset {preset!r} (known: {known})")
     base = presets[preset]
     base = base if dataclasses.is_dataclass(base) else models.ModelConfig(**dict(base))
     check_keys(section, type(base), source, prefix="model.", extra=("preset",))
@@ -496,26 +534,39 @@ def config_from_dict(raw: Mapping[str, Any], source: str = "config") -> TrainCon
     if not isinstance(raw, Mapping):
         raise PsmambaError(f"{source}: the top level must be a mapping of sections, got {type(raw).__name__}")
     check_keys(raw, ("model", *_SECTIONS), source)
+    model = raw.get("model") or {}
+    if isinstance(model, str):  # "model: paper" is shorthand for "model: {preset: paper}"
+        model = {"preset": model}
+    if not isinstance(model, Mapping):
+        raise PsmambaError(f"{source}: section 'model' must be a mapping or a preset name, got {model!r}")
+    defaults = preset_training_defaults(model.get("preset", "paper"))
     kwargs: dict[str, Any] = {}
     for name, cls in _SECTIONS.items():
         section = raw.get(name) or {}
         if not isinstance(section, Mapping):
             raise PsmambaError(f"{source}: section {name!r} must be a mapping, got {section!r}")
         check_keys(section, cls, source, prefix=f"{name}.")
+        section = {**defaults.get(name, {}), **section}  # the preset's defaults, then the config's values
         try:
             kwargs[name] = cls(**dict(section))
         except PsmambaError as exc:
             raise PsmambaError(f"{source}: {exc}") from None
         except TypeError as exc:  # e.g. a list where a number belongs
             raise PsmambaError(f"{source}: bad value in section {name!r}: {exc}") from None
-    model = raw.get("model") or {}
-    if isinstance(model, str):  # "model: paper" is shorthand for "model: {preset: paper}"
-        model = {"preset": model}
-    if not isinstance(model, Mapping):
-        raise PsmambaError(f"{source}: section 'model' must be a mapping or a preset name, got {model!r}")
     cfg = TrainConfig(model=dict(model), **kwargs)
     build_model_config(cfg.model, source)  # unknown model keys fail here, before anything runs
     return cfg
+
+
+def preset_training_defaults(preset: Any) -> dict[str, dict[str, Any]]:
+    """The ``loss`` / ``optim`` defaults a model preset brings: a peer network's training
+    settings (:data:`psmamba.models.peers.PEER_TRAINING`, the paper's Table 1), ``{}`` for a
+    PSMamba-Net preset (whose defaults are the dataclasses' own, the paper's protocol)."""
+    from psmamba.models.peers import PEER_TRAINING  # no torch: the registry only
+
+    if not isinstance(preset, str) or preset not in PEER_TRAINING:
+        return {}
+    return {section: dict(values) for section, values in PEER_TRAINING[preset].items()}
 
 
 def config_to_dict(cfg: TrainConfig) -> dict[str, Any]:

@@ -20,7 +20,8 @@ import numpy as np
 
 from psmamba.errors import PsmambaError
 
-__all__ = ["save_overview", "dice_boxplot", "pair_dice_plot", "read_training_log", "training_curves", "PLANES"]
+__all__ = ["save_overview", "save_method_panel", "PanelEntry", "dice_boxplot", "pair_dice_plot",
+           "read_training_log", "training_curves", "PLANES"]
 
 PLANES = ("axial", "coronal", "sagittal")
 
@@ -200,21 +201,7 @@ def save_overview(
         jac_im = axes[r, 4].imshow(view.cut(np.asarray(jacobian)), cmap="jet", norm=jet_norm, **show)
         rgb = np.stack([view.cut(np.asarray(ddf[c])) for c in range(3)], axis=-1)
         axes[r, 5].imshow(np.clip(0.5 + rgb / (2 * umax), 0, 1), **show)
-        # deformation grid: lines of constant row/column moved by the in-plane displacement
-        uv, uh = view.inplane(np.asarray(ddf))
-        rows, cols = uv.shape
-        step = grid_step or max(1, int(round(max(rows, cols) / 24)))
-        yy, xx = np.mgrid[0:rows, 0:cols].astype(np.float32)
-        ys, xs = yy + uv, xx + uh
-        ax = axes[r, 6]
-        for i in range(0, rows, step):
-            ax.plot(xs[i, :], ys[i, :], color="k", lw=0.5)
-        for j in range(0, cols, step):
-            ax.plot(xs[:, j], ys[:, j], color="k", lw=0.5)
-        ax.set_xlim(-0.5, cols - 0.5)
-        ax.set_ylim(-0.5, rows - 0.5)
-        ax.set_aspect(aspect)
-        ax.set_facecolor("white")
+        _draw_grid(axes[r, 6], view, np.asarray(ddf), aspect, grid_step)
         for c in range(ncol):
             axes[r, c].set_xticks([])
             axes[r, c].set_yticks([])
@@ -229,6 +216,156 @@ def save_overview(
         cbar.ax.tick_params(labelsize=7)
     if title:
         fig.suptitle(title, fontsize=11)
+    return _save(fig, path, dpi=dpi, bbox_inches="tight")
+
+
+def _draw_grid(ax, view: _View, ddf: np.ndarray, aspect: float, grid_step: int | None) -> None:
+    """The deformation grid: lines of constant row/column moved by the in-plane displacement."""
+    uv, uh = view.inplane(ddf)
+    rows, cols = uv.shape
+    step = grid_step or max(1, int(round(max(rows, cols) / 24)))
+    yy, xx = np.mgrid[0:rows, 0:cols].astype(np.float32)
+    ys, xs = yy + uv, xx + uh
+    for i in range(0, rows, step):
+        ax.plot(xs[i, :], ys[i, :], color="k", lw=0.5)
+    for j in range(0, cols, step):
+        ax.plot(xs[:, j], ys[:, j], color="k", lw=0.5)
+    ax.set_xlim(-0.5, cols - 0.5)
+    ax.set_ylim(-0.5, rows - 0.5)
+    ax.set_aspect(aspect)
+    ax.set_facecolor("white")
+
+
+@dataclass(frozen=True)
+class PanelEntry:
+    """One method's registration of the panel's pair, on the fixed grid.
+
+    Attributes:
+        warped: ``(D, H, W)`` the moving image warped.
+        ddf: ``(3, D, H, W)`` voxel displacements.
+        warped_labels: ``(D, H, W)`` integer labels warped (nearest), or None.
+    """
+
+    warped: np.ndarray
+    ddf: np.ndarray
+    warped_labels: np.ndarray | None = None
+
+
+def _label_rgba(labels: np.ndarray, colours: Mapping[int, tuple], alpha: float = 0.6) -> np.ndarray:
+    """``(rows, cols)`` integer labels -> RGBA with one fixed colour per code (0 transparent)."""
+    out = np.zeros(labels.shape + (4,), dtype=np.float32)
+    for code, colour in colours.items():
+        m = labels == code
+        out[m, :3] = colour[:3]
+        out[m, 3] = alpha
+    return out
+
+
+def save_method_panel(
+    path: str | os.PathLike,
+    *,
+    fixed: np.ndarray,
+    moving: np.ndarray,
+    methods: Mapping[str, PanelEntry],
+    fixed_labels: np.ndarray | None = None,
+    moving_labels: np.ndarray | None = None,
+    affine: np.ndarray | None = None,
+    plane: str = "axial",
+    title: str | None = None,
+    grid_step: int | None = None,
+    dpi: int = 110,
+) -> Path:
+    """The paper's Figure 6: every method's registration of ONE pair, side by side.
+
+    Columns: fixed, moving, then one per method (in the order given). Rows: the (warped) image,
+    the (warped) labels over it, the displacement magnitude ``|ddf|`` in voxels (jet, one scale
+    for all methods), the field as RGB (channel i -> colour i, 0.5 = no displacement, one scale
+    for all) and the deformed grid. The fixed and moving columns show their image and labels
+    only. Label colours are the same code for code in every panel.
+
+    Args:
+        path: the PNG to write.
+        fixed, moving: ``(D, H, W)`` on the fixed grid (moving resampled onto it).
+        methods: ``{name: PanelEntry}`` on the same grid.
+        fixed_labels, moving_labels: ``(D, H, W)`` integer labels or None.
+        affine: the fixed grid's affine (orientation and pixel aspect), or None.
+        plane: ``"axial"``, ``"coronal"`` or ``"sagittal"``.
+    """
+    plt = _pyplot()
+    from matplotlib import colormaps
+    from matplotlib.colors import Normalize
+
+    fixed = np.asarray(fixed, dtype=np.float32)
+    shape = fixed.shape
+    if not methods:
+        raise PsmambaError("method panel: no methods to draw")
+    arrays = {"moving": moving, "fixed labels": fixed_labels, "moving labels": moving_labels}
+    for name, e in methods.items():
+        arrays.update({f"{name} warped": e.warped, f"{name} warped labels": e.warped_labels})
+        if np.shape(e.ddf) != (3,) + tuple(shape):
+            raise PsmambaError(f"method panel: {name}'s ddf has shape {np.shape(e.ddf)}, expected {(3,) + tuple(shape)}")
+    for name, arr in arrays.items():
+        if arr is not None and np.shape(arr) != shape:
+            raise PsmambaError(f"method panel: {name} has shape {np.shape(arr)}, expected {shape}")
+    has_labels = fixed_labels is not None and np.any(fixed_labels)
+    (view,) = _views(shape, affine, [plane], _centre(np.asarray(fixed_labels) if has_labels else fixed))
+    sp = _spacing(affine)
+    aspect = sp[view.vert] / sp[view.horiz]
+    show = dict(origin="lower", aspect=aspect, interpolation="nearest")
+    lo, hi = np.percentile(fixed, [0.5, 99.5])
+    mlo, mhi = np.percentile(np.asarray(moving), [0.5, 99.5])
+    hi, mhi = (hi if hi > lo else lo + 1.0), (mhi if mhi > mlo else mlo + 1.0)
+    # one colour per label code, the same in every panel
+    codes = set()
+    for lab in (fixed_labels, moving_labels, *(e.warped_labels for e in methods.values())):
+        if lab is not None:
+            codes |= {int(c) for c in np.unique(lab) if c != 0}
+    tab = colormaps["tab20"](np.arange(20))
+    base = np.concatenate([tab[0::2], tab[1::2]])
+    extra = colormaps["hsv"](np.linspace(0, 1, max(1, len(codes) - 20), endpoint=False))
+    palette = np.concatenate([base, extra])
+    colours = {c: tuple(palette[i]) for i, c in enumerate(sorted(codes))}
+    mags = {name: np.sqrt((np.asarray(e.ddf, dtype=np.float32) ** 2).sum(0)) for name, e in methods.items()}
+    mag_max = max(float(np.max([view.cut(m).max() for m in mags.values()])), 1e-6)
+    umax = max(float(np.abs(np.asarray(e.ddf)).max()) for e in methods.values()) or 1.0
+    rows = ["image", "labels", "|ddf| (voxels)", "field (RGB)", "deformation grid"]
+    columns = ["fixed", "moving", *methods]
+    fig, axes = plt.subplots(len(rows), len(columns), figsize=(2.2 * len(columns), 2.3 * len(rows) + 0.8), squeeze=False)
+    mag_im = None
+    for c, col in enumerate(columns):
+        if col == "fixed":
+            img, lab, rng = fixed, fixed_labels, (lo, hi)
+        elif col == "moving":
+            img, lab, rng = np.asarray(moving), moving_labels, (mlo, mhi)
+        else:
+            e = methods[col]
+            img, lab, rng = np.asarray(e.warped), e.warped_labels, (mlo, mhi)
+        sl = view.cut(img)
+        axes[0, c].imshow(sl, cmap="gray", vmin=rng[0], vmax=rng[1], **show)
+        axes[1, c].imshow(sl, cmap="gray", vmin=rng[0], vmax=rng[1], **show)
+        if lab is not None:
+            axes[1, c].imshow(_label_rgba(view.cut(np.asarray(lab)), colours), **show)
+        if col in methods:
+            ddf = np.asarray(methods[col].ddf, dtype=np.float32)
+            mag_im = axes[2, c].imshow(view.cut(mags[col]), cmap="jet", norm=Normalize(0.0, mag_max), **show)
+            rgb = np.stack([view.cut(ddf[k]) for k in range(3)], axis=-1)
+            axes[3, c].imshow(np.clip(0.5 + rgb / (2 * umax), 0, 1), **show)
+            _draw_grid(axes[4, c], view, ddf, aspect, grid_step)
+        else:
+            for r in range(2, len(rows)):
+                axes[r, c].axis("off")
+        for r in range(len(rows)):
+            axes[r, c].set_xticks([])
+            axes[r, c].set_yticks([])
+        axes[0, c].set_title(col, fontsize=10)
+    for r, name in enumerate(rows):
+        axes[r, 0 if r < 2 else 2].set_ylabel(name, fontsize=9)
+    if mag_im is not None:
+        cax = axes[2, 1].inset_axes([0.45, 0.05, 0.1, 0.9])
+        cbar = fig.colorbar(mag_im, cax=cax)
+        cbar.ax.tick_params(labelsize=7)
+        cbar.set_label("|ddf| (voxels)", fontsize=8)
+    fig.suptitle(title or f"{view.name} slice {view.index}", fontsize=11)
     return _save(fig, path, dpi=dpi, bbox_inches="tight")
 
 

@@ -91,3 +91,19 @@ def test_label_map_validation_and_helpers():
         as_label_map("nope")
     assert format_codes([1, 2, 3, 5, 7, 8]) == "1-3, 5, 7-8"
     assert LPBA40.with_unknown("drop").apply(np.array([999, 21])).tolist() == [0, 1]
+
+
+def test_label_groups_cover_every_evaluation_label_once():
+    from psmamba.data.labels import LPBA40_NAMES, label_groups, label_map_by_name
+
+    for name in ("lpba40", "mindboggle", "abdomen", "subcortical14"):
+        groups = label_groups(name)
+        labels = sorted(lab for labs in groups.values() for lab in labs)
+        assert labels == list(range(1, label_map_by_name(name).num_labels + 1)), name
+    lpba = label_groups("lpba40")
+    assert [LPBA40_NAMES[k - 1] for k in lpba["occipital"]][::2] == [
+        "L superior occipital gyrus", "L middle occipital gyrus", "L inferior occipital gyrus", "L cuneus"]
+    assert lpba["hippocampus"] == (53, 54) and len(lpba["frontal"]) == 14
+    dkt = label_groups("dkt31")
+    assert len(dkt["insula"]) == 2 and sum(map(len, dkt.values())) == 62
+    assert label_groups("subcortical14")["caudate"] == (2, 9)

@@ -1,8 +1,11 @@
-"""``psmamba train``: train PSMamba-Net from a YAML config (the paper's protocol by default).
+"""``psmamba train``: train PSMamba-Net from a YAML config (the paper's protocol by default), or
+one of the paper's comparison networks (``--set model.preset=transmorph``: its Table 1 training
+is then the default of ``loss`` and ``optim``).
 
 Examples::
 
     psmamba train --config configs/paper_lpba40.yaml --out runs/lpba40
+    psmamba train --config configs/paper_lpba40.yaml --set model.preset=transmorph --out runs/transmorph
     psmamba train --config configs/demo.yaml --set optim.epochs=2 --set run.max_steps=50
     psmamba train --out runs/lpba40 --resume                       # continue exactly
     torchrun --nproc_per_node 4 -m psmamba train --config cfg.yaml # 4 GPUs (DDP)

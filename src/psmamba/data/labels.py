@@ -43,6 +43,11 @@ __all__ = [
     "SUBCORTICAL_FREESURFER_CODES",
     "SUBCORTICAL",
     "format_codes",
+    "LPBA40_GROUPS",
+    "DKT31_GROUPS",
+    "SUBCORTICAL_GROUPS",
+    "ABDOMEN_GROUPS",
+    "label_groups",
 ]
 
 
@@ -285,6 +290,54 @@ SUBCORTICAL_FREESURFER_CODES: tuple[int, ...] = (10, 11, 12, 13, 17, 18, 26, 49,
 SUBCORTICAL = LabelMap(
     "subcortical14", SUBCORTICAL_FREESURFER_CODES, SUBCORTICAL_NAMES, unknown="drop"
 )
+
+
+# ---------------------------------------------------------------------- ROI groups (box plots)
+# The groups of evaluation labels (1..K of each protocol) that the per-ROI box plots summarise,
+# left and right together. LPBA40: its own hierarchy, one group per code decade (21-34 frontal,
+# 41-50 parietal, 61-68 occipital, 81-92 temporal, 101-102 insula, 121-122 cingulate) and the
+# three subcortical structures on their own. DKT31: FreeSurfer's lobe assignment of the DK
+# regions, with the cingulate and the insula as groups of their own (as in LPBA40). Abdomen:
+# every organ is its own group. The demo's 14 structures: one group per structure.
+def _groups_by_code(label_map: LabelMap, groups: Mapping[str, Iterable[int]]) -> dict[str, tuple[int, ...]]:
+    """``{group: source codes}`` -> ``{group: evaluation labels 1..K}`` (every kept code exactly once)."""
+    to_label = label_map.code_to_label()
+    out = {name: tuple(sorted(to_label[c] for c in codes)) for name, codes in groups.items()}
+    used = sorted(lab for labs in out.values() for lab in labs)
+    if used != list(range(1, label_map.num_labels + 1)):
+        raise AssertionError(f"label groups of {label_map.name} do not cover labels 1..{label_map.num_labels} once")
+    return out
+
+
+LPBA40_GROUPS: dict[str, tuple[int, ...]] = _groups_by_code(LPBA40, {
+    "frontal": range(21, 35), "parietal": range(41, 51), "occipital": range(61, 69), "temporal": range(81, 93),
+    "insula": (101, 102), "cingulate": (121, 122), "caudate": (161, 162), "putamen": (163, 164),
+    "hippocampus": (165, 166),
+})
+_DK_LOBES = {
+    "frontal": ("caudalmiddlefrontal", "lateralorbitofrontal", "medialorbitofrontal", "paracentral",
+                "parsopercularis", "parsorbitalis", "parstriangularis", "precentral", "rostralmiddlefrontal",
+                "superiorfrontal"),
+    "parietal": ("inferiorparietal", "postcentral", "precuneus", "superiorparietal", "supramarginal"),
+    "occipital": ("cuneus", "lateraloccipital", "lingual", "pericalcarine"),
+    "temporal": ("entorhinal", "fusiform", "inferiortemporal", "middletemporal", "parahippocampal",
+                 "superiortemporal", "transversetemporal"),
+    "cingulate": ("caudalanteriorcingulate", "isthmuscingulate", "posteriorcingulate", "rostralanteriorcingulate"),
+    "insula": ("insula",),
+}
+DKT31_GROUPS: dict[str, tuple[int, ...]] = _groups_by_code(DKT31, {
+    lobe: [c + offset for c in _DKT31_LEFT if _DK_NAMES[c] in regions for offset in (0, 1000)]
+    for lobe, regions in _DK_LOBES.items()
+})
+SUBCORTICAL_GROUPS: dict[str, tuple[int, ...]] = {s: (k + 1, k + 1 + len(_SUB)) for k, s in enumerate(_SUB)}
+ABDOMEN_GROUPS: dict[str, tuple[int, ...]] = {name: (code,) for code, name in ABDOMEN_NAMES.items()}
+
+
+def label_groups(name: str) -> dict[str, tuple[int, ...]]:
+    """The ROI groups ``{group: evaluation labels}`` of a protocol (names as :func:`label_map_by_name`)."""
+    table = {"lpba40": LPBA40_GROUPS, "dkt31": DKT31_GROUPS, "abdomenctct": ABDOMEN_GROUPS,
+             "subcortical14": SUBCORTICAL_GROUPS}
+    return dict(table[label_map_by_name(name).name])
 
 
 def label_map_by_name(name: str) -> LabelMap:

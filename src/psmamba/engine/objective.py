@@ -14,31 +14,37 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["Objective", "train_step", "autocast", "no_autocast", "to_device", "STEP_TERMS"]
+__all__ = ["Objective", "train_step", "velocity_of", "autocast", "no_autocast", "to_device", "STEP_TERMS"]
 
 #: the terms :func:`train_step` returns, in order
 STEP_TERMS = ("loss", "similarity", "regulariser", "dice_loss")
 
 
 class Objective(nn.Module):
-    """``similarity(warped, fixed) + reg_weight * regulariser(ddf) [+ dice_weight * DiceLoss]``.
+    """``similarity(warped, fixed) + reg_weight * regulariser(field) [+ dice_weight * DiceLoss]``.
 
     Built from a :class:`psmamba.config.LossConfig` (or anything with its fields). Computed in
     float32 whatever the autocast dtype of the forward pass. The Dice term warps the one-hot
     moving labels with the field (trilinear, so it is differentiable) and compares them with
-    the fixed labels; the number of classes is ``1 + max label`` of the pair.
+    the fixed labels; the number of classes is ``1 + max label`` of the pair. ``similarity:
+    none`` drops the image term (its part is reported as 0); ``regularise: velocity``
+    regularises the network's velocity field before integration instead of ``ddf``.
 
     ``forward(warped (B,1,D,H,W), ddf (B,3,D,H,W), fixed (B,1,D,H,W), moving_labels=None,
-    fixed_labels=None) -> (total, parts)`` where ``parts`` holds the detached terms
-    ``similarity``, ``regulariser`` and ``dice_loss``.
+    fixed_labels=None, velocity=None) -> (total, parts)`` where ``parts`` holds the detached
+    terms ``similarity``, ``regulariser`` and ``dice_loss``; ``velocity`` ``(B,3,D,H,W)`` is
+    required with ``regularise: velocity`` (a
+    :class:`~psmamba.models.peers._common.VelocityOutput`'s attribute: :func:`velocity_of`).
     """
 
     def __init__(self, cfg) -> None:
         super().__init__()
         from psmamba.losses import LNCC, MSE, BendingEnergy, DiceLoss, Diffusion
 
-        self.similarity = LNCC(window=cfg.window) if cfg.similarity == "lncc" else MSE()
+        kind = getattr(cfg, "similarity", "lncc")
+        self.similarity = None if kind == "none" else LNCC(window=cfg.window) if kind == "lncc" else MSE()
         self.regulariser = Diffusion() if cfg.regulariser == "diffusion" else BendingEnergy()
+        self.regularise = getattr(cfg, "regularise", "ddf")
         self.reg_weight = float(cfg.reg_weight)
         self.dice_weight = float(cfg.dice_weight)
         self.dice = DiceLoss() if self.dice_weight > 0 else None
@@ -50,14 +56,22 @@ class Objective(nn.Module):
 
         return cls(LossConfig(similarity="lncc", window=int(window), regulariser="diffusion", reg_weight=float(lam)))
 
-    def forward(self, warped, ddf, fixed, moving_labels=None, fixed_labels=None):
+    def forward(self, warped, ddf, fixed, moving_labels=None, fixed_labels=None, velocity=None):
         from psmamba import spatial
         from psmamba.losses import one_hot
 
+        if self.regularise == "velocity" and velocity is None:
+            from psmamba.errors import PsmambaError
+
+            raise PsmambaError("loss.regularise=velocity needs a network that outputs its velocity field "
+                               "(mambamorph, mambamorph_feat); use loss.regularise=ddf")
         with no_autocast(warped.device):
             warped, ddf, fixed = warped.float(), ddf.float(), fixed.float()
-            sim = self.similarity(warped, fixed)
-            reg = self.regulariser(ddf)
+            if self.similarity is None:
+                sim = torch.zeros((), device=warped.device)
+            else:
+                sim = self.similarity(warped, fixed)
+            reg = self.regulariser(velocity.float() if self.regularise == "velocity" else ddf)
             total = sim + self.reg_weight * reg
             dice_loss = torch.zeros((), device=warped.device)
             if self.dice is not None and moving_labels is not None and fixed_labels is not None:
@@ -68,6 +82,11 @@ class Objective(nn.Module):
                     total = total + self.dice_weight * dice_loss
         parts = {"similarity": sim.detach(), "regulariser": reg.detach(), "dice_loss": dice_loss.detach()}
         return total, parts
+
+
+def velocity_of(output: Any) -> torch.Tensor | None:
+    """The velocity field a network's output carries (a ``VelocityOutput``), else None."""
+    return getattr(output, "velocity", None)
 
 
 def no_autocast(device: torch.device):
@@ -134,7 +153,7 @@ def train_step(
             with autocast(batch["moving"].device, amp):
                 res = model(batch["moving"], batch["fixed"])
             loss, parts = objective(res.warped, res.ddf, batch["fixed"],
-                                    batch.get("moving_labels"), batch.get("fixed_labels"))
+                                    batch.get("moving_labels"), batch.get("fixed_labels"), velocity_of(res))
             scaled = loss / accumulate
             (scaler.scale(scaled) if scaler is not None else scaled).backward()
         terms = torch.stack([loss.detach(), parts["similarity"], parts["regulariser"], parts["dice_loss"]]).double()

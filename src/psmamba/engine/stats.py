@@ -7,6 +7,8 @@ left out and counted):
 * every two methods: a paired t-test (``scipy.stats.ttest_rel``) and a Wilcoxon signed-rank
   test (``scipy.stats.wilcoxon``, two-sided), each with its raw p-value and the
   Bonferroni-corrected one (``min(1, p * m)``, ``m = k (k - 1) / 2`` comparisons of k methods);
+  or, with ``reference=`` (the paper: PSMamba-Net against each peer), the reference against
+  every other method only (``m = k - 1``);
 * with three or more methods: a one-way ANOVA (``scipy.stats.f_oneway``) and Tukey's honestly
   significant difference test (``scipy.stats.tukey_hsd``) with 95 % confidence intervals.
   These treat the methods' Dice as independent groups, as the paper does.
@@ -87,6 +89,7 @@ class Comparison:
         anova: ``{"F", "p"}`` with three or more methods, else None.
         tukey: one dict per pair of methods (``a``, ``b``, ``diff`` = mean a - mean b, ``p``,
             ``ci_low``, ``ci_high``) with three or more methods, else None.
+        reference: the method the paired tests compare with the others (None: every two).
     """
 
     methods: list[str]
@@ -96,11 +99,12 @@ class Comparison:
     pairwise: list[PairwiseTest] = field(default_factory=list)
     anova: dict[str, float] | None = None
     tukey: list[dict[str, Any]] | None = None
+    reference: str | None = None
 
     def to_text(self) -> str:
         """A readable report: per-method means, the pairwise table, ANOVA and Tukey's HSD."""
         k, n = len(self.methods), len(self.pair_ids)
-        m = k * (k - 1) // 2
+        m = len(self.pairwise)
         lines = [f"Per-pair mean Dice on {n} pairs common to all {k} methods"]
         dropped = {name: c for name, c in self.left_out.items() if c}
         if dropped:
@@ -110,7 +114,8 @@ class Comparison:
             sd = row.std(ddof=1) if row.size > 1 else 0.0
             lines.append(f"  {name:<{width}}  {row.mean():.4f} ± {sd:.4f}")
         lines.append("")
-        lines.append(f"Paired tests (two-sided; Bonferroni over {m} comparison{'s' if m != 1 else ''})")
+        against = f"{self.reference} against each other method" if self.reference else "every two methods"
+        lines.append(f"Paired tests, {against} (two-sided; Bonferroni over {m} comparison{'s' if m != 1 else ''})")
         lines.append(
             f"  {'A':<{width}}  {'B':<{width}}  {'mean A-B':>9}  {'t':>8}  {'p':>9}  {'p_bonf':>9}"
             f"  {'W':>8}  {'p':>9}  {'p_bonf':>9}"
@@ -136,6 +141,8 @@ class Comparison:
     def to_rows(self) -> list[dict[str, Any]]:
         """One row per pair of methods (pairwise tests, plus Tukey's columns when present)."""
         tukey = {(r["a"], r["b"]): r for r in self.tukey or []}
+        tukey.update({(r["b"], r["a"]): {**r, "diff": -r["diff"], "ci_low": -r["ci_high"], "ci_high": -r["ci_low"]}
+                      for r in self.tukey or []})
         rows = []
         for t in self.pairwise:
             row = dict(t.__dict__)
@@ -152,11 +159,17 @@ def _p(p: float) -> str:
     return f"{p:>9.3g}" if not math.isnan(p) else f"{'nan':>9}"
 
 
-def compare_methods(per_pair: dict[str, dict[str, float]]) -> Comparison:
+def compare_methods(per_pair: dict[str, dict[str, float]], reference: str | None = None) -> Comparison:
     """Run the tests of the module docstring on ``{method: {pair_id: mean Dice}}``.
 
+    Args:
+        per_pair: the per-pair mean Dice of each method.
+        reference: compare this method with each other one (``k - 1`` paired tests, Bonferroni
+            over ``k - 1``) instead of every two methods. ANOVA and Tukey's HSD are unchanged.
+
     Raises:
-        PsmambaError: fewer than two methods, or fewer than two pairs common to all of them.
+        PsmambaError: fewer than two methods, fewer than two pairs common to all of them, or a
+            reference that is not among the methods.
     """
     from scipy import stats
 
@@ -174,17 +187,23 @@ def compare_methods(per_pair: dict[str, dict[str, float]]) -> Comparison:
     values = np.array([[per_pair[m][p] for p in ids] for m in methods], dtype=np.float64)
     left_out = {m: len(per_pair[m]) - len(ids) for m in methods}
     k = len(methods)
-    n_cmp = k * (k - 1) // 2
-    comp = Comparison(methods, ids, values, left_out)
-    for i in range(k):
-        for j in range(i + 1, k):
-            r = paired_tests(values[i], values[j])
-            comp.pairwise.append(PairwiseTest(
-                a=methods[i], b=methods[j], n=len(ids),
-                mean_a=float(values[i].mean()), mean_b=float(values[j].mean()), mean_diff=r["mean_diff"],
-                t=r["t"], p_t=r["p_t"], p_t_bonferroni=bonferroni(r["p_t"], n_cmp),
-                w=r["w"], p_w=r["p_w"], p_w_bonferroni=bonferroni(r["p_w"], n_cmp),
-            ))
+    if reference is not None and reference not in methods:
+        raise PsmambaError(f"reference method {reference!r} is not among {methods}")
+    if reference is None:
+        tests = [(i, j) for i in range(k) for j in range(i + 1, k)]
+    else:
+        r0 = methods.index(reference)
+        tests = [(r0, j) for j in range(k) if j != r0]
+    n_cmp = len(tests)
+    comp = Comparison(methods, ids, values, left_out, reference=reference)
+    for i, j in tests:
+        r = paired_tests(values[i], values[j])
+        comp.pairwise.append(PairwiseTest(
+            a=methods[i], b=methods[j], n=len(ids),
+            mean_a=float(values[i].mean()), mean_b=float(values[j].mean()), mean_diff=r["mean_diff"],
+            t=r["t"], p_t=r["p_t"], p_t_bonferroni=bonferroni(r["p_t"], n_cmp),
+            w=r["w"], p_w=r["p_w"], p_w_bonferroni=bonferroni(r["p_w"], n_cmp),
+        ))
     if k >= 3:
         an = stats.f_oneway(*values)
         comp.anova = {"F": float(an.statistic), "p": float(an.pvalue)}

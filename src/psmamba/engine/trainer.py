@@ -35,7 +35,7 @@ from psmamba.data.training import collate_pairs
 from psmamba.engine.checkpointing import capture_rng_state, restore_rng_state, save_training_state
 from psmamba.engine.distributed import DistInfo, all_reduce_mean, any_rank, barrier, epoch_order, rank_batches, steps_per_epoch
 from psmamba.engine.logs import CsvLog, TensorBoardLog
-from psmamba.engine.objective import STEP_TERMS, Objective, autocast, to_device, train_step
+from psmamba.engine.objective import STEP_TERMS, Objective, autocast, to_device, train_step, velocity_of
 from psmamba.errors import PsmambaError
 
 __all__ = ["Trainer", "seed_all", "poly_lr", "poly_scheduler", "is_better", "grad_scaler"]
@@ -82,7 +82,7 @@ def is_better(value: float, best: float | None, higher: bool = True) -> bool:
 
 
 class Trainer:
-    """Train ``cfg.model_config()`` on ``train_data``, validating on ``val_data``.
+    """Train ``cfg.model`` (PSMamba-Net or a peer network) on ``train_data``, validating on ``val_data``.
 
     Construction checks everything that can fail before any output is written (the data's
     first pair, labels for a Dice loss), builds the model, the optimiser, the scheduler and, with
@@ -114,7 +114,10 @@ class Trainer:
             # one input size per run: let cuDNN pick its fastest convolution algorithms once
             torch.backends.cudnn.benchmark = not cfg.run.deterministic
         seed_all(cfg.run.seed)  # same initial weights on every rank
-        self.model = build_model(cfg.model_config()).to(self.device)
+        self.model = build_model(cfg.model).to(self.device)  # PSMamba-Net or a peer network
+        if cfg.loss.regularise == "velocity" and not getattr(self.model, "outputs_velocity", False):
+            raise PsmambaError(f"loss.regularise=velocity: model {cfg.model_name!r} outputs no velocity field "
+                               "(only mambamorph and mambamorph_feat do); use loss.regularise=ddf")
         self.objective = Objective(cfg.loss).to(self.device)
         o = cfg.optim
         self.optim = torch.optim.Adam(self.model.parameters(), lr=o.lr, betas=tuple(o.betas),
@@ -310,7 +313,8 @@ class Trainer:
         with autocast(self.device, self.cfg.run.amp):
             out = self.model(batch["moving"], batch["fixed"])
         warped, ddf = out.warped.float(), out.ddf.float()
-        loss, _ = self.objective(warped, ddf, batch["fixed"], batch.get("moving_labels"), batch.get("fixed_labels"))
+        loss, _ = self.objective(warped, ddf, batch["fixed"], batch.get("moving_labels"), batch.get("fixed_labels"),
+                                 velocity_of(out))
         res = {"loss": float(loss), "folding_percent": float(metrics.folding_percent(ddf[0].cpu()))}
         if "moving_labels" in batch and "fixed_labels" in batch:
             warped_labels = spatial.warp(batch["moving_labels"], ddf, mode="nearest")

@@ -72,9 +72,17 @@ def build_model(name_or_config: str | ModelConfig | Mapping[str, Any] = "paper",
     Args:
         name_or_config: a preset name (see :data:`PRESETS`), a :class:`ModelConfig` or a dict
             of its fields; or a peer name (see :data:`PEERS`), or a peer's checkpoint config
-            ``{"model": name, **fields}``.
+            ``{"model": name, **fields}``; or a training config's model section
+            ``{"preset": name, **fields}`` (either kind: :func:`psmamba.config.build_model_config`).
         **overrides: config fields to change, e.g. ``sir_iters=5`` or ``mamba_backend="reference"``.
     """
+    if isinstance(name_or_config, Mapping) and "preset" in name_or_config:
+        from psmamba.config import build_model_config
+
+        section = {**name_or_config, **overrides}
+        cfg = build_model_config(section, "model section")
+        preset = section["preset"]
+        return build_peer(preset, cfg) if preset in PEERS else build_model(cfg)
     if isinstance(name_or_config, str) and name_or_config in PEERS:
         return build_peer(name_or_config, **overrides)
     if isinstance(name_or_config, str) and name_or_config not in PRESETS:

@@ -92,8 +92,8 @@ def _ncc(reg_weight: float, lr: float, amsgrad: bool, poly_power: float) -> dict
 #: poly 0.9; PIViT: Adam, constant; TransMatch: Adam amsgrad, constant; MambaMorph: Adam;
 #: VoxelMorph: Adam, constant, as its code). MambaMorph has no image similarity
 #: (``"similarity": "none"``) and regularises the field before integration
-#: (``"regularise": "velocity"``, see :meth:`MambaMorph.velocity`): two settings LossConfig
-#: does not have yet.
+#: (``"regularise": "velocity"``: its output is a ``VelocityOutput``). These are the defaults of
+#: a training config whose ``model.preset`` is the peer (:func:`psmamba.config.config_from_dict`).
 PEER_TRAINING: dict[str, dict[str, dict[str, Any]]] = {
     "transmorph": _ncc(1.0, 1e-4, True, 0.9),
     "im2grid": _ncc(1.0, 1e-4, True, 0.9),

@@ -24,6 +24,7 @@ from psmamba.models.net import RegistrationOutput, check_pair
 
 __all__ = [
     "PeerNet",
+    "VelocityOutput",
     "TINY_INIT_STD",
     "check_pair",
     "registration_head",
@@ -42,12 +43,31 @@ TINY_INIT_STD = 1e-5
 NEIGHBOUR_OFFSETS: tuple[tuple[int, int, int], ...] = tuple(itertools.product((-1, 0, 1), repeat=3))
 
 
+class VelocityOutput(RegistrationOutput):
+    """A :class:`~psmamba.models.net.RegistrationOutput` that also carries the stationary
+    velocity field its ``ddf`` integrates, for a loss that regularises the field BEFORE
+    integration (``loss.regularise: velocity``; MambaMorph's training, paper Table 1).
+
+    It IS a ``RegistrationOutput``: it unpacks as ``(warped, ddf)`` like every network's output,
+    so no caller changes; ``velocity`` ``(B, 3, D, H, W)`` is an attribute beside the two fields
+    (``_replace`` and pytree rebuilds drop it to None: a loss that needs it then fails loudly).
+    """
+
+    velocity: torch.Tensor | None
+
+    def __new__(cls, warped: torch.Tensor, ddf: torch.Tensor, velocity: torch.Tensor | None = None):
+        self = super().__new__(cls, warped, ddf)
+        self.velocity = velocity
+        return self
+
+
 class PeerNet(nn.Module):
     """Base class of the peer networks: ``forward(moving, fixed) -> RegistrationOutput``.
 
     Subclasses set :attr:`divisor` (the padded input must divide by it) and, where instance
     norm meets a one-voxel grid, :attr:`min_extent` (as PSMamba-Net's 16), and implement
-    :meth:`field`.
+    :meth:`field` (a network that predicts a velocity and integrates it overrides
+    :meth:`fields` to return both, and sets :attr:`outputs_velocity`).
 
     Attributes:
         name: the registry name (``"transmorph"``, ...), stored in checkpoints.
@@ -56,6 +76,8 @@ class PeerNet(nn.Module):
 
     divisor: int = 16
     min_extent: int = 0
+    #: whether :meth:`forward` returns a :class:`VelocityOutput` (the field before integration)
+    outputs_velocity: bool = False
 
     def __init__(self, name: str, config: Any) -> None:
         super().__init__()
@@ -66,6 +88,10 @@ class PeerNet(nn.Module):
         """``(B, 1, D, H, W)`` x 2 on the padded grid -> ddf ``(B, 3, D, H, W)`` on the same grid."""
         raise NotImplementedError
 
+    def fields(self, moving: torch.Tensor, fixed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(ddf, velocity or None)`` on the padded grid; the default: :meth:`field` and no velocity."""
+        return self.field(moving, fixed), None
+
     def forward(self, moving: torch.Tensor, fixed: torch.Tensor) -> RegistrationOutput:
         """Register ``moving`` onto ``fixed``.
 
@@ -75,13 +101,18 @@ class PeerNet(nn.Module):
 
         Returns:
             :class:`~psmamba.models.net.RegistrationOutput` ``(warped (B, 1, D, H, W),
-            ddf (B, 3, D, H, W))``.
+            ddf (B, 3, D, H, W))``; a :class:`VelocityOutput` (the same two fields plus the
+            cropped ``velocity``) when :attr:`outputs_velocity`.
         """
         check_pair(moving, fixed, self.min_extent)
         moving_p, size = spatial.pad_to_multiple(moving, self.divisor)
         fixed_p, _ = spatial.pad_to_multiple(fixed, self.divisor)
-        ddf = spatial.crop_to(self.field(moving_p, fixed_p), size).contiguous()
-        return RegistrationOutput(warped=spatial.warp(moving, ddf), ddf=ddf)
+        ddf_p, velocity_p = self.fields(moving_p, fixed_p)
+        ddf = spatial.crop_to(ddf_p, size).contiguous()
+        warped = spatial.warp(moving, ddf)
+        if velocity_p is None:
+            return RegistrationOutput(warped=warped, ddf=ddf)
+        return VelocityOutput(warped, ddf, spatial.crop_to(velocity_p, size))
 
     def checkpoint_config(self) -> dict[str, Any]:
         """``{"model": name, **config}``: what a checkpoint stores to rebuild this network."""

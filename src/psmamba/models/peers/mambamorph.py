@@ -22,8 +22,10 @@ features, 4,115 parameters) feeds only an auxiliary contrastive feature loss tha
 Table 1 does not use; without that loss it receives no gradient. Our MambaMorphFeat therefore
 has 7,590,531 trainable parameters against the public 7,594,646 (-0.05 %).
 Training (Table 1): soft Dice on warped labels + 0.1 x gradient L2 of the field BEFORE
-integration; :class:`~psmamba.models.net.RegistrationOutput` carries only the integrated
-``ddf``, so a trainer regularises that unless it asks :meth:`MambaMorph.velocity` for the field.
+integration: :meth:`MambaMorph.forward` returns a
+:class:`~psmamba.models.peers._common.VelocityOutput` (``(warped, ddf)`` plus the cropped
+``velocity``), which the training objective regularises with ``loss.regularise: velocity``
+(MambaMorph's preset default, :data:`psmamba.models.peers.PEER_TRAINING`).
 """
 
 from __future__ import annotations
@@ -72,6 +74,7 @@ class MambaMorph(PeerNet):
     """MambaMorph / MambaMorphFeat from a :class:`~psmamba.models.peers.hparams.MambaMorphConfig`."""
 
     divisor = 16
+    outputs_velocity = True
 
     def __init__(self, config: MambaMorphConfig | None = None, name: str = "mambamorph") -> None:
         cfg = config if config is not None else MambaMorphConfig()
@@ -101,7 +104,12 @@ class MambaMorph(PeerNet):
         self.head = registration_head(16)
 
     def field(self, moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
-        return spatial.integrate_svf(self.velocity(moving, fixed), self.config.int_steps)
+        return self.fields(moving, fixed)[0]
+
+    def fields(self, moving: torch.Tensor, fixed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(ddf, velocity)`` on the padded grid: the velocity and its scaling-and-squaring integral."""
+        v = self.velocity(moving, fixed)
+        return spatial.integrate_svf(v, self.config.int_steps), v
 
     def velocity(self, moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
         """The stationary velocity field ``(B, 3, D, H, W)`` before integration, on the PADDED grid
