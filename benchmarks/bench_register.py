@@ -64,10 +64,7 @@ from typing import Any
 
 import numpy as np
 
-if __package__ in (None, ""):  # run as a file: python benchmarks/bench_register.py
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.common import (  # noqa: E402
+from benchmarks.common import (
     REPO_ROOT,
     RESULT_MARKER,
     RESULTS_DIR,
@@ -81,23 +78,23 @@ from benchmarks.common import (  # noqa: E402
 )
 
 __all__ = [
-    "METHODS",
     "DEFAULT_METHODS",
-    "SPLITS",
     "GOALS",
-    "PairData",
+    "METHODS",
+    "SPLITS",
     "BenchData",
+    "PairData",
     "demo_bench_data",
+    "evaluate_goals",
+    "main",
+    "method_available",
     "misalign",
     "motion_matrix",
-    "method_available",
+    "plot_register",
+    "register_markdown",
     "run_register_bench",
     "summarize",
-    "evaluate_goals",
-    "register_markdown",
-    "plot_register",
     "write_register",
-    "main",
 ]
 
 #: method name -> table label
@@ -108,8 +105,8 @@ METHODS: dict[str, str] = {
     "fireants": "FireANTs (affine + greedy)",
 }
 #: methods run unless --methods says otherwise. FireANTs is opt-in: on a CPU (its fused kernels
-#: are CUDA-only) it took 260 s for ONE 64x80x64 pair on this 2-core machine, so a full-size
-#: pair would take the best part of an hour (see benchmarks/README.md).
+#: are CUDA-only) it took 260 s for ONE 64x80x64 pair on a loaded 2-core machine, so a full-size
+#: pair (15 times the voxels) would take tens of minutes (see benchmarks/README.md).
 DEFAULT_METHODS = ("psmamba", "ants_syn", "convexadam")
 #: the four splits, in table order: (name, base demo split, misaligned?)
 SPLITS: tuple[tuple[str, str, bool], ...] = (
@@ -199,7 +196,7 @@ def demo_bench_data(size: str = "full", pairs_per_split: int | None = None, one_
             chosen = chosen[:pairs_per_split]
         rows = []
         for m, f in chosen:
-            (mi, ml, ma), (fi, fl, fa) = vol(m), vol(f)
+            (mi, ml, _), (fi, fl, fa) = vol(m), vol(f)  # one grid: the fixed affine serves both
             rows.append(PairData(f"{m}->{f}", m, f, fi, mi, fl, ml, fa))
         out[split] = rows
     shape = next(iter(cache.values()))[0].shape
@@ -289,7 +286,7 @@ def method_available(name: str, python: str | None = None) -> tuple[bool, str]:
     else:
         code = f"import importlib.util, sys; sys.exit(0 if importlib.util.find_spec({module!r}) else 1)"
         try:
-            found = subprocess.run([python, "-c", code], timeout=120, env=_child_env()).returncode == 0
+            found = subprocess.run([python, "-c", code], timeout=120, env=_child_env(), check=False).returncode == 0
         except (OSError, subprocess.SubprocessError) as exc:
             return False, f"{python} does not run: {exc}"
     if not found:
@@ -341,8 +338,8 @@ def _run_psmamba(p: dict, spacing: tuple[float, ...], threads: int) -> tuple[np.
     def img(a: np.ndarray, name: str) -> Image:
         return Image(data=a, affine=aff, header=None, path=name)  # type: ignore[arg-type]
 
-    kwargs = dict(moving_labels=img(p["moving_labels"], "moving_labels"), fixed_labels=img(p["fixed_labels"], "fixed_labels"),
-                  device="cpu", overview=False)
+    kwargs = {"moving_labels": img(p["moving_labels"], "moving_labels"),
+              "fixed_labels": img(p["fixed_labels"], "fixed_labels"), "device": "cpu", "overview": False}
     ran_as = 'register_pair(method="default")'
     t0 = time.perf_counter()
     try:
@@ -420,7 +417,11 @@ def _run_fireants(p: dict, spacing, threads: int) -> tuple[np.ndarray, float, st
 
 
 def child_main(spec: Mapping[str, Any]) -> dict[str, Any]:
-    """Run ONE method on ONE pair in this (fresh) process; the result row (metrics, time, memory)."""
+    """Run ONE method on ONE pair in this (fresh) process; the result row (metrics, time, memory).
+
+    With ``spec["task"] == "robustness"``: psmamba on the pair's fixed image against itself and on
+    the pair with one moving voxel set to 1e6 (``spec["spike_at"]``), as ``{"self": row, "spike": row}``.
+    """
     threads = int(spec.get("threads") or 2)
     os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(threads)  # before antspyx is imported
     import torch
@@ -432,18 +433,24 @@ def child_main(spec: Mapping[str, Any]) -> dict[str, Any]:
         numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
     except (ImportError, ValueError):
         pass
+    with np.load(spec["pair_file"]) as z:
+        p = {k: z[k] for k in z.files}
+    if spec.get("task") != "robustness":
+        return _register_and_score(p, spec["method"], spec, threads)
+    same = {**p, "moving": p["fixed"].copy(), "moving_labels": p["fixed_labels"].copy()}
+    spiked = {**p, "moving": p["moving"].copy()}
+    spiked["moving"][tuple(int(i) for i in spec["spike_at"])] = 1e6
+    return {"status": "ok", "self": _register_and_score(same, "psmamba", {**spec, "hd95": False}, threads),
+            "spike": _register_and_score(spiked, "psmamba", {**spec, "hd95": False}, threads)}
+
+
+def _register_and_score(p: dict[str, np.ndarray], name: str, spec: Mapping[str, Any], threads: int) -> dict[str, Any]:
+    import torch
+
     from psmamba import metrics
     from psmamba.spatial import warp
 
-    with np.load(spec["pair_file"]) as z:
-        p = {k: z[k] for k in z.files}
-    if spec.get("task") == "self":
-        p["moving"], p["moving_labels"] = p["fixed"].copy(), p["fixed_labels"].copy()
-    elif spec.get("task") == "spike":
-        p["moving"] = p["moving"].copy()
-        p["moving"][tuple(int(i) for i in spec["spike_at"])] = 1e6
     spacing = tuple(float(s) for s in np.linalg.norm(np.asarray(p["affine"])[:3, :3], axis=0))
-    name = spec["method"]
     rss_before = _rss_mib()
     # each runner: (ddf (3, D, H, W) voxels, seconds, how it ran, seconds of the whole call or None)
     if name == "psmamba":
@@ -474,7 +481,7 @@ def child_main(spec: Mapping[str, Any]) -> dict[str, Any]:
         "peak_rss_mib": float(peak), "rss_before_mib": float(rss_before),
         "threads": {"torch": torch.get_num_threads(), "itk_env": os.environ.get("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS")},
     }
-    if spec.get("hd95", True) and spec.get("task") != "self":
+    if spec.get("hd95", True):
         row["hd95_mean_mm"] = _nanmean(metrics.hd95(p["fixed_labels"], warped, spacing=spacing, labels=labels).values())
     return row
 
@@ -485,12 +492,12 @@ def _nanmean(values) -> float:
 
 
 def _run_child(spec: dict, python: str | None, timeout_s: float, threads: int) -> dict[str, Any]:
-    """``python bench_register.py --child spec`` in a fresh process; its row, or an error row."""
-    cmd = [python or sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)]
+    """``python -m benchmarks.bench_register --child spec`` in a fresh process; its row, or an error row."""
+    cmd = [python or sys.executable, "-m", "benchmarks.bench_register", "--child", json.dumps(spec)]
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=_child_env(threads),
-                              cwd=str(REPO_ROOT))
+                              cwd=str(REPO_ROOT), check=False)
     except subprocess.TimeoutExpired:
         return {"status": "timeout", "error": f"no result within {timeout_s:.0f} s"}
     wall = time.perf_counter() - t0
@@ -599,17 +606,18 @@ def run_register_bench(
             p = data.pairs["test"][0]
             path = _save_pair(p, folder, "robustness")
             spike_at = _spike_voxel(p.moving, seed)
+            spec = {"method": "psmamba", "pair_file": str(path), "threads": threads, "task": "robustness",
+                    "spike_at": spike_at}
+            both = _run_child(spec, pythons.get("psmamba"), timeout_s, threads)  # one process, two registrations
             for task in ("self", "spike"):
-                spec = {"method": "psmamba", "pair_file": str(path), "threads": threads, "hd95": False, "task": task,
-                        "spike_at": spike_at}
-                row = _run_child(spec, pythons.get("psmamba"), timeout_s, threads)
+                row = dict(both.get(task) or both)  # a failed process: its error row for both
                 row.update(pair_id=p.fixed_id if task == "self" else p.pair_id, spike_at=spike_at if task == "spike" else None)
                 result["robustness"][task] = row
                 say(f"robustness {task} {row['pair_id']}: " + (
                     f"max displacement {fmt(row.get('max_disp_vox'), 4)} vox, Dice {fmt(row.get('dice_mean'), 4)}"
                     if row.get("status") == "ok" else f"{row.get('status')}: {row.get('error')}"))
-                if progress:
-                    progress(result)
+            if progress:
+                progress(result)
     result["load_after"] = load_average()
     result["seconds"] = time.perf_counter() - t_all
     return result
@@ -745,13 +753,14 @@ def register_markdown(result: Mapping[str, Any], machine: Mapping[str, Any], com
         "# psmamba register (default pipeline) vs ANTs SyN and peers (issue 13)", "",
         f"- command: `{command}`", *machine_lines(machine),
         f"- data: {st['data']}; pairs per split: {st['n_pairs']}; threads per process: {st['threads']}; seed {st['seed']}",
-        f"- load average before / after: {result.get('load_before')} / {result.get('load_after')}; "
-        f"whole run {fmt(result.get('seconds'), 0)} s",
-        "- misalignment: rotation {0}-{1} degrees about a random axis, shift {2}-{3} mm, scale 0.95-1.05 per axis, "
-        "about the image centre, moving voxels and labels (header unchanged)".format(*MISALIGN_ROT_DEG, *MISALIGN_SHIFT_MM),
-        "- seconds: wall time from the arrays in memory to the whole field on the fixed grid, one fresh process per "
-        "method and pair, method order rotated per pair; peak memory: that process's resident high-water mark "
-        "(interpreter, torch and the pair's arrays included)",
+        (f"- load average before / after: {result.get('load_before')} / {result.get('load_after')}; "
+         f"whole run {fmt(result.get('seconds'), 0)} s"),
+        (f"- misalignment: rotation {MISALIGN_ROT_DEG[0]}-{MISALIGN_ROT_DEG[1]} degrees about a random axis, shift "
+         f"{MISALIGN_SHIFT_MM[0]}-{MISALIGN_SHIFT_MM[1]} mm, scale {1 - MISALIGN_SCALE:.2f}-{1 + MISALIGN_SCALE:.2f} per "
+         "axis, about the image centre, moving voxels and labels (header unchanged)"),
+        ("- seconds: wall time from the arrays in memory to the whole field on the fixed grid, one fresh process per "
+         "method and pair, method order rotated per pair; peak memory: that process's resident high-water mark "
+         "(interpreter, torch and the pair's arrays included)"),
     ]
     for m, why in result.get("unavailable", {}).items():
         lines.append(f"- {METHODS.get(m, m)}: not available: {why}")
@@ -869,7 +878,7 @@ def main(argv: Sequence[str] | None = None, data: BenchData | None = None) -> in
         spec = json.loads(args.child)
         try:
             row = child_main(spec)
-        except Exception as exc:  # reported as the row's error, the parent carries on
+        except Exception as exc:  # noqa: BLE001  (any failure of a method is its row's error; the run goes on)
             row = {"status": "oom" if "memory" in str(exc).lower() else "error", "error": f"{type(exc).__name__}: {exc}"[:800]}
         print(RESULT_MARKER + json.dumps(row, default=float))
         return 0
