@@ -2,10 +2,33 @@
 
 Importing the package is cheap and needs neither a GPU nor ``mamba_ssm``; the
 sub-modules (``psmamba.spatial``, ``psmamba.models``, ...) are imported on use.
+
+``psmamba.register(fixed, moving, out="result")`` registers two images the way
+``psmamba register`` does (affine, then diffeomorphic refinement, by default).
 """
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "PsmambaError"]
+__all__ = ["__version__", "PsmambaError", "register"]
 
 from psmamba.errors import PsmambaError  # noqa: E402  (tiny module, no heavy imports)
+
+
+def register(fixed, moving, *, out=None, method=None, **options):
+    """Register ``moving`` onto ``fixed``: ``psmamba register`` in Python.
+
+    Args:
+        fixed, moving: paths (NIfTI, Analyze), :class:`psmamba.io.Image` objects or 3-D arrays.
+        out: a folder to write the outputs to (``warped.nii.gz``, ``ddf.nii.gz``,
+            ``ddf_inverse.nii.gz``, ``affine.txt``, ``summary.json``, ...), or None.
+        method: ``"default"`` (None), ``"identity"``, ``"affine"``, ``"io"``, ``"affine+io"``,
+            ``"network"``, ``"network+io"``, ``"affine+network+io"``, ...
+        options: any keyword of :func:`psmamba.engine.register.register_pair` (``fixed_labels``,
+            ``moving_labels``, ``checkpoint``, ``similarity="mi"``, ``fixed_mask``, ...).
+
+    Returns:
+        :class:`psmamba.engine.register.RegistrationResult`.
+    """
+    from psmamba.engine.register import register_pair
+
+    return register_pair(fixed, moving, out_dir=out, method=method, **options)

@@ -126,8 +126,12 @@ def lncc_moments_kernel(img, ref, mom):
 
 
 @njit(**_JIT)
-def lncc_coeff_kernel(sums, mask, use_mask, n, eps, coef):
+def lncc_coeff_kernel(sums, mask, use_mask, n, eps, vmin, coef):
     """From the box sums of the moments: ``cc`` per voxel and the four maps the gradient needs.
+
+    Windows where either image is flat (``vI`` or ``vJ`` below ``vmin``) are left out: their
+    ``cc`` and coefficients are 0 (as ANTs' CC metric does), so no window's ``eps`` rewards a
+    change of local contrast and an image registered to itself feels no force.
 
     With ``cross = S_IJ - S_I S_J / n``, ``vI = S_II - S_I^2 / n``, ``vJ`` likewise and
     ``D = vI vJ + eps``, ``cc = cross^2 / D``. Differentiating ``cc(y)`` with respect to
@@ -152,6 +156,13 @@ def lncc_coeff_kernel(sums, mask, use_mask, n, eps, coef):
                 vj = sums[3, d, h, w] - sj * sj / n
                 den = vi * vj + eps
                 m = mask[0, d, h, w] if use_mask else 1.0
+                if vi < vmin or vj < vmin:
+                    coef[0, d, h, w] = 0.0
+                    coef[1, d, h, w] = 0.0
+                    coef[2, d, h, w] = 0.0
+                    coef[3, d, h, w] = 0.0
+                    pm += m
+                    continue
                 a = m * 2.0 * cross / den
                 b = -m * cross * cross * vj / (den * den)
                 coef[0, d, h, w] = a

@@ -409,8 +409,9 @@ class RunConfig:
     def __post_init__(self) -> None:
         _choice("run.device", self.device, DEVICES)
         _choice("run.amp", self.amp, AMP_MODES)
-        if not isinstance(self.seed, int):
-            raise PsmambaError(f"run.seed must be an integer, got {self.seed!r}")
+        # torch.manual_seed takes at most 2**64 - 1, and ranks add their index to the seed
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
+            raise PsmambaError(f"run.seed must be an integer in [0, 2**63), got {self.seed!r}")
         _nonneg_int("run.threads", self.threads)
         _pos_int("run.val_every", self.val_every)
         _pos_int("run.log_every", self.log_every)

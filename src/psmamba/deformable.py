@@ -299,17 +299,24 @@ def lncc_force(
     fixed: torch.Tensor,
     window: int,
     mask: torch.Tensor | None = None,
-    eps: float = 1e-5,
+    eps: float | None = None,
     backend: str = "auto",
+    flat: float | None = None,
 ) -> tuple[float, torch.Tensor]:
     """Loss and force of LNCC (the :class:`psmamba.losses.LNCC` formula, zero-padded box window).
+
+    Windows where either image is flat are left out (cc 0, no force), as ANTs' CC metric does:
+    with any constant in the denominator, a window of little contrast would reward raising the
+    warped image's local contrast, and an image registered to itself would move.
 
     Args:
         warped, fixed: ``(1, 1, D, H, W)``.
         window: odd box width.
         mask: optional ``(1, 1, D, H, W)`` weights of the fixed space (the similarity is
             restricted to it).
-        eps: the LNCC denominator's constant.
+        eps: the LNCC denominator's constant (default: ``1e-6 * vmin**2``, only a guard).
+        flat: a window is flat when its variance is below ``flat`` times the fixed image's
+            global variance (default 1e-3: a standard deviation of 3 % of the image's).
 
     Returns:
         ``(loss, force)``: ``loss = -sum(m cc) / sum(m)`` (-1 is a perfect match) and ``force``
@@ -326,6 +333,9 @@ def lncc_force(
         _check_vol(mask, "mask", 1)
         mask = mask.to(warped)
     n = float(window**3)
+    var_g = float(fixed.detach().double().var())
+    vmin = n * (1e-3 if flat is None else float(flat)) * max(var_g, 1e-30)  # box sums hold n * variance
+    eps = 1e-6 * vmin * vmin if eps is None else float(eps)
     if _use_numba(backend, warped, fixed):
         from psmamba._deformable_cpu import (
             box_sum_kernel,
@@ -348,15 +358,22 @@ def lncc_force(
         with _threads():
             lncc_moments_kernel(w[0].numpy(), f[0].numpy(), mom.numpy())
             box_sum_kernel(mom.numpy(), r, sums.numpy(), tmp.numpy())
-            cc_sum, m_sum = lncc_coeff_kernel(sums.numpy(), m_np, mask is not None, n, float(eps), coef.numpy())
+            cc_sum, m_sum = lncc_coeff_kernel(sums.numpy(), m_np, mask is not None, n, eps, vmin, coef.numpy())
             box_sum_kernel(coef.numpy(), r, mom[:4].numpy(), tmp[:4].numpy())
             lncc_force_kernel(w[0].numpy(), f[0].numpy(), mom[:4].numpy(), -1.0, grad[0].numpy(), force[0].numpy())
         return -float(cc_sum) / max(float(m_sum), 1e-12), force
-    from psmamba.losses import LNCC
+    from psmamba.losses import box_sum
 
     with torch.enable_grad():
         w = warped.detach().clone().requires_grad_(True)
-        cc = LNCC(window=window, eps=eps).local_cc(w, fixed.detach().to(w.dtype))
+        f = fixed.detach().to(w.dtype)
+        sums = box_sum(torch.cat([w, f, w * w, f * f, w * f], dim=1), window)
+        s_w, s_f, s_ww, s_ff, s_wf = torch.split(sums, 1, dim=1)
+        cross = s_wf - s_w * s_f / n
+        var_w = s_ww - s_w * s_w / n
+        var_f = s_ff - s_f * s_f / n
+        keep = ((var_w >= vmin) & (var_f >= vmin)).to(w.dtype)
+        cc = keep * cross * cross / (var_w * var_f + eps)
         if mask is not None:
             cc = cc * mask
         total = -cc.sum()

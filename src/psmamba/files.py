@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -24,6 +24,7 @@ from psmamba.errors import PsmambaError
 __all__ = [
     "temp_beside",
     "atomic_write",
+    "atomic_write_all",
     "atomic_write_text",
     "atomic_write_bytes",
     "atomic_save",
@@ -78,6 +79,59 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], Any], suffix: s
             pass
         raise
     return path
+
+
+def atomic_write_all(writes: Sequence[tuple[str | os.PathLike, Callable[[str], Any]]]) -> list[Path]:
+    """Write several files all or nothing, creating their folders.
+
+    Each ``(path, write)`` is written as in :func:`atomic_write` to a temporary file beside
+    ``path``; only when every one succeeded are they renamed into place. On any error the
+    temporary files and the folders created here are removed and the error propagates: the
+    destinations keep their old content (or stay absent).
+    """
+    paths = [Path(p) for p, _ in writes]
+    created: list[Path] = []
+    temps: list[str] = []
+    try:
+        for path in paths:
+            created += _make_folders(path.parent)
+        for path, (_, write) in zip(paths, writes):
+            temps.append(temp_beside(path))
+            write(temps[-1])
+            fd = os.open(temps[-1], os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        for tmp, path in zip(temps, paths):
+            os.replace(tmp, path)
+    except BaseException:
+        for tmp in temps:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+        for folder in reversed(created):
+            try:
+                folder.rmdir()
+            except OSError:
+                pass
+        raise
+    return paths
+
+
+def _make_folders(folder: Path) -> list[Path]:
+    """Create ``folder`` and its missing parents; the folders created, outermost first."""
+    missing = []
+    f = folder.expanduser().absolute()
+    while not f.exists():
+        missing.append(f)
+        if f.parent == f:
+            break
+        f = f.parent
+    for m in reversed(missing):
+        m.mkdir(exist_ok=True)
+    return list(reversed(missing))
 
 
 def _with_file(mode: str, fill: Callable[[IO], Any], **open_kw: Any) -> Callable[[str], None]:

@@ -163,7 +163,10 @@ def test_bad_inputs_fail_early_without_output(tmp_path, capsys):
 
     fails(["evaluate", "--pairs", str(tmp_path / "none.csv"), "--identity", "--out", str(out)], "none.csv")
     fails(["evaluate", "--pairs", str(csv_path), "--out", str(out)], "nothing to evaluate")
-    fails(["evaluate", "--pairs", str(csv_path), "--identity", "--out", str(tmp_path / "no" / "r.csv")], "does not exist")
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    fails(["evaluate", "--pairs", str(csv_path), "--identity", "--out", str(blocked / "no" / "r.csv")],
+          "is not a folder")
     bad_ckpt = tmp_path / "x.pt"
     bad_ckpt.write_bytes(b"garbage")
     fails(["evaluate", "--pairs", str(csv_path), "--checkpoint", str(bad_ckpt), "--out", str(out)], "x.pt")

@@ -32,13 +32,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="diffusion weight of --iters (default 1 for a network, 3 for a field)")
     meth.add_argument("--model-size", type=int, nargs=3, metavar=("D", "H", "W"), help="grid the network runs on")
     meth.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
-    meth.add_argument("--method", metavar="NAME", help="name in the method column (default: the method's own name, a network named after its checkpoint file)")
+    meth.add_argument("--method", metavar="NAME",
+                      help="the registration pipeline, as psmamba register's --method: default, identity, affine, "
+                      "io, affine+io, network, network+io, affine+network+io, ... (with --checkpoint for the network)")
+    meth.add_argument("--name", metavar="NAME", help="name in the method column (default: the method's own name; "
+                      "without --method, a network is named after its checkpoint file)")
     meth.add_argument("--labels", metavar="L", help="comma-separated label codes to score (default: all non-zero)")
     meth.add_argument("--no-hd95", action="store_true", help="skip HD95 (faster on large volumes)")
     meth.add_argument("--max-pairs", type=int, metavar="N", help="evaluate only the first N pairs (a quick look)")
     parser.add_argument("--out", metavar="CSV",
-                        help="results CSV (per pair x label; also writes <stem>_pairs.csv and <stem>_summary.md); "
-                        "with --compare: a CSV of the tests")
+                        help="results CSV (per pair x label; also writes <stem>_pairs.csv and <stem>_summary.md; "
+                        "its folder is created); with --compare: a CSV of the tests")
     cmp_ = parser.add_argument_group("statistics")
     cmp_.add_argument("--compare", nargs="+", metavar="CSV",
                       help="compare two or more results CSVs: paired t / Wilcoxon (Bonferroni), ANOVA + Tukey HSD")
@@ -90,11 +94,23 @@ def _method(args: argparse.Namespace):
     from psmamba.errors import PsmambaError
 
     if args.identity:
-        if args.checkpoint or args.iters:
-            raise PsmambaError("--identity scores unregistered pairs: do not combine it with a checkpoint or --iters")
+        if args.checkpoint or args.iters or args.method:
+            raise PsmambaError("--identity scores unregistered pairs: do not combine it with --method, a checkpoint "
+                               "or --iters")
         return Identity(), None
+    if args.method:
+        from psmamba.engine.register import build_pipeline
+
+        if args.iters:
+            raise PsmambaError("give --method or --iters, not both (--iters runs the Adam optimisation of earlier versions)")
+        ckpt = None
+        if args.checkpoint:
+            model, ckpt = load_model(args.checkpoint, device=resolve_device(args.device))
+            return build_pipeline(args.method, model=model, model_size=args.model_size or training_size(ckpt),
+                                  lr=args.lr, lam=args.lam, device=args.device), ckpt
+        return build_pipeline(args.method, lr=args.lr, lam=args.lam, device=args.device), None
     if not args.checkpoint and not args.iters:
-        raise PsmambaError("nothing to evaluate: give a checkpoint, --identity or --iters N")
+        raise PsmambaError("nothing to evaluate: give --method NAME, a checkpoint, --identity or --iters N")
     model = ckpt = None
     grid = args.model_size
     if args.checkpoint:
@@ -106,11 +122,24 @@ def _method(args: argparse.Namespace):
     return method, ckpt
 
 
+def _check_numbers(args: argparse.Namespace) -> None:
+    """Every numeric flag, before anything is read (one line naming the flag)."""
+    from psmamba.checks import check_number
+
+    check_number("--iters", args.iters, integer=True, nonnegative=True)
+    check_number("--lr", args.lr, positive=True)
+    check_number("--lambda", args.lam, nonnegative=True)
+    check_number("--max-pairs", args.max_pairs, integer=True, positive=True)
+    for v in args.model_size or ():
+        check_number("--model-size", v, integer=True, minimum=2)
+
+
 def run(args: argparse.Namespace) -> int:
     from psmamba.errors import PsmambaError
 
+    _check_numbers(args)
     if args.compare:
-        if args.pairs or args.demo or args.checkpoint or args.identity or args.iters:
+        if args.pairs or args.demo or args.checkpoint or args.identity or args.iters or args.method:
             raise PsmambaError("--compare reads result files only: do not combine it with pairs or a method")
         return _compare(args)
 
@@ -122,6 +151,9 @@ def run(args: argparse.Namespace) -> int:
         raise PsmambaError("give one source of pairs: --pairs CSV, --demo or --config YAML")
     if not args.out:
         raise PsmambaError("--out CSV is required (where the results go)")
+    from psmamba.engine.distributed import resolve_device
+
+    resolve_device(args.device)  # a bad --device fails before any file is read
     out = check_writable(args.out)
     labels = _labels(args.labels)
     method, ckpt = _method(args)  # built once, early: a bad checkpoint fails before any pair is read
@@ -142,11 +174,9 @@ def run(args: argparse.Namespace) -> int:
                                "(only a checkpoint of psmamba train knows its data set)")
         pairs = split_pairs(cfg, split=args.split)
     if args.max_pairs is not None:
-        if args.max_pairs < 1:
-            raise PsmambaError(f"--max-pairs must be >= 1, got {args.max_pairs}")
         pairs = pairs[: args.max_pairs]
     result = evaluate_pairs(pairs, method=method, device=args.device, labels=labels, hd95=not args.no_hd95,
-                            name=args.method, progress=not args.quiet)
+                            name=args.name, progress=not args.quiet)
     written = result.write(out)
     print(format_summary_table([result.summary()]))
     print(f"wrote {', '.join(str(p) for p in written)}")

@@ -4,55 +4,105 @@ from __future__ import annotations
 
 import argparse
 
-HELP = "register a moving image onto a fixed image (network, test-time optimisation, or both)"
+HELP = "register a moving image onto a fixed image (affine, then diffeomorphic refinement, by default)"
 #: the CLI keeps freed memory for reuse before running this command (see psmamba.runtime)
 KEEP_FREED_MEMORY = True
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fixed", required=True, metavar="F", help="fixed image (.nii, .nii.gz, .hdr/.img)")
-    parser.add_argument("--moving", required=True, metavar="M", help="moving image (any size/spacing: resampled)")
+    parser.add_argument("--moving", required=True, metavar="M", help="moving image (any size, spacing, position)")
     parser.add_argument("--moving-labels", metavar="L", help="moving label map (warped nearest-neighbour)")
     parser.add_argument("--fixed-labels", metavar="FL", help="fixed label map (Dice before/after in summary.json)")
-    parser.add_argument("--checkpoint", metavar="C", help="trained psmamba checkpoint (psmamba train)")
-    parser.add_argument(
-        "--iters", type=int, default=0, metavar="N",
-        help="test-time optimisation steps of LNCC + lambda*diffusion: of a copy of the network's "
-        "weights with --checkpoint, else of the displacement field itself (coarse to fine)",
+    parser.add_argument("--out", required=True, metavar="DIR", help="output folder (created; files replaced)")
+    meth = parser.add_argument_group("method")
+    meth.add_argument(
+        "--method", metavar="NAME",
+        help="default (affine, then the network with --checkpoint, then io), identity, affine, rigid, io, "
+        "network, or stages joined by '+' in the order rigid|affine, network, io: affine+io, network+io, "
+        "affine+network+io, ...",
     )
-    parser.add_argument("--refine", choices=("weights", "field"), default="weights",
+    meth.add_argument("--affine-only", action="store_true", help="stop after the affine stage (= --method affine)")
+    meth.add_argument("--checkpoint", metavar="C", help="trained psmamba checkpoint (psmamba train)")
+    meth.add_argument("--similarity", default="lncc", choices=("lncc", "mi"),
+                      help="of the rigid/affine stage: lncc (same modality, default) or mi (mutual information, "
+                      "across modalities, e.g. MR to CT)")
+    meth.add_argument("--fixed-mask", metavar="FM", help="fixed mask (non-zero inside): scaling and similarity only there")
+    meth.add_argument("--moving-mask", metavar="MM", help="moving mask (non-zero inside)")
+    meth.add_argument("--fixed-window", type=float, nargs=2, metavar=("LOW", "HIGH"),
+                      help="intensity window of the fixed image, e.g. a CT window in HU: -500 800 "
+                      "(default: its 0.5 and 99.5 percentiles)")
+    meth.add_argument("--moving-window", type=float, nargs=2, metavar=("LOW", "HIGH"),
+                      help="intensity window of the moving image (see --fixed-window)")
+    meth.add_argument("--lr", type=float, default=None,
+                      help="step of the io stage (default 1), or Adam's learning rate with --iters")
+    meth.add_argument("--io-iterations", type=int, nargs="+", metavar="N",
+                      help="the most io steps per pyramid level, coarse to fine (default 100 30 0 at 1/4, 1/2, 1)")
+    meth.add_argument("--sigma-field", type=float, metavar="S",
+                      help="io: Gaussian smoothing of the velocity after each step, voxels (default 0.5)")
+    meth.add_argument("--sigma-update", type=float, metavar="S",
+                      help="io: Gaussian smoothing of each update, voxels (default 1.5)")
+    legacy = parser.add_argument_group("Adam optimisation of earlier versions (no affine stage)")
+    legacy.add_argument(
+        "--iters", type=int, default=0, metavar="N",
+        help="Adam steps of LNCC + lambda*diffusion: of a copy of the network's weights with --checkpoint, "
+        "else of the displacement field itself (coarse to fine)",
+    )
+    legacy.add_argument("--refine", choices=("weights", "field"), default="weights",
                         help="with --checkpoint and --iters: fine-tune a copy of the network's weights "
                         "(default), or optimise the network's predicted field directly")
-    parser.add_argument("--lr", type=float, default=None,
-                        help="Adam learning rate of --iters (default 1e-4 for weights, 0.1 for a field)")
-    parser.add_argument("--lambda", dest="lam", type=float, default=None, metavar="W",
-                        help="diffusion regulariser weight of --iters (default: 1, the paper's, for a network; "
-                        "3 for a field, which has no network to smooth it)")
-    parser.add_argument("--model-size", type=int, nargs=3, metavar=("D", "H", "W"),
-                        help="grid the network runs on (default: training size stored in the checkpoint, else the fixed grid)")
-    parser.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
-    parser.add_argument("--no-overview", action="store_true", help="do not draw overview.png")
-    parser.add_argument("--out", required=True, metavar="DIR", help="output folder (created; files replaced)")
+    legacy.add_argument("--lambda", dest="lam", type=float, default=None, metavar="W",
+                        help="diffusion weight of --iters (default: 1 for a network, 3 for a field)")
+    run_ = parser.add_argument_group("run")
+    run_.add_argument("--model-size", type=int, nargs=3, metavar=("D", "H", "W"),
+                      help="grid the network runs on (default: training size stored in the checkpoint)")
+    run_.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
+    run_.add_argument("--no-overview", action="store_true", help="do not draw overview.png")
 
 
 def run(args: argparse.Namespace) -> int:
+    from psmamba.checks import check_number
     from psmamba.engine.register import register_pair
     from psmamba.errors import PsmambaError
 
-    if args.checkpoint is None and args.iters <= 0:
-        raise PsmambaError("nothing to do: give --checkpoint C and/or --iters N (N > 0)")
-    if args.iters < 0:
-        raise PsmambaError(f"--iters must be >= 0, got {args.iters}")
+    method = args.method
+    if args.affine_only:
+        if method not in (None, "affine"):
+            raise PsmambaError(f"--affine-only and --method {method} contradict each other")
+        method = "affine"
+    deformable = {}
+    if args.io_iterations is not None:
+        for n in args.io_iterations:
+            check_number("--io-iterations", n, integer=True, nonnegative=True)
+        deformable["iterations"] = tuple(args.io_iterations)
+    for flag, key, value in (("--sigma-field", "sigma_field", args.sigma_field),
+                             ("--sigma-update", "sigma_update", args.sigma_update)):
+        if value is not None:
+            deformable[key] = check_number(flag, value, nonnegative=True)
+    if "iterations" in deformable:
+        from psmamba.deformable import DeformableConfig
+
+        levels = DeformableConfig().levels
+        if len(deformable["iterations"]) != len(levels):
+            raise PsmambaError(f"--io-iterations takes one count per level ({len(levels)}: "
+                               f"1/{', 1/'.join(map(str, levels))}), got {len(deformable['iterations'])}")
+    if deformable and args.iters:
+        raise PsmambaError("--io-iterations/--sigma-* set the io stage; --iters runs the Adam optimisation instead")
     result = register_pair(
         args.fixed, args.moving,
         moving_labels=args.moving_labels, fixed_labels=args.fixed_labels,
-        checkpoint=args.checkpoint, iters=args.iters, refine=args.refine, lr=args.lr, lam=args.lam,
+        fixed_mask=args.fixed_mask, moving_mask=args.moving_mask,
+        method=method, checkpoint=args.checkpoint, iters=args.iters, refine=args.refine, lr=args.lr, lam=args.lam,
+        similarity=args.similarity, fixed_window=args.fixed_window, moving_window=args.moving_window,
+        deformable=deformable or None,
         device=args.device, out_dir=args.out, model_size=args.model_size,
         overview=not args.no_overview,
     )
     s = result.summary
     t = s["timings_s"]
-    print(f"method: {s['method']} on {s['device']}, model grid {'x'.join(map(str, s['model_grid']))}")
+    print(f"method: {s['method']} on {s['device']}")
+    if s.get("affine"):
+        print(f"affine stage: {s['affine']['stage']} ({s['affine']['similarity']}) in {s['affine']['time_s']:.1f} s")
     if s.get("dice_after") is not None:
         print(f"Dice: {s['dice_before']['mean']:.4f} before -> {s['dice_after']['mean']:.4f} after "
               f"({len(s['dice_after']['per_label'])} labels)")

@@ -68,7 +68,9 @@ def read_pair_list(path: str | os.PathLike) -> list[PairRow]:
 
     CSV: columns ``moving, fixed[, moving_labels, fixed_labels][, pair_id]``. A header row is
     optional: when the first row names the columns (any order) they are matched by name,
-    otherwise they are positional. Empty rows and rows starting with ``#`` are skipped; an empty
+    otherwise they are positional. A first row that names some columns but not ``moving`` and
+    ``fixed``, or that holds no image file names above a row that does (``source,target``), is
+    a header of the wrong columns: an error, not a pair. Empty rows and rows starting with ``#`` are skipped; an empty
     label cell means "no labels". JSON: a list (or ``{"pairs": [...]}``) of objects with those
     keys, or of ``[moving, fixed]`` lists.
 
@@ -77,8 +79,9 @@ def read_pair_list(path: str | os.PathLike) -> list[PairRow]:
     :func:`psmamba.engine.evaluate.pair_files` resolves and checks files.
 
     Raises:
-        PsmambaError: a missing or unreadable file, an unknown column, a row without two
-            entries, or no pairs at all; the message names the file and line.
+        PsmambaError: a missing or unreadable file, an unknown column, a header without the
+            moving and fixed columns, a row without two entries, or no pairs at all; the
+            message names the file and line.
     """
     path = Path(path).expanduser()
     if not path.is_file():
@@ -97,6 +100,15 @@ def _csv_rows(path: Path) -> list[PairRow]:
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise PsmambaError(f"pair list {path} cannot be read ({exc})") from None
     header = [c.strip().lower() for c in raw[0][1]] if raw else []
+    named = [c for c in header if c in _COLUMNS]
+    if named and not ("moving" in header and "fixed" in header):
+        missing = [c for c in ("moving", "fixed") if c not in header]
+        raise PsmambaError(f"pair list {path} line {raw[0][0]}: the header names {named} but no {missing} column; "
+                           f"expected columns {', '.join(_COLUMNS)} (moving and fixed required)")
+    if not named and len(raw) > 1 and _looks_like_header(raw[0][1], raw[1][1]):
+        raise PsmambaError(f"pair list {path} line {raw[0][0]}: {','.join(c.strip() for c in raw[0][1])!r} looks like "
+                           f"a header but names no known column; expected columns {', '.join(_COLUMNS)} "
+                           "(moving and fixed required; the header is optional)")
     if "moving" in header and "fixed" in header:
         unknown = [c for c in header if c and c not in _COLUMNS]
         if unknown:
@@ -104,15 +116,31 @@ def _csv_rows(path: Path) -> list[PairRow]:
         cols = {name: header.index(name) for name in _COLUMNS if name in header}
         raw = raw[1:]
     else:
-        cols = {name: i for i, name in enumerate(_COLUMNS[:4])}
+        cols = {name: i for i, name in enumerate(_COLUMNS)}  # positional: all five, in order
+    width = max(cols.values()) + 1
     out = []
     for n, row in raw:
         cells = {name: (row[i].strip() if i < len(row) else "") for name, i in cols.items()}
         if not cells.get("moving") or not cells.get("fixed"):
-            raise PsmambaError(f"pair list {path} line {n}: expected moving,fixed[,moving_labels,fixed_labels]")
+            raise PsmambaError(f"pair list {path} line {n}: expected moving,fixed[,moving_labels,fixed_labels][,pair_id]")
+        extra = [c for c in row[width:] if c.strip()]
+        if extra:
+            raise PsmambaError(f"pair list {path} line {n}: {len(row)} columns, expected at most {width} "
+                               f"({', '.join(sorted(cols, key=cols.get))})")
         out.append(PairRow(cells["moving"], cells["fixed"], cells.get("moving_labels") or None,
                            cells.get("fixed_labels") or None, cells.get("pair_id") or None, f"{path} line {n}"))
     return out
+
+
+_IMAGE_SUFFIXES = (".nii.gz", ".nii", ".hdr", ".img", ".mgz", ".nrrd", ".mha", ".mhd")
+
+
+def _looks_like_header(first: Sequence[str], second: Sequence[str]) -> bool:
+    """A first row whose two entries are not image files while the second row's both are."""
+    def files(row: Sequence[str]) -> bool:
+        return len(row) >= 2 and all(c.strip().lower().endswith(_IMAGE_SUFFIXES) for c in row[:2])
+
+    return files(second) and not any(c.strip().lower().endswith(_IMAGE_SUFFIXES) for c in first[:2])
 
 
 def _json_rows(path: Path) -> list[PairRow]:

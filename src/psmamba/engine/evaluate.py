@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +38,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from psmamba.engine.methods import RegistrationMethod
 
-__all__ = ["Pair", "pair_files", "LazyPairs", "demo_pairs", "split_pairs", "evaluate_pairs"]
+__all__ = ["Pair", "pair_files", "check_pairs", "LazyPairs", "demo_pairs", "split_pairs", "evaluate_pairs"]
 
 
 @dataclass
@@ -88,7 +89,11 @@ def pair_files(path: str | os.PathLike) -> list[Pair]:
             p = Path(value).expanduser()
             p = p if p.is_absolute() else base / p
             if not p.exists():
-                raise PsmambaError(f"pair list {row.where}: {name.replace('_', ' ')} file {p} does not exist")
+                hint = ""
+                if not pairs and not value.lower().endswith((".nii", ".nii.gz", ".hdr", ".img")):
+                    hint = (" (if this row is a header, name its columns moving, fixed[, moving_labels, "
+                            "fixed_labels][, pair_id])")
+                raise PsmambaError(f"pair list {row.where}: {name.replace('_', ' ')} file {p} does not exist{hint}")
             files[name] = p
         pid = row.pair_id or f"{_stem(files['moving'])}_to_{_stem(files['fixed'])}"
         if pid in seen:
@@ -96,6 +101,64 @@ def pair_files(path: str | os.PathLike) -> list[Pair]:
         seen.add(pid)
         pairs.append(Pair(pid, files["moving"], files["fixed"], files["moving_labels"], files["fixed_labels"]))
     return pairs
+
+
+def check_pairs(
+    pairs: Sequence[Pair],
+    *,
+    labels: Sequence[int] | None = None,
+    min_size: int | None = None,
+    why: str | None = None,
+) -> int:
+    """Check every input of every pair before the first one is registered.
+
+    Each distinct file is read once (:func:`psmamba.checks.check_volume_file`: readable,
+    3-D, finite, a sane affine, an image not constant, a label map of integers) and only its
+    facts are kept; in-memory images are checked in place. Then, per pair
+    (:func:`psmamba.checks.check_inputs`): image sizes, label maps on their image's grid, and
+    fixed and moving label maps sharing a label (of ``labels``, when given). :class:`LazyPairs` (the demo's and a config's preprocessed volumes) are not
+    read here: each pair is checked when it is registered.
+
+    Args:
+        pairs: the pairs.
+        labels: the label codes to be scored (default: all).
+        min_size, why: the fewest voxels a side the method needs of both images, and why
+            (:func:`psmamba.checks.check_size`); the fixed image also needs
+            :data:`psmamba.checks.METRICS_MIN_SIZE` for the metrics.
+
+    Returns:
+        The number of files read.
+
+    Raises:
+        PsmambaError: the first problem found, naming the file (a problem of a pair: the pair
+            id, then its files).
+    """
+    from psmamba.checks import check_inputs, check_volume_file
+    from psmamba.io import as_image
+
+    if isinstance(pairs, LazyPairs):
+        return 0
+    cache: dict[tuple[str, bool], Any] = {}
+
+    def facts(obj: Any, what: str, is_labels: bool) -> Any:
+        """A file's facts (read once), or the in-memory image as an Image (checked with the pair)."""
+        if obj is None:
+            return None
+        if isinstance(obj, (str, os.PathLike)):
+            key = (os.path.realpath(Path(obj).expanduser()), is_labels)
+            if key not in cache:
+                cache[key] = check_volume_file(obj, what, labels=is_labels)
+            return cache[key]
+        return as_image(obj, what, labels=is_labels)  # in memory: no copy
+
+    for pair in pairs:
+        inputs = [facts(pair.fixed, "fixed image", False), facts(pair.moving, "moving image", False),
+                  facts(pair.fixed_labels, "fixed labels", True), facts(pair.moving_labels, "moving labels", True)]
+        try:
+            check_inputs(*inputs, labels=labels, min_size=min_size, why=why)
+        except PsmambaError as exc:
+            raise PsmambaError(f"pair {pair.pair_id}: {exc}") from None
+    return len(cache)
 
 
 # --------------------------------------------------------------------------- data set splits
@@ -207,7 +270,7 @@ def split_pairs(config: Any, split: str = "test") -> LazyPairs:
 def evaluate_pairs(
     pairs: Sequence[Pair],
     *,
-    method: RegistrationMethod | None = None,
+    method: "RegistrationMethod | str | None" = None,
     checkpoint: str | os.PathLike | None = None,
     model: "torch.nn.Module | None" = None,
     identity: bool = False,
@@ -226,8 +289,11 @@ def evaluate_pairs(
 
     Args:
         pairs: the pairs (:class:`Pair`); ids must be unique.
-        method: a :class:`psmamba.engine.methods.RegistrationMethod` (built once, run on every
-            pair); or one built from the options below, as ``psmamba evaluate`` does:
+        method: a method name (``"default"``, ``"affine+io"``, ``"network+io"``, ...: see
+            :func:`psmamba.engine.methods.parse_method`; with ``checkpoint``/``model`` for the
+            network), a :class:`psmamba.engine.register.Pipeline` or a
+            :class:`psmamba.engine.methods.RegistrationMethod` (built once, run on every pair);
+            or, when None, one built from the options below as earlier versions did:
         checkpoint / model: the network (loaded once, shared by all pairs; with ``iters > 0``
             each pair fine-tunes its own copy or refines the network's field). Exclusive with
             ``identity``. A checkpoint's network is named after its file.
@@ -239,9 +305,12 @@ def evaluate_pairs(
         name: the name in the ``method`` column (default: the method's own name).
         progress: print one line per pair to stderr (or call this function with it).
 
+    Every input of every pair is checked before the first pair is registered
+    (:func:`check_pairs`; the method's ``min_size`` / ``min_size_why`` attributes, when it has
+    them, say how small an image it can take).
+
     Raises:
-        PsmambaError: conflicting options, duplicate pair ids, or any bad input
-            (checked by ``register_pair`` before it works on that pair).
+        PsmambaError: conflicting options, duplicate pair ids, or any bad input.
     """
     from psmamba.engine.distributed import resolve_device
     from psmamba.engine.register import register_pair
@@ -249,7 +318,7 @@ def evaluate_pairs(
     if identity and (checkpoint is not None or model is not None or iters or method is not None):
         raise PsmambaError("--identity scores unregistered pairs: do not combine it with a checkpoint or --iters")
     if method is None and not identity and checkpoint is None and model is None and not iters:
-        raise PsmambaError("nothing to evaluate: give a checkpoint, --identity or --iters N")
+        raise PsmambaError("nothing to evaluate: give --method NAME, a checkpoint, --identity or --iters N")
     if not pairs:
         raise PsmambaError("no pairs to evaluate")
     ids = list(getattr(pairs, "pair_ids", None) or [p.pair_id for p in pairs])
@@ -257,10 +326,22 @@ def evaluate_pairs(
     if dup:
         raise PsmambaError(f"duplicate pair ids: {dup[:5]}")
     dev = resolve_device(device)
-    if method is None:
+    if isinstance(method, str):  # a pipeline by name ("default", "affine+io", ...), built once
+        from psmamba.engine.register import build_pipeline
+
+        if iters:
+            raise PsmambaError("give --method or --iters, not both")
+        method = build_pipeline(method, checkpoint=checkpoint, model=model, lr=lr, lam=lam, model_size=model_size,
+                                device=dev)
+    elif method is None:
         method = _method_of(checkpoint, model, iters, refine, lr, lam, model_size, dev)
     method = method.to(dev)
     say = _say(progress)
+    t0 = time.perf_counter()
+    n_files = check_pairs(pairs, labels=labels, min_size=getattr(method, "min_size", None),
+                          why=getattr(method, "min_size_why", None))
+    if say is not None and n_files:
+        say(f"checked {n_files} files of {len(pairs)} pairs in {time.perf_counter() - t0:.1f} s")
     result = EvaluationResult(method=name or method.name)
     for k, pair in enumerate(pairs, start=1):
         res = register_pair(pair.fixed, pair.moving, moving_labels=pair.moving_labels,

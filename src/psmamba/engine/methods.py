@@ -23,6 +23,7 @@ import copy
 import math
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,9 @@ from psmamba.engine.objective import Objective, train_step
 from psmamba.errors import PsmambaError, first_line
 
 __all__ = [
-    "RegistrationMethod", "Identity", "Network", "NetworkFineTuned", "InstanceOptimisation", "Chain",
+    "RegistrationMethod", "Identity", "Network", "NetworkFineTuned", "InstanceOptimisation", "Diffeomorphic",
+    "Chain",
+    "MethodSpec", "STAGES", "SPECIAL_METHODS", "parse_method", "deformable_method",
     "method_from_options", "load_model", "training_size", "train_config_of",
     "LR_NETWORK", "LR_FIELD", "LAM_NETWORK", "LAM_FIELD",
 ]
@@ -54,14 +57,21 @@ class RegistrationMethod:
     name: str = "method"
     grid: tuple[int, int, int] | None = None
 
-    def __call__(self, moving: torch.Tensor, fixed: torch.Tensor, init: torch.Tensor | None = None) -> torch.Tensor:
+    #: whether :meth:`run` takes ``mask=`` (a fixed-grid weight map where the similarity counts)
+    uses_mask: bool = False
+
+    def __call__(self, moving: torch.Tensor, fixed: torch.Tensor, init: torch.Tensor | None = None,
+                 mask: torch.Tensor | None = None) -> torch.Tensor:
         size = tuple(int(s) for s in fixed.shape[2:])
+        kw = {"mask": mask} if self.uses_mask else {}
         if self.grid is None or tuple(self.grid) == size:
-            return self.run(moving, fixed, init)
+            return self.run(moving, fixed, init, **kw)
         from psmamba.spatial import resize_ddf, resize_volume
 
         init_g = None if init is None else resize_ddf(init, self.grid)
-        ddf = self.run(resize_volume(moving, self.grid), resize_volume(fixed, self.grid), init_g)
+        if mask is not None and self.uses_mask:
+            kw["mask"] = resize_volume(mask, self.grid)
+        ddf = self.run(resize_volume(moving, self.grid), resize_volume(fixed, self.grid), init_g, **kw)
         return resize_ddf(ddf, size)
 
     def run(self, moving: torch.Tensor, fixed: torch.Tensor, init: torch.Tensor | None) -> torch.Tensor:
@@ -143,6 +153,68 @@ class NetworkFineTuned(Network):
                 "lncc_window": self.window}
 
 
+class Diffeomorphic(RegistrationMethod):
+    """Diffeomorphic instance optimisation (``io``): :func:`psmamba.deformable.register_deformable`.
+
+    A stationary velocity field (scaling and squaring) or greedy composition of smoothed
+    updates, coarse to fine with a convergence test per level (see
+    :class:`psmamba.deformable.DeformableConfig`, whose defaults it takes). Starting from
+    ``init`` (a network's field), the result is ``init o exp(v)``. After each call
+    :attr:`inverse` holds the inverse field of the last result (same grid), which the
+    pipeline writes as ``ddf_inverse.nii.gz``.
+
+    Args:
+        config: a :class:`~psmamba.deformable.DeformableConfig` (default: its defaults).
+        grid: the grid it works on (None: the images').
+    """
+
+    name = "io"
+    uses_mask = True
+
+    def __init__(self, config: Any = None, grid: Sequence[int] | None = None) -> None:
+        from psmamba.deformable import DeformableConfig
+
+        self.config = config or DeformableConfig()
+        self.grid = None if grid is None else tuple(int(s) for s in grid)
+        self.inverse: torch.Tensor | None = None
+        self.log: list[dict[str, Any]] = []
+
+    def run(self, moving, fixed, init, mask=None):
+        from psmamba.deformable import register_deformable
+
+        res = register_deformable(fixed, moving, self._fitted(fixed.shape[2:]), fixed_mask=mask, init_ddf=init)
+        self.inverse = res.ddf_inverse
+        self.log = res.summary()["levels"]
+        return res.ddf
+
+    def _fitted(self, size: Sequence[int]):
+        """The config with the pyramid levels too coarse for ``size`` dropped (their steps go to
+        the next level kept), so a small image runs on fewer levels instead of failing."""
+        import dataclasses
+
+        from psmamba.deformable import pyramid_size
+
+        cfg = self.config
+        levels, iters, carry = [], [], 0
+        for f, n in zip(cfg.levels, cfg.iterations):
+            if f > 1 and min(pyramid_size(size, f)) < cfg.min_size:
+                carry += n
+                continue
+            levels.append(f)
+            iters.append(n + carry)
+            carry = 0
+        if not levels:  # cannot happen with a level 1; keep the finest
+            levels, iters = [cfg.levels[-1]], [sum(cfg.iterations)]
+        if tuple(levels) == cfg.levels:
+            return cfg
+        return dataclasses.replace(cfg, levels=tuple(levels), iterations=tuple(iters))
+
+    def settings(self):
+        import dataclasses
+
+        return {**super().settings(), **dataclasses.asdict(self.config), "levels_run": self.log}
+
+
 class _Field(nn.Module):
     """A displacement field as the parameter: ``forward(moving, fixed) -> (warp(moving, ddf), ddf)``."""
 
@@ -158,7 +230,11 @@ class _Field(nn.Module):
 
 
 class InstanceOptimisation(RegistrationMethod):
-    """The displacement field itself optimised on the pair, coarse to fine (``io``).
+    """The displacement field itself optimised with Adam on the pair, coarse to fine (``adam``).
+
+    The first instance optimisation of psmamba (``--iters N`` without ``--method``); not
+    diffeomorphic by construction, slower than :class:`Diffeomorphic` (``io``), kept for the
+    scripts and results that use it.
 
     Adam on the field, loss ``LNCC + lam * Diffusion``, on grids at 1/4, 1/2 and 1 of the working
     grid (as many as keep at least 8 voxels a side), the iterations shared equally; each level
@@ -166,7 +242,7 @@ class InstanceOptimisation(RegistrationMethod):
     with the grid so it covers about the same anatomy.
     """
 
-    name = "io"
+    name = "adam"
 
     def __init__(self, iters: int, lr: float = LR_FIELD, lam: float = LAM_FIELD, window: int = 9,
                  grid: Sequence[int] | None = None) -> None:
@@ -220,14 +296,92 @@ class Chain(RegistrationMethod):
         self.stages = [s.to(device) for s in self.stages]
         return self
 
-    def __call__(self, moving, fixed, init=None):
+    def __call__(self, moving, fixed, init=None, mask=None):
         ddf = init
         for stage in self.stages:
-            ddf = stage(moving, fixed, ddf)
+            ddf = stage(moving, fixed, ddf, mask=mask)
         return ddf
+
+    @property
+    def inverse(self) -> torch.Tensor | None:
+        """The last stage's inverse field, when it computes one (see :class:`Diffeomorphic`)."""
+        return getattr(self.stages[-1], "inverse", None)
 
     def settings(self):
         return {"method": self.name, "stages": [s.settings() for s in self.stages]}
+
+
+# --------------------------------------------------------------------------- method names
+#: The stages a method name (``--method``) is built from, joined by ``+`` in this order.
+STAGES = ("rigid", "affine", "network", "io")
+#: Names ``--method`` takes besides the ``+`` chains of :data:`STAGES`.
+SPECIAL_METHODS = ("default", "identity")
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A parsed method name: which stages run, in the pipeline's fixed order.
+
+    Attributes:
+        name: the canonical name (``"affine+network+io"``), written to ``summary.json`` and CSVs.
+        linear: ``None``, ``"rigid"`` (6 dof) or ``"affine"`` (rigid, then 12 dof).
+        network: whether a network predicts a field (needs weights).
+        io: whether diffeomorphic instance optimisation refines the field.
+    """
+
+    name: str
+    linear: str | None = None
+    network: bool = False
+    io: bool = False
+
+
+def parse_method(name: str, have_network: bool = False, flag: str = "--method") -> MethodSpec:
+    """``"default"``, ``"identity"`` or a ``+`` chain of :data:`STAGES` -> :class:`MethodSpec`.
+
+    ``default`` is ``affine+network+io`` when a network is at hand (``have_network``), else
+    ``affine+io``. A chain names each stage at most once, in the order of :data:`STAGES`
+    (``rigid`` and ``affine`` exclusive): ``affine``, ``io``, ``network``, ``network+io``,
+    ``affine+io``, ``rigid+network+io``, ...
+
+    Raises:
+        PsmambaError: an unknown or misordered name, or ``network`` without a network, naming ``flag``.
+    """
+    if not isinstance(name, str) or not name.strip():
+        raise PsmambaError(f"{flag} must name a method, got {name!r}")
+    name = name.strip().lower()
+    if name == "default":
+        name = "affine+network+io" if have_network else "affine+io"
+    if name == "identity":
+        return MethodSpec("identity")
+    parts = name.split("+")
+    known = ", ".join((*SPECIAL_METHODS, *STAGES))
+    for part in parts:
+        if part not in STAGES:
+            raise PsmambaError(f"{flag}: unknown stage {part!r} in {name!r} (stages: {known}; join them with '+')")
+    order = [STAGES.index(p) for p in parts]
+    if order != sorted(set(order)):
+        raise PsmambaError(f"{flag}: stages of {name!r} must appear once each, in the order {'+'.join(STAGES)}")
+    if "rigid" in parts and "affine" in parts:
+        raise PsmambaError(f"{flag}: {name!r} names both rigid and affine (affine starts with a rigid stage)")
+    if "network" in parts and not have_network:
+        raise PsmambaError(f"{flag} {name}: no network: give --checkpoint C (a psmamba checkpoint)")
+    linear = "rigid" if "rigid" in parts else "affine" if "affine" in parts else None
+    return MethodSpec("+".join(parts), linear, "network" in parts, "io" in parts)
+
+
+def deformable_method(spec: MethodSpec, model: nn.Module | None = None, grid: Sequence[int] | None = None,
+                      checkpoint: str | os.PathLike | None = None, config: Any = None) -> RegistrationMethod:
+    """The fixed-grid part of ``spec`` (network, then ``io``) as one method (:class:`Identity` if none)."""
+    stages: list[RegistrationMethod] = []
+    if spec.network:
+        if model is None:
+            raise PsmambaError(f"method {spec.name}: no network was given")
+        stages.append(Network(model, grid, checkpoint=checkpoint))
+    if spec.io:
+        stages.append(Diffeomorphic(config))
+    if not stages:
+        return Identity()
+    return stages[0] if len(stages) == 1 else Chain(stages)
 
 
 # --------------------------------------------------------------------------- from options

@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any, Union
 
 import numpy as np
 
+from psmamba.checks import check_inputs, check_number, check_same_grid, image_name
 from psmamba.errors import PsmambaError
 from psmamba.files import StagingDir, atomic_write_text
 from psmamba.io import as_image
@@ -52,12 +53,15 @@ if TYPE_CHECKING:  # pragma: no cover
     from psmamba.engine.methods import RegistrationMethod
     from psmamba.io import Image
 
-__all__ = ["RegistrationResult", "register_pair", "OUTPUT_FILES"]
+__all__ = ["RegistrationResult", "Pipeline", "build_pipeline", "register_pair", "OUTPUT_FILES", "MIN_SIZE"]
 
-#: The files ``register_pair(..., out_dir=...)`` writes (``warped_labels`` only with moving labels).
+#: The files ``register_pair(..., out_dir=...)`` writes (``warped_labels`` only with moving labels,
+#: ``affine.txt`` only when a rigid/affine stage ran).
 OUTPUT_FILES = (
     "warped.nii.gz",
     "ddf.nii.gz",
+    "ddf_inverse.nii.gz",
+    "affine.txt",
     "warped_labels.nii.gz",
     "jacobian.nii.gz",
     "summary.json",
@@ -67,6 +71,10 @@ OUTPUT_FILES = (
 #: Anything :func:`register_pair` accepts as an image: a path, a loaded :class:`psmamba.io.Image`
 #: or a 3-D numpy array (taken with an identity affine, i.e. 1 mm voxels).
 ImageLike = Union[str, os.PathLike, "Image", np.ndarray]
+
+#: The fewest voxels a side an image needs (the affine pyramid's coarsest level; the ``io``
+#: pyramid drops levels that would be smaller).
+MIN_SIZE = 8
 
 # --------------------------------------------------------------------------- result
 @dataclass
@@ -100,6 +108,14 @@ class RegistrationResult:
     fixed_labels: np.ndarray | None = None
     summary: dict[str, Any] = field(default_factory=dict)
     out_dir: Path | None = None
+    ddf_inverse: np.ndarray | None = None
+    moving_affine: np.ndarray | None = None
+    linear: Any = None
+
+    @property
+    def matrix(self) -> np.ndarray | None:
+        """The linear stage's ``(4, 4)`` fixed world -> moving world matrix (RAS mm), or None."""
+        return None if self.linear is None else np.asarray(self.linear.matrix)
 
     @property
     def ddf_l2r(self) -> np.ndarray:
@@ -137,6 +153,13 @@ class RegistrationResult:
         written.append("warped.nii.gz")
         io.save_ddf(folder / "ddf.nii.gz", self.ddf, self.affine)  # written as (D, H, W, 3)
         written.append("ddf.nii.gz")
+        if self.ddf_inverse is not None:  # on the MOVING grid, with its affine
+            aff = self.affine if self.moving_affine is None else self.moving_affine
+            io.save_ddf(folder / "ddf_inverse.nii.gz", self.ddf_inverse, aff)
+            written.append("ddf_inverse.nii.gz")
+        if self.linear is not None:
+            self.linear.save_itk(folder / "affine.txt")
+            written.append("affine.txt")
         if self.warped_labels is not None:
             io.save_labels(folder / "warped_labels.nii.gz", self.warped_labels, self.affine)
             written.append("warped_labels.nii.gz")
@@ -198,112 +221,265 @@ def _name(img) -> str | None:
     return None if p is None else str(p)
 
 
-def _check_same_grid(img, ref, what: str, ref_what: str) -> None:
-    """Labels must lie on their image's grid: same shape, affines equal to 1e-3."""
-    if tuple(img.data.shape) != tuple(ref.data.shape):
-        raise PsmambaError(
-            f"{what} {_name(img) or ''} has shape {tuple(img.data.shape)} but {ref_what} "
-            f"{_name(ref) or ''} has shape {tuple(ref.data.shape)}".replace("  ", " ")
-        )
-    if not np.allclose(np.asarray(img.affine), np.asarray(ref.affine), atol=1e-3):
-        raise PsmambaError(
-            f"{what} {_name(img) or ''} and {ref_what} {_name(ref) or ''} have different affines "
-            "(the label map is not on the image's grid)".replace("  ", " ")
-        )
-
-
 # --------------------------------------------------------------------------- the pipeline
 @dataclass
 class _Inputs:
-    """Step 1's output: the loaded images and label maps (None where not given)."""
+    """Step 1's output: the loaded images, label maps and masks (None where not given)."""
 
     fixed: Any
     moving: Any
     moving_labels: Any = None
     fixed_labels: Any = None
+    fixed_mask: Any = None
+    moving_mask: Any = None
 
 
 @dataclass
 class _Prepared:
-    """Step 2's output: everything on the fixed grid."""
+    """Step 2's output: intensity-scaled tensors on the device, on their own grids.
 
-    fixed_np: np.ndarray  # (D, H, W) the fixed image
-    moving_np: np.ndarray  # (D, H, W) the moving image resampled onto the fixed grid
-    mlab_np: np.ndarray | None  # moving labels on the fixed grid
-    flab_np: np.ndarray | None  # fixed labels
-    moving: Any  # (1, 1, D, H, W) tensor of moving_np on the device
-    moving_scaled: Any  # min-max scaled
-    fixed_scaled: Any
+    ``fixed_np``, ``moving_np``, ``mlab_np`` are the "before registration" views on the fixed
+    grid (the moving image and labels resampled through the headers alone).
+    """
+
+    fixed_np: np.ndarray
+    moving_np: np.ndarray
+    mlab_np: np.ndarray | None
+    flab_np: np.ndarray | None
+    fixed_s: Any  # (1, 1, D, H, W) scaled fixed image
+    moving_s: Any  # (1, 1, d, h, w) scaled moving image, on the MOVING grid
+    moving_t: Any  # (1, 1, d, h, w) the moving image's own intensities
+    fixed_mask: Any  # (D, H, W) float {0, 1} or None
+    moving_mask: Any  # (d, h, w) float {0, 1} or None
+    a_f: np.ndarray
+    a_m: np.ndarray
 
 
-def _load_inputs(fixed, moving, moving_labels, fixed_labels) -> _Inputs:
-    """Step 1: load every input and check that label maps lie on their image's grid."""
+@dataclass
+class Pipeline:
+    """A registration pipeline: an optional linear stage in world space, then a method on the fixed grid.
+
+    Built by :func:`build_pipeline` from a method name; :func:`register_pair` takes one as
+    ``method=`` (build it once to register many pairs with one loaded network).
+
+    Attributes:
+        name: what ``summary.json`` and the evaluation CSVs call it (``"affine+network+io"``).
+        linear: ``None``, ``"rigid"`` or ``"affine"`` (:func:`psmamba.affine.affine_register`).
+        method: the :class:`~psmamba.engine.methods.RegistrationMethod` run on the fixed grid
+            after it (:class:`~psmamba.engine.methods.Identity` when there is none).
+        similarity: of the linear stage, ``"lncc"`` or ``"mi"``.
+    """
+
+    name: str
+    linear: str | None
+    method: Any
+    similarity: str = "lncc"
+    #: the fewest voxels a side an image needs (see :func:`psmamba.checks.check_inputs`)
+    min_size: int = 8
+    min_size_why: str = "registration needs 8 voxels a side"
+
+    def to(self, device) -> "Pipeline":
+        self.method = self.method.to(device)
+        return self
+
+    def settings(self) -> dict[str, Any]:
+        return {"method": self.name, "linear": self.linear, "similarity": self.similarity,
+                "deformable": self.method.settings()}
+
+
+def _load_inputs(fixed, moving, moving_labels, fixed_labels, fixed_mask=None, moving_mask=None) -> _Inputs:
+    """Step 1: load every input and check that label maps and masks lie on their image's grid."""
     inp = _Inputs(
         fixed=as_image(fixed, "fixed image"),
         moving=as_image(moving, "moving image"),
         moving_labels=as_image(moving_labels, "moving labels", labels=True),
         fixed_labels=as_image(fixed_labels, "fixed labels", labels=True),
+        fixed_mask=as_image(fixed_mask, "fixed mask", labels=True),
+        moving_mask=as_image(moving_mask, "moving mask", labels=True),
     )
-    if inp.moving_labels is not None:
-        _check_same_grid(inp.moving_labels, inp.moving, "moving labels", "moving image")
-    if inp.fixed_labels is not None:
-        _check_same_grid(inp.fixed_labels, inp.fixed, "fixed labels", "fixed image")
+    for what, img, ref, ref_what in (
+        ("moving mask", inp.moving_mask, inp.moving, "moving image"),
+        ("fixed mask", inp.fixed_mask, inp.fixed, "fixed image"),
+    ):
+        if img is not None:
+            check_same_grid(img, ref, image_name(what, img), image_name(ref_what, ref))
+            if int(np.count_nonzero(np.asarray(img.data))) < 64:
+                raise PsmambaError(f"{image_name(what, img)} selects {np.count_nonzero(np.asarray(img.data))} "
+                                   "voxels: too few to register on")
     return inp
 
 
-def _resample(inp: _Inputs, dev) -> _Prepared:
-    """Step 2: the moving image and labels onto the fixed grid (world space); tensors, scaled."""
+def _scale(x, mask, window, what: str):
+    """Intensities to [0, 1]: a window ``(low, high)`` clipped, else the 0.5/99.5 percentiles (in the mask)."""
+    from psmamba.affine import scale_intensity
+
+    if window is not None:
+        lo, hi = float(window[0]), float(window[1])
+        return ((x - lo) / (hi - lo)).clamp(0, 1)
+    return scale_intensity(x, mask, name=what)
+
+
+def _prepare(inp: _Inputs, dev, fixed_window=None, moving_window=None) -> _Prepared:
+    """Step 2: tensors on the device, scaled to [0, 1]; the "before" views on the fixed grid."""
     import torch
 
-    from psmamba.data.preprocess import minmax_scale, resample_to_grid
+    from psmamba.data.preprocess import resample_to_grid
 
     f_shape = tuple(int(s) for s in inp.fixed.data.shape)
-    f_aff = np.asarray(inp.fixed.affine, dtype=np.float64)
+    a_f = np.asarray(inp.fixed.affine, dtype=np.float64)
+    a_m = np.asarray(inp.moving.affine, dtype=np.float64)
     fixed_np = np.asarray(inp.fixed.data, dtype=np.float32)
-    moving_np = resample_to_grid(np.asarray(inp.moving.data), inp.moving.affine, f_aff, f_shape, order=1)
-    if not np.any(moving_np) and np.any(np.asarray(inp.moving.data)):
-        raise PsmambaError(
-            f"moving image {_name(inp.moving) or ''} does not overlap the fixed image "
-            f"{_name(inp.fixed) or ''} in world coordinates (check the affines)".replace("  ", " ")
-        )
+    moving_np = resample_to_grid(np.asarray(inp.moving.data), a_m, a_f, f_shape, order=1)
     mlab_np = None
     if inp.moving_labels is not None:
-        mlab_np = resample_to_grid(np.asarray(inp.moving_labels.data), inp.moving_labels.affine, f_aff, f_shape, order=0)
+        mlab_np = resample_to_grid(np.asarray(inp.moving_labels.data), inp.moving_labels.affine, a_f, f_shape, order=0)
     flab_np = None if inp.fixed_labels is None else np.asarray(inp.fixed_labels.data)
-    fx = torch.from_numpy(np.ascontiguousarray(fixed_np)).to(dev, torch.float32)[None, None]
-    mv = torch.from_numpy(np.ascontiguousarray(moving_np)).to(dev, torch.float32)[None, None]
-    return _Prepared(fixed_np, moving_np, mlab_np, flab_np, mv, minmax_scale(mv), minmax_scale(fx))
+
+    def tensor(a):
+        return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).to(dev)
+
+    fmask = None if inp.fixed_mask is None else (tensor(inp.fixed_mask.data) != 0).float()
+    mmask = None if inp.moving_mask is None else (tensor(inp.moving_mask.data) != 0).float()
+    fx = tensor(fixed_np)
+    mv = tensor(inp.moving.data)
+    fixed_s = _scale(fx, fmask, fixed_window, f"fixed image {_name(inp.fixed) or ''}".strip())
+    moving_s = _scale(mv, mmask, moving_window, f"moving image {_name(inp.moving) or ''}".strip())
+    return _Prepared(fixed_np, moving_np, mlab_np, flab_np, fixed_s[None, None], moving_s[None, None],
+                     mv[None, None], fmask, mmask, a_f, a_m)
+
+
+def _linear_stage(plan: Pipeline, inp: _Inputs, prep: _Prepared):
+    """Step 3a: rigid or affine registration in world space (None when the plan has none)."""
+    if plan.linear is None:
+        return None
+    from psmamba.affine import affine_register
+
+    return affine_register(
+        (prep.fixed_s[0, 0], prep.a_f), (prep.moving_s[0, 0], prep.a_m),
+        fixed_mask=prep.fixed_mask, moving_mask=prep.moving_mask, similarity=plan.similarity,
+        affine=plan.linear == "affine", device=prep.fixed_s.device,
+    )
+
+
+def _world_matrix(lin) -> np.ndarray:
+    return np.eye(4) if lin is None else np.asarray(lin.matrix, dtype=np.float64)
+
+
+def _apply(mat: np.ndarray, pos):
+    """``mat`` (4x4) applied to voxel positions ``pos`` ``(1, 3, D, H, W)``."""
+    import torch
+
+    lin = torch.as_tensor(mat[:3, :3], dtype=pos.dtype, device=pos.device)
+    off = torch.as_tensor(mat[:3, 3], dtype=pos.dtype, device=pos.device).view(1, 3, 1, 1, 1)
+    return torch.einsum("ij,bj...->bi...", lin, pos) + off
+
+
+def _sample_at(vol, pos, mode: str = "bilinear", padding: str = "zeros"):
+    """``vol`` ``(1, C, d, h, w)`` read at voxel positions ``pos`` ``(1, 3, D, H, W)`` of its grid.
+
+    Voxel centres at ``grid_sample``'s corners (``align_corners=True``, :mod:`psmamba.spatial`'s
+    convention). Integer volumes (labels) are read nearest-neighbour in float32 when their codes
+    are exact there (below 2**24), else float64, and returned in their dtype.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    size = vol.shape[2:]
+    scale = torch.tensor([2.0 / max(int(n) - 1, 1) for n in size], dtype=pos.dtype, device=pos.device)
+    norm = pos * scale.view(1, 3, 1, 1, 1) - 1.0
+    grid = norm.flip(1).permute(0, 2, 3, 4, 1)  # (1, D, H, W, 3) in (W, H, D) order
+    if vol.is_floating_point():
+        return F.grid_sample(vol.to(pos.dtype), grid, mode=mode, padding_mode=padding, align_corners=True)
+    big = vol.numel() and int(vol.abs().max()) >= 1 << 24
+    work = vol.to(torch.float64 if big else torch.float32)
+    out = F.grid_sample(work, grid.to(work.dtype), mode="nearest", padding_mode=padding, align_corners=True)
+    return out.round().to(vol.dtype)
+
+
+def _aligned(prep: _Prepared, matrix: np.ndarray, f_shape):
+    """The scaled moving image (and its mask) on the fixed grid through the world ``matrix``."""
+    from psmamba.affine import resample_affine
+
+    moving = resample_affine(prep.moving_s, prep.a_m, matrix, prep.a_f, f_shape)
+    mask = prep.fixed_mask
+    if prep.moving_mask is not None:
+        mm = resample_affine(prep.moving_mask, prep.a_m, matrix, prep.a_f, f_shape, mode="nearest")
+        mask = mm if mask is None else mask * mm
+    return moving, (None if mask is None else mask[None, None])
+
+
+def _inverse_on_moving_grid(u_inv, matrix: np.ndarray, prep: _Prepared, m_shape):
+    """The inverse of the whole map as a field on the MOVING grid, the mirror of ``ddf``'s convention.
+
+    Moving voxel ``r`` -> fixed world through ``inv(T)``, then the deformable inverse ``u_inv``:
+    fixed voxel ``pos(r)``; stored as ``inv(A_m) A_f pos(r) - r``, i.e. moving voxel ``r`` takes
+    its value from the fixed image (resampled onto the moving grid through the headers) at
+    ``r + ddf_inverse[r]``.
+    """
+    import torch
+
+    from psmamba.spatial import identity_grid
+
+    r = identity_grid(tuple(int(s) for s in m_shape), device=u_inv.device, dtype=torch.float32)
+    q = _apply(np.linalg.inv(prep.a_f) @ np.linalg.inv(matrix) @ prep.a_m, r)
+    pos = q + _sample_at(u_inv, q, padding="border")
+    return _apply(np.linalg.inv(prep.a_m) @ prep.a_f, pos) - r
 
 
 def _method_grid(method, f_shape) -> list[int]:
-    first = method.stages[0] if hasattr(method, "stages") else method
-    return [int(s) for s in (first.grid or f_shape)]
+    stages = getattr(method, "stages", [method])
+    grids = [s.grid for s in stages if getattr(s, "grid", None)]
+    return [int(s) for s in (grids[0] if grids else f_shape)]
 
 
-def _finish(inp: _Inputs, prep: _Prepared, method, ddf_t, dev, labels) -> RegistrationResult:
-    """Step 4: warp, metrics and the summary (everything on the fixed grid)."""
+def _register(plan: Pipeline, inp: _Inputs, prep: _Prepared):
+    """Step 3: the linear stage, then the fixed-grid method; the whole map and its inverse."""
+    from psmamba.affine import affine_ddf
+    from psmamba.deformable import invert_ddf
+
+    f_shape = tuple(int(s) for s in prep.fixed_np.shape)
+    lin = _linear_stage(plan, inp, prep)
+    matrix = _world_matrix(lin)
+    moving_al, mask = _aligned(prep, matrix, f_shape)
+    u = plan.method(moving_al, prep.fixed_s, None, mask=mask).detach().float()
+    u_inv = getattr(plan.method, "inverse", None)
+    if u_inv is None or tuple(u_inv.shape) != tuple(u.shape):
+        u_inv = invert_ddf(u) if bool(u.abs().max() > 0) else u.clone()
+    ddf = affine_ddf(matrix, prep.a_f, f_shape, ddf=u) if lin is not None else u
+    inverse = _inverse_on_moving_grid(u_inv.detach().float(), matrix, prep, prep.moving_t.shape[2:])
+    return lin, ddf, inverse
+
+
+def _finish(inp: _Inputs, prep: _Prepared, plan: Pipeline, lin, ddf_t, inv_t, dev, labels) -> RegistrationResult:
+    """Step 4: warp (one interpolation from the moving file's voxels), metrics and the summary."""
     import torch
 
     from psmamba import metrics
-    from psmamba.spatial import warp
+    from psmamba.spatial import identity_grid
 
+    f_shape = [int(s) for s in prep.fixed_np.shape]
     with torch.no_grad():
-        warped_t = warp(prep.moving, ddf_t)
+        pos = _apply(np.linalg.inv(prep.a_m) @ prep.a_f, identity_grid(tuple(f_shape), device=dev) + ddf_t)
+        warped_t = _sample_at(prep.moving_t, pos)
         wlab_np = None
-        if prep.mlab_np is not None:
-            lab_t = torch.from_numpy(np.ascontiguousarray(prep.mlab_np.astype(np.int64)))[None, None].to(dev)
-            wlab_np = warp(lab_t, ddf_t, mode="nearest")[0, 0].cpu().numpy().astype(prep.mlab_np.dtype)
+        if inp.moving_labels is not None:
+            lab = np.asarray(inp.moving_labels.data)
+            lab_t = torch.from_numpy(np.ascontiguousarray(lab.astype(np.int64)))[None, None].to(dev)
+            wlab_np = _sample_at(lab_t, pos, mode="nearest")[0, 0].cpu().numpy().astype(lab.dtype)
     ddf_np = ddf_t[0].cpu().numpy().astype(np.float32)
     jac = np.asarray(metrics.jacobian_determinant(ddf_np), dtype=np.float32)
-    f_shape = [int(s) for s in prep.fixed_np.shape]
+    method = plan.method
     settings = method.settings()
     summary: dict[str, Any] = {
         "fixed": _name(inp.fixed), "moving": _name(inp.moving),
         "moving_labels": _name(inp.moving_labels) if inp.moving_labels is not None else None,
         "fixed_labels": _name(inp.fixed_labels) if inp.fixed_labels is not None else None,
-        "method": method.name,
+        "fixed_mask": _name(inp.fixed_mask) if inp.fixed_mask is not None else None,
+        "moving_mask": _name(inp.moving_mask) if inp.moving_mask is not None else None,
+        "method": plan.name,
         "method_settings": settings,
         "checkpoint": _find_setting(settings, "checkpoint"),
+        "affine": None if lin is None else {**lin.summary(), "stage": plan.linear},
         "device": str(dev),
         "fixed_shape": f_shape,
         "moving_shape": [int(s) for s in inp.moving.data.shape],
@@ -323,6 +499,7 @@ def _finish(inp: _Inputs, prep: _Prepared, method, ddf_t, dev, labels) -> Regist
         warped=warped_t[0, 0].cpu().numpy().astype(np.float32), ddf=ddf_np, jacobian=jac,
         affine=np.asarray(inp.fixed.affine, dtype=np.float64), fixed=prep.fixed_np, moving=prep.moving_np,
         warped_labels=wlab_np, moving_labels=prep.mlab_np, fixed_labels=prep.flab_np, summary=summary,
+        ddf_inverse=inv_t[0].cpu().numpy().astype(np.float32), moving_affine=prep.a_m, linear=lin,
     )
 
 
@@ -343,24 +520,106 @@ def _runtime_settings() -> dict[str, Any]:
     return {**runtime.current().as_dict(), "freed_memory_kept": runtime.freed_memory_kept()}
 
 
-def _build_method(method, checkpoint, model, iters, refine, lr, lam, window, model_size, dev):
-    """The method of ``register_pair``'s options (a given ``method`` is taken as is)."""
-    from psmamba.engine.methods import load_model, method_from_options, training_size
+def build_pipeline(
+    method: "str | RegistrationMethod | Pipeline | None" = None,
+    *,
+    checkpoint: str | os.PathLike | None = None,
+    model: "torch.nn.Module | None" = None,
+    iters: int = 0,
+    refine: str = "weights",
+    lr: float | None = None,
+    lam: float | None = None,
+    window: int = 9,
+    model_size: Sequence[int] | None = None,
+    device: "str | torch.device" = "cpu",
+    similarity: str = "lncc",
+    deformable: Any = None,
+) -> Pipeline:
+    """The :class:`Pipeline` that :func:`register_pair`'s options name (see its arguments).
 
-    if method is not None:
+    A :class:`Pipeline` is returned as is; a bare method object becomes a pipeline without a
+    linear stage; a name is parsed by :func:`psmamba.engine.methods.parse_method`.
+    """
+    from psmamba.affine import SIMILARITIES
+    from psmamba.engine.distributed import resolve_device
+
+    if similarity not in SIMILARITIES:
+        raise PsmambaError(f"--similarity must be one of {', '.join(SIMILARITIES)}, got {similarity!r}")
+    if isinstance(method, Pipeline):
         if checkpoint is not None or model is not None or iters:
             raise PsmambaError("give method= alone, or checkpoint=/model=/iters=, not both")
-        return method.to(dev)
+        return method.to(resolve_device(device))
+    return _plan(method, checkpoint, model, iters, refine, lr, lam, window, model_size, resolve_device(device),
+                 similarity, deformable)
+
+
+def _plan(method, checkpoint, model, iters, refine, lr, lam, window, model_size, dev, similarity,
+          deformable) -> Pipeline:
+    """What ``register_pair``'s options ask for (a given method object is taken as is)."""
+    from psmamba.engine.methods import (
+        RegistrationMethod, deformable_method, load_model, method_from_options, parse_method, training_size,
+    )
+
+    check_number("--lr", lr, positive=True)
+    check_number("--lambda", lam, nonnegative=True)
+    iters = check_number("--iters", iters, integer=True, nonnegative=True)
+    if isinstance(method, RegistrationMethod):
+        if checkpoint is not None or model is not None or iters:
+            raise PsmambaError("give method= alone, or checkpoint=/model=/iters=, not both")
+        return Pipeline(method.name, None, method.to(dev), similarity)
+    if method is not None and not isinstance(method, str):
+        raise PsmambaError(f"method must be a name or a RegistrationMethod, got {type(method).__name__}")
     if checkpoint is not None and model is not None:
         raise PsmambaError("give either checkpoint= or model=, not both")
-    grid, name = model_size, None
+    if method is not None and iters:
+        raise PsmambaError("give --method or --iters, not both (--iters runs the Adam optimisation of earlier versions)")
+    grid = model_size
     if checkpoint is not None:
         model, ckpt = load_model(checkpoint, device=dev)
         grid = model_size or training_size(ckpt)
     elif model is not None:
         model = model.to(dev).eval()
-    return method_from_options(model, iters=iters, refine=refine, lr=lr, lam=lam, window=window,
-                               grid=grid, name=name, checkpoint=checkpoint)
+    if iters:  # the earlier versions' methods: no linear stage, Adam on the field or the weights
+        legacy = method_from_options(model, iters=iters, refine=refine, lr=lr, lam=lam, window=window,
+                                     grid=grid, checkpoint=checkpoint)
+        return Pipeline(legacy.name, None, legacy, similarity)
+    if lam is not None:
+        raise PsmambaError("--lambda weighs the diffusion loss of --iters (Adam); the io stage smooths instead "
+                           "(--sigma-field)")
+    spec = parse_method(method or "default", have_network=model is not None)
+    if model is not None and not spec.network:
+        raise PsmambaError(f"--method {spec.name} uses no network, but a checkpoint/model was given")
+    config = _deformable_config(deformable, lr)
+    return Pipeline(spec.name, spec.linear, deformable_method(spec, model, grid, checkpoint, config), similarity)
+
+
+def _deformable_config(deformable, lr):
+    """A DeformableConfig from a config, a dict of overrides, and ``--lr``."""
+    import dataclasses
+
+    from psmamba.deformable import DeformableConfig
+
+    if isinstance(deformable, DeformableConfig):
+        cfg = deformable
+    else:
+        over = dict(deformable or {})
+        unknown = sorted(set(over) - set(DeformableConfig.__dataclass_fields__))
+        if unknown:
+            raise PsmambaError(f"unknown io setting(s) {unknown}; known: {sorted(DeformableConfig.__dataclass_fields__)}")
+        cfg = DeformableConfig(**over)
+    return cfg if lr is None else dataclasses.replace(cfg, lr=float(lr))
+
+
+def _check_window(flag: str, window) -> tuple[float, float] | None:
+    if window is None:
+        return None
+    try:
+        lo, hi = (float(v) for v in window)
+    except (TypeError, ValueError):
+        raise PsmambaError(f"{flag} takes two numbers LOW HIGH, got {window!r}") from None
+    if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+        raise PsmambaError(f"{flag} needs finite LOW < HIGH, got {lo:g} {hi:g}")
+    return lo, hi
 
 
 def register_pair(
@@ -369,7 +628,9 @@ def register_pair(
     *,
     moving_labels: ImageLike | None = None,
     fixed_labels: ImageLike | None = None,
-    method: RegistrationMethod | None = None,
+    fixed_mask: ImageLike | None = None,
+    moving_mask: ImageLike | None = None,
+    method: "str | RegistrationMethod | Pipeline | None" = None,
     checkpoint: str | os.PathLike | None = None,
     model: "torch.nn.Module | None" = None,
     iters: int = 0,
@@ -377,6 +638,10 @@ def register_pair(
     lr: float | None = None,
     lam: float | None = None,
     window: int = 9,
+    similarity: str = "lncc",
+    fixed_window: Sequence[float] | None = None,
+    moving_window: Sequence[float] | None = None,
+    deformable: Any = None,
     device: "str | torch.device" = "auto",
     out_dir: str | os.PathLike | None = None,
     model_size: Sequence[int] | None = None,
@@ -388,19 +653,30 @@ def register_pair(
     Args:
         fixed, moving: the images: paths (NIfTI, Analyze), :class:`psmamba.io.Image`,
             :class:`psmamba.data.Volume` or 3-D arrays (:func:`psmamba.io.as_image`); the moving
-            image may have any size, spacing and orientation (resampled through the affines).
+            image may have any size, spacing and orientation.
         moving_labels, fixed_labels: label maps on their image's grid; with both, Dice before
             and after registration.
-        method: a :class:`psmamba.engine.methods.RegistrationMethod`; or build one from the
-            options below (:func:`~psmamba.engine.methods.method_from_options`):
+        fixed_mask, moving_mask: optional masks on their image's grid (non-zero inside): the
+            intensity scaling and the similarity only count voxels inside.
+        method: a name (:func:`psmamba.engine.methods.parse_method`): ``"default"`` (affine, then
+            the network when one is given, then ``io``), ``"identity"``, ``"affine"``, ``"io"``,
+            ``"affine+io"``, ``"network"``, ``"network+io"``, ... ; or a
+            :class:`~psmamba.engine.methods.RegistrationMethod` run on the fixed grid (no
+            linear stage). None: ``"default"``, unless ``iters`` asks for the Adam
+            optimisation of earlier versions.
         checkpoint: a psmamba checkpoint (``psmamba train``'s output); the network runs on the
             grid it was trained at. Exclusive with ``model``.
         model: a loaded network ``forward(moving, fixed) -> (warped, ddf)`` (on ``model_size``).
-        iters: test-time optimisation steps: with a network, of a copy of its weights
-            (``refine="weights"``) or of its field on the fixed grid (``refine="field"``); with
-            no network, instance optimisation of the field. 0 with no network: the identity.
-        lr, lam, window: Adam's learning rate, the diffusion weight and the LNCC window
-            (defaults: :func:`~psmamba.engine.methods.method_from_options`).
+        iters, refine, lam, window: the earlier versions' Adam optimisation (no linear stage):
+            ``iters`` steps of a copy of the network's weights (``refine="weights"``) or of its
+            field (``refine="field"``), or of the field alone without a network; ``lam`` weighs
+            the diffusion loss, ``window`` is the LNCC window.
+        lr: the step of ``io`` (:class:`psmamba.deformable.DeformableConfig` ``lr``), or Adam's
+            learning rate with ``iters``.
+        similarity: of the linear stage: ``"lncc"`` (one modality) or ``"mi"`` (across modalities).
+        fixed_window, moving_window: ``(low, high)`` intensity windows (CT in HU, e.g. -500 800)
+            clipped and scaled to [0, 1] instead of the default 0.5/99.5 percentile scaling.
+        deformable: a :class:`~psmamba.deformable.DeformableConfig` or a dict of its fields for ``io``.
         device: ``"auto"`` (accelerator if available, else CPU), ``"cpu"``, ``"cuda"``, ...
         out_dir: when given, the outputs are written there atomically (see module docstring).
         model_size: ``(D, H, W)`` grid the network runs on (default: its training grid).
@@ -420,20 +696,36 @@ def register_pair(
         model_size = tuple(int(s) for s in model_size)
         if len(model_size) != 3 or min(model_size) < 2:
             raise PsmambaError(f"model_size must be three sizes >= 2, got {model_size}")
+    fixed_window = _check_window("--fixed-window", fixed_window)
+    moving_window = _check_window("--moving-window", moving_window)
     staging = StagingDir(out_dir, owned=OUTPUT_FILES) if out_dir is not None else None
     try:
         dev = resolve_device(device)
-        inp = _load_inputs(fixed, moving, moving_labels, fixed_labels)
-        method = _build_method(method, checkpoint, model, iters, refine, lr, lam, window, model_size, dev)
+        inp = _load_inputs(fixed, moving, moving_labels, fixed_labels, fixed_mask, moving_mask)
+        plan = build_pipeline(method, checkpoint=checkpoint, model=model, iters=iters, refine=refine, lr=lr,
+                              lam=lam, window=window, model_size=model_size, device=dev, similarity=similarity,
+                              deformable=deformable)
+        overlap = check_inputs(inp.fixed, inp.moving, inp.fixed_labels, inp.moving_labels, labels=labels,
+                               min_size=MIN_SIZE, why=f"registration needs {MIN_SIZE} voxels a side")
         t_load = time.perf_counter()
-        prep = _resample(inp, dev)
+        prep = _prepare(inp, dev, fixed_window, moving_window)
+        if plan.linear is None and not np.any(prep.moving_np) and np.any(np.asarray(inp.moving.data)):
+            raise PsmambaError(
+                f"moving image {_name(inp.moving) or ''} does not overlap the fixed image "
+                f"{_name(inp.fixed) or ''} in world coordinates (check the affines, or add an affine "
+                "stage: --method affine+io)".replace("  ", " ")
+            )
         t_prep = time.perf_counter()
-        ddf_t = method(prep.moving_scaled, prep.fixed_scaled).detach().float()
+        lin, ddf_t, inv_t = _register(plan, inp, prep)
         _synchronize(dev)  # accelerator kernels run asynchronously: time them to completion
         t_reg = time.perf_counter()
-        result = _finish(inp, prep, method, ddf_t, dev, labels)
+        result = _finish(inp, prep, plan, lin, ddf_t, inv_t, dev, labels)
+        if overlap is not None:
+            result.summary["label_overlap"] = {"shared": sorted(overlap.shared), "fixed_only": sorted(overlap.fixed_only),
+                                               "moving_only": sorted(overlap.moving_only)}
         result.summary["timings_s"] = {
             "load": t_load - t_start, "preprocess": t_prep - t_load,
+            "affine": None if lin is None else lin.time_s,
             "register": t_reg - t_prep, "metrics": time.perf_counter() - t_reg,
         }
         _write_outputs(result, staging, overview, t_start)

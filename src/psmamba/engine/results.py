@@ -33,7 +33,7 @@ import numpy as np
 
 from psmamba.engine.logs import format_cell
 from psmamba.errors import PsmambaError
-from psmamba.files import atomic_write, atomic_write_text
+from psmamba.files import atomic_write_all
 
 __all__ = [
     "EvaluationResult", "MethodResults", "read_results", "summarize", "format_summary_table",
@@ -66,13 +66,18 @@ class EvaluationResult:
         return summarize(self.pair_rows, self.method)
 
     def write(self, path: str | os.PathLike) -> list[Path]:
-        """Write ``path`` (per label), ``<stem>_pairs.csv`` and ``<stem>_summary.md``; atomic each."""
+        """Write ``path`` (per label), ``<stem>_pairs.csv`` and ``<stem>_summary.md``, all or none,
+    creating the folder (:func:`psmamba.files.atomic_write_all`)."""
         path = Path(path)
         pairs_path, md_path = companion_paths(path)
-        write_csv(path, LABEL_COLUMNS, self.label_rows)
-        write_csv(pairs_path, PAIR_COLUMNS, self.pair_rows)
-        atomic_write_text(md_path, format_summary_table([self.summary()]) + "\n")
-        return [path, pairs_path, md_path]
+        table = format_summary_table([self.summary()]) + "\n"
+
+        def md(name: str) -> None:
+            with open(name, "w", encoding="utf-8") as fh:
+                fh.write(table)
+
+        return _write_all(path, [(path, _csv_writer(LABEL_COLUMNS, self.label_rows, 6)),
+                                 (pairs_path, _csv_writer(PAIR_COLUMNS, self.pair_rows, 6)), (md_path, md)])
 
 
 def companion_paths(path: str | os.PathLike) -> tuple[Path, Path]:
@@ -83,21 +88,23 @@ def companion_paths(path: str | os.PathLike) -> tuple[Path, Path]:
 
 
 def check_writable(path: str | os.PathLike) -> Path:
-    """Fail early (one line) when the results file's folder cannot be written."""
+    """Fail early (one line) when the results file cannot be written; creates nothing.
+
+    A folder that does not exist yet is fine when it can be created (its nearest existing
+    ancestor is a writable folder): the writers create it once the results exist.
+    """
     from psmamba.files import probe_writable
 
     path = Path(path).expanduser().absolute()
     if path.exists() and path.is_dir():
         raise PsmambaError(f"results file {path} is a folder")
-    if not path.parent.is_dir():
-        raise PsmambaError(f"results file {path}: folder {path.parent} does not exist")
+    if path.parent.exists() and not path.parent.is_dir():
+        raise PsmambaError(f"results file {path}: {path.parent} is not a folder")
     probe_writable(path.parent, "results folder")
     return path
 
 
-def write_csv(path: Path, columns: Sequence[str], rows: Iterable[Mapping[str, Any]], digits: int = 6) -> None:
-    """Write rows atomically; floats with ``digits`` significant digits, NaN/None as empty cells."""
-
+def _csv_writer(columns: Sequence[str], rows: Iterable[Mapping[str, Any]], digits: int):
     def write(name: str) -> None:
         with open(name, "w", newline="", encoding="utf-8") as fh:
             w = csv.DictWriter(fh, fieldnames=list(columns), extrasaction="ignore")
@@ -105,7 +112,20 @@ def write_csv(path: Path, columns: Sequence[str], rows: Iterable[Mapping[str, An
             for row in rows:
                 w.writerow({k: format_cell(row.get(k), digits, nan="") for k in columns})
 
-    atomic_write(path, write)
+    return write
+
+
+def _write_all(what: Path, writes) -> list[Path]:
+    try:
+        return atomic_write_all(writes)
+    except OSError as exc:
+        raise PsmambaError(f"results file {what}: cannot be written ({exc.strerror or exc})") from None
+
+
+def write_csv(path: Path, columns: Sequence[str], rows: Iterable[Mapping[str, Any]], digits: int = 6) -> None:
+    """Write rows atomically (creating the folder); floats with ``digits`` significant digits,
+    NaN/None as empty cells."""
+    _write_all(Path(path), [(path, _csv_writer(columns, rows, digits))])
 
 
 def nanmean(values: Iterable[float]) -> float:
