@@ -341,25 +341,13 @@ def _run_psmamba(p: dict, spacing: tuple[float, ...], threads: int) -> tuple[np.
 
     kwargs = {"moving_labels": img(p["moving_labels"], "moving_labels"),
               "fixed_labels": img(p["fixed_labels"], "fixed_labels"), "device": "cpu", "overview": False}
-    ran_as = 'register_pair(method="default")'
     t0 = time.perf_counter()
-    try:
-        res = register_pair(img(p["fixed"], "fixed"), img(p["moving"], "moving"), method="default", **kwargs)
-    except (AttributeError, TypeError) as exc:
-        # FALLBACK (remove when engine/register.py accepts method="default"): until the default
-        # pipeline lands, register_pair takes a method OBJECT and a string fails with
-        # "'str' object has no attribute 'to'"; run field optimisation instead, and say so in
-        # every row ("ran_as") and in register.md.
-        if "str" not in str(exc) and "default" not in str(exc):
-            raise
-        ran_as = "FALLBACK register_pair(iters=50) (method='default' not accepted yet)"
-        t0 = time.perf_counter()
-        res = register_pair(img(p["fixed"], "fixed"), img(p["moving"], "moving"), iters=50, **kwargs)
+    res = register_pair(img(p["fixed"], "fixed"), img(p["moving"], "moving"), method="default", **kwargs)
     call = time.perf_counter() - t0
     timings = res.summary.get("timings_s", {})
     # the registration proper: the call less its own output metrics (Jacobian, Dice) and writing
     seconds = call - float(timings.get("metrics", 0.0)) - float(timings.get("write", 0.0))
-    ran_as += f" -> {res.summary.get('method', '?')}"
+    ran_as = f'register_pair(method="default") -> {res.summary.get("method", "?")}'
     return np.asarray(res.ddf, dtype=np.float32), seconds, ran_as, call
 
 
@@ -775,9 +763,6 @@ def register_markdown(result: Mapping[str, Any], machine: Mapping[str, Any], com
     ran = sorted({r.get("ran_as", "") for r in result["rows"] if r.get("method") == "psmamba" and r.get("ran_as")})
     if ran:
         lines.append(f"- psmamba ran as: {'; '.join(ran)}")
-    if any("FALLBACK" in r for r in ran):
-        lines.append("- **WARNING: psmamba's default pipeline was not available; these psmamba rows are field "
-                     "optimisation, not the default**")
     headers = ["method", "pairs", "Dice", "Dice before", "HD95 (mm)", "folding % (mean / max)", "SDlogJ",
                "seconds", "time / ANTs", "peak memory (MiB)", "status"]
     for split in st["splits"]:
@@ -819,10 +804,7 @@ def plot_register(result: Mapping[str, Any], path: Path) -> Path:
             t = [max(r["seconds"], 1e-2) for r in ok]
             d = [r["dice_mean"] for r in ok]
             ax.scatter(t, d, s=12, alpha=0.35, color=colours.get(m))
-            label = METHODS.get(m, m)
-            if any("FALLBACK" in r.get("ran_as", "") for r in ok):
-                label = "psmamba FALLBACK: field optimisation, not the default"
-            ax.scatter([np.mean(t)], [np.mean(d)], s=60, marker="D", color=colours.get(m), label=label)
+            ax.scatter([np.mean(t)], [np.mean(d)], s=60, marker="D", color=colours.get(m), label=METHODS.get(m, m))
         ax.set(xscale="log", xlabel="seconds per pair (log)", ylabel="mean Dice over labels", title=split)
         ax.grid(True, which="both", alpha=0.3)
     axes[0][0].legend(fontsize=7)
