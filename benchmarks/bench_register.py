@@ -840,7 +840,7 @@ def build_parser() -> argparse.ArgumentParser:
         "psmamba's default registration against ANTs SyN (and ConvexAdam, FireANTs) on the demo's full-size "
         "test and test_hard pairs and misaligned copies of them (issue 13)."))
     p.add_argument("--quick", action="store_true",
-                   help="smoke run: the small demo (64x80x64) resized to --grid, one pair per split")
+                   help="smoke run: the small demo (64x80x64 at 2.5 mm), one pair per split")
     p.add_argument("--methods", nargs="+", default=None, choices=tuple(METHODS),
                    help=f"default: {' '.join(DEFAULT_METHODS)} (FireANTs is opt-in: slow on a CPU)")
     p.add_argument("--splits", nargs="+", default=None, choices=[s[0] for s in SPLITS])
@@ -848,7 +848,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run METHOD's processes with this interpreter (e.g. fireants=/venvs/fa/bin/python)")
     p.add_argument("--pairs", type=int, default=None, help="first N ordered pairs per split (default: all; --quick: 1)")
     p.add_argument("--one-way", action="store_true", help="one direction of each pair (A->B, not B->A): half the pairs")
-    p.add_argument("--grid", default=None, help="--quick's grid (default 32x40x32)")
+    p.add_argument("--grid", default=None,
+                   help="resample the pairs to this grid (default: the demo's own, 64x80x64 with --quick)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-hd95", action="store_true")
@@ -888,7 +889,7 @@ def main(argv: Sequence[str] | None = None, data: BenchData | None = None) -> in
     if data is None:
         if args.quick:
             data = demo_bench_data("small", pairs_per_split=args.pairs or 1, one_way=args.one_way,
-                                   grid=parse_size(args.grid or "32x40x32"))
+                                   grid=parse_size(args.grid) if args.grid else None)
         else:
             data = demo_bench_data("full", pairs_per_split=args.pairs, one_way=args.one_way,
                                    grid=parse_size(args.grid) if args.grid else None)
