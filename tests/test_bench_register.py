@@ -156,7 +156,10 @@ def test_quick_path_on_tiny_volumes(tmp_path, capsys):
         # the motion moved the moving labels away, and every method brings them back part of the way
         assert r["dice_before_mean"] < aligned_before - 0.1, (r["dice_before_mean"], aligned_before)
         assert r["dice_mean"] > r["dice_before_mean"] + 0.1, r
-    assert "test_misaligned/b->a" in res["motions"]
+    mot = res["motions"]["test_misaligned/b->a"]
+    assert mot["dice_before_aligned"] == pytest.approx(aligned_before)
+    # undoing the motion exactly gives back most of what it took (the rest is label resampling)
+    assert rows[0]["dice_before_mean"] + 0.1 < mot["dice_before_motion_undone"] <= aligned_before + 0.02
     rob = res["robustness"]
     assert set(rob) == {"self", "spike"} and all(v["status"] == "ok" for v in rob.values()), rob
     assert rob["self"]["dice_mean"] == pytest.approx(1.0, abs=0.02)
