@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import pkgutil
 import sys
 
@@ -48,7 +49,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def quiet_openmp(environ=None, modules=None) -> bool:
+    """Make idle OpenMP threads sleep instead of spinning (``OMP_WAIT_POLICY=PASSIVE``).
+
+    PyTorch's OpenMP pool and numba's kernels take turns in every registration step; with
+    spinning (GNU OpenMP's default) the idle pool burns the cores the other one needs: a
+    64x80x64 registration took 30.8 s on 2 threads of a loaded 2-core machine against 3.6 s
+    with PASSIVE (benchmarks/README.md). It must be set before the OpenMP runtime loads, i.e.
+    before torch is imported; a value the user set is kept. Returns whether it was set here.
+    """
+    environ = os.environ if environ is None else environ
+    modules = sys.modules if modules is None else modules
+    if "torch" in modules or "OMP_WAIT_POLICY" in environ:
+        return False
+    environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
+    quiet_openmp()
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "_run", None) is None:

@@ -98,3 +98,14 @@ def test_configs_demo_yaml_is_the_demo_config():
     for section, values in DEMO_CONFIG.items():
         for key, value in values.items():
             assert shipped[section][key] == value, f"{section}.{key}"
+
+
+def test_the_cli_makes_idle_openmp_threads_sleep_unless_told_otherwise():
+    from psmamba.cli import quiet_openmp
+
+    env: dict[str, str] = {}
+    assert quiet_openmp(env, modules={}) and env == {"OMP_WAIT_POLICY": "PASSIVE"}
+    env = {"OMP_WAIT_POLICY": "ACTIVE"}
+    assert not quiet_openmp(env, modules={}) and env["OMP_WAIT_POLICY"] == "ACTIVE"
+    env = {}
+    assert not quiet_openmp(env, modules={"torch": object()}) and env == {}  # too late once torch is loaded
