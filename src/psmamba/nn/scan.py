@@ -38,10 +38,14 @@ Backends
     On a GPU: ``"cuda"`` when ``mamba_ssm`` (with its compiled extension) imports, the dtype is
     not float64 (``mamba_ssm`` refuses it) and no ``h0`` is given; else ``"triton"`` when triton
     imports; else ``"reference"``, with a warning once. On a CPU: ``"cpu"`` (numba), else
-    ``"reference"``.
+    ``"reference"``. A sequence run in pieces (the Mamba layer's long levels) continues each
+    piece from the previous one's state, which ``mamba_ssm`` cannot take: there ``"auto"`` runs
+    the first piece on ``"cuda"`` and the others on ``"triton"`` (:func:`piece_backends`).
 
 :func:`register_backend` is the seam for new backends; :func:`available_backends` lists the
-ones usable in this environment.
+ones usable in this environment. The ``"cpu"`` and ``"triton"`` backends are
+``torch.library`` custom ops with fake implementations and an autograd formula, so
+``torch.compile(model, fullgraph=True)`` traces through a scan as one opaque node.
 """
 
 from __future__ import annotations
