@@ -223,7 +223,8 @@ class Mamba(nn.Module):
         Args:
             x: ``(B, l, d_model)``, the next ``l`` tokens.
             state: what the previous piece returned, or ``None`` at the start of the sequence
-                (the ``"cuda"`` backend takes only ``None``: mamba_ssm carries no state in).
+                (an explicit ``"cuda"`` backend takes only ``None``: mamba_ssm carries no state
+                in; ``"auto"`` continues such a piece on ``"triton"``).
 
         Returns:
             ``(out (B, l, d_model), state)`` with the state after the last token.

@@ -44,7 +44,7 @@ from psmamba.nn._numba import as_numpy as _np
 from psmamba.nn._scan_cpu import chunks
 from psmamba.nn._scan_cpu.mathfn import _exp
 
-__all__ = ["SelectiveScanCPU", "scan_cpu"]
+__all__ = ["scan_cpu"]
 
 # Layouts: u, dt, y, du, ddt (B, E, L); Bm, Cm, dB, dC (B, L, N); A (E, N); D (E,);
 # h0, h_last (B, E, N); ckpt (B, chunks, E, N). The innermost loops run over the N states.
