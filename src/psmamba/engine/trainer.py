@@ -252,15 +252,18 @@ class Trainer:
         if self.progress is not None:
             self.progress.update(1)
         reason = None
-        if cfg.run.max_steps is not None and self.global_step >= cfg.run.max_steps:
-            reason = "max_steps"  # the same step on every rank: no agreement needed
-        elif not self.info.distributed or self._agree_on_stops(s):
-            if stop_signal.received is not None:
+        at_max_steps = cfg.run.max_steps is not None and self.global_step >= cfg.run.max_steps  # same on every rank
+        if at_max_steps or not self.info.distributed or self._agree_on_stops(s):
+            signal = stop_signal.received is not None
+            late = cfg.run.max_minutes is not None and time.monotonic() - self.t_start >= 60 * cfg.run.max_minutes
+            if self.info.distributed:  # every rank leaves at the same step, for the same reason
+                signal, late = any_rank(signal, self.info), any_rank(late, self.info)
+            if signal:
                 reason = "signal"
-            elif cfg.run.max_minutes is not None and time.monotonic() - self.t_start >= 60 * cfg.run.max_minutes:
+            elif at_max_steps:
+                reason = "max_steps"
+            elif late:
                 reason = "time"
-            if self.info.distributed and any_rank(reason is not None, self.info) and reason is None:
-                reason = "signal"  # every rank must leave the loop at the same step
         if reason is not None:
             self.stopped = reason
             if reason != "signal":  # a planned stop ends like an epoch: validated
