@@ -112,10 +112,9 @@ def _norm_keeps_layout(x: torch.Tensor) -> bool:
 
     ``F.instance_norm`` makes its input contiguous (channels-first) and returns that layout,
     so the next convolution, whose weights are channels-last, converts back: two copies of the
-    activation per norm. On the CPU the same flip costs too (a conv -> norm -> conv block's
-    forward and backward ran 10-30% faster with the layout kept, benchmarks/README.md), but
-    the CPU path keeps ``F.instance_norm``: its rounding differs from batch norm's, and the
-    recorded golden training run (tests/engine/test_golden.py) pins it bit for bit.
+    activation per norm. The flip costs on the CPU too (benchmarks/README.md, "Kernel-level
+    figures"), but the CPU path keeps ``F.instance_norm``: its rounding differs from batch
+    norm's, and the recorded golden training run (tests/engine/test_golden.py) pins it.
     """
     return _is_cl(x) and x.device.type != "cpu"
 
