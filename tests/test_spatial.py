@@ -290,3 +290,75 @@ def test_model_fields_and_warps_are_float32_under_bf16_autocast():
         out = model(x, x.flip(-1))
     assert out.ddf.dtype == torch.float32 and out.warped.dtype == torch.float32
     assert seen and all(dtype == torch.float32 for _, dtype in seen), seen
+
+
+# --------------------------------------------------------------------------- integer label warps
+def _grid_sample_nearest_f64(labels, ddf, padding):
+    """The former route: codes as float64 through grid_sample's nearest mode."""
+    from psmamba.spatial import _to_sampling_grid
+
+    grid = _to_sampling_grid(ddf.double())
+    out = F.grid_sample(labels.double(), grid, mode="nearest", padding_mode=padding, align_corners=True)
+    return out.round().to(labels.dtype)
+
+
+@pytest.mark.parametrize("padding", ["zeros", "border"])
+def test_nearest_label_warp_matches_grid_sample_and_keeps_large_codes(padding, torch_seed):
+    shape = (9, 6, 11)
+    # codes beyond float32's 2^24 integers; the gather path copies them, so they come back exactly
+    codes = torch.tensor([0, 2**24 + 1, 2**31 - 1, 3 * 2**40 + 7], dtype=torch.int64)
+    labels = codes[torch.randint(0, 4, (2, 2, *shape))]
+    ddf = torch.randn(2, 3, *shape) * 2.5  # many samples fall outside the grid
+    out = warp(labels, ddf, mode="nearest", padding=padding)
+    assert out.dtype == torch.int64
+    assert set(out.unique().tolist()) <= set(codes.tolist())
+    # the same voxels as grid_sample's nearest mode (random fields: no half-way positions);
+    # compared through the voxel index, which float64 holds exactly
+    index = torch.arange(labels.numel()).view(labels.shape)
+    torch.testing.assert_close(warp(index, ddf, mode="nearest", padding=padding),
+                               _grid_sample_nearest_f64(index, ddf, padding), rtol=0, atol=0)
+    flat = labels.reshape(-1)
+    picked = warp(index, ddf, mode="nearest", padding=padding)
+    expect = flat[picked.reshape(-1)].view(labels.shape)
+    if padding == "zeros":  # outside the grid grid_sample gives 0, which is also index 0's voxel
+        outside = _grid_sample_nearest_f64(torch.ones_like(index), ddf, padding) == 0
+        expect = expect.masked_fill(outside, 0)
+    assert torch.equal(out, expect)
+
+
+def test_nearest_label_warp_rounds_half_way_positions_to_even():
+    shape = (4, 5, 6)
+    labels = torch.arange(4 * 5 * 6, dtype=torch.int32).view(1, 1, *shape) + 2**24
+    ddf = constant_field((0.0, 0.0, 0.5), shape)
+    out = warp(labels, ddf, mode="nearest", padding="border")
+    # voxel w goes to w + 0.5: rounded to the even of w, w + 1
+    w = torch.arange(6)
+    expect_w = torch.where(w % 2 == 0, w, w + 1).clamp(max=5)
+    assert torch.equal(out[0, 0, 0, 0] - 2**24, expect_w.to(torch.int32))
+    # -0.5: to the even neighbour below or above
+    out = warp(labels, constant_field((0.0, 0.0, -0.5), shape), mode="nearest", padding="zeros")
+    expect_w = torch.where(w % 2 == 0, w, w - 1)
+    assert torch.equal(out[0, 0, 0, 0] - 2**24, expect_w.to(torch.int32))
+
+
+def test_nearest_label_warp_ignores_shifts_along_a_one_voxel_axis():
+    labels = torch.arange(1 * 4 * 5).view(1, 1, 1, 4, 5)
+    ddf = constant_field((3.0, 0.0, 1.0), (1, 4, 5))
+    out = warp(labels, ddf, mode="nearest")
+    assert torch.equal(out, _grid_sample_nearest_f64(labels, ddf, "zeros"))
+
+
+@pytest.mark.parametrize("old,new", [((8, 9, 10), (5, 3, 7)), ((5, 6, 7), (9, 11, 13)), ((4, 5, 3), (4, 10, 1))])
+def test_label_resize_picks_the_nearest_voxel_exactly(old, new):
+    from psmamba.spatial import resize_volume
+
+    labels = torch.arange(int(np.prod(old)), dtype=torch.int64).view(1, 1, *old) + 2**40
+    out = resize_volume(labels, new, labels=True)
+    assert out.dtype == torch.int64 and out.shape[2:] == new
+    # new voxel i sits at old position i (o - 1) / (n - 1); nearest, half to even
+    idx = []
+    for o, n in zip(old, new):
+        pos = [i * (o - 1) / (n - 1) if n > 1 else 0.0 for i in range(n)]
+        idx.append(torch.tensor([round(p) for p in pos]))  # Python's round is half to even
+    expect = labels[:, :, idx[0]][:, :, :, idx[1]][:, :, :, :, idx[2]]
+    assert torch.equal(out, expect)

@@ -24,3 +24,27 @@ def first_line(exc: BaseException, default: str | None = None) -> str:
         reason = detail[0].strip() if detail and detail[0].strip() else "unsupported content"
         return f"not a torch file of tensors and plain data: {reason}"
     return text.splitlines()[0] if text else (type(exc).__name__ if default is None else default)
+
+
+def check_on_device(ok, message: str) -> None:
+    """Raise ``PsmambaError(message)`` unless the boolean tensor ``ok`` is true, without making
+    an accelerator wait for the answer.
+
+    On the CPU (and on devices without an asynchronous assert) the check reads ``ok`` at once.
+    On a CUDA device, and while ``torch.compile`` traces, it is ``torch._assert_async``: the
+    host does not wait for the device (reading a GPU value each training step stalls the
+    launch queue); a false value fails at the device's next synchronisation with
+    ``message`` in a RuntimeError (a device-side assert: the CUDA context is unusable
+    afterwards, so data loaders should check on the host first, as ``collate_pairs`` does).
+    """
+    import torch
+
+    compiling = getattr(getattr(torch, "compiler", None), "is_compiling", lambda: False)()
+    if ok.device.type == "cuda" or compiling:
+        try:
+            torch._assert_async(ok, message)
+        except TypeError:  # a torch without the message overload
+            torch._assert_async(ok)
+        return
+    if not bool(ok):
+        raise PsmambaError(message)

@@ -109,10 +109,10 @@ def _to_sampling_grid(ddf: torch.Tensor) -> torch.Tensor:
     spatial = ddf.shape[2:]
     pos = identity_grid(spatial, device=ddf.device, dtype=ddf.dtype) + ddf  # (B, 3, D, H, W) voxels
     # an axis of size 1 has no extent: any scale keeps its single voxel at 0 -> -1 ... use 1.
-    scale = torch.tensor([2.0 / max(s - 1, 1) for s in spatial], device=ddf.device, dtype=ddf.dtype)
-    norm = pos * scale.view(1, 3, 1, 1, 1) - 1.0
-    norm = norm.permute(0, 2, 3, 4, 1)  # (B, D, H, W, 3) in (D, H, W) order
-    return norm.flip(-1)  # grid_sample reads (x, y, z) = (W, H, D)
+    # One Python float per axis (no scale tensor copied from host memory, a sync on a GPU);
+    # stacked last and in (W, H, D) order, as grid_sample reads (x, y, z).
+    axes = [pos[:, i] * (2.0 / max(s - 1, 1)) - 1.0 for i, s in enumerate(spatial)]
+    return torch.stack(axes[::-1], dim=-1)  # (B, D, H, W, 3)
 
 
 @float32_geometry
@@ -153,16 +153,64 @@ def warp(
         fast = warp_trilinear_cpu(image, ddf.to(image.dtype))  # None unless CPU inference
         if fast is not None:
             return fast
-    out_dtype = image.dtype
     if not image.is_floating_point():
         if mode != "nearest":
             raise PsmambaError(f"integer images ({image.dtype}) can only be warped with mode='nearest'")
-        # float64 keeps every int32 label code exact
-        image = image.to(torch.float64)
+        return _warp_nearest_integer(image, ddf, padding)
     grid = _to_sampling_grid(ddf.to(image.dtype))
-    out = F.grid_sample(image, grid, mode=mode, padding_mode=padding, align_corners=True)
-    if not out_dtype.is_floating_point:
-        out = out.round().to(out_dtype)
+    return F.grid_sample(image, grid, mode=mode, padding_mode=padding, align_corners=True)
+
+
+def _nearest_index(ddf_axis: torch.Tensor, axis: int, size: int, padding: str):
+    """Index of the voxel nearest to ``p + ddf`` along one axis, and where it lies inside.
+
+    ``ddf_axis``: ``(B, D, H, W)`` displacements along ``axis`` (of ``size`` voxels). Rounds
+    ``p + ddf`` half to even, as ``grid_sample``'s nearest mode does, but without forming
+    ``p + ddf`` in floating point: ``k = floor(ddf)`` and ``f = ddf - k`` are exact, and the
+    integer ``p + k`` moves up one when ``f > 1/2`` (or ``f = 1/2`` and ``p + k`` is odd).
+    So the index is the same in float32 as in float64 for any grid size.
+
+    Returns ``(index (B, D, H, W) int64, inside (B, D, H, W) bool or None)``; with
+    ``padding="border"`` the index is clamped to the grid and ``inside`` is None (all inside).
+    """
+    if size == 1:  # an axis of one voxel has no extent (as in _to_sampling_grid): always voxel 0
+        return torch.zeros(ddf_axis.shape, dtype=torch.long, device=ddf_axis.device), None
+    shape = [1, 1, 1, 1]
+    shape[axis + 1] = size
+    p = torch.arange(size, device=ddf_axis.device).view(shape)
+    k = torch.floor(ddf_axis)
+    f = ddf_axis - k
+    idx = p + k.long()
+    idx = idx + ((f > 0.5) | ((f == 0.5) & (idx % 2 == 1))).long()
+    if padding == "border":
+        return idx.clamp_(0, size - 1), None
+    inside = (idx >= 0) & (idx < size)
+    return idx.clamp_(0, size - 1), inside
+
+
+def _warp_nearest_integer(labels: torch.Tensor, ddf: torch.Tensor, padding: str) -> torch.Tensor:
+    """Nearest-neighbour warp of an integer label map by gathering its voxels (no float copy).
+
+    The codes are copied, never converted: exact for every integer dtype and code (a float32
+    round trip would be exact only up to 2^24, float64 is slow or absent on accelerators).
+    Same voxels as ``grid_sample(..., mode="nearest", align_corners=True)`` on the codes, except
+    exactly at half-way positions, which are rounded half to even here (grid_sample's own
+    normalising arithmetic decides those by its rounding).
+
+    Args:
+        labels: ``(B, C, D, H, W)`` integer.
+        ddf: ``(B, 3, D, H, W)`` float voxel displacements (batch already matched).
+        padding: ``"zeros"`` (0 outside the grid) or ``"border"`` (the nearest edge voxel).
+    """
+    b, c, d, h, w = labels.shape
+    iz, mz = _nearest_index(ddf[:, 0], 0, d, padding)
+    iy, my = _nearest_index(ddf[:, 1], 1, h, padding)
+    ix, mx = _nearest_index(ddf[:, 2], 2, w, padding)
+    flat = ((iz * h + iy) * w + ix).view(b, 1, -1).expand(b, c, -1)  # (B, C, DHW)
+    out = torch.gather(labels.reshape(b, c, -1), 2, flat).view(b, c, d, h, w)
+    inside = [m for m in (mz, my, mx) if m is not None]
+    if inside:
+        out = out.masked_fill(~functools.reduce(torch.logical_and, inside).unsqueeze(1), 0)
     return out
 
 
@@ -224,14 +272,26 @@ def resize_volume(x: torch.Tensor, size: Sequence[int], labels: bool = False) ->
     if tuple(x.shape[2:]) == size:
         return x
     if labels:
-        # nearest with the align_corners=True correspondence: sample at the identity grid (float64
-        # holds every int32 code exactly)
-        theta = torch.eye(3, 4, dtype=torch.float64, device=x.device).unsqueeze(0).expand(x.shape[0], 3, 4)
-        grid = F.affine_grid(theta, [x.shape[0], x.shape[1], *size], align_corners=True)
-        out = F.grid_sample(x.double(), grid, mode="nearest", align_corners=True)
-        return out.round().to(x.dtype)
+        # nearest with the align_corners=True correspondence, one axis at a time: new voxel i
+        # sits at old position i (old - 1) / (new - 1); its nearest old voxel (half to even, as
+        # grid_sample) in integer arithmetic, and the codes copied, never converted
+        out = x
+        for axis, (new, old) in enumerate(zip(size, x.shape[2:])):
+            out = out.index_select(2 + axis, _nearest_resize_index(old, new, x.device))
+        return out
     src = x if x.is_floating_point() else x.float()
     return F.interpolate(src, size=size, mode="trilinear", align_corners=True)
+
+
+def _nearest_resize_index(old: int, new: int, device) -> torch.Tensor:
+    """For each of ``new`` voxels, the nearest of ``old`` voxels when the corner voxel centres
+    of both grids coincide: ``round(i (old - 1) / (new - 1))`` half to even, in integers."""
+    i = torch.arange(new, device=device)
+    if new == 1 or old == 1:
+        return torch.zeros_like(i)
+    num, den = i * (old - 1), new - 1
+    q, r = num // den, num % den
+    return q + ((2 * r > den) | ((2 * r == den) & (q % 2 == 1))).long()
 
 
 @float32_geometry

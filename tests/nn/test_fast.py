@@ -131,3 +131,55 @@ def test_gradients_have_their_parameters_layout():
     for name, p in model.named_parameters():
         assert p.grad is not None, name
         assert p.grad.stride() == p.stride(), (name, p.stride(), p.grad.stride())
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_instance_norm_cl_is_instance_norm_and_keeps_channels_last(batch):
+    torch.manual_seed(8)
+    x = torch.randn(batch, 5, 6, 7, 4).contiguous(memory_format=fast.CHANNELS_LAST).requires_grad_(True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    y = fast.instance_norm_cl(x, eps=1e-5)
+    y_ref = F.instance_norm(x_ref, eps=1e-5)
+    assert y.is_contiguous(memory_format=fast.CHANNELS_LAST)
+    assert not y_ref.is_contiguous(memory_format=fast.CHANNELS_LAST)  # the flip it avoids
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    w = torch.randn(y.shape)
+    (y * w).sum().backward()
+    (y_ref * w).sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_model_norms_keep_channels_last_where_the_norm_keeps_the_layout(monkeypatch):
+    # the GPU branch (faked on the CPU): in training, every conv -> instance norm -> act unit whose
+    # convolution gives channels-last returns channels-last (F.instance_norm hands back
+    # channels-first, and the next convolution converts back); same numbers to rounding
+    from psmamba.models import build_model
+    from psmamba.nn.blocks import ConvNormAct
+
+    torch.manual_seed(9)
+    model = build_model("paper", channels=2)
+    a, b = torch.rand(1, 1, 18, 20, 17), torch.rand(1, 1, 18, 20, 17)
+    seen = []
+
+    def conv_out(module, args, out):
+        module._conv_cl = out.is_contiguous(memory_format=fast.CHANNELS_LAST)
+
+    def unit_out(module, args, out):
+        if getattr(module.conv, "_conv_cl", False):
+            seen.append(out.is_contiguous(memory_format=fast.CHANNELS_LAST))
+        module.conv._conv_cl = False
+
+    units = [m for m in model.modules() if isinstance(m, ConvNormAct)]
+    hooks = [h for m in units for h in (m.conv.register_forward_hook(conv_out), m.register_forward_hook(unit_out))]
+    plain = model(a, b)
+    assert seen and not all(seen)  # the flips of the F.instance_norm path
+    seen.clear()
+    monkeypatch.setattr(fast, "_norm_keeps_layout", lambda x: fast._is_cl(x))
+    kept = model(a, b)
+    for h in hooks:
+        h.remove()
+    assert seen and all(seen)
+    torch.testing.assert_close(kept.ddf, plain.ddf, rtol=1e-3, atol=1e-4)
+    (kept.warped.mean() + kept.ddf.square().mean()).backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.stride() == p.stride(), name

@@ -174,3 +174,72 @@ def test_broken_mamba_ssm_falls_back(clean_probes, monkeypatch, env, failure):
 def test_probe_absent_mamba_ssm(clean_probes, monkeypatch):
     monkeypatch.setitem(sys.modules, "mamba_ssm", None)  # find_spec raises / import fails
     assert not scan_mod._mamba_ssm_available()
+
+
+# --- the Mamba layer's pieces on a GPU: mamba_ssm takes no h0 ------------------------------
+
+
+@pytest.mark.parametrize(
+    "backend,mamba,triton,expected",
+    [
+        ("auto", True, True, ("cuda", "triton")),  # first piece on mamba_ssm, the rest on triton
+        ("auto", False, True, ("triton", "triton")),
+        ("auto", True, False, None),  # only the slow reference could continue: one piece
+        ("cuda", True, True, None),  # an explicit cuda: one piece
+        ("triton", True, True, ("triton", "triton")),
+        ("reference", True, True, ("reference", "reference")),
+    ],
+)
+def test_piece_backends_on_gpu(env, backend, mamba, triton, expected):
+    env(gpu=True, mamba=mamba, triton=triton)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # asking is not running: no slow-path warning
+        assert scan_mod.piece_backends(backend, U32) == expected
+
+
+def _fake_fused(name, calls):
+    """A fused backend computing by the reference scan, recording (name, whether h0 came)."""
+
+    def fn(u, delta, A, B, C, D, h0, z=None, delta_bias=None, delta_softplus=False):
+        calls.append((name, h0 is not None))
+        if name == "cuda" and h0 is not None:
+            raise AssertionError("mamba_ssm takes no h0")
+        if delta_bias is not None:
+            delta = delta + delta_bias[:, None]
+        if delta_softplus:
+            delta = torch.nn.functional.softplus(delta)
+        y, h = scan_mod._scan_reference(u, delta, A, B, C, D, h0)
+        return (y * torch.nn.functional.silu(z) if z is not None else y), h
+
+    return scan_mod._Backend(fn=fn, is_available=lambda: True, fused=True)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_mamba_layer_on_a_gpu_with_mamba_ssm_runs_long_sequences_in_pieces(env, monkeypatch, training):
+    from psmamba import runtime
+    from psmamba.nn.mamba import Mamba
+
+    env(gpu=True, mamba=True, triton=True)
+    calls = []
+    for name in ("cuda", "triton"):
+        monkeypatch.setitem(scan_mod._REGISTRY, name, _fake_fused(name, calls))
+    torch.manual_seed(0)
+    layer = Mamba(d_model=4, d_state=3)
+    reference = Mamba(d_model=4, d_state=3, backend="reference")
+    reference.load_state_dict(layer.state_dict())
+    x = torch.randn(2, 19, 4)
+    grad = torch.enable_grad() if training else torch.no_grad()
+    with runtime.use(mamba_train_chunk=8, mamba_inference_chunk=8), grad:
+        assert layer.chunk_length(x, training) == 8
+        out = layer(x.clone().requires_grad_(training))
+        if training:
+            out.square().sum().backward()
+    # three pieces: the first on "cuda" without a state, the others on "triton" from one
+    first_pass = calls[:3]
+    assert first_pass == [("cuda", False), ("triton", True), ("triton", True)]
+    with runtime.use(mamba_train_chunk=0, mamba_inference_chunk=0), torch.no_grad():
+        torch.testing.assert_close(out.detach(), reference(x), rtol=1e-5, atol=1e-6)
+    # an explicit "cuda" keeps one piece
+    layer.backend = "cuda"
+    with runtime.use(mamba_train_chunk=8, mamba_inference_chunk=8):
+        assert layer.chunk_length(x, training) == 19

@@ -29,7 +29,9 @@ def collate_pairs(items: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     Each item holds ``moving`` and ``fixed`` ``(1, D, H, W)`` float volumes (``(D, H, W)`` is
     accepted), optional integer ``moving_labels`` / ``fixed_labels`` and optional ids. The
     batch holds ``moving``, ``fixed`` ``(B, 1, D, H, W)`` float32, the labels ``(B, 1, D, H, W)``
-    int64 when every item has them, and ``moving_id`` / ``fixed_id`` lists.
+    int64 when every item has them (then also ``num_classes``, ``1 +`` their largest code, an
+    int), and ``moving_id`` / ``fixed_id`` lists. Images with NaN or infinite values fail here,
+    on the host.
     """
     if not items:
         raise PsmambaError("collate_pairs: empty batch")
@@ -42,6 +44,11 @@ def collate_pairs(items: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
             vols.append(_as_volume(item[key], key, torch.float32))
         _same_shapes(vols, key)
         out[key] = torch.stack(vols)
+        # checked here, on the host, where it costs no device sync (the network checks again,
+        # asynchronously on a GPU, where a failure is a crude device-side assert)
+        if not bool(torch.isfinite(out[key]).all()):
+            bad = [str(item.get(f"{key}_id", i)) for i, item in enumerate(items) if not torch.isfinite(vols[i]).all()]
+            raise PsmambaError(f"{key} volume {', '.join(bad)} contains NaN or infinite values")
     if out["moving"].shape != out["fixed"].shape:
         raise PsmambaError(
             f"moving {tuple(out['moving'].shape[2:])} and fixed {tuple(out['fixed'].shape[2:])} grids differ"
@@ -51,6 +58,9 @@ def collate_pairs(items: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
             labs = [_as_volume(item[key], key, torch.int64) for item in items]
             _same_shapes(labs, key)
             out[key] = torch.stack(labs)
+    if "moving_labels" in out and "fixed_labels" in out:
+        # the Dice loss's class count, read here on the host (on the device it would be a sync)
+        out["num_classes"] = int(max(out["moving_labels"].max(), out["fixed_labels"].max())) + 1
     for key in ("moving_id", "fixed_id"):
         out[key] = [str(item.get(key, "")) for item in items]
     return out

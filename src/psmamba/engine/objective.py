@@ -31,10 +31,11 @@ class Objective(nn.Module):
     regularises the network's velocity field before integration instead of ``ddf``.
 
     ``forward(warped (B,1,D,H,W), ddf (B,3,D,H,W), fixed (B,1,D,H,W), moving_labels=None,
-    fixed_labels=None, velocity=None) -> (total, parts)`` where ``parts`` holds the detached
-    terms ``similarity``, ``regulariser`` and ``dice_loss``; ``velocity`` ``(B,3,D,H,W)`` is
+    fixed_labels=None, velocity=None, num_classes=None) -> (total, parts)`` where ``parts`` holds the
+    detached terms ``similarity``, ``regulariser`` and ``dice_loss``; ``velocity`` ``(B,3,D,H,W)`` is
     required with ``regularise: velocity`` (a
-    :class:`~psmamba.models.peers._common.VelocityOutput`'s attribute: :func:`velocity_of`).
+    :class:`~psmamba.models.peers._common.VelocityOutput`'s attribute: :func:`velocity_of`);
+    ``num_classes`` (``1 + max label`` of the pair, a Python int) spares reading it off device labels.
     """
 
     def __init__(self, cfg) -> None:
@@ -56,7 +57,7 @@ class Objective(nn.Module):
 
         return cls(LossConfig(similarity="lncc", window=int(window), regulariser="diffusion", reg_weight=float(lam)))
 
-    def forward(self, warped, ddf, fixed, moving_labels=None, fixed_labels=None, velocity=None):
+    def forward(self, warped, ddf, fixed, moving_labels=None, fixed_labels=None, velocity=None, num_classes=None):
         from psmamba import spatial
         from psmamba.losses import one_hot
 
@@ -75,7 +76,10 @@ class Objective(nn.Module):
             total = sim + self.reg_weight * reg
             dice_loss = torch.zeros((), device=warped.device)
             if self.dice is not None and moving_labels is not None and fixed_labels is not None:
-                k = int(max(moving_labels.max(), fixed_labels.max())) + 1
+                # the class count fixes the one-hot's shape, so it must be a host number: from the
+                # batch (collate_pairs computes it on the host) or, without it, read off the labels
+                # (a host-device sync)
+                k = int(num_classes) if num_classes is not None else int(max(moving_labels.max(), fixed_labels.max())) + 1
                 if k >= 2:
                     soft = spatial.warp(one_hot(moving_labels, k), ddf)  # (B, K, D, H, W)
                     dice_loss = self.dice(soft, fixed_labels)
@@ -134,7 +138,8 @@ def train_step(
         model: ``forward(moving, fixed) -> RegistrationOutput(warped, ddf)`` (a network, a
             DDP wrapper of one, or a field being optimised directly).
         batches: ``accumulate`` batch dicts on the model's device: ``moving``, ``fixed``
-            ``(B, 1, D, H, W)``, optional ``moving_labels`` / ``fixed_labels``.
+            ``(B, 1, D, H, W)``, optional ``moving_labels`` / ``fixed_labels`` and
+            ``num_classes`` (an int, as :func:`psmamba.data.training.collate_pairs` gives).
         amp: ``none``, ``bf16`` or ``fp16`` autocast of the forward pass (accelerators only).
         scaler: a gradient scaler (fp16).
         grad_clip: clip the gradient norm to this (0: off).
@@ -153,7 +158,8 @@ def train_step(
             with autocast(batch["moving"].device, amp):
                 res = model(batch["moving"], batch["fixed"])
             loss, parts = objective(res.warped, res.ddf, batch["fixed"],
-                                    batch.get("moving_labels"), batch.get("fixed_labels"), velocity_of(res))
+                                    batch.get("moving_labels"), batch.get("fixed_labels"), velocity=velocity_of(res),
+                                    num_classes=batch.get("num_classes"))
             scaled = loss / accumulate
             (scaler.scale(scaled) if scaler is not None else scaled).backward()
         terms = torch.stack([loss.detach(), parts["similarity"], parts["regulariser"], parts["dice_loss"]]).double()

@@ -38,7 +38,10 @@ from psmamba.engine.logs import CsvLog, TensorBoardLog
 from psmamba.engine.objective import STEP_TERMS, Objective, autocast, to_device, train_step, velocity_of
 from psmamba.errors import PsmambaError
 
-__all__ = ["Trainer", "seed_all", "poly_lr", "poly_scheduler", "is_better", "grad_scaler"]
+__all__ = ["Trainer", "MicroBatches", "seed_all", "poly_lr", "poly_scheduler", "is_better", "grad_scaler", "STOP_AGREE_EVERY"]
+
+#: steps between the stop agreements of a distributed run (see :meth:`Trainer._agree_on_stops`)
+STOP_AGREE_EVERY = 10
 
 
 def seed_all(seed: int) -> None:
@@ -201,6 +204,8 @@ class Trainer:
         self.val_idx = _val_indices(n_val, cfg.data.max_val_pairs, cfg.run.seed) if n_val else []
         self.t_start = time.monotonic()
         self.pairs_done = 0
+        # built once: its worker processes (if any) live for the whole run
+        self.loader = MicroBatches(self.train_data, cfg.data.num_workers, pin=self.device.type == "cuda")
 
     def on_epoch_start(self) -> list[int]:
         """This epoch's pair order and micro-batch stream; returns the steps left in it."""
@@ -214,7 +219,7 @@ class Trainer:
         batches = [mb for s in steps for mb in rank_batches(
             order, s, batch_size=cfg.optim.batch_size, accumulate=cfg.optim.accumulate,
             world_size=info.world_size, rank=info.rank)]
-        self.stream = _micro_batches(self.train_data, batches, cfg.data.num_workers, self.device.type == "cuda")
+        self.stream = self.loader.epoch(self.epoch, batches)
         if info.is_main and cfg.run.progress:
             from tqdm.auto import tqdm
 
@@ -250,14 +255,18 @@ class Trainer:
         if self.progress is not None:
             self.progress.update(1)
         reason = None
-        if stop_signal.received is not None:
-            reason = "signal"
-        elif cfg.run.max_steps is not None and self.global_step >= cfg.run.max_steps:
-            reason = "max_steps"
-        elif cfg.run.max_minutes is not None and time.monotonic() - self.t_start >= 60 * cfg.run.max_minutes:
-            reason = "time"
-        if self.info.distributed and any_rank(reason is not None, self.info) and reason is None:
-            reason = "signal"  # every rank must leave the loop at the same step
+        at_max_steps = cfg.run.max_steps is not None and self.global_step >= cfg.run.max_steps  # same on every rank
+        if at_max_steps or not self.info.distributed or self._agree_on_stops(s):
+            signal = stop_signal.received is not None
+            late = cfg.run.max_minutes is not None and time.monotonic() - self.t_start >= 60 * cfg.run.max_minutes
+            if self.info.distributed:  # every rank leaves at the same step, for the same reason
+                signal, late = any_rank(signal, self.info), any_rank(late, self.info)
+            if signal:
+                reason = "signal"
+            elif at_max_steps:
+                reason = "max_steps"
+            elif late:
+                reason = "time"
         if reason is not None:
             self.stopped = reason
             if reason != "signal":  # a planned stop ends like an epoch: validated
@@ -267,6 +276,13 @@ class Trainer:
         if cfg.run.checkpoint_every and self.global_step % cfg.run.checkpoint_every == 0 and s + 1 < self.n_steps:
             self.save_last(self.epoch, s + 1)
         return False
+
+    def _agree_on_stops(self, s: int) -> bool:
+        """Whether the ranks of a distributed run compare their stop requests after step ``s``
+        (an all-reduce whose answer the host must wait for): every :data:`STOP_AGREE_EVERY`
+        steps and at the end of an epoch, not after every step. A signal or the time limit
+        therefore stops a distributed run up to that many steps late."""
+        return self.global_step % STOP_AGREE_EVERY == 0 or s == self.n_steps - 1
 
     def on_epoch_end(self) -> None:
         """Validate (every ``run.val_every`` epochs and after the last), decay the lr, write last.pt."""
@@ -278,6 +294,8 @@ class Trainer:
 
     def on_train_end(self) -> None:
         self._close_progress()
+        if getattr(self, "loader", None) is not None:
+            self.loader.close()
         for log in (self.csv_log, self.tb):
             if log is not None:
                 log.close()
@@ -314,7 +332,7 @@ class Trainer:
             out = self.model(batch["moving"], batch["fixed"])
         warped, ddf = out.warped.float(), out.ddf.float()
         loss, _ = self.objective(warped, ddf, batch["fixed"], batch.get("moving_labels"), batch.get("fixed_labels"),
-                                 velocity_of(out))
+                                 velocity=velocity_of(out), num_classes=batch.get("num_classes"))
         res = {"loss": float(loss), "folding_percent": float(metrics.folding_percent(ddf[0].cpu()))}
         if "moving_labels" in batch and "fixed_labels" in batch:
             warped_labels = spatial.warp(batch["moving_labels"], ddf, mode="nearest")
@@ -389,19 +407,79 @@ class Trainer:
 
 
 # --------------------------------------------------------------------------- helpers
-def _micro_batches(dataset, batches: list[list[int]], num_workers: int, pin: bool):
-    """Yield the collated micro-batches listed in ``batches``, in order."""
-    if num_workers <= 0:
+class MicroBatches:
+    """The training micro-batches of each epoch, from one loader built for the whole run.
+
+    ``epoch(e, batches)`` yields the collated micro-batches listed in ``batches`` (lists of pair
+    indices, in the order given), after ``dataset.set_epoch(e)`` where the data set has it.
+    With ``num_workers > 0`` one ``DataLoader`` with persistent workers serves every epoch
+    (starting worker processes each epoch costs seconds and a copy of the data set each): its
+    batch sampler hands out this epoch's list, and every index travels as ``(epoch, index)``,
+    so a worker calls ``set_epoch`` on its own copy of the data set before reading (a call in
+    the main process would not reach it). Without workers, batches are read in this process.
+    Either way the batches, their order and their content are those listed. ``pin``: page-
+    locked host memory, so the copy to a GPU runs asynchronously.
+    """
+
+    def __init__(self, dataset, num_workers: int, pin: bool) -> None:
+        self.dataset, self.num_workers, self.pin = dataset, int(num_workers), bool(pin)
+        self._sampler = _EpochBatchSampler()
+        self._loader = None
+        if self.num_workers > 0:
+            self._loader = torch.utils.data.DataLoader(
+                _EpochItems(dataset), batch_sampler=self._sampler, num_workers=self.num_workers,
+                collate_fn=collate_pairs, pin_memory=self.pin, persistent_workers=True,
+            )
+
+    def epoch(self, epoch: int, batches: list[list[int]]):
+        """Yield the micro-batches ``batches`` of ``epoch``, in order."""
+        if self._loader is not None:
+            self._sampler.batches = [[(int(epoch), i) for i in idx] for idx in batches]
+            yield from self._loader
+            return
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
         for idx in batches:
-            batch = collate_pairs([dataset[i] for i in idx])
-            # page-locked host memory lets the copy to the GPU run asynchronously
-            yield {k: v.pin_memory() if pin and torch.is_tensor(v) else v for k, v in batch.items()}
-        return
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_sampler=batches, num_workers=num_workers, collate_fn=collate_pairs,
-        pin_memory=pin, persistent_workers=False,
-    )
-    yield from loader
+            batch = collate_pairs([self.dataset[i] for i in idx])
+            yield {k: v.pin_memory() if self.pin and torch.is_tensor(v) else v for k, v in batch.items()}
+
+    def close(self) -> None:
+        """Stop the worker processes (if any)."""
+        loader, self._loader = self._loader, None
+        iterator = getattr(loader, "_iterator", None)
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
+
+
+class _EpochBatchSampler:
+    """A batch sampler whose batches the training loop sets before each epoch."""
+
+    def __init__(self) -> None:
+        self.batches: list[list] = []
+
+    def __iter__(self):
+        return iter(list(self.batches))
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+class _EpochItems(torch.utils.data.Dataset):
+    """``dataset`` indexed by ``(epoch, index)``: moves the data set (in whichever process
+    reads it) to ``epoch`` first, so per-epoch data (:class:`~psmamba.data.training.SynthEpochs`)
+    reaches persistent loader workers."""
+
+    def __init__(self, dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        epoch, index = key
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
+        return self.dataset[index]
 
 
 def _val_indices(n: int, limit: int | None, seed: int) -> list[int]:

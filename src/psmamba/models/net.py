@@ -52,7 +52,7 @@ import torch
 import torch.nn as nn
 
 from psmamba import spatial
-from psmamba.errors import PsmambaError
+from psmamba.errors import PsmambaError, check_on_device
 from psmamba.config import ModelConfig
 from psmamba.models.decoder import DecoderBlock
 from psmamba.models.encoder import NUM_LEVELS, DualStreamEncoder
@@ -90,7 +90,8 @@ class RegistrationOutput(NamedTuple):
 def check_pair(moving: torch.Tensor, fixed: torch.Tensor, min_extent: int = 0) -> None:
     """The input checks of every registration network (one-line :class:`PsmambaError`).
 
-    ``min_extent``: at least one axis must have MORE voxels than this (0 = any size).
+    ``min_extent``: at least one axis must have MORE voxels than this (0 = any size). The
+    NaN/infinity check does not make a GPU wait (:func:`psmamba.errors.check_on_device`).
     """
     for name, x in (("moving", moving), ("fixed", fixed)):
         if not torch.is_tensor(x):
@@ -106,8 +107,8 @@ def check_pair(moving: torch.Tensor, fixed: torch.Tensor, min_extent: int = 0) -
             f"input of size {tuple(moving.shape[2:])} is too small: at least one axis must exceed {min_extent} voxels"
         )
     for name, x in (("moving", moving), ("fixed", fixed)):
-        if not bool(torch.isfinite(x).all()):
-            raise PsmambaError(f"{name} contains NaN or infinite values")
+        # read at once on the CPU; on a GPU an asynchronous assert (no host-device sync per step)
+        check_on_device(torch.isfinite(x).all(), f"{name} contains NaN or infinite values")
 
 
 class PSMambaNet(nn.Module):

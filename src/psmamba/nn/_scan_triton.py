@@ -4,8 +4,11 @@ Same contract as the other backends of :mod:`psmamba.nn.scan` (``(u, delta, A, B
 -> (y, h_last)``, ``h0`` accepted, so the Mamba layer can carry the state across pieces on a
 GPU as it does on a CPU). Computes in float32 (float64 for float64 inputs, which lets
 ``gradcheck`` run under the interpreter); ``y`` comes back in ``u``'s dtype, ``h_last`` in the
-compute dtype. The ``D u`` skip term is fused into the output kernel; the softplus of ``dt``
-and the ``SiLU(z)`` gate stay with the caller, since the backend contract does not carry them.
+compute dtype. Fused into the kernels: the ``D u`` skip term and, when the caller hands them
+over (the backend is registered as fusing, see :func:`psmamba.nn.scan.register_backend`), the
+step sizes ``delta = softplus(dt + delta_bias)`` from the raw ``dt`` and the output gate
+``y * silu(z)``, forward and backward: neither ``delta`` nor the ungated ``y`` is ever
+written to memory, and the backward pass recomputes them where it needs them.
 
 Runs where triton imports and the tensors are on a GPU, or on CPU tensors when
 ``TRITON_INTERPRET=1`` is set (Triton's interpreter: slow, for tests).
@@ -183,8 +186,11 @@ class _Device:
         return False
 
 
-def _forward_impl(u, delta, A, B, C, D, h0, chunk: int, block_e: int, groups: int):
-    """Run the three forward passes; returns ``(y, h_last, start states (B, nc, E, N))``."""
+def _forward_impl(u, delta, A, B, C, D, h0, z, delta_bias, softplus: bool, chunk: int, block_e: int, groups: int):
+    """Run the three forward passes; returns ``(y, h_last, start states (B, nc, E, N))``.
+
+    ``delta`` is the raw ``dt`` when ``delta_bias``/``softplus`` are given (the kernels form
+    ``softplus(dt + bias)``); ``y`` is gated by ``silu(z)`` when ``z`` is given."""
     if not (u.is_cuda or interpreting()):
         raise PsmambaError(
             f"selective_scan backend 'triton' needs the tensors on a GPU (or TRITON_INTERPRET=1 for "
@@ -204,7 +210,10 @@ def _forward_impl(u, delta, A, B, C, D, h0, chunk: int, block_e: int, groups: in
     h_last = torch.empty(batch, e, n, dtype=dtype, device=u.device)
     d_arg = D if D is not None else A  # any pointer; not read without HAS_D
     h0_arg = h0.contiguous() if h0 is not None else h_last
-    strides = (*u.stride(), *delta.stride(), *B.stride(), *C.stride())
+    z_arg = z if z is not None else u  # likewise: not read without HAS_Z
+    bias_arg = delta_bias if delta_bias is not None else A
+    strides = (*u.stride(), *delta.stride(), *B.stride(), *C.stride(), *z_arg.stride())
+    fused = dict(HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(softplus))
     with _Device(u):
         for output in (False, True):
             if output:
@@ -213,14 +222,16 @@ def _forward_impl(u, delta, A, B, C, D, h0, chunk: int, block_e: int, groups: in
                     HAS_INIT=h0 is not None, REVERSE=False, BE=be, BN=bn, num_warps=_NUM_WARPS,
                 )
             k.fwd_chunk_kernel[(nc, batch, g)](
-                u, delta, A, B, C, d_arg, states, y, dts, length, e, n, *strides,
-                T=chunk, BE=be, BN=bn, HAS_D=D is not None, OUTPUT=output, num_warps=_NUM_WARPS,
+                u, delta, A, B, C, d_arg, z_arg, bias_arg, states, y, dts, length, e, n, *strides,
+                T=chunk, BE=be, BN=bn, HAS_D=D is not None, OUTPUT=output, num_warps=_NUM_WARPS, **fused,
             )
     return y, h_last, states
 
 
-def _backward_impl(u, delta, A, B, C, D, states, dy, dh_last, chunk: int, block_e: int, groups: int):
-    """Run the three backward passes; returns ``(du, ddelta, dA, dB, dC, dD, dh0)``."""
+def _backward_impl(u, delta, A, B, C, D, z, delta_bias, softplus: bool, states, dy, dh_last,
+                   chunk: int, block_e: int, groups: int):
+    """Run the three backward passes; returns ``(du, ddelta, dA, dB, dC, dD, dh0, dz, dbias)``
+    (``ddelta`` that of the raw ``dt`` when fused; ``dz`` and ``dbias`` empty when absent)."""
     k = kernels()
     batch, e, length = u.shape
     n = A.shape[1]
@@ -237,28 +248,40 @@ def _backward_impl(u, delta, A, B, C, D, states, dy, dh_last, chunk: int, block_
     db_part = torch.empty(g, batch, n, length, dtype=dtype, device=dev)
     dc_part = torch.empty_like(db_part)
     d_arg = D if D is not None else A
+    z_arg = z if z is not None else u
+    bias_arg = delta_bias if delta_bias is not None else A
+    dz = torch.empty_like(du) if z is not None else du.new_empty(0)
+    fused = dict(HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(softplus))
     with _Device(u):
         k.bwd_local_kernel[(nc, batch, g)](
-            delta, A, C, dy, gnext, dts, length, e, n, *delta.stride(), *C.stride(), *dy.stride(),
-            T=chunk, BE=be, BN=bn, num_warps=_NUM_WARPS,
+            delta, A, C, dy, z_arg, bias_arg, gnext, dts, length, e, n,
+            *delta.stride(), *C.stride(), *dy.stride(), *z_arg.stride(),
+            T=chunk, BE=be, BN=bn, num_warps=_NUM_WARPS, **fused,
         )
         k.carry_kernel[(batch, -(-e // be))](
             gnext, dts, A, dh_last.contiguous(), g0, nc, e, n,
             HAS_INIT=True, REVERSE=True, BE=be, BN=bn, num_warps=_NUM_WARPS,
         )
         k.bwd_chunk_kernel[(nc, batch, g)](
-            u, delta, A, B, C, d_arg, dy, states, gnext, du, ddt, da_part, db_part, dc_part,
-            length, e, n, batch,
-            *u.stride(), *delta.stride(), *B.stride(), *C.stride(), *dy.stride(),
-            T=chunk, BE=be, BN=bn, HAS_D=D is not None, num_warps=_NUM_WARPS,
+            u, delta, A, B, C, d_arg, dy, z_arg, bias_arg, states, gnext, du, ddt, da_part, db_part, dc_part,
+            dz, length, e, n, batch,
+            *u.stride(), *delta.stride(), *B.stride(), *C.stride(), *dy.stride(), *z_arg.stride(),
+            T=chunk, BE=be, BN=bn, HAS_D=D is not None, num_warps=_NUM_WARPS, **fused,
         )
     dA = da_part.sum(dim=(0, 1))
     dB = db_part.sum(0) if g > 1 else db_part[0]
     dC = dc_part.sum(0) if g > 1 else dc_part[0]
-    dD = (dy * u).sum(dim=(0, 2))
-    # h_0 enters only through h_1 = exp(dt_1 A) h_0 + ...: dh0 = a_1 G_1
-    dh0 = torch.exp(delta[:, :, :1] * A[None]) * g0
-    return du, ddt, dA, dB, dC, dD, dh0
+    dy_pre = dy * torch.nn.functional.silu(z) if z is not None else dy  # gradient of the ungated y
+    dD = (dy_pre * u).sum(dim=(0, 2))
+    # h_0 enters only through h_1 = exp(delta_1 A) h_0 + ...: dh0 = a_1 G_1
+    delta0 = delta[:, :, :1]
+    if delta_bias is not None:
+        delta0 = delta0 + delta_bias[:, None]
+    if softplus:
+        delta0 = torch.nn.functional.softplus(delta0)
+    dh0 = torch.exp(delta0 * A[None]) * g0
+    dbias = ddt.sum(dim=(0, 2)) if delta_bias is not None else du.new_empty(0)
+    return du, ddt, dA, dB, dC, dD, dh0, dz, dbias
 
 
 # ---------------------------------------------------------------------------------------------
@@ -272,12 +295,13 @@ if _HAS_CUSTOM_OP:
     @torch.library.custom_op("psmamba::triton_scan_fwd", mutates_args=())
     def _fwd_op(
         u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
-        D: Optional[torch.Tensor], h0: Optional[torch.Tensor], chunk: int, block_e: int, groups: int,
+        D: Optional[torch.Tensor], h0: Optional[torch.Tensor], z: Optional[torch.Tensor],
+        delta_bias: Optional[torch.Tensor], softplus: bool, chunk: int, block_e: int, groups: int,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return _forward_impl(u, delta, A, B, C, D, h0, chunk, block_e, groups)
+        return _forward_impl(u, delta, A, B, C, D, h0, z, delta_bias, softplus, chunk, block_e, groups)
 
     @_fwd_op.register_fake
-    def _(u, delta, A, B, C, D, h0, chunk, block_e, groups):
+    def _(u, delta, A, B, C, D, h0, z, delta_bias, softplus, chunk, block_e, groups):
         batch, e, length = u.shape
         n = A.shape[1]
         return (
@@ -289,75 +313,87 @@ if _HAS_CUSTOM_OP:
     @torch.library.custom_op("psmamba::triton_scan_bwd", mutates_args=())
     def _bwd_op(
         u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
-        D: Optional[torch.Tensor], states: torch.Tensor, dy: torch.Tensor, dh_last: torch.Tensor,
-        chunk: int, block_e: int, groups: int,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        return _backward_impl(u, delta, A, B, C, D, states, dy, dh_last, chunk, block_e, groups)
+        D: Optional[torch.Tensor], z: Optional[torch.Tensor], delta_bias: Optional[torch.Tensor], softplus: bool,
+        states: torch.Tensor, dy: torch.Tensor, dh_last: torch.Tensor, chunk: int, block_e: int, groups: int,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+               torch.Tensor, torch.Tensor]:
+        return _backward_impl(u, delta, A, B, C, D, z, delta_bias, softplus, states, dy, dh_last, chunk, block_e, groups)
 
     @_bwd_op.register_fake
-    def _(u, delta, A, B, C, D, states, dy, dh_last, chunk, block_e, groups):
+    def _(u, delta, A, B, C, D, z, delta_bias, softplus, states, dy, dh_last, chunk, block_e, groups):
         batch, e, length = u.shape
         n = A.shape[1]
         return (
             torch.empty_like(u), torch.empty_like(u), A.new_empty(e, n),
             u.new_empty(batch, n, length), u.new_empty(batch, n, length),
             u.new_empty(e), u.new_empty(batch, e, n),
+            torch.empty_like(u) if z is not None else u.new_empty(0),
+            u.new_empty(e) if delta_bias is not None else u.new_empty(0),
         )
 
     def _setup_context(ctx, inputs, output):
-        u, delta, A, B, C, D, h0, chunk, block_e, groups = inputs
-        ctx.save_for_backward(u, delta, A, B, C, D, output[2])
+        u, delta, A, B, C, D, h0, z, delta_bias, softplus, chunk, block_e, groups = inputs
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, output[2])
         ctx.cfg = (chunk, block_e, groups)
-        ctx.has_d = D is not None
+        ctx.softplus = softplus
         ctx.has_h0 = h0 is not None
 
     def _backward(ctx, dy, dh_last, _dstates):
-        u, delta, A, B, C, D, states = ctx.saved_tensors
+        u, delta, A, B, C, D, z, delta_bias, states = ctx.saved_tensors
         dy = torch.zeros_like(u) if dy is None else dy.to(u.dtype)
         dh_last = (
             u.new_zeros(u.shape[0], u.shape[1], A.shape[1]) if dh_last is None else dh_last.to(u.dtype)
         )
-        du, ddt, dA, dB, dC, dD, dh0 = _bwd_op(u, delta, A, B, C, D, states, dy, dh_last, *ctx.cfg)
+        du, ddt, dA, dB, dC, dD, dh0, dz, dbias = _bwd_op(
+            u, delta, A, B, C, D, z, delta_bias, ctx.softplus, states, dy, dh_last, *ctx.cfg
+        )
         return (
-            du, ddt, dA, dB, dC, dD if ctx.has_d else None, dh0 if ctx.has_h0 else None, None, None, None,
+            du, ddt, dA, dB, dC, dD if D is not None else None, dh0 if ctx.has_h0 else None,
+            dz if z is not None else None, dbias if delta_bias is not None else None, None, None, None, None,
         )
 
     _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
-    def _apply(u, delta, A, B, C, D, h0, chunk, block_e, groups):
-        y, h_last, _ = _fwd_op(u, delta, A, B, C, D, h0, chunk, block_e, groups)
+    def _apply(u, delta, A, B, C, D, h0, z, delta_bias, softplus, chunk, block_e, groups):
+        y, h_last, _ = _fwd_op(u, delta, A, B, C, D, h0, z, delta_bias, softplus, chunk, block_e, groups)
         return y, h_last
 
 else:  # pragma: no cover - torch < 2.4
 
     class _ScanFn(torch.autograd.Function):
         @staticmethod
-        def forward(ctx, u, delta, A, B, C, D, h0, chunk, block_e, groups):
-            y, h_last, states = _forward_impl(u, delta, A, B, C, D, h0, chunk, block_e, groups)
-            ctx.save_for_backward(u, delta, A, B, C, D, states)
+        def forward(ctx, u, delta, A, B, C, D, h0, z, delta_bias, softplus, chunk, block_e, groups):
+            y, h_last, states = _forward_impl(u, delta, A, B, C, D, h0, z, delta_bias, softplus, chunk, block_e, groups)
+            ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, states)
             ctx.cfg = (chunk, block_e, groups)
-            ctx.has_d = D is not None
+            ctx.softplus = softplus
             ctx.has_h0 = h0 is not None
             return y, h_last
 
         @staticmethod
         def backward(ctx, dy, dh_last):
-            u, delta, A, B, C, D, states = ctx.saved_tensors
+            u, delta, A, B, C, D, z, delta_bias, states = ctx.saved_tensors
             dy = torch.zeros_like(u) if dy is None else dy.to(u.dtype).contiguous()
             dh_last = u.new_zeros(u.shape[0], u.shape[1], A.shape[1]) if dh_last is None else dh_last.to(u.dtype)
-            du, ddt, dA, dB, dC, dD, dh0 = _backward_impl(u, delta, A, B, C, D, states, dy, dh_last, *ctx.cfg)
-            return du, ddt, dA, dB, dC, dD if ctx.has_d else None, dh0 if ctx.has_h0 else None, None, None, None
+            du, ddt, dA, dB, dC, dD, dh0, dz, dbias = _backward_impl(
+                u, delta, A, B, C, D, z, delta_bias, ctx.softplus, states, dy, dh_last, *ctx.cfg
+            )
+            return (du, ddt, dA, dB, dC, dD if D is not None else None, dh0 if ctx.has_h0 else None,
+                    dz if z is not None else None, dbias if delta_bias is not None else None, None, None, None, None)
 
-    def _apply(u, delta, A, B, C, D, h0, chunk, block_e, groups):
-        return _ScanFn.apply(u, delta, A, B, C, D, h0, chunk, block_e, groups)
+    def _apply(u, delta, A, B, C, D, h0, z, delta_bias, softplus, chunk, block_e, groups):
+        return _ScanFn.apply(u, delta, A, B, C, D, h0, z, delta_bias, softplus, chunk, block_e, groups)
 
 
-def scan_triton(u, delta, A, B, C, D=None, h0=None, *, chunk: int | None = None,
-                block_e: int | None = None, groups: int | None = None):
+def scan_triton(u, delta, A, B, C, D=None, h0=None, *, z=None, delta_bias=None, delta_softplus: bool = False,
+                chunk: int | None = None, block_e: int | None = None, groups: int | None = None):
     """Backend entry point for :func:`psmamba.nn.scan.selective_scan` (layout of that module).
 
     Args:
         u, delta, A, B, C, D, h0: as in :func:`psmamba.nn.scan.selective_scan`.
+        z, delta_bias, delta_softplus: the fused steps, as in ``selective_scan``: ``delta`` is
+            then the raw ``dt``, the kernels use ``softplus(dt + delta_bias)`` (either part
+            optional) and return ``y * silu(z)``.
         chunk: steps per chunk, a power of two (default :data:`CHUNK`).
         block_e: channels per tile (default: a tile of about 2048 elements).
         groups: channel groups per chunk, i.e. programs per (chunk, batch item) (default: enough
@@ -367,10 +403,10 @@ def scan_triton(u, delta, A, B, C, D=None, h0=None, *, chunk: int | None = None,
         ``(y (B, E, L) in u's dtype, h_last (B, E, N) in the compute dtype)``.
     """
     cdt = torch.float64 if u.dtype == torch.float64 else torch.float32
-    args = [None if t is None else t.to(cdt) for t in (u, delta, A, B, C, D, h0)]
+    args = [None if t is None else t.to(cdt) for t in (u, delta, A, B, C, D, h0, z, delta_bias)]
     batch, e, length = u.shape
     if length == 0:
         h = u.new_zeros(batch, e, A.shape[1], dtype=cdt) if h0 is None else args[6]
         return u.new_zeros(batch, e, 0), h
-    y, h_last = _apply(*args, int(chunk or CHUNK), int(block_e or 0), int(groups or 0))
+    y, h_last = _apply(*args, bool(delta_softplus), int(chunk or CHUNK), int(block_e or 0), int(groups or 0))
     return y.to(u.dtype), h_last

@@ -10,6 +10,13 @@ Layouts (strides passed explicitly, so views such as the Mamba layer's ``(B, N, 
 chunk tensors ``(B, nc, E, N)`` and ``(B, nc, E)`` contiguous; ``dB``, ``dC`` partial sums
 ``(G, B, N, L)`` contiguous (one slice per channel group ``G``).
 
+Fused steps (``constexpr`` switches): ``HAS_BIAS`` / ``SOFTPLUS`` turn the raw ``dt`` read from
+memory into ``delta = softplus(dt + bias[e])`` as it is loaded (every kernel that reads
+``delta`` does so; padded steps are set to 0 afterwards), and ``HAS_Z`` gates the output,
+``y = (C h + D u) * silu(z)``: the forward writes the gated ``y``, the backward turns the
+incoming gradient into that of the ungated output, ``dy * silu(z)``, and writes ``dz``. The
+backward writes the gradient of the raw ``dt`` (``ddelta * sigmoid(dt + bias)``).
+
 Every program handles one chunk of ``T`` time steps of one batch item and loops over the
 channel blocks (``BE`` channels) of its channel group. Within a chunk the recurrence is a
 ``tl.associative_scan`` over the time axis of ``(BE, T, BN)`` tiles with the operator
@@ -30,17 +37,49 @@ def _combine(a1, x1, a2, x2):
 
 
 @triton.jit
+def _sigmoid(x):
+    return 1.0 / (1.0 + tl.exp(-x))
+
+
+@triton.jit
+def _softplus(x):
+    # log(1 + exp(x)) = max(x, 0) + log1p(exp(-|x|)); log1p(e) = log(1 + e) * e / ((1 + e) - 1)
+    # (Goldberg's correction: exact to a few ulps where a plain log(1 + e) loses the digits of
+    # a small e, i.e. for the small steps delta ~ 1e-3 of a Mamba layer)
+    e = tl.exp(-tl.abs(x))
+    w = 1.0 + e
+    den = tl.where(w == 1.0, 1.0, w - 1.0)
+    return tl.maximum(x, 0.0) + tl.where(w == 1.0, e, tl.log(w) * (e / den))
+
+
+@triton.jit
+def _delta(dt_ptr, bias_ptr, e, em, t, mask, sd_b_off, sd_e, sd_l, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+    """``delta`` of the channels ``e`` at the steps ``t`` ((BE, T) tile; 0 where ``mask`` is off),
+    and the pre-activation ``dt + bias`` (for the backward's sigmoid)."""
+    raw = tl.load(dt_ptr + sd_b_off + e[:, None] * sd_e + t[None, :] * sd_l, mask=mask, other=0.0)
+    if HAS_BIAS:
+        raw += tl.load(bias_ptr + e, mask=em, other=0.0)[:, None]
+    if SOFTPLUS:
+        dlt = tl.where(mask, _softplus(raw), 0.0)
+    else:
+        dlt = tl.where(mask, raw, 0.0)
+    return dlt, raw
+
+
+@triton.jit
 def fwd_chunk_kernel(
-    u_ptr, dt_ptr, a_ptr, b_ptr, c_ptr, d_ptr, st_ptr, y_ptr, dts_ptr,
+    u_ptr, dt_ptr, a_ptr, b_ptr, c_ptr, d_ptr, z_ptr, bias_ptr, st_ptr, y_ptr, dts_ptr,
     L, E, N,
-    su_b, su_e, su_l, sd_b, sd_e, sd_l, sb_b, sb_n, sb_l, sc_b, sc_n, sc_l,
+    su_b, su_e, su_l, sd_b, sd_e, sd_l, sb_b, sb_n, sb_l, sc_b, sc_n, sc_l, sz_b, sz_e, sz_l,
     T: tl.constexpr, BE: tl.constexpr, BN: tl.constexpr, HAS_D: tl.constexpr, OUTPUT: tl.constexpr,
+    HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
 ):
     """Forward pass 1 (``OUTPUT=False``) or 3 (``OUTPUT=True``) over one chunk.
 
     Pass 1 scans the chunk from a zero state and writes its end state to ``st[b, c]`` and the
     sum of its steps ``dt`` to ``dts[b, c]`` (the chunk's decay is ``exp(A * dts)``).
-    Pass 3 scans it from its true start state ``st[b, c]`` and writes ``y`` (with ``D u``).
+    Pass 3 scans it from its true start state ``st[b, c]`` and writes ``y`` (with ``D u``, gated
+    by ``silu(z)`` with ``HAS_Z``).
     """
     c = tl.program_id(0)
     b = tl.program_id(1)
@@ -61,7 +100,7 @@ def fwd_chunk_kernel(
         m2 = em[:, None] & tm[None, :]
         sm = em[:, None] & nm[None, :]
         # padded steps, channels and states: dt = u = A = 0, i.e. decay 1 and no input
-        dtv = tl.load(dt_ptr + b * sd_b + e[:, None] * sd_e + t[None, :] * sd_l, mask=m2, other=0.0)
+        dtv, _ = _delta(dt_ptr, bias_ptr, e, em, t, m2, b * sd_b, sd_e, sd_l, HAS_BIAS, SOFTPLUS)
         uv = tl.load(u_ptr + b * su_b + e[:, None] * su_e + t[None, :] * su_l, mask=m2, other=0.0)
         av = tl.load(a_ptr + e[:, None] * N + n[None, :], mask=sm, other=0.0)
         decay = tl.exp(dtv[:, :, None] * av[:, None, :])  # (BE, T, BN)
@@ -74,6 +113,9 @@ def fwd_chunk_kernel(
             yv = tl.sum(h * ct[None, :, :], axis=2)  # (BE, T)
             if HAS_D:
                 yv += tl.load(d_ptr + e, mask=em, other=0.0)[:, None] * uv
+            if HAS_Z:
+                zv = tl.load(z_ptr + b * sz_b + e[:, None] * sz_e + t[None, :] * sz_l, mask=m2, other=0.0)
+                yv = yv * zv * _sigmoid(zv)
             tl.store(y_ptr + (b * E + e[:, None]) * L + t[None, :], yv, mask=m2)
         else:
             # the state after the chunk's last step (padded steps pass it through unchanged)
@@ -121,10 +163,11 @@ def carry_kernel(
 
 @triton.jit
 def bwd_local_kernel(
-    dt_ptr, a_ptr, c_ptr, dy_ptr, gst_ptr, dts_ptr,
+    dt_ptr, a_ptr, c_ptr, dy_ptr, z_ptr, bias_ptr, gst_ptr, dts_ptr,
     L, E, N,
-    sd_b, sd_e, sd_l, sc_b, sc_n, sc_l, sy_b, sy_e, sy_l,
+    sd_b, sd_e, sd_l, sc_b, sc_n, sc_l, sy_b, sy_e, sy_l, sz_b, sz_e, sz_l,
     T: tl.constexpr, BE: tl.constexpr, BN: tl.constexpr,
+    HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
 ):
     """Backward pass 1: the adjoint ``G_t = C_t dy_t + exp(dt_{t+1} A) G_{t+1}`` over one chunk
     from a zero carry, read at the chunk's first step into ``gst[b, c]``; ``dts[b, c]`` gets
@@ -146,8 +189,10 @@ def bwd_local_kernel(
         em = e < E
         sm = em[:, None] & nm[None, :]
         dyv = tl.load(dy_ptr + b * sy_b + e[:, None] * sy_e + t[None, :] * sy_l, mask=em[:, None] & tm[None, :], other=0.0)
-        dtn = tl.load(dt_ptr + b * sd_b + e[:, None] * sd_e + (t[None, :] + 1) * sd_l,
-                      mask=em[:, None] & tnm[None, :], other=0.0)
+        if HAS_Z:  # the gradient of the ungated output
+            zv = tl.load(z_ptr + b * sz_b + e[:, None] * sz_e + t[None, :] * sz_l, mask=em[:, None] & tm[None, :], other=0.0)
+            dyv = dyv * zv * _sigmoid(zv)
+        dtn, _ = _delta(dt_ptr, bias_ptr, e, em, t + 1, em[:, None] & tnm[None, :], b * sd_b, sd_e, sd_l, HAS_BIAS, SOFTPLUS)
         av = tl.load(a_ptr + e[:, None] * N + n[None, :], mask=sm, other=0.0)
         a_next = tl.exp(dtn[:, :, None] * av[:, None, :])
         cg = dyv[:, :, None] * ct[None, :, :]
@@ -160,11 +205,12 @@ def bwd_local_kernel(
 
 @triton.jit
 def bwd_chunk_kernel(
-    u_ptr, dt_ptr, a_ptr, b_ptr, c_ptr, d_ptr, dy_ptr, st_ptr, gn_ptr,
-    du_ptr, ddt_ptr, da_ptr, db_ptr, dc_ptr,
+    u_ptr, dt_ptr, a_ptr, b_ptr, c_ptr, d_ptr, dy_ptr, z_ptr, bias_ptr, st_ptr, gn_ptr,
+    du_ptr, ddt_ptr, da_ptr, db_ptr, dc_ptr, dz_ptr,
     L, E, N, B,
-    su_b, su_e, su_l, sd_b, sd_e, sd_l, sb_b, sb_n, sb_l, sc_b, sc_n, sc_l, sy_b, sy_e, sy_l,
+    su_b, su_e, su_l, sd_b, sd_e, sd_l, sb_b, sb_n, sb_l, sc_b, sc_n, sc_l, sy_b, sy_e, sy_l, sz_b, sz_e, sz_l,
     T: tl.constexpr, BE: tl.constexpr, BN: tl.constexpr, HAS_D: tl.constexpr,
+    HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
 ):
     """Backward pass 3 over one chunk: recompute the states from the chunk's start state,
     run the adjoint from ``G`` at the next chunk's first step, and form the gradients.
@@ -177,7 +223,9 @@ def bwd_chunk_kernel(
 
     ``h_{t-1}`` comes from a scan of the elements shifted by one step (the first one is the
     identity, so the chunk's start state is ``h_{t0-1}``), then ``h_t = a_t h_{t-1} + x_t``.
-    ``dA`` is written per chunk (``da[b, c]``), ``dB``/``dC`` per channel group.
+    ``dA`` is written per chunk (``da[b, c]``), ``dB``/``dC`` per channel group. With ``HAS_Z``
+    ``dy`` is first turned into the gradient of the ungated output and ``dz_t = dy_t (C_t h_t +
+    D u_t) silu'(z_t)`` is written; with ``SOFTPLUS`` ``ddt`` is that of the raw ``dt``.
     """
     c = tl.program_id(0)
     b = tl.program_id(1)
@@ -203,13 +251,18 @@ def bwd_chunk_kernel(
         m2 = em[:, None] & tm[None, :]
         mp = em[:, None] & tpm[None, :]
         sm = em[:, None] & nm[None, :]
-        dtv = tl.load(dt_ptr + b * sd_b + e[:, None] * sd_e + t[None, :] * sd_l, mask=m2, other=0.0)
+        dtv, pre = _delta(dt_ptr, bias_ptr, e, em, t, m2, b * sd_b, sd_e, sd_l, HAS_BIAS, SOFTPLUS)
         uv = tl.load(u_ptr + b * su_b + e[:, None] * su_e + t[None, :] * su_l, mask=m2, other=0.0)
         dyv = tl.load(dy_ptr + b * sy_b + e[:, None] * sy_e + t[None, :] * sy_l, mask=m2, other=0.0)
-        dtp = tl.load(dt_ptr + b * sd_b + e[:, None] * sd_e + (t[None, :] - 1) * sd_l, mask=mp, other=0.0)
+        if HAS_Z:
+            zv = tl.load(z_ptr + b * sz_b + e[:, None] * sz_e + t[None, :] * sz_l, mask=m2, other=0.0)
+            sz = _sigmoid(zv)
+            dy_out = dyv
+            dyv = dy_out * zv * sz  # the gradient of the ungated output
+        dtp, _ = _delta(dt_ptr, bias_ptr, e, em, t - 1, mp, b * sd_b, sd_e, sd_l, HAS_BIAS, SOFTPLUS)
         up = tl.load(u_ptr + b * su_b + e[:, None] * su_e + (t[None, :] - 1) * su_l, mask=mp, other=0.0)
-        dtn = tl.load(dt_ptr + b * sd_b + e[:, None] * sd_e + (t[None, :] + 1) * sd_l,
-                      mask=em[:, None] & tnm[None, :], other=0.0)
+        dtn, _ = _delta(dt_ptr, bias_ptr, e, em, t + 1, em[:, None] & tnm[None, :], b * sd_b, sd_e, sd_l,
+                        HAS_BIAS, SOFTPLUS)
         av = tl.load(a_ptr + e[:, None] * N + n[None, :], mask=sm, other=0.0)
         st_off = ((b * nc + c) * E + e[:, None]) * N + n[None, :]
         h_start = tl.load(st_ptr + st_off, mask=sm, other=0.0)
@@ -229,12 +282,20 @@ def bwd_chunk_kernel(
         gb = tl.sum(gt * bt[None, :, :], axis=2)  # (BE, T)
         du = gb * dtv
         if HAS_D:
-            du += tl.load(d_ptr + e, mask=em, other=0.0)[:, None] * dyv
+            dv = tl.load(d_ptr + e, mask=em, other=0.0)[:, None]
+            du += dv * dyv
         gah = gt * a_t * h_prev
         ddt = tl.sum(gah * av[:, None, :], axis=2) + gb * uv
+        if SOFTPLUS:
+            ddt = ddt * _sigmoid(pre)
         out_off = (b * E + e[:, None]) * L + t[None, :]
         tl.store(du_ptr + out_off, du, mask=m2)
         tl.store(ddt_ptr + out_off, ddt, mask=m2)
+        if HAS_Z:
+            y_pre = tl.sum(h * ct[None, :, :], axis=2)  # (BE, T): the ungated output, recomputed
+            if HAS_D:
+                y_pre += dv * uv
+            tl.store(dz_ptr + out_off, dy_out * y_pre * sz * (1.0 + zv * (1.0 - sz)), mask=m2)
         tl.store(da_ptr + st_off, tl.sum(gah * dtv[:, :, None], axis=1), mask=sm)
         db_acc += tl.sum(gt * (dtv * uv)[:, :, None], axis=0)
         dc_acc += tl.sum(dyv[:, :, None] * h, axis=0)

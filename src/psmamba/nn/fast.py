@@ -27,6 +27,7 @@ __all__ = [
     "CHANNELS_LAST",
     "avg_pool2",
     "instance_norm_act",
+    "instance_norm_cl",
     "level_projection",
     "pointwise_conv",
     "pointwise_mlp",
@@ -86,7 +87,7 @@ def instance_norm_act(
         kind, slope = 2, float(act.negative_slope)
     length = math.prod(x.shape[2:]) if x.ndim == 5 else 0
     if kind is None or not _is_cl(x) or length < 2 or not _kernel_ok(x):
-        y = F.instance_norm(x, eps=eps)
+        y = instance_norm_cl(x, eps) if _norm_keeps_layout(x) else F.instance_norm(x, eps=eps)
         return y if act is None else act(y)
     from psmamba.nn._fast_cpu import norm_apply_kernel, norm_stats_kernel, tile_width
 
@@ -103,6 +104,32 @@ def instance_norm_act(
             xv.numpy(), mean.to(x.dtype).numpy(), rstd.to(x.dtype).numpy(), kind, slope, nchunk, width, ov.numpy()
         )
     return out
+
+
+def _norm_keeps_layout(x: torch.Tensor) -> bool:
+    """Whether the plain (autograd / GPU) instance norm of ``x`` runs as :func:`instance_norm_cl`:
+    for channels-last data off the CPU (a seam: tests fake it on the CPU).
+
+    ``F.instance_norm`` makes its input contiguous (channels-first) and returns that layout,
+    so the next convolution, whose weights are channels-last, converts back: two copies of the
+    activation per norm. The flip costs on the CPU too (benchmarks/README.md, "Kernel-level
+    figures"), but the CPU path keeps ``F.instance_norm``: its rounding differs from batch
+    norm's, and the recorded golden training run (tests/engine/test_golden.py) pins it.
+    """
+    return _is_cl(x) and x.device.type != "cpu"
+
+
+def instance_norm_cl(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """``F.instance_norm(x, eps=eps)`` (no affine, biased variance) that keeps channels-last.
+
+    Instance norm of one sample is batch norm in training mode without running statistics,
+    and PyTorch's batch norm keeps the channels-last layout (native CUDA and CPU kernels); a
+    batch runs sample by sample (each slice ``x[i:i+1]`` of a channels-last batch is itself
+    channels-last). Works with autograd. ``x``: ``(B, C, D, H, W)``.
+    """
+    if x.shape[0] == 1:
+        return F.batch_norm(x, None, None, training=True, eps=eps)
+    return torch.cat([F.batch_norm(x[i : i + 1], None, None, training=True, eps=eps) for i in range(x.shape[0])])
 
 
 def pointwise_conv(x: torch.Tensor, conv: nn.Conv3d) -> torch.Tensor:

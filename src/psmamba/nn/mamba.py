@@ -52,7 +52,7 @@ import torch.nn.functional as F
 
 from psmamba import runtime
 from psmamba.errors import PsmambaError
-from psmamba.nn.scan import resolve_backend, selective_scan
+from psmamba.nn.scan import piece_backends, resolve_backend, selective_scan
 
 __all__ = ["Mamba", "MambaState"]
 
@@ -223,7 +223,8 @@ class Mamba(nn.Module):
         Args:
             x: ``(B, l, d_model)``, the next ``l`` tokens.
             state: what the previous piece returned, or ``None`` at the start of the sequence
-                (the ``"cuda"`` backend takes only ``None``: mamba_ssm carries no state in).
+                (an explicit ``"cuda"`` backend takes only ``None``: mamba_ssm carries no state
+                in; ``"auto"`` continues such a piece on ``"triton"``).
 
         Returns:
             ``(out (B, l, d_model), state)`` with the state after the last token.
@@ -245,13 +246,22 @@ class Mamba(nn.Module):
     def chunk_length(self, x: torch.Tensor, training: bool) -> int:
         """Tokens per piece for the sequence ``x`` ``(B, L, d_model)``: the runtime's
         ``mamba_train_chunk`` or ``mamba_inference_chunk``, or ``L`` (one piece) where that is
-        0 or the backend cannot carry a state between pieces (``"cuda"``)."""
+        0 or no usable backend can carry the state between pieces.
+
+        ``mamba_ssm`` (``"cuda"``) takes no initial state. With ``backend="auto"`` on a GPU the
+        first piece still runs on it and the later pieces, which start from a state, on
+        ``"triton"`` (:func:`psmamba.nn.scan.piece_backends`); only an explicit ``"cuda"``, or
+        a GPU without triton, keeps the whole sequence in one piece (every intermediate of the
+        4.9 M-token level 1 then stays for the backward pass).
+        """
         settings = runtime.current()
         chunk = settings.mamba_train_chunk if training else settings.mamba_inference_chunk
         length = x.shape[1]
-        if not chunk or resolve_backend(self.backend, x) == "cuda":  # mamba_ssm takes no initial state
+        if not chunk or chunk >= length:
             return length
-        return min(chunk, length)
+        if piece_backends(self.backend, x) is None:
+            return length
+        return chunk
 
     def _check_input(self, x: torch.Tensor) -> None:
         if x.ndim != 3 or x.shape[-1] != self.d_model:
@@ -356,7 +366,9 @@ class Mamba(nn.Module):
 
         w_dt, w_b, w_c = self.x_proj.weight.split([r, n, n], dim=0)  # rows of x_proj
         dt = torch.matmul(w_dt, xc)  # (B, dt_rank, l)
-        delta = F.softplus(torch.matmul(self.dt_proj.weight, dt) + self.dt_proj.bias[:, None])  # (B, E, l)
+        # raw steps (B, E, l): the scan forms delta = softplus(dt + dt_proj.bias) itself (inside
+        # the kernels of the fused backends, "triton" and "cuda"; in PyTorch for the others)
+        dt_raw = torch.matmul(self.dt_proj.weight, dt)
         # B and C time-major (B, l, N), handed over as (B, N, l) views: the scan backends read
         # one row of N values per time step.
         xc_t = xc.transpose(1, 2)  # (B, l, E) view
@@ -365,11 +377,12 @@ class Mamba(nn.Module):
         # A and D at least in float32 (as mamba_ssm keeps them), float64 in a float64 model
         hi = torch.promote_types(self.A_log.dtype, torch.float32)
         A = -torch.exp(self.A_log.to(hi))  # (E, N)
+        # y = scan(...) * SiLU(z) (B, E, l), the gate fused like the softplus
         y, h_last = selective_scan(
-            xc, delta, A, b_in, c_out, self.D.to(hi), h0=h0, backend=self.backend, return_state=True
+            xc, dt_raw, A, b_in, c_out, self.D.to(hi), h0=h0, backend=self.backend, return_state=True,
+            z=z, delta_bias=self.dt_proj.bias, delta_softplus=True,
         )
-        del delta, dt, b_in, c_out
-        y = y * self.act(z)  # (B, E, l)
+        del dt_raw, dt, b_in, c_out
         out = torch.matmul(y.transpose(1, 2), self.out_proj.weight.t())  # (B, l, d_model)
         if self.out_proj.bias is not None:
             out = out + self.out_proj.bias

@@ -13,6 +13,13 @@ Layout (that of ``mamba_ssm.selective_scan_fn``, so the CUDA kernel is a drop-in
 * ``D``: ``(E,)`` or ``None``; ``h0``: ``(B, E, N)`` or ``None``
 * returns ``y`` ``(B, E, L)`` and, with ``return_state=True``, ``(y, h_L)`` with ``h_L`` ``(B, E, N)``.
 
+Fused steps of a Mamba layer (the arguments of ``mamba_ssm.selective_scan_fn``):
+``delta_bias`` ``(E,)`` and ``delta_softplus`` make the step sizes ``softplus(delta +
+delta_bias)`` from a raw ``delta``, and ``z`` ``(B, E, L)`` gates the output, ``y * silu(z)``.
+A backend registered with ``fused=True`` (``"triton"``, ``"cuda"``) computes them inside its
+kernels (``delta`` and the ungated ``y`` never reach memory); for the others
+:func:`selective_scan` applies them in PyTorch around the scan.
+
 Backends
 --------
 ``"loop"``
@@ -31,10 +38,14 @@ Backends
     On a GPU: ``"cuda"`` when ``mamba_ssm`` (with its compiled extension) imports, the dtype is
     not float64 (``mamba_ssm`` refuses it) and no ``h0`` is given; else ``"triton"`` when triton
     imports; else ``"reference"``, with a warning once. On a CPU: ``"cpu"`` (numba), else
-    ``"reference"``.
+    ``"reference"``. A sequence run in pieces (the Mamba layer's long levels) continues each
+    piece from the previous one's state, which ``mamba_ssm`` cannot take: there ``"auto"`` runs
+    the first piece on ``"cuda"`` and the others on ``"triton"`` (:func:`piece_backends`).
 
 :func:`register_backend` is the seam for new backends; :func:`available_backends` lists the
-ones usable in this environment.
+ones usable in this environment. The ``"cpu"`` and ``"triton"`` backends are
+``torch.library`` custom ops with fake implementations and an autograd formula, so
+``torch.compile(model, fullgraph=True)`` traces through a scan as one opaque node.
 """
 
 from __future__ import annotations
@@ -56,6 +67,7 @@ __all__ = [
     "available_backends",
     "registered_backends",
     "resolve_backend",
+    "piece_backends",
     "BackendFn",
 ]
 
@@ -83,10 +95,12 @@ class _Backend:
         fn: BackendFn | None = None,
         loader: Callable[[], BackendFn] | None = None,
         is_available: Callable[[], bool] | None = None,
+        fused: bool = False,
     ) -> None:
         self._fn = fn
         self._loader = loader
         self._is_available = is_available
+        self.fused = fused
 
     def available(self) -> bool:
         if self._is_available is None:
@@ -112,6 +126,7 @@ def register_backend(
     *,
     loader: Callable[[], BackendFn] | None = None,
     is_available: Callable[[], bool] | None = None,
+    fused: bool = False,
 ) -> None:
     """Register (or replace) a scan backend under ``name``.
 
@@ -121,12 +136,14 @@ def register_backend(
             ``D`` and ``h0`` may be ``None``. All tensors share one floating dtype and device.
         loader: instead of ``fn``, a function returning it on first use (keeps imports lazy).
         is_available: optional test telling whether the backend can run in this environment.
+        fused: ``fn`` also takes the keywords ``z``, ``delta_bias`` and ``delta_softplus`` (see
+            the module docstring) and applies them itself; otherwise ``selective_scan`` does.
     """
     if name == "auto":
         raise PsmambaError("register_backend: the name 'auto' is reserved")
     if (fn is None) == (loader is None):
         raise PsmambaError(f"register_backend({name!r}): give exactly one of fn or loader")
-    _REGISTRY[name] = _Backend(fn=fn, loader=loader, is_available=is_available)
+    _REGISTRY[name] = _Backend(fn=fn, loader=loader, is_available=is_available, fused=fused)
 
 
 def registered_backends() -> list[str]:
@@ -153,8 +170,10 @@ def _check_inputs(
     C: torch.Tensor,
     D: torch.Tensor | None,
     h0: torch.Tensor | None,
+    z: torch.Tensor | None = None,
+    delta_bias: torch.Tensor | None = None,
 ) -> None:
-    named = {"u": u, "delta": delta, "A": A, "B": B, "C": C, "D": D, "h0": h0}
+    named = {"u": u, "delta": delta, "A": A, "B": B, "C": C, "D": D, "h0": h0, "z": z, "delta_bias": delta_bias}
     for name, t in named.items():
         if t is None:
             continue
@@ -181,6 +200,10 @@ def _check_inputs(
         raise PsmambaError(f"selective_scan: D must be (E,) = ({e},), got {tuple(D.shape)}")
     if h0 is not None and tuple(h0.shape) != (batch, e, n):
         raise PsmambaError(f"selective_scan: h0 must be (B, E, N) = {(batch, e, n)}, got {tuple(h0.shape)}")
+    if z is not None and z.shape != u.shape:
+        raise PsmambaError(f"selective_scan: z must match u {tuple(u.shape)}, got {tuple(z.shape)}")
+    if delta_bias is not None and tuple(delta_bias.shape) != (e,):
+        raise PsmambaError(f"selective_scan: delta_bias must be (E,) = ({e},), got {tuple(delta_bias.shape)}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -352,7 +375,7 @@ def _load_cuda() -> BackendFn:
             f"(mamba-ssm, causal-conv1d) on a machine with an NVIDIA GPU ({exc})"
         ) from None
 
-    def scan_cuda(u, delta, A, B, C, D, h0):
+    def scan_cuda(u, delta, A, B, C, D, h0, z=None, delta_bias=None, delta_softplus=False):
         if not u.is_cuda:
             raise PsmambaError(
                 f"selective_scan backend 'cuda' needs the tensors on a GPU, they are on {u.device}; "
@@ -362,7 +385,8 @@ def _load_cuda() -> BackendFn:
             raise PsmambaError("selective_scan backend 'cuda' (mamba_ssm) does not take an initial state h0")
         y, h_last = selective_scan_fn(
             u.contiguous(), delta.contiguous(), A.contiguous(), B.contiguous(), C.contiguous(),
-            D, return_last_state=True,
+            D, z=None if z is None else z.contiguous(), delta_bias=delta_bias,
+            delta_softplus=bool(delta_softplus), return_last_state=True,
         )
         return y, h_last
 
@@ -385,8 +409,8 @@ def _cpu_available() -> bool:
 register_backend("loop", _scan_loop)
 register_backend("reference", _scan_reference)
 register_backend("cpu", loader=_load_cpu, is_available=_cpu_available)
-register_backend("cuda", loader=_load_cuda, is_available=lambda: _mamba_ssm_available())
-register_backend("triton", loader=_load_triton, is_available=lambda: _triton_available())
+register_backend("cuda", loader=_load_cuda, is_available=lambda: _mamba_ssm_available(), fused=True)
+register_backend("triton", loader=_load_triton, is_available=lambda: _triton_available(), fused=True)
 
 
 @_constant_for_compile
@@ -403,6 +427,10 @@ def _on_gpu(u: torch.Tensor) -> bool:
 
 
 _warned_slow_gpu = False
+
+
+def _available(name: str) -> bool:
+    return name in _REGISTRY and _REGISTRY[name].available()
 
 
 def _warn_slow_gpu_once() -> None:
@@ -424,6 +452,10 @@ def resolve_backend(
     imports; else ``"reference"`` (warning once that it is slow). On a CPU: ``"cpu"`` when
     numba is available, else ``"reference"``.
     """
+    return _resolve(backend, u, h0 is not None, dtype, warn=True)
+
+
+def _resolve(backend: str, u: torch.Tensor, with_state: bool, dtype: torch.dtype | None, warn: bool) -> str:
     if backend != "auto":
         if backend not in _REGISTRY:
             raise PsmambaError(
@@ -433,15 +465,33 @@ def resolve_backend(
         return backend
     if _on_gpu(u):
         dtype = u.dtype if dtype is None else dtype
-        if dtype != torch.float64 and h0 is None and "cuda" in _REGISTRY and _REGISTRY["cuda"].available():
+        if dtype != torch.float64 and not with_state and _available("cuda"):
             return "cuda"
-        if "triton" in _REGISTRY and _REGISTRY["triton"].available():
+        if _available("triton"):
             return "triton"
-        _warn_slow_gpu_once()
+        if warn:
+            _warn_slow_gpu_once()
         return "reference"
-    if u.device.type == "cpu" and "cpu" in _REGISTRY and _REGISTRY["cpu"].available():
+    if u.device.type == "cpu" and _available("cpu"):
         return "cpu"
     return "reference"
+
+
+def piece_backends(backend: str, u: torch.Tensor, dtype: torch.dtype | None = None) -> tuple[str, str] | None:
+    """The backends of a sequence like ``u`` run in pieces: ``(first piece, later pieces)`` (the
+    later ones continue from the state ``h0`` the previous piece returned), or ``None`` when it
+    must run in one piece because no usable backend takes ``h0``.
+
+    ``"cuda"`` (``mamba_ssm``) takes no ``h0``: an explicit ``"cuda"`` runs in one piece, and so
+    does ``"auto"`` where it means ``"cuda"`` and triton is missing (the ``"reference"`` scan
+    would be far slower). Where triton imports, ``"auto"`` gives ``("cuda", "triton")``: the
+    first piece on mamba_ssm, the rest, which carry a state, on triton.
+    """
+    first = _resolve(backend, u, False, dtype, warn=False)
+    later = _resolve(backend, u, True, dtype, warn=False)
+    if later == "cuda" or (first == "cuda" and later == "reference"):
+        return None
+    return first, later
 
 
 def _compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
@@ -459,6 +509,10 @@ def selective_scan(
     h0: torch.Tensor | None = None,
     backend: str = "auto",
     return_state: bool = False,
+    *,
+    z: torch.Tensor | None = None,
+    delta_bias: torch.Tensor | None = None,
+    delta_softplus: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Run the Mamba v1 selective scan ``h_t = exp(delta_t A) h_{t-1} + delta_t B_t u_t``.
 
@@ -473,6 +527,9 @@ def selective_scan(
         backend: ``"auto"``, ``"reference"``, ``"loop"``, ``"cpu"``, ``"cuda"``, ``"triton"`` or a
             registered name.
         return_state: also return the final state ``h_L``.
+        z: gate ``(B, E, L)`` or ``None``: the output is ``y * silu(z)``.
+        delta_bias: ``(E,)`` added to ``delta`` (then a raw ``dt``) or ``None``.
+        delta_softplus: take ``softplus(delta + delta_bias)`` as the step sizes.
 
     Returns:
         ``y`` ``(B, E, L)`` in ``u``'s dtype, or ``(y, h_L)`` with ``h_L`` ``(B, E, N)`` in the
@@ -481,7 +538,7 @@ def selective_scan(
     Raises:
         PsmambaError: bad shapes, dtypes, devices or an unusable backend.
     """
-    _check_inputs(u, delta, A, B, C, D, h0)
+    _check_inputs(u, delta, A, B, C, D, h0, z, delta_bias)
     cdt = _compute_dtype(u, delta, A, B, C, D, h0)
     name = resolve_backend(backend, u, h0, dtype=cdt)
     entry = _REGISTRY[name]
@@ -489,8 +546,20 @@ def selective_scan(
     _ensure_loaded(name)
     fn = entry.get()
     args = [None if t is None else t.to(cdt) for t in (u, delta, A, B, C, D, h0)]
-    y, h_last = fn(*args)
-    y = y.to(u.dtype)
+    fuse = z is not None or delta_bias is not None or delta_softplus
+    if fuse and entry.fused:
+        y, h_last = fn(*args, z=None if z is None else z.to(cdt),
+                       delta_bias=None if delta_bias is None else delta_bias.to(cdt), delta_softplus=bool(delta_softplus))
+        y = y.to(u.dtype)
+    else:
+        if delta_bias is not None:
+            args[1] = args[1] + delta_bias.to(cdt)[:, None]
+        if delta_softplus:
+            args[1] = torch.nn.functional.softplus(args[1])
+        y, h_last = fn(*args)
+        y = y.to(u.dtype)
+        if z is not None:
+            y = y * torch.nn.functional.silu(z)
     if return_state:
         return y, h_last
     return y

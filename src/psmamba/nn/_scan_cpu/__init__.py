@@ -3,9 +3,9 @@
 * :mod:`.mathfn`: the vectorisable ``exp``/``2^x``/``log1p`` the kernels use;
 * :mod:`.chunks`: every size that cuts the work (the time chunk :data:`CHECKPOINT_EVERY`,
   channel blocks, sync blocks, the time-major units);
-* :mod:`.training`: the forward and backward kernels and :class:`SelectiveScanCPU`, the
-  autograd function behind :func:`scan_cpu` (the backend entry point of
-  :func:`psmamba.nn.scan.selective_scan`);
+* :mod:`.training`: the forward and backward kernels as two ``torch.library`` custom ops with
+  a registered autograd formula (opaque to ``torch.compile``) behind :func:`scan_cpu` (the
+  backend entry point of :func:`psmamba.nn.scan.selective_scan`);
 * :mod:`.inference`: the fused kernels the Mamba layer runs without autograd, channels-first
   and time-major;
 * numba/LLVM settings shared with the other kernels (compile options, vectoriser flags,
@@ -21,12 +21,11 @@ from psmamba.nn._numba import threads
 from psmamba.nn._scan_cpu.chunks import CHECKPOINT_EVERY, TM_WIDTH, use_time_major
 from psmamba.nn._scan_cpu.inference import conv_silu_cpu, conv_silu_tm_cpu, fused_scan_cpu, fused_scan_tm_cpu
 from psmamba.nn._scan_cpu.mathfn import _exp  # noqa: F401  (benchmarks/bench_scan.py)
-from psmamba.nn._scan_cpu.training import SelectiveScanCPU, scan_cpu
+from psmamba.nn._scan_cpu.training import scan_cpu
 
 __all__ = [
     "CHECKPOINT_EVERY",
     "TM_WIDTH",
-    "SelectiveScanCPU",
     "conv_silu_cpu",
     "conv_silu_tm_cpu",
     "fused_scan_cpu",

@@ -1,5 +1,6 @@
 """Training scan of the ``"cpu"`` backend: numba forward and backward kernels and the autograd
-function around them.
+formula around them (``torch.library`` custom ops, so ``torch.compile`` treats a scan as one
+opaque node).
 
 Technique (chosen by measurement, see ``benchmarks/bench_scan.py`` and ``benchmarks/README.md``)
 --------------------------------------------------------------------------------------------
@@ -43,7 +44,7 @@ from psmamba.nn._numba import as_numpy as _np
 from psmamba.nn._scan_cpu import chunks
 from psmamba.nn._scan_cpu.mathfn import _exp
 
-__all__ = ["SelectiveScanCPU", "scan_cpu"]
+__all__ = ["scan_cpu"]
 
 # Layouts: u, dt, y, du, ddt (B, E, L); Bm, Cm, dB, dC (B, L, N); A (E, N); D (E,);
 # h0, h_last (B, E, N); ckpt (B, chunks, E, N). The innermost loops run over the N states.
@@ -232,71 +233,144 @@ def _reduce_parts(pb, pc, dB, dC, nblk, steps, t0, lo, hi):
                 dC[b, t0 + s, n] += pc[b * nblk + k, s, n]
 
 
-class SelectiveScanCPU(torch.autograd.Function):
-    """``(y, h_last) = scan(u, delta, A, B, C, D, h0)`` with the numba kernels (see module doc)."""
+def _forward_impl(u, delta, A, B, C, D, h0, keep: bool):
+    """The forward kernel: ``(y, h_last, checkpoints)``; the checkpoints ``(B, L/every, E, N)``
+    are kept for a backward pass only when ``keep`` (else an empty ``(B, 0, E, N)``)."""
+    nb, e, length = u.shape
+    n = A.shape[1]
+    dtype = u.dtype
+    threads = _numba.threads()
+    nblk = chunks.blocks(e, threads)
+    u_c = u.detach().contiguous()
+    dt_c = delta.detach().contiguous()
+    A_c = A.detach().contiguous()
+    Bt = B.detach().transpose(1, 2).contiguous()  # (B, L, N): one row per time step
+    Ct = C.detach().transpose(1, 2).contiguous()
+    D_c = torch.zeros(e, dtype=dtype) if D is None else D.detach().contiguous()
+    h0_c = torch.zeros(nb, e, n, dtype=dtype) if h0 is None else h0.detach().contiguous()
+    every = chunks.CHECKPOINT_EVERY
+    ckpt = torch.empty(nb, -(-length // every) if keep else 0, e, n, dtype=dtype)
+    y = torch.empty(nb, e, length, dtype=dtype)
+    h_last = torch.empty(nb, e, n, dtype=dtype)
+    with NumbaThreads(threads), KernelFlags(("forward", dtype)):
+        _forward_kernel(
+            _np(u_c), _np(dt_c), _np(A_c), _np(Bt), _np(Ct), _np(D_c), _np(h0_c),
+            _np(y), _np(h_last), _np(ckpt), every, nblk,
+        )
+    return y, h_last, ckpt
 
-    @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, h0):  # noqa: D102 - documented on the class
+
+def _backward_impl(u, delta, A, B, C, D, ckpt, dy, dh_last):
+    """The backward kernel: ``(du, ddelta, dA, dB, dC, dD, dh0)`` (``dD`` zeros without ``D``)."""
+    nb, e, length = u.shape
+    n = A.shape[1]
+    dtype = u.dtype
+    threads = _numba.threads()
+    nblk = chunks.blocks(e, threads)
+    u_c = u.detach().contiguous()
+    dt_c = delta.detach().contiguous()
+    A_c = A.detach().contiguous()
+    Bt = B.detach().transpose(1, 2).contiguous()
+    Ct = C.detach().transpose(1, 2).contiguous()
+    D_c = torch.zeros(e, dtype=dtype) if D is None else D.detach().contiguous()
+    every = chunks.CHECKPOINT_EVERY
+    dy = dy.to(dtype).contiguous()
+    g_state = dh_last.to(dtype=dtype, memory_format=torch.contiguous_format, copy=True)  # written by the kernel
+    du = torch.empty_like(u_c)
+    ddt = torch.empty_like(u_c)
+    dB = torch.empty(nb, length, n, dtype=dtype)
+    dC = torch.empty(nb, length, n, dtype=dtype)
+    dA64 = torch.zeros(nb, e, n, dtype=torch.float64)
+    dD64 = torch.zeros(nb, e, dtype=torch.float64)
+    with NumbaThreads(threads), KernelFlags(("backward", dtype)):
+        _backward_kernel(
+            _np(u_c), _np(dt_c), _np(A_c), _np(Bt), _np(Ct), _np(D_c), _np(ckpt.contiguous()),
+            every, chunks.sync_steps(every, nb * nblk, n), nblk,
+            _np(dy), _np(g_state), _np(du), _np(ddt),
+            _np(dA64), _np(dB), _np(dC), _np(dD64),
+        )
+    return du, ddt, dA64.sum(0).to(dtype), dB.transpose(1, 2), dC.transpose(1, 2), dD64.sum(0).to(dtype), g_state
+
+
+# The forward and the backward are torch.library custom ops with fake (shape-only)
+# implementations and a registered autograd formula: torch.compile sees one opaque node per
+# scan (no graph break on the numba call). A torch without custom_op (< 2.4) gets an
+# autograd.Function with the same two halves.
+_HAS_CUSTOM_OP = hasattr(torch, "library") and hasattr(torch.library, "custom_op")
+
+if _HAS_CUSTOM_OP:
+    from typing import Optional
+
+    @torch.library.custom_op("psmamba::cpu_scan_fwd", mutates_args=(), device_types="cpu")
+    def _fwd_op(
+        u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+        D: Optional[torch.Tensor], h0: Optional[torch.Tensor], keep: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return _forward_impl(u, delta, A, B, C, D, h0, keep)
+
+    @_fwd_op.register_fake
+    def _(u, delta, A, B, C, D, h0, keep):
         nb, e, length = u.shape
         n = A.shape[1]
-        dtype = u.dtype
-        threads = _numba.threads()
-        nblk = chunks.blocks(e, threads)
-        u_c = u.detach().contiguous()
-        dt_c = delta.detach().contiguous()
-        A_c = A.detach().contiguous()
-        Bt = B.detach().transpose(1, 2).contiguous()  # (B, L, N): one row per time step
-        Ct = C.detach().transpose(1, 2).contiguous()
-        D_c = torch.zeros(e, dtype=dtype) if D is None else D.detach().contiguous()
-        h0_c = torch.zeros(nb, e, n, dtype=dtype) if h0 is None else h0.detach().contiguous()
-        # grad mode is off inside forward; needs_input_grad says whether a backward will come
-        training = any(ctx.needs_input_grad)
         every = chunks.CHECKPOINT_EVERY
-        ckpt = torch.empty(nb, -(-length // every) if training else 0, e, n, dtype=dtype)
-        y = torch.empty(nb, e, length, dtype=dtype)
-        h_last = torch.empty(nb, e, n, dtype=dtype)
-        with NumbaThreads(threads), KernelFlags(("forward", dtype)):
-            _forward_kernel(
-                _np(u_c), _np(dt_c), _np(A_c), _np(Bt), _np(Ct), _np(D_c), _np(h0_c),
-                _np(y), _np(h_last), _np(ckpt), every, nblk,
-            )
-        if training:
-            ctx.save_for_backward(u_c, dt_c, A_c, Bt, Ct, D_c, ckpt)
-            ctx.every = every
-            ctx.has_d = D is not None
-            ctx.has_h0 = h0 is not None
+        return u.new_empty(nb, e, length), u.new_empty(nb, e, n), u.new_empty(nb, -(-length // every) if keep else 0, e, n)
+
+    @torch.library.custom_op("psmamba::cpu_scan_bwd", mutates_args=(), device_types="cpu")
+    def _bwd_op(
+        u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+        D: Optional[torch.Tensor], ckpt: torch.Tensor, dy: torch.Tensor, dh_last: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        return _backward_impl(u, delta, A, B, C, D, ckpt, dy, dh_last)
+
+    @_bwd_op.register_fake
+    def _(u, delta, A, B, C, D, ckpt, dy, dh_last):
+        nb, e, length = u.shape
+        n = A.shape[1]
+        return (torch.empty_like(u), torch.empty_like(u), A.new_empty(e, n), u.new_empty(nb, n, length),
+                u.new_empty(nb, n, length), u.new_empty(e), u.new_empty(nb, e, n))
+
+    def _setup_context(ctx, inputs, output):
+        u, delta, A, B, C, D, h0, keep = inputs
+        ctx.save_for_backward(u, delta, A, B, C, D, output[2])
+        ctx.has_h0 = h0 is not None
+
+    def _backward(ctx, dy, dh_last, _dckpt):
+        u, delta, A, B, C, D, ckpt = ctx.saved_tensors
+        nb, e, _ = u.shape
+        dy = torch.zeros_like(u) if dy is None else dy
+        dh_last = u.new_zeros(nb, e, A.shape[1]) if dh_last is None else dh_last
+        du, ddt, dA, dB, dC, dD, dh0 = _bwd_op(u, delta, A, B, C, D, ckpt, dy, dh_last)
+        return du, ddt, dA, dB, dC, dD if D is not None else None, dh0 if ctx.has_h0 else None, None
+
+    _fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+    def _apply(u, delta, A, B, C, D, h0, keep):
+        y, h_last, _ = _fwd_op(u, delta, A, B, C, D, h0, keep)
         return y, h_last
 
-    @staticmethod
-    def backward(ctx, dy, dh_last):  # noqa: D102
-        u_c, dt_c, A_c, Bt, Ct, D_c, ckpt = ctx.saved_tensors
-        nb, e, length = u_c.shape
-        n = A_c.shape[1]
-        dtype = u_c.dtype
-        threads = _numba.threads()
-        nblk = chunks.blocks(e, threads)
-        dy = torch.zeros_like(u_c) if dy is None else dy.to(dtype).contiguous()
-        g_state = (  # written by the kernel: must own contiguous memory
-            torch.zeros(nb, e, n, dtype=dtype)
-            if dh_last is None
-            else dh_last.to(dtype=dtype, memory_format=torch.contiguous_format, copy=True)
-        )
-        du = torch.empty_like(u_c)
-        ddt = torch.empty_like(u_c)
-        dB = torch.empty(nb, length, n, dtype=dtype)
-        dC = torch.empty(nb, length, n, dtype=dtype)
-        dA64 = torch.zeros(nb, e, n, dtype=torch.float64)
-        dD64 = torch.zeros(nb, e, dtype=torch.float64)
-        with NumbaThreads(threads), KernelFlags(("backward", dtype)):
-            _backward_kernel(
-                _np(u_c), _np(dt_c), _np(A_c), _np(Bt), _np(Ct), _np(D_c), _np(ckpt),
-                ctx.every, chunks.sync_steps(ctx.every, nb * nblk, n), nblk,
-                _np(dy), _np(g_state), _np(du), _np(ddt),
-                _np(dA64), _np(dB), _np(dC), _np(dD64),
-            )
-        g_D = dD64.sum(0).to(dtype) if ctx.has_d else None
-        g_h0 = g_state if ctx.has_h0 else None
-        return du, ddt, dA64.sum(0).to(dtype), dB.transpose(1, 2), dC.transpose(1, 2), g_D, g_h0
+else:  # pragma: no cover - torch < 2.4
+
+    class SelectiveScanCPU(torch.autograd.Function):
+        """``(y, h_last) = scan(u, delta, A, B, C, D, h0)`` with the numba kernels (see module doc)."""
+
+        @staticmethod
+        def forward(ctx, u, delta, A, B, C, D, h0, keep):  # noqa: D102 - documented on the class
+            y, h_last, ckpt = _forward_impl(u, delta, A, B, C, D, h0, keep)
+            ctx.save_for_backward(u, delta, A, B, C, D, ckpt)
+            ctx.has_h0 = h0 is not None
+            return y, h_last
+
+        @staticmethod
+        def backward(ctx, dy, dh_last):  # noqa: D102
+            u, delta, A, B, C, D, ckpt = ctx.saved_tensors
+            nb, e, _ = u.shape
+            dy = torch.zeros_like(u) if dy is None else dy
+            dh_last = u.new_zeros(nb, e, A.shape[1]) if dh_last is None else dh_last
+            du, ddt, dA, dB, dC, dD, dh0 = _backward_impl(u, delta, A, B, C, D, ckpt, dy, dh_last)
+            return du, ddt, dA, dB, dC, dD if D is not None else None, dh0 if ctx.has_h0 else None, None
+
+    def _apply(u, delta, A, B, C, D, h0, keep):
+        return SelectiveScanCPU.apply(u, delta, A, B, C, D, h0, keep)
 
 
 def scan_cpu(u, delta, A, B, C, D, h0):
@@ -307,4 +381,6 @@ def scan_cpu(u, delta, A, B, C, D, h0):
         raise PsmambaError(f"selective_scan backend 'cpu' needs CPU tensors, they are on {u.device}")
     if u.dtype not in (torch.float32, torch.float64):
         raise PsmambaError(f"selective_scan backend 'cpu' computes in float32/float64, got {u.dtype}")
-    return SelectiveScanCPU.apply(u, delta, A, B, C, D, h0)
+    # checkpoints for a backward pass only when one can come
+    keep = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (u, delta, A, B, C, D, h0))
+    return _apply(u, delta, A, B, C, D, h0, keep)
