@@ -310,6 +310,9 @@ def _child_env(threads: int | None = None) -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT / "src"), str(REPO_ROOT)]
                                         + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    # what the psmamba command line sets before torch loads (psmamba.cli.quiet_openmp), here for
+    # every method's process alike (it helps any torch-based one: ConvexAdam too)
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if threads:
         for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS", "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"):
             env[k] = str(int(threads))
