@@ -1,32 +1,38 @@
-"""Register one pair of images: validate -> resample -> method -> outputs.
+"""Register one pair of images: validate -> scale -> linear stage -> method -> outputs.
 
-:func:`register_pair` is the engine behind ``psmamba register`` (and the demo and
-``psmamba evaluate``). It is a pipeline of four steps, each a function of its own:
+:func:`register_pair` is the engine behind ``psmamba register``, ``psmamba.register`` (and the
+demo and ``psmamba evaluate``). A :class:`Pipeline` (:func:`build_pipeline`, from a method name
+such as ``"default"`` = ``affine+io``, or ``affine+network+io`` with a network) runs in steps,
+each a function of its own:
 
-1. **Validate** (:func:`_load_inputs`) everything that can be checked cheaply before any work:
-   the input files exist and load, label maps match their image's grid, the output folder can
-   be written (a temporary folder is created beside it right away).
-2. **Resample** (:func:`_resample`): the moving image (and its labels, nearest neighbour) onto
-   the FIXED image's voxel grid through both affines (fixed voxel ``p`` -> world ``A_f p`` ->
-   moving voxel ``A_m^-1 A_f p``; images that already share a grid are left untouched), and
-   both images min-max scaled to [0, 1] (the paper's preprocessing).
-3. **Method** (:mod:`psmamba.engine.methods`): a named object ``method(moving, fixed) -> ddf``
-   on the fixed grid (a network resizes to its own grid and back): the identity, a network,
-   a network fine-tuned on the pair, a network's field refined on the pair, or instance
-   optimisation. :func:`~psmamba.engine.methods.method_from_options` builds it from the
-   command line's flags; ``method=`` takes one directly.
-4. **Outputs** (:func:`_finish`): the moving image warped with the field (trilinear, its own
-   intensities) and its labels (nearest); Jacobian determinant, folding %, SDlogJ, Dice
-   before/after when both label maps are given; and, when ``out_dir`` is given, all written
-   with the fixed image's affine into a temporary folder moved into place only after everything
-   succeeded: ``warped.nii.gz``, ``ddf.nii.gz``, ``warped_labels.nii.gz``, ``jacobian.nii.gz``,
-   ``summary.json`` (with the method's name and settings), ``overview.png``.
+1. **Validate** (:func:`_load_inputs`, :func:`psmamba.checks.check_inputs`) everything that can
+   be checked before any work: files exist and load, 3-D, finite, non-singular affines, not
+   constant, large enough, label maps and masks on their image's grid, label maps sharing a
+   label, every flag's value; the output folder can be written (a temporary folder is created
+   beside it right away).
+2. **Scale** (:func:`_prepare`): each image's 0.5/99.5 percentiles (inside its mask) to [0, 1],
+   clipped, or a given intensity window (CT); tensors on the device, each on its own grid.
+3. **Linear stage** (:func:`_linear_stage`): rigid or rigid + affine registration in world space
+   (:func:`psmamba.affine.affine_register`, LNCC or mutual information), when the pipeline has one.
+4. **Method on the fixed grid** (:mod:`psmamba.engine.methods`): the moving image resampled once
+   through the affine onto the fixed grid, then a named object ``method(moving, fixed) -> ddf``
+   (a network resizes to its own grid and back; ``io`` is diffeomorphic instance optimisation,
+   :class:`~psmamba.engine.methods.Diffeomorphic`), and the inverse of its field.
+5. **Outputs** (:func:`_finish`): the moving image and labels read ONCE from their own voxels
+   through the whole map (trilinear / nearest), Jacobian determinant, folding %, SDlogJ, Dice
+   before/after; when ``out_dir`` is given, everything is written into a temporary folder moved
+   into place only after everything succeeded: ``warped.nii.gz``, ``ddf.nii.gz``,
+   ``ddf_inverse.nii.gz``, ``affine.txt``, ``warped_labels.nii.gz``, ``jacobian.nii.gz``,
+   ``summary.json``, ``overview.png``.
 
-The displacement field ``ddf.nii.gz`` is in voxels of the fixed grid, Learn2Reg layout
-``(D, H, W, 3)``: fixed voxel ``p`` takes its value from the moving image (resampled onto the
-fixed grid) at ``p + ddf[p]``. When both images share a grid this is exactly the Learn2Reg
-convention; otherwise the full map to the moving file's voxels is
-``A_m^-1 A_f (p + ddf[p])``.
+The displacement field ``ddf.nii.gz`` is the WHOLE map (affine and deformable) in voxels of the
+fixed grid, Learn2Reg layout ``(D, H, W, 3)``: fixed voxel ``p`` takes its value from the moving
+image resampled onto the fixed grid through the headers at ``p + ddf[p]``. When both images share
+a grid this is exactly the Learn2Reg convention; otherwise the map to the moving file's voxels is
+``A_m^-1 A_f (p + ddf[p])``. ``ddf_inverse.nii.gz`` lies on the MOVING grid (with its affine), in
+the mirror convention: moving voxel ``r`` takes its value from the fixed image resampled onto the
+moving grid through the headers at ``r + ddf_inverse[r]`` (labels drawn on the fixed image
+carried onto the moving one). ``affine.txt`` is the linear stage alone, an ITK text transform.
 """
 
 from __future__ import annotations
