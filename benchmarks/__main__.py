@@ -1,8 +1,10 @@
 """``python -m benchmarks [--quick]``: the speed and accuracy benchmarks, results in ``benchmarks/results/``.
 
-``--quick`` is sized to finish in about 10 minutes on a 2-core CPU; the full run adds the
-paper's volume size (160x192x160) to the speed tables and trains each network 600 steps (about
-50 minutes on a 2-core CPU, see ``benchmarks/README.md``). Every setting can be overridden (``--help``). Results go to
+``--quick`` is sized to finish in about 10 minutes on a 2-core CPU; the full run measures
+every method (the paper's eight peers included) at 96x112x96 and 160x192x160, inference and a
+training step at both, and trains each network 600 steps: roughly 1.2 h of speed run (printed at
+its start; good to a factor of 2) plus about 17 min of accuracy run on an idle 2-core CPU, see
+``benchmarks/README.md``. Every setting can be overridden (``--help``). Results go to
 ``speed{tag}.{json,csv,md,png}`` and ``accuracy{tag}.{json,csv,md,png}`` with ``tag`` =
 ``_quick`` for ``--quick`` and ``_gpu`` added on an accelerator (``--tag`` overrides).
 """

@@ -18,7 +18,9 @@ Protocol (``python -m benchmarks --only speed``; every number comes from one run
    round (so no method always runs first or after the same neighbour). Wall time (after a
    device synchronize) and process CPU time per call; the table reports medians. At each
    training size the same round robin times training steps (forward, LNCC + diffusion,
-   backward, Adam step) of the learned methods whose probe step passed there.
+   backward, Adam step; a fresh optimiser each step and the gradients dropped after it, so
+   the methods' optimiser states do not pile up in the one process) of the learned methods
+   whose probe step passed there.
 
 The methods (:data:`benchmarks.peers.METHODS`) include the paper's eight learned peers as
 psmamba implements them (``transmorph`` ... ``voxelmorph_psmamba``), so one run gives every row.
@@ -80,10 +82,11 @@ SPEED_COLUMNS = (
 #: PLANNING FIGURES for the start-of-run estimate only (never reported as results): wall seconds
 #: per million voxels of one inference call and of one training step, on an idle 2-core CPU with
 #: 2 torch threads. psmamba's own methods, MONAI's VoxelMorph and ANTs: from ``results/speed.md``
-#: (96x112x96 and 160x192x160). The peers: one call at 48^3 each with 1 thread on the loaded shared
-#: machine, scaled to the padded voxel count and to that machine by ``paper``'s ratio measured
-#: alongside (see benchmarks/README.md, "Duration"): rough, the peers' attention costs grow faster
-#: than the voxel count.
+#: (96x112x96 and 160x192x160). The peers: the faster of two calls at 48^3 (padded to each one's
+#: divisor) with 1 thread on the loaded shared machine, divided by the padded voxel count and by
+#: how much slower ``paper`` and MONAI's VoxelMorph ran there than in ``results/speed.md``
+#: (inference 3x, training step 3.8x). Good to a factor of about 2 (benchmarks/README.md,
+#: "Duration of the speed run").
 CPU_SECONDS_PER_MVOXEL: dict[str, tuple[float, float | None]] = {
     "paper": (2.9, 16.0),
     "paper_diff": (3.0, 17.3),
@@ -91,6 +94,15 @@ CPU_SECONDS_PER_MVOXEL: dict[str, tuple[float, float | None]] = {
     "voxelmorph": (2.8, 6.2),
     "paper_mambapy": (15.0, None),  # runs out of memory at 96x112x96 under 16 GiB
     "ants_syn": (14.0, None),
+    "transmorph": (3.0, 9.2),
+    "im2grid": (0.9, 4.0),
+    "prnet_pp": (8.8, 27.6),
+    "modet": (1.9, 4.2),
+    "pivit": (0.6, 2.3),
+    "mambamorph": (2.8, 10.2),
+    "mambamorph_feat": (4.1, 13.6),
+    "transmatch": (2.9, 9.8),
+    "voxelmorph_psmamba": (1.4, 5.4),
 }
 
 
@@ -324,18 +336,22 @@ def child_timing(spec: dict) -> dict:
                     call(n, lambda n=n: models[n](moving, fixed), infer)
         learned = [n for n in models if n in LEARNED and (train_names is None or n in train_names.get(size_key, ()))]
         if train_repeats and learned and size in train_sizes:
-            steps = {}
+            # each step with a fresh optimiser, its gradients dropped after it: with 15 methods in
+            # one process, every method's Adam state and gradients kept alive together would
+            # add GBs to the next method's peak (creating Adam's state costs milliseconds)
+            def one_step(n: str, m, f) -> None:
+                _train_step_fn(models[n], device)(m, f)
+                models[n].zero_grad(set_to_none=True)
+
             for n in learned:
                 models[n].train()
-                steps[n] = _train_step_fn(models[n], device)
-                call(n, lambda n=n: steps[n](warm_m, warm_f), {}, train_errors)  # warm-up (autograd buffers, JIT)
+                call(n, lambda n=n: one_step(n, warm_m, warm_f), {}, train_errors)  # warm-up (autograd buffers, JIT)
             for r in range(train_repeats):
                 order = learned[r % len(learned):] + learned[: r % len(learned)]
                 for n in order:
-                    call(n, lambda n=n: steps[n](moving, fixed), train, train_errors)
+                    call(n, lambda n=n: one_step(n, moving, fixed), train, train_errors)
             for n in learned:
-                models[n].eval().zero_grad(set_to_none=True)
-                steps.pop(n, None)  # the optimiser state goes before the next size
+                models[n].eval()
         del moving, fixed, warm_m, warm_f
     res["load_after"] = load_average()
     return res
