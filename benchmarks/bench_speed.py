@@ -233,7 +233,8 @@ def child_probe(spec: dict) -> dict:
     is reset to the current RSS (Linux ``clear_refs``), so each peak belongs to its own call;
     where that is impossible the peak is the process's peak so far (``peak_reset: false`` in the
     result). Once a call runs out of memory, the larger sizes of the same kind (inference or
-    training) are reported ``oom`` without running them.
+    training), and training steps at that size or larger after inference, are reported ``oom``
+    without running them.
     """
     threads = set_threads(spec.get("threads"))
     device = _device(spec.get("device", "auto"))
@@ -252,12 +253,17 @@ def child_probe(spec: dict) -> dict:
         return models[key]
 
     plan = [(size, False) for size in sizes] + [(size, True) for size in train_sizes]
-    oom_at: dict[bool, str] = {}  # kind (training?) -> the size that ran out of memory
+    oom_at: dict[bool, tuple] = {}  # kind (training?) -> the size that ran out of memory
     try:
         for size, is_train in plan:
-            if is_train in oom_at:
+            # a larger size of the same kind needs more; a training step more than inference
+            blocker = (is_train, oom_at[is_train]) if is_train in oom_at else None
+            if blocker is None and is_train and False in oom_at and math.prod(size) >= math.prod(oom_at[False]):
+                blocker = (False, oom_at[False])
+            if blocker:
                 res["train" if is_train else "infer"][str(list(size))] = {
-                    "status": "oom", "error": f"not run: {oom_at[is_train]} already ran out of memory"}
+                    "status": "oom", "error": f"not run: {'the training step' if blocker[0] else 'inference'} at "
+                                             f"{size_str(blocker[1])} already ran out of memory"}
                 continue
             moving, fixed, _ = speed_inputs(size, spec.get("inputs", "demo"), int(spec.get("seed", 0)))
             model = model_for(size)
@@ -266,7 +272,7 @@ def child_probe(spec: dict) -> dict:
                              flops=bool(spec.get("flops", True)))
             res["train" if is_train else "infer"][str(list(size))] = one
             if one["status"] == "oom":
-                oom_at[is_train] = size_str(size)
+                oom_at.setdefault(is_train, size)
             del moving, fixed
     except Exception as exc:  # building the method or its inputs failed: nothing to measure
         res["status"] = "oom" if is_oom(exc) else "error"
@@ -500,6 +506,8 @@ def expected_seconds(methods: Sequence[str], sizes, train_sizes, repeats: int, t
 
 def status_text(status: str | None, mem_limit_gib: float | None = None) -> str:
     """A row's status as the tables print it: ``oom`` is "out of memory (cap N GiB)"."""
+    if status is None:
+        return "-"
     if status == "oom":
         return f"out of memory (cap {mem_limit_gib:g} GiB)" if mem_limit_gib else "out of memory"
     return str(status)
@@ -618,16 +626,18 @@ def plot_speed(result: dict, path: Path, machine: dict | None = None) -> Path:
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     failed = []
-    for m in result["settings"]["methods"]:
+    for i, m in enumerate(result["settings"]["methods"]):
+        style = "-" if i < 10 else "--"  # more methods than the 10 default colours: the rest dashed
         rows = [r for r in result["rows"] if r["method"] == m]
         t = [(r["voxels"] / 1e6, r["infer_s"]) for r in rows if r.get("infer_s") is not None]
         mem = [(r["voxels"] / 1e6, r.get("gpu_peak_mib") or r["peak_rss_mib"]) for r in rows
                if r.get("status") == "ok" and r.get("peak_rss_mib") is not None]
         line = None
         if t:
-            (line,) = axes[0].plot(*zip(*t), marker="o", label=METHODS.get(m, m))
+            (line,) = axes[0].plot(*zip(*t), marker="o", linestyle=style, label=METHODS.get(m, m))
         if mem:
-            axes[1].plot(*zip(*mem), marker="o", label=METHODS.get(m, m), color=line.get_color() if line else None)
+            axes[1].plot(*zip(*mem), marker="o", linestyle=style, label=METHODS.get(m, m),
+                         color=line.get_color() if line else None)
         failed += [(r, line.get_color() if line else "k") for r in rows if r.get("status") in ("oom", "timeout", "error")]
     for r, color in failed:  # mark failures at the top of the time axis, once the limits are known
         top = axes[0].get_ylim()[1]

@@ -261,6 +261,16 @@ def test_speed_probe_reports_training_oom_per_size(monkeypatch):
     result["rows"] = _rows(result, ["voxelmorph_psmamba"], [tuple(s) for s in sizes])
     assert [r["train_status"] for r in result["rows"]] == ["oom", "oom"]
     assert speed_markdown(result, common.machine_info(), "cmd").count("out of memory (cap 16 GiB)") == 2
+    # inference out of memory at the larger size: no training step tried there
+    calls = []
+    monkeypatch.setattr(bs, "_train_step_fn", lambda *a, **k: lambda m, f: calls.append(tuple(m.shape)))
+    real_probe = bs._probe_one
+    monkeypatch.setattr(bs, "_probe_one", lambda model, name, m, f, device, train, flops: (
+        {"status": "oom", "error": "inference: can't allocate memory"} if not train and m.shape[2] == 24
+        else real_probe(model, name, m, f, device, train, flops)))
+    probe = child_probe({"method": "voxelmorph_psmamba", "sizes": sizes, "train_sizes": sizes, "inputs": "random"})
+    assert probe["train"][str(sizes[0])]["status"] == "ok" and calls == [(1, 1, 16, 16, 16)]
+    assert probe["train"][str(sizes[1])]["status"] == "oom" and "inference at 24x16x16" in probe["train"][str(sizes[1])]["error"]
 
 
 def test_expected_seconds_scales_with_voxels():
