@@ -1,8 +1,10 @@
 """``python -m benchmarks [--quick]``: the speed and accuracy benchmarks, results in ``benchmarks/results/``.
 
-``--quick`` is sized to finish in about 10 minutes on a 2-core CPU; the full run adds the
-paper's volume size (160x192x160) to the speed tables and trains each network 600 steps (about
-50 minutes on a 2-core CPU, see ``benchmarks/README.md``). Every setting can be overridden (``--help``). Results go to
+``--quick`` is sized to finish in about 10 minutes on a 2-core CPU; the full run measures
+every method (the paper's eight peers included) at 96x112x96 and 160x192x160, inference and a
+training step at both, and trains each network 600 steps: roughly 1.2 h of speed run (printed at
+its start; good to a factor of 2) plus about 17 min of accuracy run on an idle 2-core CPU, see
+``benchmarks/README.md``. Every setting can be overridden (``--help``). Results go to
 ``speed{tag}.{json,csv,md,png}`` and ``accuracy{tag}.{json,csv,md,png}`` with ``tag`` =
 ``_quick`` for ``--quick`` and ``_gpu`` added on an accelerator (``--tag`` overrides).
 """
@@ -23,12 +25,14 @@ from benchmarks.common import RESULTS_DIR, load_average, parse_size, wait_for_lo
 #: steps, checked on validation pairs only; see benchmarks/README.md)
 PROFILES = {
     "quick": {
-        "sizes": ["32x40x32", "64x80x64"], "repeats": 3, "train_repeats": 3, "mem_limit_gb": 8.0,
+        "sizes": ["32x40x32", "64x80x64"], "train_sizes": ["32x40x32"], "repeats": 3, "train_repeats": 3,
+        "mem_limit_gb": 8.0,
         "steps": 60, "iters": 20, "val_every": 1, "grid": "32x40x32", "demo_size": "small", "one_way": True,
         "lr": 1e-4,
     },
     "full": {
-        "sizes": ["96x112x96", "160x192x160"], "repeats": 3, "train_repeats": 2, "mem_limit_gb": 16.0,
+        "sizes": ["96x112x96", "160x192x160"], "train_sizes": ["96x112x96", "160x192x160"], "repeats": 3,
+        "train_repeats": 2, "mem_limit_gb": 16.0,
         "steps": 600, "iters": 50, "val_every": 1, "grid": "32x40x32", "demo_size": "small", "one_way": True,
         "lr": 1e-4,
     },
@@ -38,7 +42,8 @@ PROFILES = {
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m benchmarks",
-        description="Side-by-side benchmarks: PSMamba-Net vs VoxelMorph, a mambapy-based PSMamba and ANTs SyN.",
+        description="Side-by-side benchmarks: PSMamba-Net vs VoxelMorph, a mambapy-based PSMamba, ANTs SyN and "
+                    "(speed) the paper's eight learned peers.",
     )
     p.add_argument("--quick", action="store_true", help="small sizes, few repeats, a small training budget (~10 min on 2 cores)")
     p.add_argument("--only", choices=("speed", "accuracy"), action="append", help="run only this part (repeatable)")
@@ -52,12 +57,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-wait", type=float, default=900.0, metavar="S")
     g = p.add_argument_group("speed")
     g.add_argument("--sizes", nargs="+", default=None, help="volume sizes, e.g. 96x112x96 160x192x160")
-    g.add_argument("--methods", nargs="+", default=None, help="speed methods (default: all in benchmarks.peers.METHODS)")
+    g.add_argument("--methods", nargs="+", default=None, metavar="METHOD",
+                   help="speed methods, names from benchmarks.peers.METHODS (default: all of them, the paper's "
+                        "eight peers included)")
     g.add_argument("--repeats", type=int, default=None, help="timed inference calls per method and size")
-    g.add_argument("--train-size", default=None, help="size for the training-step timing (default: the smallest)")
+    g.add_argument("--train-sizes", "--train-size", dest="train_sizes", nargs="+", default=None,
+                   help="sizes of the training-step measurements (default: full run both sizes, --quick the smallest)")
     g.add_argument("--train-repeats", type=int, default=None, help="timed training steps per method (0: none)")
     g.add_argument("--mem-limit-gb", type=float, default=None, help="memory cap per measuring process (0: none)")
-    g.add_argument("--timeout", type=float, default=3600.0, help="seconds per measuring process")
+    g.add_argument("--timeout", type=float, default=3600.0,
+                   help="seconds per probe process (one method), and per (method, size) of the timing process")
     g.add_argument("--inputs", choices=("demo", "random"), default="demo")
     g = p.add_argument_group("accuracy")
     g.add_argument("--demo-size", choices=("small", "full"), default=None, help="demo data set size")
@@ -79,7 +88,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     prof = dict(PROFILES["quick" if args.quick else "full"])
-    for key in ("sizes", "repeats", "train_repeats", "mem_limit_gb", "steps", "iters", "val_every", "grid", "demo_size",
+    for key in ("sizes", "train_sizes", "repeats", "train_repeats", "mem_limit_gb", "steps", "iters", "val_every", "grid", "demo_size",
                 "one_way", "lr"):
         value = getattr(args, key)
         if value is not None:
@@ -104,9 +113,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         from benchmarks.bench_speed import run_speed, write_speed
         from benchmarks.peers import METHODS
 
+        unknown = [m for m in args.methods or () if m not in METHODS]
+        if unknown:
+            raise SystemExit(f"--methods: unknown {', '.join(unknown)}; choose from {', '.join(METHODS)}")
         sizes = [parse_size(s) for s in prof["sizes"]]
         res = run_speed(sizes, args.methods or tuple(METHODS), repeats=prof["repeats"],
-                        train_size=parse_size(args.train_size) if args.train_size else None,
+                        train_sizes=[parse_size(s) for s in prof["train_sizes"]],
                         train_repeats=prof["train_repeats"], device=args.device, threads=args.threads,
                         inputs=args.inputs, mem_limit_gib=prof["mem_limit_gb"] or None, timeout_s=args.timeout,
                         seed=args.seed)

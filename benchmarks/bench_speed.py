@@ -9,16 +9,21 @@ Protocol (``python -m benchmarks --only speed``; every number comes from one run
    ``torch.cuda.max_memory_allocated``) and the FLOPs of that forward
    (``torch.utils.flop_counter.FlopCounterMode``: convolutions and matrix products;
    element-wise ops, grid sampling and psmamba's numba selective scan are not counted); last,
-   one training step at the training size, with its own peak. Each child runs under a memory
-   cap (``RLIMIT_DATA``): a call that needs more reports ``oom`` instead of swapping the shared
-   machine.
+   one training step at each training size, with its own peak. Each child runs under a memory
+   cap (``RLIMIT_DATA``): a call that needs more reports ``oom`` ("out of memory (cap N GiB)"
+   in the table) instead of swapping the shared machine, and the run goes on.
 2. **Timing, one process, methods in ROUND ROBIN**: at each size, every method that passed
    its probe there is built; a warm-up call each (on a 32^3 crop: JIT loading, allocator);
    then ``repeats`` rounds, each calling every method once, the order rotated by one each
    round (so no method always runs first or after the same neighbour). Wall time (after a
-   device synchronize) and process CPU time per call; the table reports medians. At the
+   device synchronize) and process CPU time per call; the table reports medians. At each
    training size the same round robin times training steps (forward, LNCC + diffusion,
-   backward, Adam step) of the learned methods.
+   backward, Adam step; a fresh optimiser each step and the gradients dropped after it, so
+   the methods' optimiser states do not pile up in the one process) of the learned methods
+   whose probe step passed there.
+
+The methods (:data:`benchmarks.peers.METHODS`) include the paper's eight learned peers as
+psmamba implements them (``transmorph`` ... ``voxelmorph_psmamba``), so one run gives every row.
 
 Inputs: a real pair (the demo's FSL MNI152 template onto the ICBM 2009a template, 64x80x64
 at 2.5 mm) resized trilinearly to each size, so ANTs (whose run time depends on the images)
@@ -61,7 +66,8 @@ from benchmarks.common import (
 from benchmarks.peers import LEARNED, METHODS, available
 from psmamba.errors import first_line
 
-__all__ = ["run_speed", "write_speed", "plot_speed", "speed_inputs", "speed_spacing", "SPEED_COLUMNS", "DEMO_FOV_MM"]
+__all__ = ["run_speed", "write_speed", "plot_speed", "speed_inputs", "speed_spacing", "expected_seconds", "status_text",
+           "SPEED_COLUMNS", "DEMO_FOV_MM", "CPU_SECONDS_PER_MVOXEL"]
 
 #: field of view of the demo grid (64x80x64 voxels at 2.5 mm)
 DEMO_FOV_MM = (160.0, 200.0, 160.0)
@@ -70,8 +76,34 @@ SPEED_COLUMNS = (
     "method", "label", "size", "voxels", "status", "params", "gflops",
     "infer_s", "infer_s_min", "infer_s_max", "infer_cpu_s", "runs", "first_call_s",
     "peak_rss_mib", "peak_increase_mib", "gpu_peak_mib",
-    "train_step_s", "train_cpu_s", "train_runs", "train_peak_rss_mib", "train_gpu_peak_mib", "note",
+    "train_status", "train_step_s", "train_cpu_s", "train_runs", "train_peak_rss_mib", "train_gpu_peak_mib", "note",
 )
+
+#: PLANNING FIGURES for the start-of-run estimate only (never reported as results): wall seconds
+#: per million voxels of one inference call and of one training step, on an idle 2-core CPU with
+#: 2 torch threads. psmamba's own methods, MONAI's VoxelMorph and ANTs: from ``results/speed.md``
+#: (96x112x96 and 160x192x160). The peers: the faster of two calls at 48^3 (padded to each one's
+#: divisor) with 1 thread on the loaded shared machine, divided by the padded voxel count and by
+#: how much slower ``paper`` and MONAI's VoxelMorph ran there than in ``results/speed.md``
+#: (inference 3x, training step 3.8x). Good to a factor of about 2 (benchmarks/README.md,
+#: "Duration of the speed run").
+CPU_SECONDS_PER_MVOXEL: dict[str, tuple[float, float | None]] = {
+    "paper": (2.9, 16.0),
+    "paper_diff": (3.0, 17.3),
+    "baseline_conv": (1.5, 5.2),
+    "voxelmorph": (2.8, 6.2),
+    "paper_mambapy": (15.0, None),  # runs out of memory at 96x112x96 under 16 GiB
+    "ants_syn": (14.0, None),
+    "transmorph": (3.0, 9.2),
+    "im2grid": (0.9, 4.0),
+    "prnet_pp": (8.8, 27.6),
+    "modet": (1.9, 4.2),
+    "pivit": (0.6, 2.3),
+    "mambamorph": (2.8, 10.2),
+    "mambamorph_feat": (4.1, 13.6),
+    "transmatch": (2.9, 9.8),
+    "voxelmorph_psmamba": (1.4, 5.4),
+}
 
 
 # --------------------------------------------------------------------------- inputs
@@ -196,16 +228,19 @@ def _probe_one(model, name: str, moving, fixed, device, train: bool, flops: bool
 def child_probe(spec: dict) -> dict:
     """One method in this FRESH process: params, FLOPs, first-call time and peak memory at each size.
 
-    Sizes run in ascending order (inference), then one training step at ``train_size``. Before
-    each measurement the peak-RSS mark is reset to the current RSS (Linux ``clear_refs``), so
-    each peak belongs to its own call; where that is impossible the peak is the process's
-    peak so far (``peak_reset: false`` in the result).
+    Sizes run in ascending order (inference), then one training step at each of ``train_sizes``
+    (ascending; ``train_size``, one size, is read too). Before each measurement the peak-RSS mark
+    is reset to the current RSS (Linux ``clear_refs``), so each peak belongs to its own call;
+    where that is impossible the peak is the process's peak so far (``peak_reset: false`` in the
+    result). Once a call runs out of memory, the larger sizes of the same kind (inference or
+    training), and training steps at that size or larger after inference, are reported ``oom``
+    without running them.
     """
     threads = set_threads(spec.get("threads"))
     device = _device(spec.get("device", "auto"))
     name = spec["method"]
     sizes = sorted((tuple(s) for s in spec["sizes"]), key=math.prod)
-    train_size = tuple(spec["train_size"]) if spec.get("train_size") and name in LEARNED else None
+    train_sizes = sorted((tuple(s) for s in _spec_train_sizes(spec)), key=math.prod) if name in LEARNED else []
     res: dict[str, Any] = {"status": "ok", "method": name, "threads": threads, "device": str(device),
                            "infer": {}, "train": {}}
     models: dict[tuple, Any] = {}
@@ -217,15 +252,27 @@ def child_probe(spec: dict) -> dict:
             models[key] = _build(name, spec, speed_spacing(size), device)
         return models[key]
 
-    plan = [(size, False) for size in sizes] + ([(train_size, True)] if train_size else [])
+    plan = [(size, False) for size in sizes] + [(size, True) for size in train_sizes]
+    oom_at: dict[bool, tuple] = {}  # kind (training?) -> the size that ran out of memory
     try:
         for size, is_train in plan:
+            # a larger size of the same kind needs more; a training step more than inference
+            blocker = (is_train, oom_at[is_train]) if is_train in oom_at else None
+            if blocker is None and is_train and False in oom_at and math.prod(size) >= math.prod(oom_at[False]):
+                blocker = (False, oom_at[False])
+            if blocker:
+                res["train" if is_train else "infer"][str(list(size))] = {
+                    "status": "oom", "error": f"not run: {'the training step' if blocker[0] else 'inference'} at "
+                                             f"{size_str(blocker[1])} already ran out of memory"}
+                continue
             moving, fixed, _ = speed_inputs(size, spec.get("inputs", "demo"), int(spec.get("seed", 0)))
             model = model_for(size)
             res.setdefault("params", sum(p.numel() for p in model.parameters() if p.requires_grad) if name in LEARNED else None)
             one = _probe_one(model, name, moving.to(device), fixed.to(device), device, train=is_train,
                              flops=bool(spec.get("flops", True)))
             res["train" if is_train else "infer"][str(list(size))] = one
+            if one["status"] == "oom":
+                oom_at.setdefault(is_train, size)
             del moving, fixed
     except Exception as exc:  # building the method or its inputs failed: nothing to measure
         res["status"] = "oom" if is_oom(exc) else "error"
@@ -235,15 +282,18 @@ def child_probe(spec: dict) -> dict:
 
 def child_timing(spec: dict) -> dict:
     """Every size in turn, all its methods in ROUND ROBIN: ``repeats`` inference calls each, and
-    ``train_repeats`` training steps of the learned methods at ``train_size``."""
+    at each of ``train_sizes`` ``train_repeats`` training steps of the learned methods
+    (``train_methods_by_size``, when given, names them per size: those whose probe step passed)."""
     import torch
 
     threads = set_threads(spec.get("threads"))
     device = _device(spec.get("device", "auto"))
     repeats, train_repeats = int(spec.get("repeats", 3)), int(spec.get("train_repeats", 0))
-    train_size = tuple(spec["train_size"]) if spec.get("train_size") else None
+    train_sizes = [tuple(s) for s in _spec_train_sizes(spec)]
+    train_names = spec.get("train_methods_by_size")
     res: dict[str, Any] = {"status": "ok", "threads": threads, "device": str(device),
-                           "load_before": load_average(), "infer": {}, "train": {}, "errors": {}}
+                           "load_before": load_average(), "infer": {}, "train": {}, "errors": {},
+                           "train_errors": {}}
     built: dict[tuple, Any] = {}
 
     def model(n: str, spacing):
@@ -258,7 +308,8 @@ def child_timing(spec: dict) -> dict:
         moving, fixed = moving.to(device), fixed.to(device)
         small = tuple(min(s, 32) for s in size)
         warm_m, warm_f = moving[..., : small[0], : small[1], : small[2]], fixed[..., : small[0], : small[1], : small[2]]
-        infer, train, errors = (res[k].setdefault(size_key, {}) for k in ("infer", "train", "errors"))
+        infer, train, errors, train_errors = (res[k].setdefault(size_key, {})
+                                              for k in ("infer", "train", "errors", "train_errors"))
         models = {}
         for n in names:
             try:
@@ -266,8 +317,8 @@ def child_timing(spec: dict) -> dict:
             except Exception as exc:
                 errors[n] = f"build: {type(exc).__name__}: {exc}"
 
-        def call(n: str, fn: Callable[[], Any], record: dict) -> None:
-            if n in errors:
+        def call(n: str, fn: Callable[[], Any], record: dict, errs: dict = errors) -> None:
+            if n in errors or n in errs:
                 return
             try:
                 synchronize(device)
@@ -278,7 +329,7 @@ def child_timing(spec: dict) -> dict:
                 record[n]["wall"].append(time.perf_counter() - t0)
                 record[n]["cpu"].append(cpu_seconds() - c0)
             except Exception as exc:
-                errors[n] = ("oom: " if is_oom(exc) else "") + f"{type(exc).__name__}: {str(exc)[:300]}"
+                errs[n] = ("oom: " if is_oom(exc) else "") + f"{type(exc).__name__}: {str(exc)[:300]}"
 
         with torch.no_grad():
             for n in models:  # warm-up on a small crop (JIT loading, allocator); ANTs needs none
@@ -289,22 +340,34 @@ def child_timing(spec: dict) -> dict:
                 order = order0[r % len(order0):] + order0[: r % len(order0)]
                 for n in order:
                     call(n, lambda n=n: models[n](moving, fixed), infer)
-        learned = [n for n in models if n in LEARNED]
-        if train_repeats and learned and size == train_size:
-            steps = {}
+        learned = [n for n in models if n in LEARNED and (train_names is None or n in train_names.get(size_key, ()))]
+        if train_repeats and learned and size in train_sizes:
+            # each step with a fresh optimiser, its gradients dropped after it: with 15 methods in
+            # one process, every method's Adam state and gradients kept alive together would
+            # add GBs to the next method's peak (creating Adam's state costs milliseconds)
+            def one_step(n: str, m, f) -> None:
+                _train_step_fn(models[n], device)(m, f)
+                models[n].zero_grad(set_to_none=True)
+
             for n in learned:
                 models[n].train()
-                steps[n] = _train_step_fn(models[n], device)
-                call(n, lambda n=n: steps[n](warm_m, warm_f), {})  # warm-up (autograd buffers, JIT)
+                call(n, lambda n=n: one_step(n, warm_m, warm_f), {}, train_errors)  # warm-up (autograd buffers, JIT)
             for r in range(train_repeats):
                 order = learned[r % len(learned):] + learned[: r % len(learned)]
                 for n in order:
-                    call(n, lambda n=n: steps[n](moving, fixed), train)
+                    call(n, lambda n=n: one_step(n, moving, fixed), train, train_errors)
             for n in learned:
-                models[n].eval().zero_grad(set_to_none=True)
+                models[n].eval()
         del moving, fixed, warm_m, warm_f
     res["load_after"] = load_average()
     return res
+
+
+def _spec_train_sizes(spec: dict) -> list:
+    """A child spec's training sizes: ``train_sizes`` (a list), or the older ``train_size`` (one)."""
+    if spec.get("train_sizes"):
+        return [list(s) for s in spec["train_sizes"]]
+    return [list(spec["train_size"])] if spec.get("train_size") else []
 
 
 def _child_main(argv: Sequence[str]) -> int:
@@ -321,7 +384,7 @@ def run_speed(
     methods: Sequence[str] = tuple(METHODS),
     *,
     repeats: int = 5,
-    train_size: Sequence[int] | None = None,
+    train_sizes: Sequence[Sequence[int]] | None = None,
     train_repeats: int = 3,
     device: str = "auto",
     threads: int | None = None,
@@ -338,43 +401,58 @@ def run_speed(
         methods: names from :data:`benchmarks.peers.METHODS` (missing optional ones are
             reported as ``skipped``).
         repeats: timed inference calls per method and size (the median is reported).
-        train_size: the size at which training steps are timed (default: the smallest).
+        train_sizes: the sizes at which training steps are measured and timed (default: the
+            smallest of ``sizes``).
         train_repeats: timed training steps per learned method (0: none).
         device: ``"auto"`` (GPU when available), ``"cpu"``, ...
         threads: torch / numba / ITK threads (None: the library defaults).
         inputs: ``"demo"`` (real brains) or ``"random"``.
-        mem_limit_gib: memory cap of each child process (None: no cap).
-        timeout_s: time limit of each child process.
+        mem_limit_gib: memory cap of each child process (None: no cap); a call that needs more
+            is reported ``oom`` ("out of memory (cap)" in the table) and the run goes on.
+        timeout_s: time limit of each probe process (one method), and of the timing process
+            per (method, size) it times.
 
     Returns:
         ``{"settings", "rows" (one per method x size), "probes", "timings", "load_before", "load_after"}``.
     """
     say = log or (lambda _m: None)
     sizes = [tuple(int(s) for s in sz) for sz in sizes]
-    train_size = tuple(int(s) for s in train_size) if train_size else min(sizes, key=math.prod)
+    train_sizes = ([tuple(int(s) for s in sz) for sz in train_sizes] if train_sizes
+                   else [min(sizes, key=math.prod)])
+    train_sizes = sorted(set(train_sizes), key=math.prod) if train_repeats > 0 else []
+    if any(t not in sizes for t in train_sizes):
+        raise ValueError(f"--train-sizes must be among --sizes ({', '.join(size_str(x) for x in sizes)}), got "
+                         f"{', '.join(size_str(x) for x in train_sizes)}")
     limit = int(mem_limit_gib * 2**30) if mem_limit_gib else None
     base = {"device": device, "threads": threads, "inputs": inputs, "seed": seed}
     skipped = {m: why for m in methods for ok, why in [available(m)] if not ok}
     run_methods = [m for m in methods if m not in skipped]
     out: dict[str, Any] = {
         "settings": {"sizes": [list(s) for s in sizes], "methods": list(methods), "repeats": repeats,
-                     "train_size": list(train_size), "train_repeats": train_repeats, "device": device,
+                     "train_sizes": [list(s) for s in train_sizes], "train_repeats": train_repeats, "device": device,
                      "threads": threads, "inputs": inputs, "mem_limit_gib": mem_limit_gib, "timeout_s": timeout_s,
                      "seed": seed},
         "skipped": skipped, "probes": [], "timings": [], "load_before": load_average(),
     }
     t_start = time.perf_counter()
+    est = expected_seconds(run_methods, sizes, train_sizes, repeats, train_repeats)
+    if est is not None:
+        say(f"[speed] {len(run_methods)} methods, sizes {', '.join(size_str(x) for x in sizes)}, training steps at "
+            f"{', '.join(size_str(x) for x in train_sizes) or 'none'}: expect roughly {est / 3600:.1f} h on an idle "
+            f"2-core CPU (benchmarks/README.md); much less on a GPU")
     for m in run_methods:
         t0 = time.perf_counter()
         probe = run_child("benchmarks.bench_speed",
                           {**base, "kind": "probe", "method": m, "sizes": [list(s) for s in sizes],
-                           "train_size": list(train_size) if train_repeats > 0 else None},
+                           "train_sizes": [list(s) for s in train_sizes]},
                           timeout_s=timeout_s, mem_limit_bytes=limit)
         probe.setdefault("method", m)
         out["probes"].append(probe)
         say(f"[speed] probe {m} ({time.perf_counter() - t0:.0f} s): " + "; ".join(
-            f"{size_str(json.loads(k))} {v['status']} {fmt(v.get('seconds'), 2)} s {fmt(v.get('peak_rss_mib'), 0)} MiB"
-            for k, v in probe.get("infer", {}).items()) + (f" -- {probe.get('error')}" if probe.get("error") else ""))
+            f"{kind}{size_str(json.loads(k))} {status_text(v['status'], mem_limit_gib)} {fmt(v.get('seconds'), 2)} s "
+            f"{fmt(v.get('peak_rss_mib'), 0)} MiB"
+            for kind, part in (("", "infer"), ("train ", "train")) for k, v in probe.get(part, {}).items())
+            + (f" -- {probe.get('error')}" if probe.get("error") else ""))
     methods_by_size = {}
     for size in sizes:
         key = str(list(size))
@@ -382,23 +460,60 @@ def run_speed(
               if any(p["method"] == m and p.get("infer", {}).get(key, {}).get("status") == "ok" for p in out["probes"])]
         if ok:
             methods_by_size[key] = ok
+    train_methods_by_size = {
+        str(list(size)): [m for m in methods_by_size.get(str(list(size)), []) if m in LEARNED and any(
+            p["method"] == m and p.get("train", {}).get(str(list(size)), {}).get("status") == "ok" for p in out["probes"])]
+        for size in train_sizes}
     if methods_by_size:
         t0 = time.perf_counter()
         timing = run_child("benchmarks.bench_speed",
                            {**base, "kind": "timing", "methods_by_size": methods_by_size, "repeats": repeats,
-                            "train_size": list(train_size), "train_repeats": train_repeats},
-                           timeout_s=timeout_s * max(1, len(sizes)), mem_limit_bytes=limit)
+                            "train_sizes": [list(s) for s in train_sizes], "train_repeats": train_repeats,
+                            "train_methods_by_size": train_methods_by_size},
+                           timeout_s=timeout_s * max(1, sum(map(len, methods_by_size.values()))), mem_limit_bytes=limit)
         out["timings"].append(timing)
         say(f"[speed] round robin ({time.perf_counter() - t0:.0f} s): {timing['status']}" + "".join(
             f"; {size_str(json.loads(k))} {n} {median(v['wall']):.2f} s"
             for k, per in timing.get("infer", {}).items() for n, v in per.items()))
     out["load_after"] = load_average()
     out["seconds"] = time.perf_counter() - t_start
-    out["rows"] = _rows(out, methods, sizes, train_size)
+    out["rows"] = _rows(out, methods, sizes)
     return out
 
 
-def _rows(out: dict, methods: Sequence[str], sizes, train_size) -> list[dict[str, Any]]:
+def expected_seconds(methods: Sequence[str], sizes, train_sizes, repeats: int, train_repeats: int,
+                     overhead_s: float = 20.0) -> float | None:
+    """A rough duration of :func:`run_speed` on an idle 2-core CPU, from :data:`CPU_SECONDS_PER_MVOXEL`.
+
+    Per method and size: the probe's call and the warm-up plus ``repeats`` timed inference calls,
+    and at a training size the probe's step plus ``train_repeats`` timed steps, each scaled by the
+    voxel count; plus ``overhead_s`` per method (process start, imports, building). Methods with
+    no planning figure are left out; ``None`` when none has one.
+    """
+    known = [m for m in methods if m in CPU_SECONDS_PER_MVOXEL]
+    if not known:
+        return None
+    total = overhead_s * len(known)
+    for m in known:
+        infer, train = CPU_SECONDS_PER_MVOXEL[m]
+        for size in sizes:
+            mvox = math.prod(size) / 1e6
+            total += (1 + repeats) * infer * mvox
+            if train is not None and tuple(size) in {tuple(t) for t in train_sizes}:
+                total += (1 + train_repeats) * train * mvox
+    return total
+
+
+def status_text(status: str | None, mem_limit_gib: float | None = None) -> str:
+    """A row's status as the tables print it: ``oom`` is "out of memory (cap N GiB)"."""
+    if status is None:
+        return "-"
+    if status == "oom":
+        return f"out of memory (cap {mem_limit_gib:g} GiB)" if mem_limit_gib else "out of memory"
+    return str(status)
+
+
+def _rows(out: dict, methods: Sequence[str], sizes) -> list[dict[str, Any]]:
     rows = []
     timing = out["timings"][0] if out.get("timings") else {}
     for size in sizes:
@@ -415,6 +530,8 @@ def _rows(out: dict, methods: Sequence[str], sizes, train_size) -> list[dict[str
             status = inf.get("status") or probe.get("status", "missing")
             if status == "ok" and probe.get("status") not in (None, "ok"):
                 status = probe["status"]
+            if m in LEARNED and tr:
+                row["train_status"] = tr.get("status")
             row.update(status=status, params=probe.get("params"),
                        gflops=inf["flops"] / 1e9 if inf.get("flops") is not None else None,
                        first_call_s=inf.get("seconds"), peak_rss_mib=inf.get("peak_rss_mib"),
@@ -436,6 +553,10 @@ def _rows(out: dict, methods: Sequence[str], sizes, train_size) -> list[dict[str
             if err:
                 row["status"] = "oom" if err.startswith("oom") else "error"
                 notes.append(f"timing: {err}")
+            terr = timing.get("train_errors", {}).get(key, {}).get(m)
+            if terr:
+                row["train_status"] = "oom" if terr.startswith("oom") else "error"
+                notes.append(f"timing, training step: {terr}")
             if timing.get("status") not in (None, "ok") and status == "ok":
                 row["status"] = timing["status"]
                 notes.append(f"timing process: {timing.get('error', '')}")
@@ -458,16 +579,18 @@ def speed_markdown(result: dict, machine: dict, command: str) -> str:
             "runs", "first call s", "peak RSS MiB", "RSS increase MiB"] + (["GPU peak MiB"] if gpu else [])
     body = []
     for r in result["rows"]:
-        body.append([r["label"], r["size"], r.get("status"), fmt(r.get("params")),
+        body.append([r["label"], r["size"], status_text(r.get("status"), s.get("mem_limit_gib")), fmt(r.get("params")),
                      fmt(r.get("gflops"), 1), fmt(r.get("infer_s"), 2),
                      f"{fmt(r.get('infer_s_min'), 2)}-{fmt(r.get('infer_s_max'), 2)}" if r.get("infer_s") else "-",
                      fmt(r.get("infer_cpu_s"), 2), fmt(r.get("runs")), fmt(r.get("first_call_s"), 2),
                      _mib(r.get("peak_rss_mib")), _mib(r.get("peak_increase_mib"))]
                     + ([_mib(r.get("gpu_peak_mib"))] if gpu else []))
-    train_rows = [r for r in result["rows"] if r["size"] == size_str(s["train_size"]) and r["method"] in LEARNED]
-    thead = ["method", "size", "train step s (median)", "CPU s", "runs", "peak RSS MiB"] + (
+    train_sizes = [size_str(x) for x in _spec_train_sizes(s)]
+    train_rows = [r for r in result["rows"] if r["size"] in train_sizes and r["method"] in LEARNED]
+    thead = ["method", "size", "status", "train step s (median)", "CPU s", "runs", "peak RSS MiB"] + (
         ["GPU peak MiB"] if gpu else [])
-    tbody = [[r["label"], r["size"], fmt(r.get("train_step_s"), 2), fmt(r.get("train_cpu_s"), 2),
+    tbody = [[r["label"], r["size"], status_text(r.get("train_status"), s.get("mem_limit_gib")),
+              fmt(r.get("train_step_s"), 2), fmt(r.get("train_cpu_s"), 2),
               fmt(r.get("train_runs")), _mib(r.get("train_peak_rss_mib"))]
              + ([_mib(r.get("train_gpu_peak_mib"))] if gpu else []) for r in train_rows]
     notes = [f"- {r['label']} at {r['size']}: {r['note']}" for r in result["rows"] if r.get("note")]
@@ -479,7 +602,7 @@ def speed_markdown(result: dict, machine: dict, command: str) -> str:
         f"- whole speed benchmark: {result.get('seconds', float('nan')):.0f} s", "",
         f"Settings: sizes {', '.join(size_str(x) for x in s['sizes'])}; {s['repeats']} timed inference calls per "
         f"method and size, methods in round robin (order rotated each round) after one warm-up call each; "
-        f"{s['train_repeats']} timed training steps at {size_str(s['train_size'])}; inputs: {s['inputs']}; "
+        f"{s['train_repeats']} timed training steps at {', '.join(train_sizes) or '-'}; inputs: {s['inputs']}; "
         f"threads: {s['threads'] or 'library default'}; memory cap per process: "
         f"{s['mem_limit_gib'] or 'none'} GiB. Peak memory is measured in a fresh process per method, sizes "
         "ascending, the peak-RSS mark (`ru_maxrss`/`VmHWM`) reset to the current RSS before each call; it "
@@ -503,16 +626,18 @@ def plot_speed(result: dict, path: Path, machine: dict | None = None) -> Path:
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     failed = []
-    for m in result["settings"]["methods"]:
+    for i, m in enumerate(result["settings"]["methods"]):
+        style = "-" if i < 10 else "--"  # more methods than the 10 default colours: the rest dashed
         rows = [r for r in result["rows"] if r["method"] == m]
         t = [(r["voxels"] / 1e6, r["infer_s"]) for r in rows if r.get("infer_s") is not None]
         mem = [(r["voxels"] / 1e6, r.get("gpu_peak_mib") or r["peak_rss_mib"]) for r in rows
                if r.get("status") == "ok" and r.get("peak_rss_mib") is not None]
         line = None
         if t:
-            (line,) = axes[0].plot(*zip(*t), marker="o", label=METHODS.get(m, m))
+            (line,) = axes[0].plot(*zip(*t), marker="o", linestyle=style, label=METHODS.get(m, m))
         if mem:
-            axes[1].plot(*zip(*mem), marker="o", label=METHODS.get(m, m), color=line.get_color() if line else None)
+            axes[1].plot(*zip(*mem), marker="o", linestyle=style, label=METHODS.get(m, m),
+                         color=line.get_color() if line else None)
         failed += [(r, line.get_color() if line else "k") for r in rows if r.get("status") in ("oom", "timeout", "error")]
     for r, color in failed:  # mark failures at the top of the time axis, once the limits are known
         top = axes[0].get_ylim()[1]

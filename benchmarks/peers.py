@@ -20,6 +20,12 @@ name               what it is
                    same network, only the Mamba implementation differs)
 ``ants_syn``       ANTs SyN through ``antspyx`` (``type_of_transform="SyN"``, its defaults:
                    affine + SyN with mutual information; the classical peer)
+``transmorph``,    the paper's learned peers, psmamba's own implementations
+``im2grid``, ...   (:data:`psmamba.models.peers.PEERS`, built with
+                   :func:`psmamba.models.build_model`): ``transmorph``, ``im2grid``,
+                   ``prnet_pp``, ``modet``, ``pivit``, ``mambamorph``, ``mambamorph_feat``,
+                   ``transmatch``, and ``voxelmorph_psmamba`` (psmamba's ``voxelmorph`` peer,
+                   renamed here because ``voxelmorph`` is MONAI's network above)
 =================  ==========================================================================
 
 ``mambapy`` and ``antspyx`` are optional (``pip install mambapy antspyx``); :func:`available`
@@ -45,6 +51,7 @@ __all__ = [
     "METHODS",
     "LEARNED",
     "PSMAMBA_PRESETS",
+    "PEER_NETS",
     "available",
     "build_method",
     "VoxelMorphPeer",
@@ -61,11 +68,33 @@ METHODS: dict[str, str] = {
     "voxelmorph": "VoxelMorph (MONAI)",
     "paper_mambapy": "PSMamba-Net + mambapy layers",
     "ants_syn": "ANTs SyN (antspyx)",
+    "transmorph": "TransMorph (psmamba peer)",
+    "im2grid": "Im2Grid (psmamba peer)",
+    "prnet_pp": "PR++ (psmamba peer)",
+    "modet": "ModeT (psmamba peer)",
+    "pivit": "PIViT (psmamba peer)",
+    "mambamorph": "MambaMorph (psmamba peer)",
+    "mambamorph_feat": "MambaMorph-Feat (psmamba peer)",
+    "transmatch": "TransMatch (psmamba peer)",
+    "voxelmorph_psmamba": "VoxelMorph (psmamba peer)",
 }
 #: the psmamba presets among the methods
 PSMAMBA_PRESETS = ("paper", "paper_diff", "baseline_conv")
+#: benchmark method name -> name of the comparison network in :data:`psmamba.models.peers.PEERS`
+#: (psmamba's ``voxelmorph`` peer is ``voxelmorph_psmamba`` here: ``voxelmorph`` is MONAI's)
+PEER_NETS: dict[str, str] = {
+    "transmorph": "transmorph",
+    "im2grid": "im2grid",
+    "prnet_pp": "prnet_pp",
+    "modet": "modet",
+    "pivit": "pivit",
+    "mambamorph": "mambamorph",
+    "mambamorph_feat": "mambamorph_feat",
+    "transmatch": "transmatch",
+    "voxelmorph_psmamba": "voxelmorph",
+}
 #: methods with weights (trainable; they have a training step and FLOPs)
-LEARNED = ("paper", "paper_diff", "baseline_conv", "voxelmorph", "paper_mambapy")
+LEARNED = ("paper", "paper_diff", "baseline_conv", "voxelmorph", "paper_mambapy", *PEER_NETS)
 
 _PAD = 16  # both networks halve the grid four times
 
@@ -285,4 +314,9 @@ def build_method(name: str, *, seed: int = 0, spacing: Sequence[float] | float =
         return model
     if name == "voxelmorph":
         return VoxelMorphPeer()
+    if name in PEER_NETS:
+        from psmamba.models import build_model
+
+        net = PEER_NETS[name]
+        return build_model(net, mamba_backend=mamba_backend) if net.startswith("mambamorph") else build_model(net)
     return AntsSyN(spacing=spacing, threads=threads)

@@ -17,8 +17,17 @@ import torch.nn as nn
 
 from benchmarks import common
 from benchmarks.bench_accuracy import AccuracyData, _Vol, accuracy_markdown, run_accuracy, write_accuracy
-from benchmarks.bench_speed import SPEED_COLUMNS, _rows, child_probe, child_timing, speed_markdown, write_speed
-from benchmarks.peers import METHODS, VoxelMorphPeer, available, build_method
+from benchmarks.bench_speed import (
+    SPEED_COLUMNS,
+    _rows,
+    child_probe,
+    child_timing,
+    expected_seconds,
+    run_speed,
+    speed_markdown,
+    write_speed,
+)
+from benchmarks.peers import LEARNED, METHODS, PEER_NETS, VoxelMorphPeer, available, build_method
 from psmamba.models import RegistrationOutput
 from psmamba.spatial import warp
 
@@ -116,7 +125,13 @@ def test_mambapy_block_matches_psmamba_layer():
 
 
 def test_build_method_names_and_availability():
-    assert set(METHODS) == {"paper", "paper_diff", "baseline_conv", "voxelmorph", "paper_mambapy", "ants_syn"}
+    from psmamba.models.peers import PEERS
+
+    assert set(METHODS) == {"paper", "paper_diff", "baseline_conv", "voxelmorph", "paper_mambapy", "ants_syn",
+                            *PEER_NETS}
+    assert sorted(PEER_NETS.values()) == sorted(PEERS) and set(PEER_NETS) <= set(LEARNED)  # every peer, once
+    assert PEER_NETS["voxelmorph_psmamba"] == "voxelmorph"  # "voxelmorph" stays MONAI's network
+    assert type(build_method("voxelmorph_psmamba")).__module__ == "psmamba.models.peers.voxelmorph"
     ok, why = available("nope")
     assert not ok and "unknown" in why
     a, b = build_method("baseline_conv", seed=5), build_method("baseline_conv", seed=5)
@@ -142,25 +157,25 @@ def test_ants_field_is_in_psmamba_convention():
 # --------------------------------------------------------------------------- speed harness
 def test_speed_children_and_report(tmp_path):
     sizes = [[24, 20, 20], [40, 20, 20]]  # padded to 32 and 48 along axis 0
-    probe = child_probe({"method": "voxelmorph", "sizes": sizes[::-1], "train_size": sizes[0],
+    probe = child_probe({"method": "voxelmorph", "sizes": sizes[::-1], "train_sizes": [sizes[0]],
                          "inputs": "random", "threads": 1})
     assert probe["status"] == "ok" and list(probe["infer"]) == [str(s) for s in sizes]  # ascending
     small, train = probe["infer"][str(sizes[0])], probe["train"][str(sizes[0])]
     assert small["status"] == "ok" and train["status"] == "ok", (small, train)
     assert probe["params"] > 0 and small["flops"] > 0 and 0 < small["peak_rss_mib"] and small["seconds"] > 0
     assert probe["infer"][str(sizes[1])]["flops"] > small["flops"]  # more voxels, more FLOPs
-    timing = child_timing({"methods_by_size": {str(sizes[0]): ["voxelmorph"]}, "train_size": sizes[0],
+    timing = child_timing({"methods_by_size": {str(sizes[0]): ["voxelmorph"]}, "train_sizes": [sizes[0]],
                            "inputs": "random", "repeats": 2, "train_repeats": 1, "threads": 1})
     key = str(sizes[0])
     assert timing["status"] == "ok" and not timing["errors"][key]
     assert len(timing["infer"][key]["voxelmorph"]["wall"]) == 2 and len(timing["train"][key]["voxelmorph"]["wall"]) == 1
     # a method never probed nor timed, and a skipped one, still get a row each
     result = {"settings": {"sizes": sizes, "methods": ["voxelmorph", "baseline_conv", "ants_syn"],
-                           "repeats": 2, "train_size": sizes[0], "train_repeats": 1, "inputs": "random",
+                           "repeats": 2, "train_sizes": [sizes[0]], "train_repeats": 1, "inputs": "random",
                            "threads": 1, "mem_limit_gib": None},
               "skipped": {"ants_syn": "not installed"}, "probes": [probe], "timings": [timing],
               "load_before": [1.0], "load_after": [1.0], "seconds": 1.0}
-    result["rows"] = _rows(result, result["settings"]["methods"], [tuple(s) for s in sizes], tuple(sizes[0]))
+    result["rows"] = _rows(result, result["settings"]["methods"], [tuple(s) for s in sizes])
     assert [r["method"] for r in result["rows"]] == ["voxelmorph", "baseline_conv", "ants_syn"] * 2
     first = result["rows"][0]
     assert first["status"] == "ok" and first["infer_s"] > 0 and first["train_step_s"] > 0 and first["runs"] == 2
@@ -201,6 +216,67 @@ def test_speed_probe_reports_oom_instead_of_raising(monkeypatch):
     monkeypatch.setattr(bs, "_build", boom)
     res = child_probe({"method": "voxelmorph", "sizes": [[24, 20, 20]], "inputs": "random"})
     assert res["status"] == "oom" and "allocate" in res["error"]
+
+
+def test_speed_run_with_two_peers_at_two_sizes(tmp_path):
+    """One run_speed (fresh probe processes, one round-robin timing process) over two of the
+    paper's peers: every number at both sizes, training steps included."""
+    sizes, methods = [(16, 16, 16), (24, 16, 16)], ["pivit", "voxelmorph_psmamba"]
+    logs = []
+    res = run_speed(sizes, methods, repeats=1, train_sizes=sizes, train_repeats=1, device="cpu", threads=1,
+                    inputs="random", mem_limit_gib=6.0, timeout_s=600, log=logs.append)
+    assert any("expect roughly" in line for line in logs)
+    assert [(r["method"], r["size"]) for r in res["rows"]] == [(m, common.size_str(s)) for s in sizes for m in methods]
+    for r in res["rows"]:
+        assert r["status"] == "ok" and r["train_status"] == "ok", r
+        assert r["params"] == sum(p.numel() for p in build_method(r["method"]).parameters() if p.requires_grad)
+        assert r["gflops"] > 0 and r["infer_s"] > 0 and r["train_step_s"] > 0 and r["train_peak_rss_mib"] > 0
+    for m in methods:  # more voxels, more FLOPs
+        assert res["rows"][2 + methods.index(m)]["gflops"] > res["rows"][methods.index(m)]["gflops"]
+    md = speed_markdown(res, common.machine_info(), "cmd")
+    assert "PIViT (psmamba peer)" in md and "VoxelMorph (psmamba peer)" in md
+    train_table = md.split("## Training step")[1]
+    assert train_table.count("(psmamba peer) | 16x16x16") == 2 and train_table.count("(psmamba peer) | 24x16x16") == 2
+    with pytest.raises(ValueError, match="train-sizes"):
+        run_speed(sizes[:1], methods, train_sizes=sizes[1:], log=None)
+
+
+def test_speed_probe_reports_training_oom_per_size(monkeypatch):
+    """A training step that runs out of memory is reported as such, the larger size is not tried,
+    inference still measured; the table says "out of memory (cap ...)"."""
+    import benchmarks.bench_speed as bs
+
+    def boom(*a, **k):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 99 GB")
+
+    monkeypatch.setattr(bs, "_train_step_fn", boom)
+    sizes = [[16, 16, 16], [24, 16, 16]]
+    probe = child_probe({"method": "voxelmorph_psmamba", "sizes": sizes, "train_sizes": sizes, "inputs": "random"})
+    assert probe["status"] == "ok" and all(probe["infer"][str(s)]["status"] == "ok" for s in sizes)
+    assert probe["train"][str(sizes[0])]["status"] == "oom" and "allocate" in probe["train"][str(sizes[0])]["error"]
+    assert probe["train"][str(sizes[1])]["status"] == "oom" and "not run" in probe["train"][str(sizes[1])]["error"]
+    result = {"settings": {"sizes": sizes, "methods": ["voxelmorph_psmamba"], "repeats": 0, "train_sizes": sizes,
+                           "train_repeats": 1, "inputs": "random", "threads": 1, "mem_limit_gib": 16.0},
+              "skipped": {}, "probes": [probe], "timings": [], "seconds": 1.0}
+    result["rows"] = _rows(result, ["voxelmorph_psmamba"], [tuple(s) for s in sizes])
+    assert [r["train_status"] for r in result["rows"]] == ["oom", "oom"]
+    assert speed_markdown(result, common.machine_info(), "cmd").count("out of memory (cap 16 GiB)") == 2
+    # inference out of memory at the larger size: no training step tried there
+    calls = []
+    monkeypatch.setattr(bs, "_train_step_fn", lambda *a, **k: lambda m, f: calls.append(tuple(m.shape)))
+    real_probe = bs._probe_one
+    monkeypatch.setattr(bs, "_probe_one", lambda model, name, m, f, device, train, flops: (
+        {"status": "oom", "error": "inference: can't allocate memory"} if not train and m.shape[2] == 24
+        else real_probe(model, name, m, f, device, train, flops)))
+    probe = child_probe({"method": "voxelmorph_psmamba", "sizes": sizes, "train_sizes": sizes, "inputs": "random"})
+    assert probe["train"][str(sizes[0])]["status"] == "ok" and calls == [(1, 1, 16, 16, 16)]
+    assert probe["train"][str(sizes[1])]["status"] == "oom" and "inference at 24x16x16" in probe["train"][str(sizes[1])]["error"]
+
+
+def test_expected_seconds_scales_with_voxels():
+    small = expected_seconds(["paper", "transmorph"], [(96, 112, 96)], [(96, 112, 96)], 3, 2)
+    both = expected_seconds(["paper", "transmorph"], [(96, 112, 96), (160, 192, 160)], [(96, 112, 96), (160, 192, 160)], 3, 2)
+    assert 0 < small < both and expected_seconds(["nope"], [(8, 8, 8)], [], 1, 1) is None
 
 
 # --------------------------------------------------------------------------- accuracy harness
