@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from psmamba.errors import PsmambaError
+from psmamba.io import _short
 
 __all__ = [
     "check_number",
@@ -414,28 +415,14 @@ class VolumeFacts:
     hi: float
 
 
-def _short(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
-
-
 def _open(p: Path, what: str):
     """The nibabel image of ``p``; a ``.gz`` file is decompressed whole here (CRC checked)."""
     import nibabel as nib
 
-    from psmamba.io import SUFFIXES
+    from psmamba.io import check_file
 
+    check_file(p, what)
     name = p.name.lower()
-    if not any(name.endswith(s) for s in SUFFIXES):
-        raise PsmambaError(f"{what} {p}: unsupported file type (expected one of {', '.join(SUFFIXES)})")
-    if name.endswith((".hdr", ".img")):
-        for part in (p.with_suffix(".hdr"), p.with_suffix(".img")):
-            if not part.is_file():
-                raise PsmambaError(f"{what} {p}: file not found ({part.name} of the .hdr/.img pair is missing)")
-    elif not p.exists():
-        raise PsmambaError(f"{what} {p}: file not found")
-    elif not p.is_file():
-        raise PsmambaError(f"{what} {p}: not a file")
     try:
         img = nib.load(str(p))  # reads the header only (voxels: memory-mapped or lazily)
         if name.endswith(".gz") and hasattr(type(img), "from_bytes"):

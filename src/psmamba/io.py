@@ -100,9 +100,9 @@ def _short(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
 
-def _read(path, what: str) -> tuple[Any, np.ndarray, Path]:
-    """Open ``path`` with nibabel and read its voxels; any failure -> one-line PsmambaError."""
-    p = Path(path)
+def check_file(p: Path, what: str) -> str:
+    """``p`` is a readable volume file by name and presence (both halves of a ``.hdr``/``.img``
+    pair); returns its suffix. Raises a one-line PsmambaError naming ``what`` and the file."""
     suffix = _suffix(p)
     if not suffix:
         raise PsmambaError(f"{what} {p}: unsupported file type (expected one of {', '.join(SUFFIXES)})")
@@ -115,6 +115,13 @@ def _read(path, what: str) -> tuple[Any, np.ndarray, Path]:
         raise PsmambaError(f"{what} {p}: file not found")
     elif not p.is_file():
         raise PsmambaError(f"{what} {p}: not a file")
+    return suffix
+
+
+def _read(path, what: str) -> tuple[Any, np.ndarray, Path]:
+    """Open ``path`` with nibabel and read its voxels; any failure -> one-line PsmambaError."""
+    p = Path(path)
+    check_file(p, what)
     try:
         # mmap=False: a private in-memory array, no open file handle kept behind it
         img = nib.load(str(p), mmap=False)

@@ -173,20 +173,24 @@ def jacobian_determinant(ddf) -> np.ndarray:
     return _det3(jac)
 
 
-def folding_percent(ddf) -> float:
-    """Percentage of voxels of the whole volume whose Jacobian determinant is ``<= 0``."""
-    det = jacobian_determinant(ddf)
+def folding_percent(ddf, det: np.ndarray | None = None) -> float:
+    """Percentage of voxels of the whole volume whose Jacobian determinant is ``<= 0``.
+
+    ``det``: the field's :func:`jacobian_determinant` when the caller has it already.
+    """
+    det = jacobian_determinant(ddf) if det is None else det
     return np.float64(100.0 * np.count_nonzero(det <= 0) / det.size)
 
 
-def sdlogj(ddf) -> float:
+def sdlogj(ddf, det: np.ndarray | None = None) -> float:
     """Standard deviation of ``log(det J)`` over the whole volume.
 
     ``det J`` is :func:`jacobian_determinant`, clipped to ``[1e-9, 1e9]`` before the log so
     folded voxels (``det <= 0``) count as a very large contraction (``log 1e-9 ~ -20.7``)
-    instead of producing ``NaN``. Population standard deviation (``ddof = 0``).
+    instead of producing ``NaN``. Population standard deviation (``ddof = 0``). ``det``: the
+    field's :func:`jacobian_determinant` when the caller has it already.
     """
-    det = jacobian_determinant(ddf).astype(np.float64)
+    det = (jacobian_determinant(ddf) if det is None else det).astype(np.float64)
     return np.float64(np.log(np.clip(det, _DET_MIN, _DET_MAX)).std())
 
 

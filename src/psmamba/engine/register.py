@@ -479,7 +479,8 @@ def _finish(inp: _Inputs, prep: _Prepared, plan: Pipeline, lin, ddf_t, inv_t, de
             lab_t = torch.from_numpy(np.ascontiguousarray(lab.astype(np.int64)))[None, None].to(dev)
             wlab_np = _sample_at(lab_t, pos, mode="nearest")[0, 0].cpu().numpy().astype(lab.dtype)
     ddf_np = ddf_t[0].cpu().numpy().astype(np.float32)
-    jac = np.asarray(metrics.jacobian_determinant(ddf_np), dtype=np.float32)
+    det = metrics.jacobian_determinant(ddf_np)  # once: folding and SDlogJ read it too
+    jac = np.asarray(det, dtype=np.float32)
     method = plan.method
     settings = method.settings()
     summary: dict[str, Any] = {
@@ -497,8 +498,8 @@ def _finish(inp: _Inputs, prep: _Prepared, plan: Pipeline, lin, ddf_t, inv_t, de
         "moving_shape": [int(s) for s in inp.moving.data.shape],
         "model_grid": _method_grid(method, f_shape),
         "fixed_spacing": _spacing(inp.fixed), "moving_spacing": _spacing(inp.moving),
-        "folding_percent": float(metrics.folding_percent(ddf_np)),
-        "sdlogj": float(metrics.sdlogj(ddf_np)),
+        "folding_percent": float(metrics.folding_percent(ddf_np, det=det)),
+        "sdlogj": float(metrics.sdlogj(ddf_np, det=det)),
         "sdlogj_l2r": float(metrics.sdlogj_l2r(ddf_np)),
         "jacobian_min": float(jac.min()), "jacobian_max": float(jac.max()),
         "displacement_max_vox": float(np.sqrt((ddf_np**2).sum(0)).max()),

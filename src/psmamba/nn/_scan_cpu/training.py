@@ -233,6 +233,14 @@ def _reduce_parts(pb, pc, dB, dC, nblk, steps, t0, lo, hi):
                 dC[b, t0 + s, n] += pc[b * nblk + k, s, n]
 
 
+def _kernel_inputs(u, delta, A, B, C, D):
+    """Detached, contiguous kernel inputs: ``u, delta, A``, ``B``/``C`` as ``(B, L, N)`` (one row
+    per time step) and ``D`` (zeros when None)."""
+    D_c = torch.zeros(u.shape[1], dtype=u.dtype) if D is None else D.detach().contiguous()
+    return (u.detach().contiguous(), delta.detach().contiguous(), A.detach().contiguous(),
+            B.detach().transpose(1, 2).contiguous(), C.detach().transpose(1, 2).contiguous(), D_c)
+
+
 def _forward_impl(u, delta, A, B, C, D, h0, keep: bool):
     """The forward kernel: ``(y, h_last, checkpoints)``; the checkpoints ``(B, L/every, E, N)``
     are kept for a backward pass only when ``keep`` (else an empty ``(B, 0, E, N)``)."""
@@ -241,12 +249,7 @@ def _forward_impl(u, delta, A, B, C, D, h0, keep: bool):
     dtype = u.dtype
     threads = _numba.threads()
     nblk = chunks.blocks(e, threads)
-    u_c = u.detach().contiguous()
-    dt_c = delta.detach().contiguous()
-    A_c = A.detach().contiguous()
-    Bt = B.detach().transpose(1, 2).contiguous()  # (B, L, N): one row per time step
-    Ct = C.detach().transpose(1, 2).contiguous()
-    D_c = torch.zeros(e, dtype=dtype) if D is None else D.detach().contiguous()
+    u_c, dt_c, A_c, Bt, Ct, D_c = _kernel_inputs(u, delta, A, B, C, D)
     h0_c = torch.zeros(nb, e, n, dtype=dtype) if h0 is None else h0.detach().contiguous()
     every = chunks.CHECKPOINT_EVERY
     ckpt = torch.empty(nb, -(-length // every) if keep else 0, e, n, dtype=dtype)
@@ -267,12 +270,7 @@ def _backward_impl(u, delta, A, B, C, D, ckpt, dy, dh_last):
     dtype = u.dtype
     threads = _numba.threads()
     nblk = chunks.blocks(e, threads)
-    u_c = u.detach().contiguous()
-    dt_c = delta.detach().contiguous()
-    A_c = A.detach().contiguous()
-    Bt = B.detach().transpose(1, 2).contiguous()
-    Ct = C.detach().transpose(1, 2).contiguous()
-    D_c = torch.zeros(e, dtype=dtype) if D is None else D.detach().contiguous()
+    u_c, dt_c, A_c, Bt, Ct, D_c = _kernel_inputs(u, delta, A, B, C, D)
     every = chunks.CHECKPOINT_EVERY
     dy = dy.to(dtype).contiguous()
     g_state = dh_last.to(dtype=dtype, memory_format=torch.contiguous_format, copy=True)  # written by the kernel
