@@ -273,6 +273,45 @@ def test_speed_probe_reports_training_oom_per_size(monkeypatch):
     assert probe["train"][str(sizes[1])]["status"] == "oom" and "inference at 24x16x16" in probe["train"][str(sizes[1])]["error"]
 
 
+def test_speed_rows_use_own_process_step_when_shared_process_runs_out_of_memory(tmp_path):
+    """The round-robin process holds every method: a training step that fitted in the method's own
+    process (its probe) but not there is reported from the probe (or from the steps timed before
+    the shared process ran out), marked as such; a step whose probe also ran out stays "oom"."""
+    from benchmarks.bench_speed import OWN_PROCESS, main as speed_main
+
+    key = str([16, 16, 16])
+    probe = lambda m, status: {"method": m, "status": "ok", "params": 10, "infer": {key: {"status": "ok", "seconds": 0.1}},
+                               "train": {key: {"status": status, "seconds": 7.5 if status == "ok" else None,
+                                               "peak_rss_mib": 900.0}}}
+    oom = "oom: RuntimeError: can't allocate memory"
+    timing = {"status": "ok", "infer": {key: {m: {"wall": [0.1], "cpu": [0.2]} for m in ("paper", "baseline_conv", "pivit")}},
+              "train": {key: {"baseline_conv": {"wall": [5.0], "cpu": [9.0]}}}, "errors": {},
+              "train_errors": {key: {"paper": oom, "baseline_conv": oom, "pivit": oom}}}
+    methods = ["paper", "baseline_conv", "pivit"]
+    result = {"settings": {"sizes": [[16, 16, 16]], "methods": methods, "repeats": 1, "train_sizes": [[16, 16, 16]],
+                           "train_repeats": 2, "inputs": "random", "threads": 1, "mem_limit_gib": 16.0},
+              "skipped": {}, "probes": [probe("paper", "ok"), probe("baseline_conv", "ok"), probe("pivit", "oom")],
+              "timings": [timing], "seconds": 1.0}
+    rows = {r["method"]: r for r in _rows(result, methods, [(16, 16, 16)])}
+    assert rows["paper"]["train_status"] == OWN_PROCESS and rows["paper"]["train_step_s"] == 7.5
+    assert rows["paper"]["train_runs"] == 0 and "probe's single call" in rows["paper"]["note"]
+    assert rows["baseline_conv"]["train_status"] == OWN_PROCESS and rows["baseline_conv"]["train_step_s"] == 5.0
+    assert rows["baseline_conv"]["train_runs"] == 1
+    assert rows["pivit"]["train_status"] == "oom" and rows["pivit"].get("train_step_s") is None
+    md = speed_markdown({**result, "rows": list(rows.values())}, common.machine_info(), "cmd")
+    assert md.count("ok in its own process") == 2 and "1 (probe)" in md and md.count("out of memory (cap 16 GiB)") == 1
+    # --report rebuilds the rows of a saved result without measuring anything
+    saved = {**result, "rows": [], "command": "cmd", "machine": common.machine_info()}
+    (tmp_path / "speed_x.json").write_text(json.dumps(saved))
+    assert speed_main(["--report", str(tmp_path / "speed_x.json")]) == 0
+    again = json.loads((tmp_path / "speed_x.json").read_text())
+    assert {r["method"]: r["train_status"] for r in again["rows"]} == {"paper": OWN_PROCESS, "baseline_conv": OWN_PROCESS, "pivit": "oom"}
+    assert (tmp_path / "speed_x.md").is_file() and (tmp_path / "speed_x.png").is_file()
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(SystemExit, match="not a speed benchmark result"):
+        speed_main(["--report", str(tmp_path / "bad.json")])
+
+
 def test_expected_seconds_scales_with_voxels():
     small = expected_seconds(["paper", "transmorph"], [(96, 112, 96)], [(96, 112, 96)], 3, 2)
     both = expected_seconds(["paper", "transmorph"], [(96, 112, 96), (160, 192, 160)], [(96, 112, 96), (160, 192, 160)], 3, 2)
