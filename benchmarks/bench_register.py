@@ -160,7 +160,7 @@ class BenchData:
 
 
 def demo_bench_data(size: str = "full", pairs_per_split: int | None = None, one_way: bool = False,
-                    grid: Sequence[int] | None = None) -> BenchData:
+                    grid: Sequence[int] | None = None, splits: Sequence[str] = ("test", "test_hard")) -> BenchData:
     """The demo's ``test`` and ``test_hard`` pairs (built on first use, then cached).
 
     Args:
@@ -169,6 +169,7 @@ def demo_bench_data(size: str = "full", pairs_per_split: int | None = None, one_
         one_way: keep one direction of each pair (A->B, not also B->A).
         grid: resample every volume to this grid (images trilinear, labels nearest) with the
             affine scaled to match (``--quick``).
+        splits: the demo splits to take (``val`` for experiments that must not see the test pairs).
     """
     from psmamba.data.demo import build_demo
 
@@ -185,7 +186,7 @@ def demo_bench_data(size: str = "full", pairs_per_split: int | None = None, one_
         return cache[vid]
 
     out: dict[str, list[PairData]] = {}
-    for split in ("test", "test_hard"):
+    for split in splits:
         seen: set[frozenset] = set()
         chosen = []
         for m, f in demo.pairs[split]:

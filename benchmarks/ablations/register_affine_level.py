@@ -1,10 +1,9 @@
 """Issue 13: affine finest level shrink 3 vs adding shrink 2, on the demo's VAL pairs, aligned and misaligned."""
 import json, sys, time
-import numpy as np, torch
+import torch
 torch.set_num_threads(2)
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[2]))
-from benchmarks.bench_register import PairData, _misaligned
-from psmamba.data.demo import build_demo
+from benchmarks.bench_register import _misaligned, demo_bench_data
 from psmamba.engine.register import register_pair
 import psmamba.affine as A
 from psmamba.io import Image
@@ -13,14 +12,7 @@ orig = A._auto_shrink
 def finer(shape, aff):
     s = orig(shape, aff)
     return s + [s[-1] - 1] if s[-1] > 1 else s
-demo = build_demo(size="full")
-seen, pairs = set(), []
-for m, f in demo.pairs["val"]:
-    if frozenset((m, f)) in seen: continue
-    seen.add(frozenset((m, f)))
-    vm, vf = demo.load(m), demo.load(f)
-    pairs.append(PairData(f"{m}->{f}", m, f, np.asarray(vf.image, np.float32), np.asarray(vm.image, np.float32),
-                          np.asarray(vf.labels), np.asarray(vm.labels), np.asarray(vf.affine, np.float64)))
+pairs = demo_bench_data("full", one_way=True, splits=("val",)).pairs["val"]
 pairs = pairs + [_misaligned(p, 7) for p in pairs]
 for i, p in enumerate(pairs):
     names = ["base", "finer"] if i % 2 == 0 else ["finer", "base"]

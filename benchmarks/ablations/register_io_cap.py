@@ -1,23 +1,15 @@
 """Issue 13: io 1/2-level cap, on the demo's VAL pairs (not the benchmark's test pairs)."""
 import json, sys, time, dataclasses
-import numpy as np, torch
+import torch
 torch.set_num_threads(2)
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[2]))
-from benchmarks.bench_register import PairData, _misaligned
-from psmamba.data.demo import build_demo
+from benchmarks.bench_register import _misaligned, demo_bench_data
 from psmamba.engine.register import register_pair, build_pipeline
 from psmamba.deformable import DeformableConfig
 from psmamba.io import Image
 from psmamba.metrics import mean_dice
 
-demo = build_demo(size="full")
-seen, pairs = set(), []
-for m, f in demo.pairs["val"]:
-    if frozenset((m, f)) in seen: continue
-    seen.add(frozenset((m, f)))
-    vm, vf = demo.load(m), demo.load(f)
-    pairs.append(PairData(f"{m}->{f}", m, f, np.asarray(vf.image, np.float32), np.asarray(vm.image, np.float32),
-                          np.asarray(vf.labels), np.asarray(vm.labels), np.asarray(vf.affine, np.float64)))
+pairs = demo_bench_data("full", one_way=True, splits=("val",)).pairs["val"]
 pairs = pairs + [_misaligned(p, 7) for p in pairs]
 configs = {k: DeformableConfig(iterations=v) for k, v in
            {"base": (100, 30, 0), "half60": (100, 60, 0), "half100": (100, 100, 0)}.items()}
