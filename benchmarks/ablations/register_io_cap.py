@@ -1,5 +1,5 @@
 """Issue 13: io 1/2-level cap, on the demo's VAL pairs (not the benchmark's test pairs)."""
-import json, sys, time, dataclasses
+import json, sys, time
 import torch
 torch.set_num_threads(2)
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[2]))
@@ -7,7 +7,6 @@ from benchmarks.bench_register import _misaligned, demo_bench_data
 from psmamba.engine.register import register_pair, build_pipeline
 from psmamba.deformable import DeformableConfig
 from psmamba.io import Image
-from psmamba.metrics import mean_dice
 
 pairs = demo_bench_data("full", one_way=True, splits=("val",)).pairs["val"]
 pairs = pairs + [_misaligned(p, 7) for p in pairs]
