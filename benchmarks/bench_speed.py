@@ -696,6 +696,8 @@ def rewrite_report(json_path: str | Path, out_dir: str | Path | None = None) -> 
     its ``.json``/``.csv``/``.md``/``.png`` again (into ``out_dir``, default the file's folder).
     Nothing is measured: the probes and timings of the file are kept as they are."""
     json_path = Path(json_path)
+    if not json_path.is_file():
+        raise SystemExit(f"{json_path}: file not found")
     try:
         saved = json.loads(json_path.read_text())
         machine, command = saved.pop("machine"), saved.pop("command")
