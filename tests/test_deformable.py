@@ -193,6 +193,27 @@ def test_init_ddf_is_the_starting_map():
         assert float(D.sample(r.ddf, r.ddf_inverse, add=True)[inner].norm(dim=1).max()) < 0.15
 
 
+def test_init_inverse_is_refined_not_trusted():
+    """An approximate inverse of init_ddf (here: found on a 2x coarser grid) gives an inverse as
+    good as inverting init_ddf from scratch; a wrong one is refined towards the true inverse."""
+    fixed, moving, true = _pair(24, 3.0)
+    coarse = D.invert_ddf(D._resize_field(true, (12, 12, 12)), 20)
+    approx = D._resize_field(coarse, (24, 24, 24))
+    inner = (slice(None), slice(None)) + (slice(2, -2),) * 3
+    kw = dict(levels=(2, 1), iterations=(20, 10), init_ddf=true, min_size=6)
+    ref = D.register_deformable(fixed, moving, **kw)
+    r = D.register_deformable(fixed, moving, init_inverse=approx, **kw)
+    assert torch.allclose(r.ddf, ref.ddf)  # the forward map does not depend on it
+    err = float(D.sample(r.ddf, r.ddf_inverse, add=True)[inner].norm(dim=1).max())
+    err_ref = float(D.sample(ref.ddf, ref.ddf_inverse, add=True)[inner].norm(dim=1).max())
+    assert err < max(0.15, 1.5 * err_ref), (err, err_ref)
+    with pytest.raises(PsmambaError, match="init_ddf"):
+        D.register_deformable(fixed, moving, levels=(1,), iterations=(1,), init_inverse=approx, min_size=6)
+    with pytest.raises(PsmambaError, match="init_inverse grid"):
+        D.register_deformable(fixed, moving, levels=(1,), iterations=(1,), init_ddf=true, min_size=6,
+                              init_inverse=torch.zeros(1, 3, 8, 8, 8))
+
+
 def test_mask_restricts_the_similarity():
     fixed, moving, _ = _pair(24, 2.0)
     mask = torch.zeros(24, 24, 24)

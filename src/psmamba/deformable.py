@@ -484,6 +484,7 @@ def register_deformable(
     fixed_mask=None,
     init_ddf: torch.Tensor | None = None,
     init_velocity: torch.Tensor | None = None,
+    init_inverse: torch.Tensor | None = None,
     **overrides: Any,
 ) -> DeformableResult:
     """Diffeomorphic registration of ``moving`` onto ``fixed`` (one pair, same grid).
@@ -500,6 +501,10 @@ def register_deformable(
             displacement, a network's prediction). ``"greedy"`` starts from it; ``"svf"`` keeps it
             as a fixed first map: ``ddf = init_ddf o exp(v)``.
         init_velocity: ``"svf"`` only: the starting velocity ``(1, 3, D, H, W)``.
+        init_inverse: ``"svf"`` with ``init_ddf``: an approximate inverse of ``init_ddf`` (e.g.
+            a network's, found on its coarser grid), refined by ``inverse_iters_full``
+            fixed-point steps instead of inverting ``init_ddf`` from scratch
+            (``inverse_iters`` steps at full size).
 
     Returns:
         :class:`DeformableResult` (forward and inverse fields on the fixed grid, per-level log).
@@ -541,13 +546,22 @@ def register_deformable(
         if tuple(init_velocity.shape[2:]) != size:
             raise PsmambaError(f"init_velocity grid {tuple(init_velocity.shape[2:])} is not the fixed grid {size}")
         init_velocity = init_velocity.detach().to(fx)
+    if init_inverse is not None:
+        if init_ddf is None:
+            raise PsmambaError("init_inverse is the inverse of init_ddf: give init_ddf too")
+        _check_vol(init_inverse, "init_inverse", 3)
+        if tuple(init_inverse.shape[2:]) != size:
+            raise PsmambaError(f"init_inverse grid {tuple(init_inverse.shape[2:])} is not the fixed grid {size}")
+        init_inverse = init_inverse.detach().to(fx)
+        if not bool(torch.isfinite(init_inverse).all()):
+            raise PsmambaError("init_inverse holds NaN or infinite values")
     be = "numba" if _use_numba(cfg.backend, fx) else "torch"
 
     with torch.no_grad():
         if cfg.method == "greedy":
             ddf, inv, vel, log = _greedy(fx, mv, mask, cfg, init_ddf, be)
         else:
-            ddf, inv, vel, log = _svf(fx, mv, mask, cfg, init_ddf, init_velocity, be)
+            ddf, inv, vel, log = _svf(fx, mv, mask, cfg, init_ddf, init_velocity, be, init_inverse)
     return DeformableResult(ddf=ddf, ddf_inverse=inv, velocity=vel, log=log, seconds=time.perf_counter() - t0)
 
 
@@ -666,7 +680,7 @@ def _greedy(fx, mv, mask, cfg: DeformableConfig, init, be: str):
     return u, inv, None, log
 
 
-def _svf(fx, mv, mask, cfg: DeformableConfig, init, init_v, be: str):
+def _svf(fx, mv, mask, cfg: DeformableConfig, init, init_v, be: str, init_inv=None):
     size = tuple(int(s) for s in fx.shape[2:])
     v = init_v
     log: list[LevelLog] = []
@@ -704,5 +718,6 @@ def _svf(fx, mv, mask, cfg: DeformableConfig, init, init_v, be: str):
     if init is not None:
         u = sample(init, u, add=True, backend=be)
         # (init o exp(v))^-1 = exp(-v) o init^-1
-        inv = sample(inv, invert_ddf(init, cfg.inverse_iters, backend=be), add=True, backend=be)
+        n_inv = cfg.inverse_iters if init_inv is None else cfg.inverse_iters_full
+        inv = sample(inv, invert_ddf(init, n_inv, init=init_inv, backend=be), add=True, backend=be)
     return u, inv, v, log
