@@ -344,7 +344,8 @@ def _rss_mib() -> float:
         return float("nan")
 
 
-def _run_psmamba(p: dict, spacing: tuple[float, ...], threads: int) -> tuple[np.ndarray, float, str, float | None]:
+def _run_psmamba(p: dict, spacing: tuple[float, ...], threads: int, method: str = "default",
+                 checkpoint: str | None = None) -> tuple[np.ndarray, float, str, float | None]:
     from psmamba.engine.register import register_pair
     from psmamba.io import Image
 
@@ -355,13 +356,15 @@ def _run_psmamba(p: dict, spacing: tuple[float, ...], threads: int) -> tuple[np.
 
     kwargs = {"moving_labels": img(p["moving_labels"], "moving_labels"),
               "fixed_labels": img(p["fixed_labels"], "fixed_labels"), "device": "cpu", "overview": False}
+    if checkpoint and (method == "default" or "network" in method):
+        kwargs["checkpoint"] = checkpoint
     t0 = time.perf_counter()
-    res = register_pair(img(p["fixed"], "fixed"), img(p["moving"], "moving"), method="default", **kwargs)
+    res = register_pair(img(p["fixed"], "fixed"), img(p["moving"], "moving"), method=method, **kwargs)
     call = time.perf_counter() - t0
     timings = res.summary.get("timings_s", {})
     # the registration proper: the call less its own output metrics (Jacobian, Dice) and writing
     seconds = call - float(timings.get("metrics", 0.0)) - float(timings.get("write", 0.0))
-    ran_as = f'register_pair(method="default") -> {res.summary.get("method", "?")}'
+    ran_as = f'register_pair(method="{method}") -> {res.summary.get("method", "?")}'
     return np.asarray(res.ddf, dtype=np.float32), seconds, ran_as, call
 
 
@@ -457,7 +460,8 @@ def _register_and_score(p: dict[str, np.ndarray], name: str, spec: Mapping[str, 
     rss_before = _rss_mib()
     # each runner: (ddf (3, D, H, W) voxels, seconds, how it ran, seconds of the whole call or None)
     if name == "psmamba":
-        ddf, seconds, ran_as, call_seconds = _run_psmamba(p, spacing, threads)
+        ddf, seconds, ran_as, call_seconds = _run_psmamba(p, spacing, threads, spec.get("psmamba_method", "default"),
+                                                           spec.get("checkpoint"))
     elif name == "ants_syn":
         ddf, seconds, ran_as, call_seconds = _run_ants(p, spacing, threads, int(spec.get("seed", 1)))
     elif name == "convexadam":

@@ -88,7 +88,7 @@ def test_default_pipeline_writes_every_output_and_registers(pair, tmp_path, caps
     for name in OUTPUT_FILES:
         assert (out / name).is_file() == (name != "overview.png"), name
     s = json.loads((out / "summary.json").read_text())
-    assert s["method"] == "affine+io"
+    assert s["method"] == "affine+network+io"  # the shipped network (psmamba.models.pretrained)
     assert s["dice_after"]["mean"] > s["dice_before"]["mean"] + 0.1
     assert s["dice_after"]["mean"] > 0.8, s["dice_after"]
     assert s["folding_percent"] <= 0.01
@@ -191,7 +191,7 @@ def _fails(capsys, argv) -> str:
     (["--lambda", "1"], "--lambda"),
     (["--method", "bogus"], "--method"),
     (["--method", "io+affine"], "--method"),
-    (["--method", "network+io"], "--checkpoint"),
+    (["--method", "network+io", "--checkpoint", "/no/such/net.pt"], "/no/such/net.pt"),
     (["--method", "io", "--iters", "3"], "--iters"),
     (["--affine-only", "--method", "io"], "--affine-only"),
     (["--io-iterations", "5", "5"], "--io-iterations"),

@@ -34,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     meth.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
     meth.add_argument("--method", metavar="NAME",
                       help="the registration pipeline, as psmamba register's --method: default, identity, affine, "
-                      "io, affine+io, network, network+io, affine+network+io, ... (with --checkpoint for the network)")
+                      "io, affine+io, network, network+io, affine+network+io, ... (the network: --checkpoint's, else the shipped one)")
     meth.add_argument("--name", metavar="NAME", help="name in the method column (default: the method's own name; "
                       "without --method, a network is named after its checkpoint file)")
     meth.add_argument("--labels", metavar="L", help="comma-separated label codes to score (default: all non-zero)")

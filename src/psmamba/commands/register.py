@@ -18,12 +18,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     meth = parser.add_argument_group("method")
     meth.add_argument(
         "--method", metavar="NAME",
-        help="default (affine, then the network with --checkpoint, then io), identity, affine, rigid, io, "
+        help="default (affine, then the network: the shipped one or --checkpoint's, then io), identity, affine, "
+        "rigid, io, "
         "network, or stages joined by '+' in the order rigid|affine, network, io: affine+io, network+io, "
         "affine+network+io, ...",
     )
     meth.add_argument("--affine-only", action="store_true", help="stop after the affine stage (= --method affine)")
-    meth.add_argument("--checkpoint", metavar="C", help="trained psmamba checkpoint (psmamba train)")
+    meth.add_argument("--checkpoint", metavar="C",
+                      help="trained psmamba checkpoint (psmamba train) instead of the shipped network")
     meth.add_argument("--similarity", default="lncc", choices=("lncc", "mi"),
                       help="of the rigid/affine stage: lncc (same modality, default) or mi (mutual information, "
                       "across modalities, e.g. MR to CT)")

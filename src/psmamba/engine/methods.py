@@ -106,11 +106,27 @@ class Network(RegistrationMethod):
     """
 
     def __init__(self, model: nn.Module, grid: Sequence[int] | None = None, name: str = "network",
-                 checkpoint: str | os.PathLike | None = None) -> None:
+                 checkpoint: str | os.PathLike | None = None, guard: bool = False) -> None:
         self.model = model.eval()
         self.grid = None if grid is None else tuple(int(s) for s in grid)
         self.name = name
         self.checkpoint = None if checkpoint is None else str(checkpoint)
+        self.guard = bool(guard)
+        self.check: dict[str, Any] | None = None
+        #: the inverse of the last field (pipeline grid), computed on the network's grid, where
+        #: it is 1/100 of the work at full size (see :meth:`__call__`)
+        self.inverse: torch.Tensor | None = None
+        self._inverse_run: torch.Tensor | None = None
+
+    def __call__(self, moving, fixed, init=None, mask=None):
+        from psmamba.spatial import resize_ddf
+
+        self._inverse_run = self.inverse = None
+        ddf = super().__call__(moving, fixed, init, mask)
+        inv = self._inverse_run
+        if inv is not None:
+            self.inverse = inv if tuple(inv.shape) == tuple(ddf.shape) else resize_ddf(inv, tuple(ddf.shape[2:]))
+        return ddf
 
     def to(self, device):
         self.model = self.model.to(device)
@@ -121,10 +137,38 @@ class Network(RegistrationMethod):
             return model(moving, fixed).ddf
 
     def run(self, moving, fixed, init):
-        return self.predict(self.model, moving, fixed)
+        from psmamba.deformable import invert_ddf
+
+        ddf = self.predict(self.model, moving, fixed)
+        if self.guard:
+            ddf = self._accepted(ddf, moving, fixed, init)
+        if init is None:  # the inverse of this field alone (an init's would not be)
+            with torch.no_grad():
+                self._inverse_run = invert_ddf(ddf) if bool(ddf.abs().max() > 0) else torch.zeros_like(ddf)
+        return ddf
+
+    def _accepted(self, ddf, moving, fixed, init):
+        """``ddf`` if it makes the pair more similar (LNCC, window 5, on the network's grid) than
+        ``init`` (or no motion) does, else ``init`` (or zero): a pair the network was not trained
+        for (an image registered to itself, another organ or contrast) is not made worse before
+        the instance optimisation starts."""
+        from psmamba.losses import LNCC
+        from psmamba.spatial import warp
+
+        start = torch.zeros_like(ddf) if init is None else init.to(ddf)
+        with torch.no_grad():
+            lncc = LNCC(window=5)
+            before = float(lncc(moving if init is None else warp(moving, start), fixed))
+            after = float(lncc(warp(moving, ddf), fixed))
+        accepted = after < before
+        self.check = {"lncc_before": before, "lncc_network": after, "accepted": accepted}
+        return ddf if accepted else start
 
     def settings(self):
-        return {**super().settings(), "checkpoint": self.checkpoint}
+        out = {**super().settings(), "checkpoint": self.checkpoint}
+        if self.guard:
+            out["kept_if_lncc_improves"] = self.check
+        return out
 
 
 class NetworkFineTuned(Network):
@@ -177,12 +221,21 @@ class Diffeomorphic(RegistrationMethod):
         self.config = config or DeformableConfig()
         self.grid = None if grid is None else tuple(int(s) for s in grid)
         self.inverse: torch.Tensor | None = None
+        #: an approximate inverse of the next call's ``init`` (a :class:`Chain` passes the
+        #: previous stage's ``inverse``): refined instead of inverting ``init`` from scratch
+        self.init_inverse: torch.Tensor | None = None
         self.log: list[dict[str, Any]] = []
 
     def run(self, moving, fixed, init, mask=None):
         from psmamba.deformable import register_deformable
 
-        res = register_deformable(fixed, moving, self._fitted(fixed.shape[2:]), fixed_mask=mask, init_ddf=init)
+        if init is not None and not bool(init.any()):  # e.g. a network's field its guard dropped
+            init = None
+        init_inv = self.init_inverse
+        if init is None or init_inv is None or tuple(init_inv.shape) != tuple(init.shape):
+            init_inv = None
+        res = register_deformable(fixed, moving, self._fitted(fixed.shape[2:]), fixed_mask=mask, init_ddf=init,
+                                  init_inverse=init_inv)
         self.inverse = res.ddf_inverse
         self.log = res.summary()["levels"]
         return res.ddf
@@ -297,9 +350,12 @@ class Chain(RegistrationMethod):
         return self
 
     def __call__(self, moving, fixed, init=None, mask=None):
-        ddf = init
+        ddf, inv = init, None
         for stage in self.stages:
+            if hasattr(stage, "init_inverse"):  # it can start from the previous stage's inverse
+                stage.init_inverse = inv
             ddf = stage(moving, fixed, ddf, mask=mask)
+            inv = getattr(stage, "inverse", None)
         return ddf
 
     @property
@@ -376,7 +432,8 @@ def deformable_method(spec: MethodSpec, model: nn.Module | None = None, grid: Se
     if spec.network:
         if model is None:
             raise PsmambaError(f"method {spec.name}: no network was given")
-        stages.append(Network(model, grid, checkpoint=checkpoint))
+        # before io, the network's field is an initialisation: kept only where it helps (Network.guard)
+        stages.append(Network(model, grid, checkpoint=checkpoint, guard=spec.io))
     if spec.io:
         stages.append(Diffeomorphic(config))
     if not stages:

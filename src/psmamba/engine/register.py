@@ -587,7 +587,14 @@ def _plan(method, checkpoint, model, iters, refine, lr, lam, window, model_size,
     if method is not None and iters:
         raise PsmambaError("give --method or --iters, not both (--iters runs the Adam optimisation of earlier versions)")
     grid = model_size
-    if checkpoint is not None:
+    if checkpoint is None and model is None and not iters and parse_method(method or "default", True).network:
+        from psmamba.models import pretrained  # no network given, one wanted: the shipped one
+
+        if pretrained.available():
+            model, ckpt = pretrained.load_shipped(device=dev)
+            grid = model_size or training_size(ckpt)
+            checkpoint = f"shipped:{pretrained.DEFAULT}"
+    elif checkpoint is not None:
         model, ckpt = load_model(checkpoint, device=dev)
         grid = model_size or training_size(ckpt)
     elif model is not None:
@@ -672,13 +679,15 @@ def register_pair(
         fixed_mask, moving_mask: optional masks on their image's grid (non-zero inside): the
             intensity scaling and the similarity only count voxels inside.
         method: a name (:func:`psmamba.engine.methods.parse_method`): ``"default"`` (affine, then
-            the network when one is given, then ``io``), ``"identity"``, ``"affine"``, ``"io"``,
+            the network, then ``io``), ``"identity"``, ``"affine"``, ``"io"``,
             ``"affine+io"``, ``"network"``, ``"network+io"``, ... ; or a
             :class:`~psmamba.engine.methods.RegistrationMethod` run on the fixed grid (no
             linear stage). None: ``"default"``, unless ``iters`` asks for the Adam
             optimisation of earlier versions.
         checkpoint: a psmamba checkpoint (``psmamba train``'s output); the network runs on the
-            grid it was trained at. Exclusive with ``model``.
+            grid it was trained at. Exclusive with ``model``. Neither: a method with a network
+            stage runs the shipped network (:mod:`psmamba.models.pretrained`); before ``io`` its
+            field is kept only if it improves the pair's LNCC.
         model: a loaded network ``forward(moving, fixed) -> (warped, ddf)`` (on ``model_size``).
         iters, refine, lam, window: the earlier versions' Adam optimisation (no linear stage):
             ``iters`` steps of a copy of the network's weights (``refine="weights"``) or of its

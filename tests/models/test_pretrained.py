@@ -1,0 +1,171 @@
+"""The shipped network (psmamba.models.pretrained): checksum, strict loading, the default pipeline."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from psmamba.errors import PsmambaError
+from psmamba.models import pretrained
+
+
+def test_the_shipped_network_is_installed_checked_and_loads_strictly():
+    assert pretrained.DEFAULT in pretrained.SHIPPED
+    entry = pretrained.SHIPPED[pretrained.DEFAULT]
+    path = pretrained.verify()  # the SHA-256 recorded in the code
+    assert path == entry.path and path.stat().st_size <= 20e6
+    assert pretrained.sha256_of(path) == entry.sha256
+    model, ckpt = pretrained.load_shipped()
+    assert tuple(ckpt["image_size"]) == entry.grid
+    assert ckpt["shipped"]["weights_dtype"] == "float16"
+    assert all(v.dtype == torch.float16 for v in ckpt["state_dict"].values() if torch.is_floating_point(v))
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    from psmamba.models import get_config
+
+    assert ckpt["config"] == get_config(entry.preset).to_dict() | {"mamba_backend": ckpt["config"]["mamba_backend"]}
+    assert not model.training
+    # it predicts a finite, non-trivial field at its grid
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand((1, 1, *entry.grid), generator=g), torch.rand((1, 1, *entry.grid), generator=g)
+    with torch.no_grad():
+        ddf = model(x, y).ddf
+    assert ddf.shape == (1, 3, *entry.grid) and torch.isfinite(ddf).all() and ddf.abs().max() > 0
+
+
+@pytest.fixture
+def copy_of_shipped(tmp_path, monkeypatch):
+    folder = tmp_path / "weights"
+    folder.mkdir()
+    entry = pretrained.SHIPPED[pretrained.DEFAULT]
+    shutil.copy(entry.path, folder / entry.file)
+    monkeypatch.setattr(pretrained, "WEIGHTS_DIR", folder)
+    return folder / entry.file
+
+
+def test_a_damaged_shipped_file_is_refused_in_one_line(copy_of_shipped):
+    data = bytearray(copy_of_shipped.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    copy_of_shipped.write_bytes(bytes(data))
+    with pytest.raises(PsmambaError, match="damaged or replaced") as err:
+        pretrained.load_shipped()
+    assert str(copy_of_shipped) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_missing_shipped_file_is_named(copy_of_shipped):
+    copy_of_shipped.unlink()
+    assert not pretrained.available()
+    with pytest.raises(PsmambaError, match="missing"):
+        pretrained.verify()
+
+
+def test_without_a_shipped_network_the_default_is_affine_io_and_network_needs_a_checkpoint(monkeypatch):
+    from psmamba.engine.register import build_pipeline
+
+    monkeypatch.setattr(pretrained, "DEFAULT", None)
+    assert build_pipeline(None).name == "affine+io"
+    with pytest.raises(PsmambaError, match="--checkpoint"):
+        build_pipeline("network+io")
+
+
+def test_the_default_pipeline_runs_the_shipped_network():
+    from psmamba.engine.register import build_pipeline
+
+    plan = build_pipeline(None)
+    assert plan.name == "affine+network+io"
+    net = plan.method.stages[0]
+    assert net.checkpoint == f"shipped:{pretrained.DEFAULT}" and net.guard
+    assert net.grid == pretrained.SHIPPED[pretrained.DEFAULT].grid
+    alone = build_pipeline("network").method
+    assert alone.name == "network" and not alone.guard  # asked for alone: its field as it is
+    assert build_pipeline("affine+io").name == "affine+io"
+
+
+def test_register_records_the_shipped_network_and_its_check(tmp_path):
+    import psmamba
+    from psmamba.io import Image
+
+    rng = np.random.default_rng(0)
+    base = np.zeros((40, 48, 40), np.float32)
+    base[8:32, 10:38, 8:32] = 1.0
+    base[14:26, 18:30, 14:26] = 2.0
+    from scipy.ndimage import gaussian_filter, shift
+
+    fixed = gaussian_filter(base, 1.0) + 0.01 * rng.standard_normal(base.shape).astype(np.float32)
+    moving = shift(fixed, (1.5, -1.0, 0.5), order=1)
+    aff = np.diag([2.0, 2.0, 2.0, 1.0])
+    res = psmamba.register(Image(fixed, aff, None, None), Image(moving.astype(np.float32), aff, None, None),
+                           out=tmp_path / "o", overview=False)
+    s = json.loads((tmp_path / "o" / "summary.json").read_text())
+    assert s["method"] == "affine+network+io"
+    assert s["checkpoint"] == f"shipped:{pretrained.DEFAULT}"
+    assert np.isfinite(res.ddf).all()
+
+
+def test_network_guard_keeps_a_field_only_when_it_improves_the_similarity():
+    from psmamba.engine.methods import Network
+    from psmamba.spatial import warp
+
+    class Shift(torch.nn.Module):  # a "network" that always predicts the same shift
+        def __init__(self, d):
+            super().__init__()
+            self.d = d
+
+        def forward(self, moving, fixed):
+            from psmamba.models.net import RegistrationOutput
+
+            ddf = torch.zeros((1, 3, *fixed.shape[2:]))
+            ddf[:, 0] = self.d
+            return RegistrationOutput(warp(moving, ddf), ddf)
+
+    g = torch.Generator().manual_seed(0)
+    fixed = torch.nn.functional.avg_pool3d(torch.rand((1, 1, 24, 24, 24), generator=g), 3, 1, 1)
+    moving = warp(fixed, torch.full((1, 3, 24, 24, 24), 0.0).index_fill_(1, torch.tensor([0]), -2.0))
+    good = Network(Shift(2.0), guard=True)
+    assert torch.equal(good(moving, fixed), Shift(2.0)(moving, fixed).ddf) and good.check["accepted"]
+    bad = Network(Shift(2.0), guard=True)
+    assert bad(fixed, fixed).abs().max() == 0 and not bad.check["accepted"]  # an image against itself
+    assert Network(Shift(2.0))(fixed, fixed).abs().max() == 2.0  # no guard: the field as predicted
+
+
+def test_export_writes_half_precision_weights_that_load_strictly(tmp_path):
+    from psmamba.models import build_model, load_checkpoint, save_checkpoint
+
+    model = build_model("baseline_conv", channels=1, sir_iters=1)
+    save_checkpoint(tmp_path / "best.pt", model, image_size=[16, 16, 16], train_summary={"best": {"value": 0.5}})
+    out = pretrained.export_weights(tmp_path / "best.pt", tmp_path / "w" / "net.pt")
+    loaded, ckpt = load_checkpoint(out)
+    assert ckpt["image_size"] == [16, 16, 16] and ckpt["train_summary"]["best"]["value"] == 0.5
+    for k, v in model.state_dict().items():
+        assert torch.allclose(loaded.state_dict()[k], v.half().float()), k
+    save_checkpoint(tmp_path / "bare.pt", model)
+    with pytest.raises(PsmambaError, match="image_size"):
+        pretrained.export_weights(tmp_path / "bare.pt", tmp_path / "w" / "bare.pt")
+
+
+def test_network_inverse_is_computed_on_its_grid_and_undoes_the_field():
+    from psmamba.engine.methods import Network
+    from psmamba.spatial import warp
+
+    class Smooth(torch.nn.Module):  # a "network" predicting a smooth field on its grid
+        def forward(self, moving, fixed):
+            from psmamba.models.net import RegistrationOutput
+
+            size = fixed.shape[2:]
+            z = torch.linspace(0, 3.14159, size[0]).view(-1, 1, 1)
+            ddf = torch.zeros((1, 3, *size))
+            ddf[:, 0] = 1.5 * torch.sin(z).expand(*size)
+            ddf[:, 1] = 0.8
+            return RegistrationOutput(warp(moving, ddf), ddf)
+
+    net = Network(Smooth(), grid=(12, 14, 12))
+    img = torch.rand((1, 1, 36, 42, 36))
+    fwd = net(img, img)
+    assert fwd.shape == (1, 3, 36, 42, 36) and net.inverse is not None and net.inverse.shape == fwd.shape
+    back = fwd + warp(net.inverse, fwd, padding="border")  # inverse o forward
+    inner = (slice(None), slice(None), slice(4, -4), slice(4, -4), slice(4, -4))
+    # the field reaches 4.5 voxels; its inverse, found on the 3x coarser grid, is off by < 0.15 voxel
+    assert back[inner].abs().max() < 0.15 and back[inner].abs().mean() < 0.03, back[inner].abs().max()
