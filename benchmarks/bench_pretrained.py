@@ -235,35 +235,9 @@ def pretrained_markdown(result: Mapping[str, Any], machine: Mapping[str, Any], c
     return "\n".join(lines)
 
 
-def plot_pretrained(result: Mapping[str, Any], path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    splits = result["settings"]["splits"]
-    fig, axes = plt.subplots(1, len(splits), figsize=(5.2 * len(splits), 4.2), squeeze=False)
-    colours = dict(zip(METHODS, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
-    for ax, split in zip(axes[0], splits):
-        for m in result["settings"]["methods"]:
-            ok = _ok(result["rows"], split=split, method=m)
-            if not ok:
-                continue
-            t = [max(r["seconds"], 1e-2) for r in ok]
-            d = [r["dice_mean"] for r in ok]
-            ax.scatter(t, d, s=12, alpha=0.35, color=colours.get(m))
-            ax.scatter([np.mean(t)], [np.mean(d)], s=60, marker="D", color=colours.get(m), label=METHODS.get(m, m))
-        ax.set(xscale="log", xlabel="seconds per pair (log)", ylabel="mean Dice over labels", title=split)
-        ax.grid(True, which="both", alpha=0.3)
-    axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
 def write_pretrained(result, machine, command, out_dir: Path = RESULTS_DIR, tag: str = "") -> list[Path]:
+    from benchmarks.bench_register import plot_register
+
     out_dir = Path(out_dir)
     stem = f"pretrained{tag}"
     summaries = summarize(result)
@@ -272,7 +246,7 @@ def write_pretrained(result, machine, command, out_dir: Path = RESULTS_DIR, tag:
                                                "goals": evaluate_goals(result, summaries)}),
         write_csv(out_dir / f"{stem}.csv", result["rows"], COLUMNS),
         write_text(out_dir / f"{stem}.md", pretrained_markdown(result, machine, command)),
-        plot_pretrained(result, out_dir / f"{stem}.png"),
+        plot_register(result, out_dir / f"{stem}.png", labels=METHODS),
     ]
 
 

@@ -809,8 +809,9 @@ def register_markdown(result: Mapping[str, Any], machine: Mapping[str, Any], com
     return "\n".join(lines) + "\n"
 
 
-def plot_register(result: Mapping[str, Any], path: Path) -> Path:
-    """Dice against seconds per pair: one panel per split, each pair a faint dot, the mean a marker."""
+def plot_register(result: Mapping[str, Any], path: Path, labels: Mapping[str, str] = METHODS) -> Path:
+    """Dice against seconds per pair: one panel per split, each pair a faint dot, the mean a marker
+    (``labels``: method name -> legend label, also fixing the colours)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -818,7 +819,7 @@ def plot_register(result: Mapping[str, Any], path: Path) -> Path:
 
     splits = result["settings"]["splits"]
     fig, axes = plt.subplots(1, max(1, len(splits)), figsize=(4.6 * max(1, len(splits)), 4.0), squeeze=False)
-    colours = dict(zip(METHODS, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+    colours = dict(zip(labels, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
     for ax, split in zip(axes[0], splits):
         for m in result["settings"]["methods"]:
             ok = _ok(result["rows"], split=split, method=m)
@@ -827,7 +828,7 @@ def plot_register(result: Mapping[str, Any], path: Path) -> Path:
             t = [max(r["seconds"], 1e-2) for r in ok]
             d = [r["dice_mean"] for r in ok]
             ax.scatter(t, d, s=12, alpha=0.35, color=colours.get(m))
-            ax.scatter([np.mean(t)], [np.mean(d)], s=60, marker="D", color=colours.get(m), label=METHODS.get(m, m))
+            ax.scatter([np.mean(t)], [np.mean(d)], s=60, marker="D", color=colours.get(m), label=labels.get(m, m))
         ax.set(xscale="log", xlabel="seconds per pair (log)", ylabel="mean Dice over labels", title=split)
         ax.grid(True, which="both", alpha=0.3)
     axes[0][0].legend(fontsize=7)

@@ -476,6 +476,18 @@ def _as_volume(x, name: str, like: torch.Tensor | None = None) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------- the optimiser
+def _start_field(t: torch.Tensor, name: str, fx: torch.Tensor, finite: bool = True) -> torch.Tensor:
+    """A starting field checked (``(1, 3)`` + the fixed grid, finite) and put on ``fx``'s device/dtype."""
+    _check_vol(t, name, 3)
+    size = tuple(int(s) for s in fx.shape[2:])
+    if tuple(t.shape[2:]) != size:
+        raise PsmambaError(f"{name} grid {tuple(t.shape[2:])} is not the fixed grid {size}")
+    t = t.detach().to(fx)
+    if finite and not bool(torch.isfinite(t).all()):
+        raise PsmambaError(f"{name} holds NaN or infinite values")
+    return t
+
+
 def register_deformable(
     fixed,
     moving,
@@ -533,28 +545,15 @@ def register_deformable(
                 "(drop that level or use a larger image)"
             )
     if init_ddf is not None:
-        _check_vol(init_ddf, "init_ddf", 3)
-        if tuple(init_ddf.shape[2:]) != size:
-            raise PsmambaError(f"init_ddf grid {tuple(init_ddf.shape[2:])} is not the fixed grid {size}")
-        init_ddf = init_ddf.detach().to(fx)
-        if not bool(torch.isfinite(init_ddf).all()):
-            raise PsmambaError("init_ddf holds NaN or infinite values")
+        init_ddf = _start_field(init_ddf, "init_ddf", fx)
     if init_velocity is not None:
         if cfg.method != "svf":
             raise PsmambaError("init_velocity is for method='svf'; give init_ddf to the greedy method")
-        _check_vol(init_velocity, "init_velocity", 3)
-        if tuple(init_velocity.shape[2:]) != size:
-            raise PsmambaError(f"init_velocity grid {tuple(init_velocity.shape[2:])} is not the fixed grid {size}")
-        init_velocity = init_velocity.detach().to(fx)
+        init_velocity = _start_field(init_velocity, "init_velocity", fx, finite=False)
     if init_inverse is not None:
         if init_ddf is None:
             raise PsmambaError("init_inverse is the inverse of init_ddf: give init_ddf too")
-        _check_vol(init_inverse, "init_inverse", 3)
-        if tuple(init_inverse.shape[2:]) != size:
-            raise PsmambaError(f"init_inverse grid {tuple(init_inverse.shape[2:])} is not the fixed grid {size}")
-        init_inverse = init_inverse.detach().to(fx)
-        if not bool(torch.isfinite(init_inverse).all()):
-            raise PsmambaError("init_inverse holds NaN or infinite values")
+        init_inverse = _start_field(init_inverse, "init_inverse", fx)
     be = "numba" if _use_numba(cfg.backend, fx) else "torch"
 
     with torch.no_grad():
