@@ -23,7 +23,12 @@ def first_line(exc: BaseException, default: str | None = None) -> str:
         detail = text.split("WeightsUnpickler error:", 1)[-1].strip().splitlines()
         reason = detail[0].strip() if detail and detail[0].strip() else "unsupported content"
         return f"not a torch file of tensors and plain data: {reason}"
-    return text.splitlines()[0] if text else (type(exc).__name__ if default is None else default)
+    if not text:
+        return type(exc).__name__ if default is None else default
+    line = text.splitlines()[0]
+    if not any(c.isalpha() for c in line):  # e.g. torch.load's KeyError('101') on a text file
+        return f"{type(exc).__name__}: {line}"
+    return line
 
 
 def check_on_device(ok, message: str) -> None:

@@ -316,6 +316,17 @@ def test_checkpoint_errors_name_the_file(tmp_path):
         assert path.name in text and "\n" not in text
 
 
+def test_text_file_as_checkpoint_says_what_failed(tmp_path):
+    # torch.load on a text file raises KeyError('104'): the line must not end in a bare number
+    text_file = tmp_path / "notes.pt"
+    text_file.write_text("hello world\n")
+    with pytest.raises(PsmambaError) as info:
+        load_checkpoint(text_file)
+    msg = str(info.value)
+    assert "notes.pt" in msg and "not written by torch.save" in msg
+    assert not msg.rstrip(")").split("(")[-1].strip().isdigit(), msg
+
+
 # --------------------------------------------------------------------------- optimisation
 def textured_blob_pair(n=32, shift=(3.0, -2.0, 2.0), texture=1.0):
     """A smooth textured ball (fixed) and the same ball moved by ``shift`` voxels (moving).

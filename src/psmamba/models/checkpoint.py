@@ -113,7 +113,8 @@ def load_checkpoint(
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=weights_only)
     except Exception as exc:  # torch raises many types for a bad file (pickle, zip, runtime)
-        raise PsmambaError(f"{path}: not a readable checkpoint ({first_line(exc)})") from None
+        raise PsmambaError(f"{path}: not a readable checkpoint, corrupt or not written by torch.save "
+                           f"({first_line(exc)})") from None
     if not isinstance(ckpt, Mapping) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise PsmambaError(f"{path}: not a psmamba checkpoint (no '{CHECKPOINT_FORMAT}' format tag)")
     if not isinstance(ckpt.get("config"), Mapping) or not isinstance(ckpt.get("state_dict"), Mapping):
