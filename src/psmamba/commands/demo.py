@@ -165,7 +165,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"\n  {'':{width}}  mean Dice (14 labels)  folding %")
     for name, dice, fold in rows:
         print(f"  {name:{width}}  {dice:21.3f}  {fold:9.3f}")
-    if trained_steps is not None and trained_steps < 500 and not args.quick:
+    net_gain = rows[1][1] - res.dice_before  # the network alone (rows[0] is "before")
+    if trained_steps is not None and trained_steps < 500 and not args.quick and net_gain < 0.05:
         # at the paper's learning rate the registration heads (initialised near zero) need
         # hundreds of steps before the predicted fields grow: say so instead of leaving a puzzle
         print(f"\n  note: {trained_steps} training steps teach the network little (its fields start near zero);"
