@@ -100,7 +100,7 @@ __all__ = [
 
 #: method name -> table label
 METHODS: dict[str, str] = {
-    "psmamba": "psmamba default (affine + diffeomorphic IO)",
+    "psmamba": "psmamba default (affine + network + io)",
     "ants_syn": "ANTs SyN (antspyx: affine + SyN)",
     "convexadam": "ConvexAdam (MIND, defaults)",
     "fireants": "FireANTs (affine + greedy)",

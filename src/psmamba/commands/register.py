@@ -39,7 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     meth.add_argument("--lr", type=float, default=None,
                       help="step of the io stage (default 1), or Adam's learning rate with --iters")
     meth.add_argument("--io-iterations", type=int, nargs="+", metavar="N",
-                      help="the most io steps per pyramid level, coarse to fine (default 100 30 0 at 1/4, 1/2, 1)")
+                      help="the most io steps per pyramid level, coarse to fine (default 100 30 2 at 1/4, 1/2, 1)")
     meth.add_argument("--sigma-field", type=float, metavar="S",
                       help="io: Gaussian smoothing of the velocity after each step, voxels (default 0.5)")
     meth.add_argument("--sigma-update", type=float, metavar="S",
