@@ -18,7 +18,7 @@ smooth velocity):
 
 Both run coarse to fine on a pyramid (``levels``: downsampling factors; by default up to 100
 steps at 1/4, 30 at 1/2 and 2 at full size, where a step costs about 8 times a 1/2 step: the two
-full-size steps raised the Dice of the demo's misaligned validation pairs by 0.004 for about 1.3
+full-size steps raised the Dice of the demo's misaligned validation pairs by 0.004 for about 1.35
 times the time of the default pipeline, see ``benchmarks/ablations``), each level
 stopping when the loss has improved by less than ``tol`` (relative) over the last ``patience``
 steps, or at ``iterations`` for that level.
