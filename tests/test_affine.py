@@ -250,6 +250,19 @@ def test_recovers_known_motion(motion, similarity):
     assert res.time_s > 0 and res.history and all(h["losses"] for h in res.history)
 
 
+def test_rigid_stage_skips_the_finest_level_when_the_affine_stage_follows():
+    stages = [(h["stage"], h["shrink"]) for h in registered("affine", "lncc").history]
+    assert len({f for _, f in stages}) == 2  # two pyramid levels
+    coarse, fine = stages[0][1], stages[-1][1]
+    assert stages == [("rigid", coarse), ("affine", coarse), ("affine", fine)]
+    assert [(h["stage"], h["shrink"]) for h in registered("rigid", "lncc").history] == stages  # same schedule
+    fixed, moving = pair(RIGID)
+    only = affine_register((fixed, GRID), (moving, GRID), affine=False)
+    assert [(h["stage"], h["shrink"]) for h in only.history] == [("rigid", coarse), ("rigid", fine)]
+    both = affine_register((fixed, GRID), (moving, GRID), rigid_iterations=[150, 30])
+    assert [h["stage"] for h in both.history] == ["rigid", "rigid", "affine", "affine"]
+
+
 def test_mi_registers_across_a_contrast_inversion():
     fixed, moving = pair(AFFINE)
     inverted = np.where(moving > 0, 2.0 - moving**0.5, 0.0).astype(np.float32)  # bright becomes dark
@@ -391,6 +404,7 @@ def test_transform_file_errors(tmp_path):
         (None, None, {"similarity": "ncc"}, "similarity must be one of"),
         (None, None, {"fixed_mask": np.ones((4, 4, 4))}, "fixed_mask has shape"),
         (None, None, {"shrink": (2, 1), "iterations": (10, 10, 10)}, "iterations must be 2"),
+        (None, None, {"shrink": (2, 1), "rigid_iterations": (10, -1)}, "rigid_iterations must be 2"),
         (None, None, {"lr": float("nan")}, "lr must be a positive"),
     ],
 )

@@ -281,3 +281,60 @@ def test_bad_inputs_raise():
                               init_velocity=torch.zeros(1, 3, 16, 16, 16))
     with pytest.raises(PsmambaError, match="unknown setting"):
         D.register_deformable(x, x, lambda_=1.0)
+
+
+# --------------------------------------------------------------------------- full-size residual, affine maps
+def test_full_size_residual_matches_the_whole_velocity_scheme():
+    """The full-size level as a residual on the upsampled coarser map finds the same map as
+    integrating the whole upsampled velocity at every step, and its velocity's exp is the map."""
+    fixed, moving, true = _pair(32, 3.0)
+    kw = dict(levels=(2, 1), iterations=(60, 10), tol=0.0)
+    res = D.register_deformable(fixed, moving, **kw)
+    whole = D.register_deformable(fixed, moving, full_residual=False, **kw)
+    assert float((res.ddf - whole.ddf).norm(dim=1).mean()) < 0.05
+    assert float((res.ddf - true).norm(dim=1).mean()) < 0.3 * float(true.norm(dim=1).mean())
+    assert res.log[-1].loss_last < res.log[-1].loss_first  # the full-size steps improve the match
+    assert float((D._exp(res.velocity, 8, "torch") - res.ddf).norm(dim=1).mean()) < 0.05
+    with pytest.raises(PsmambaError, match="full_residual"):
+        D.DeformableConfig(full_residual="yes")
+
+
+def test_full_size_level_with_no_steps_is_the_upsampled_coarse_map():
+    fixed, moving, _ = _pair(24, 3.0)
+    r = D.register_deformable(fixed, moving, levels=(2, 1), iterations=(30, 0), min_size=6)
+    whole = D.register_deformable(fixed, moving, levels=(2, 1), iterations=(30, 0), min_size=6, full_residual=False)
+    assert r.log[-1].iterations == 0 and float(r.ddf.norm(dim=1).max()) > 1.0
+    assert float((r.ddf - whole.ddf).norm(dim=1).mean()) < 0.02  # exp then upsample ~ upsample then exp
+    inner = (slice(None), slice(None)) + (slice(2, -2),) * 3
+    assert float(D.sample(r.ddf, r.ddf_inverse, add=True)[inner].norm(dim=1).max()) < 0.2
+
+
+def _affine(seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    m = np.eye(4)
+    m[:3, :3] += 0.1 * rng.standard_normal((3, 3))
+    m[:3, 3] = rng.uniform(-2, 2, 3)
+    return m
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_affine_field_numba_matches_torch(dtype):
+    g = torch.Generator().manual_seed(3)
+    field = D.gaussian_smooth(3 * torch.randn(1, 3, 10, 12, 9, generator=g), 1.0, backend="torch").to(dtype)
+    a, b = _affine(1), _affine(2)
+    x = D.affine_field(field, a, b, (11, 8, 13), backend="numba")
+    y = D.affine_field(field, a, b, (11, 8, 13), backend="torch")
+    assert x.shape == (1, 3, 11, 8, 13) and x.dtype == dtype
+    torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-4)
+
+
+def test_affine_field_with_identity_reads_the_field_at_its_voxels():
+    """``A = I``: ``B (p + u(p)) - p`` exactly (an affine after a deformable map), borders included."""
+    g = torch.Generator().manual_seed(4)
+    field = 2 * torch.randn(1, 3, 7, 9, 8, generator=g, dtype=torch.float64)
+    b = _affine(5)
+    r = spatial.identity_grid((7, 9, 8), dtype=torch.float64)
+    want = torch.einsum("ij,bj...->bi...", torch.as_tensor(b[:3, :3]), r + field)
+    want = want + torch.as_tensor(b[:3, 3]).view(1, 3, 1, 1, 1) - r
+    for backend in ("numba", "torch"):
+        torch.testing.assert_close(D.affine_field(field, np.eye(4), b, (7, 9, 8), backend=backend), want)

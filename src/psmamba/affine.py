@@ -220,10 +220,10 @@ def affine_ddf(
         if not torch.is_tensor(ddf) or ddf.ndim != 5 or ddf.shape[:2] != (1, 3) or tuple(ddf.shape[2:]) != shape:
             got = tuple(ddf.shape) if hasattr(ddf, "shape") else type(ddf).__name__
             raise PsmambaError(f"ddf must have shape (1, 3) + {shape}, got {got}")
-        device, dtype = ddf.device, ddf.dtype
+        from psmamba.deformable import affine_field
+
+        return affine_field(ddf, np.eye(4), lmat, shape)
     pos = identity_grid(shape, device=device, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
-    if ddf is not None:
-        pos = pos + ddf.to(pos.dtype)
     lin = torch.as_tensor(lmat[:3, :3], dtype=pos.dtype, device=pos.device)
     off = torch.as_tensor(lmat[:3, 3], dtype=pos.dtype, device=pos.device).view(1, 3, 1, 1, 1)
     out = torch.einsum("ij,bj...->bi...", lin, pos) + off - identity_grid(shape, device=pos.device, dtype=pos.dtype)
@@ -473,7 +473,7 @@ def _compose_matrix(lin: torch.Tensor, trans: torch.Tensor, center: torch.Tensor
 
 
 # --------------------------------------------------------------------------- main entry
-def _check_schedule(shrink, iterations) -> tuple[list[int], list[int]]:
+def _check_schedule(shrink, iterations, name: str = "iterations") -> tuple[list[int], list[int]]:
     try:
         s = [int(f) for f in shrink]
     except (TypeError, ValueError):
@@ -486,9 +486,9 @@ def _check_schedule(shrink, iterations) -> tuple[list[int], list[int]]:
         try:
             it = [int(n) for n in iterations]
         except (TypeError, ValueError):
-            raise PsmambaError(f"iterations must be an integer or one per level, got {iterations!r}") from None
+            raise PsmambaError(f"{name} must be an integer or one per level, got {iterations!r}") from None
     if len(it) != len(s) or min(it) < 0:
-        raise PsmambaError(f"iterations must be {len(s)} non-negative counts (one per shrink level), got {iterations!r}")
+        raise PsmambaError(f"{name} must be {len(s)} non-negative counts (one per shrink level), got {iterations!r}")
     return s, it
 
 
@@ -521,6 +521,7 @@ def affine_register(
     init: str = "com",
     shrink: Sequence[int] | None = None,
     iterations: int | Sequence[int] | None = None,
+    rigid_iterations: int | Sequence[int] | None = None,
     rigid: bool = True,
     affine: bool = True,
     lr: float = 0.5,
@@ -549,6 +550,10 @@ def affine_register(
             once converged: the step halves after 6 steps without a relative improvement of
             3e-4, and the level stops when it is below 1/16 of the start; the best parameters
             seen are kept.
+        rigid_iterations: the rigid stage's schedule; default ``iterations`` except at the
+            finest of several levels when the affine stage follows (it refines the rotation
+            there too: on the demo's validation pairs, aligned and misaligned, the same Dice
+            after the whole pipeline for about 0.7 s less, see ``benchmarks/ablations``).
         rigid, affine: run the 6-dof stage, the 12-dof stage (at least one).
         lr: Adam step at each level's start, in units of that level's voxel size (the
             parameters are scaled so a unit moves a point at the image's radius by one mm);
@@ -590,6 +595,12 @@ def affine_register(
     if iterations is None:
         iterations = [150] * (len(levels_f) - 1) + [30]
     levels_f, iters = _check_schedule(levels_f, iterations)
+    if rigid_iterations is not None:
+        rigid_iters = _check_schedule(levels_f, rigid_iterations, "rigid_iterations")[1]
+    elif affine and len(iters) > 1:  # the 12-dof stage refines the rotation at the finest level
+        rigid_iters = iters[:-1] + [0]
+    else:
+        rigid_iters = iters
     for name, vol, aff in (("fixed", fx, fa), ("moving", mv, ma)):
         size = _level_size(vol.shape, aff, levels_f[0])
         if min(size) < _MIN_SIZE:
@@ -653,7 +664,7 @@ def affine_register(
                 trans = trans_start + p[9:]
             return _compose_matrix(lin, trans, center_t)
 
-        for lev, n_it in zip(levels, iters):
+        for lev, n_it in zip(levels, rigid_iters if stage == "rigid" else iters):
             if n_it == 0:
                 continue
             loss_fn = _level_loss(lev, similarity, sim_mi if similarity == "mi" else sim_lncc, rng, dtype)

@@ -428,14 +428,10 @@ def _inverse_on_moving_grid(u_inv, matrix: np.ndarray, prep: _Prepared, m_shape)
     its value from the fixed image (resampled onto the moving grid through the headers) at
     ``r + ddf_inverse[r]``.
     """
-    import torch
+    from psmamba.deformable import affine_field
 
-    from psmamba.spatial import identity_grid
-
-    r = identity_grid(tuple(int(s) for s in m_shape), device=u_inv.device, dtype=torch.float32)
-    q = _apply(np.linalg.inv(prep.a_f) @ np.linalg.inv(matrix) @ prep.a_m, r)
-    pos = q + _sample_at(u_inv, q, padding="border")
-    return _apply(np.linalg.inv(prep.a_m) @ prep.a_f, pos) - r
+    to_fixed = np.linalg.inv(prep.a_f) @ np.linalg.inv(matrix) @ prep.a_m
+    return affine_field(u_inv, to_fixed, np.linalg.inv(prep.a_m) @ prep.a_f, m_shape)
 
 
 def _method_grid(method, f_shape) -> list[int]:
