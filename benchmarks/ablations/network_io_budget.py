@@ -1,0 +1,80 @@
+"""Issue 14: does starting io from the shipped network let io do less? On the demo's VAL pairs.
+
+``io`` alone and ``network+io`` (no affine stage: the val pairs share a space), each with io's
+most steps per level (1/4, 1/2, 1) at the default 100, 30, 2 and at reduced budgets: the 1/4
+level skipped (0, 30, 2), half the 1/2 level's steps (100, 15, 2), both (0, 15, 2), and ``io``
+alone with half the 1/2 steps as the control. The variant order rotated from pair to pair, 2
+threads, one process. Seconds: from the arrays in memory to both maps (metrics left out).
+
+    python benchmarks/ablations/network_io_budget.py [--threads 2]
+
+Writes ``results/network_io_budget.jsonl`` (one row per run) and prints the means.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+VARIANTS = (
+    ("io", (100, 30, 2)),
+    ("network+io", (100, 30, 2)),
+    ("network+io", (0, 30, 2)),
+    ("network+io", (100, 15, 2)),
+    ("network+io", (0, 15, 2)),
+    ("io", (100, 15, 2)),
+)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", type=Path,
+                    default=Path(__file__).resolve().parent / "results" / "network_io_budget.jsonl")
+    args = ap.parse_args()
+
+    import numpy as np
+    import torch
+
+    from benchmarks.bench_register import demo_bench_data
+    from psmamba.engine.register import register_pair
+    from psmamba.io import Image
+
+    torch.set_num_threads(args.threads)
+    pairs = demo_bench_data("full", one_way=True, splits=("val",)).pairs["val"]
+    rows = []
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    with open(args.out, "w") as fh:
+        for i, p in enumerate(pairs):
+            order = list(VARIANTS[i % len(VARIANTS):] + VARIANTS[:i % len(VARIANTS)])
+            for method, its in order:
+                def img(a, n, aff=p.affine):
+                    return Image(data=a, affine=aff, header=None, path=n)
+
+                t0 = time.perf_counter()
+                res = register_pair(img(p.fixed, "f"), img(p.moving, "m"), method=method,
+                                    deformable={"iterations": its}, device="cpu", overview=False,
+                                    moving_labels=img(p.moving_labels, "ml"), fixed_labels=img(p.fixed_labels, "fl"))
+                tm = res.summary.get("timings_s", {})
+                sec = time.perf_counter() - t0 - float(tm.get("metrics", 0.0)) - float(tm.get("write", 0.0))
+                row = {"pair": p.pair_id, "method": method, "iterations": list(its), "sec": round(sec, 2),
+                       "dice": res.summary["dice_after"]["mean"], "before": res.summary["dice_before"]["mean"],
+                       "fold": res.summary.get("folding_percent")}
+                print(json.dumps(row), flush=True)
+                fh.write(json.dumps(row) + "\n")
+                rows.append(row)
+    print("\nmethod       io steps (1/4, 1/2, 1)  Dice    seconds (mean of 3)")
+    for method, its in VARIANTS:
+        mine = [r for r in rows if r["method"] == method and tuple(r["iterations"]) == its]
+        print(f"{method:12s} {str(its):22s}  {np.mean([r['dice'] for r in mine]):.4f}  "
+              f"{np.mean([r['sec'] for r in mine]):.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
