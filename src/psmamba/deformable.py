@@ -99,6 +99,8 @@ class DeformableConfig:
             is short: see :func:`squaring_steps`).
         inverse_iters: fixed-point steps of the inversion per level (``"greedy"``, and an
             ``init_ddf`` of ``"svf"``); the final full-size inversion takes ``inverse_iters_full``.
+            (``"svf"`` with its residual full-size level inverts ``init_ddf`` on the coarser
+            grid with these counts, then takes one full-size step.)
         min_size: the smallest level grid allowed, voxels per axis.
         backend: ``"auto"`` (numba on the CPU for float32/float64 when it imports), ``"numba"``
             or ``"torch"``.
