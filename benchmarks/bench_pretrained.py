@@ -39,6 +39,7 @@ from benchmarks.common import (
     load_average,
     machine_lines,
     markdown_table,
+    run_and_report,
     write_csv,
     write_json,
     write_text,
@@ -294,16 +295,13 @@ def main(argv: Sequence[str] | None = None, data=None) -> int:
     torch.set_num_threads(args.threads)
     machine = machine_info()
 
-    def progress(partial):
-        write_json(args.out / f"pretrained{tag}.partial.json", {"command": command, **partial})
-
-    result = run_pretrained_bench(data, methods=args.methods or tuple(METHODS), threads=args.threads,
-                                  hd95=not args.no_hd95, timeout_s=args.timeout, checkpoint=args.checkpoint,
-                                  progress=progress)
-    for path in write_pretrained(result, machine, command, args.out, tag):
-        print(f"wrote {path}")
-    (args.out / f"pretrained{tag}.partial.json").unlink(missing_ok=True)
-    print(goals_text(evaluate_goals(result)))
+    result = run_and_report(
+        args.out, f"pretrained{tag}", {"command": command},
+        lambda progress: run_pretrained_bench(data, methods=args.methods or tuple(METHODS), threads=args.threads,
+                                              hd95=not args.no_hd95, timeout_s=args.timeout,
+                                              checkpoint=args.checkpoint, progress=progress),
+        lambda res: write_pretrained(res, machine, command, args.out, tag),
+        lambda res: goals_text(evaluate_goals(res)))
     print(f"done in {result['seconds']:.0f} s")
     return 0
 

@@ -72,6 +72,7 @@ from benchmarks.common import (
     load_average,
     machine_lines,
     markdown_table,
+    run_and_report,
     write_csv,
     write_json,
     write_text,
@@ -925,17 +926,14 @@ def main(argv: Sequence[str] | None = None, data: BenchData | None = None) -> in
     machine = machine_info()
     print(f"{command}: {data.name}, pairs {({k: len(v) for k, v in data.pairs.items()})}, load average {load_average()}")
 
-    def progress(partial: dict) -> None:  # keep what was measured if the run stops early
-        write_json(args.out / f"register{tag}.partial.json", {"command": command, "machine": machine, **partial})
-
-    result = run_register_bench(
-        data, methods=args.methods or DEFAULT_METHODS, splits=args.splits or [s[0] for s in SPLITS],
-        pythons=pythons, threads=args.threads, seed=args.seed, hd95=not args.no_hd95,
-        robustness=not args.no_robustness, timeout_s=args.timeout, progress=progress)
-    for path in write_register(result, machine, command, args.out, tag):
-        print(f"wrote {path}")
-    (args.out / f"register{tag}.partial.json").unlink(missing_ok=True)
-    print(goals_text(evaluate_goals(result)))
+    result = run_and_report(
+        args.out, f"register{tag}", {"command": command, "machine": machine},
+        lambda progress: run_register_bench(
+            data, methods=args.methods or DEFAULT_METHODS, splits=args.splits or [s[0] for s in SPLITS],
+            pythons=pythons, threads=args.threads, seed=args.seed, hd95=not args.no_hd95,
+            robustness=not args.no_robustness, timeout_s=args.timeout, progress=progress),
+        lambda res: write_register(res, machine, command, args.out, tag),
+        lambda res: goals_text(evaluate_goals(res)))
     print(f"done in {result['seconds']:.0f} s; load average {load_average()}")
     return 0
 

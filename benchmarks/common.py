@@ -455,6 +455,26 @@ def write_json(path: Path, obj: Any) -> Path:
     return Path(path)
 
 
+def run_and_report(out: Path, stem: str, header: Mapping[str, Any],
+                   run: Callable[[Callable[[dict], None]], dict], write: Callable[[dict], Iterable[Path]],
+                   goals: Callable[[dict], str]) -> dict:
+    """The tail every benchmark's ``main`` shares: ``run(progress)`` with ``progress`` keeping
+    what was measured so far in ``out/<stem>.partial.json`` (``header`` first: a run that stops
+    early leaves its figures), then ``write(result)`` (paths printed), the partial file removed,
+    and the goals' text printed. Returns the result."""
+    partial = Path(out) / f"{stem}.partial.json"
+
+    def progress(so_far: dict) -> None:
+        write_json(partial, {**header, **so_far})
+
+    result = run(progress)
+    for path in write(result):
+        print(f"wrote {path}")
+    partial.unlink(missing_ok=True)
+    print(goals(result))
+    return result
+
+
 def write_csv(path: Path, rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> Path:
     """Atomic CSV write of ``rows`` (missing keys are empty cells)."""
     from psmamba.files import atomic_write

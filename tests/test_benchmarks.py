@@ -381,3 +381,29 @@ def test_bench_scan_and_bench_model_scripts_write_their_json(tmp_path):
     (res,) = model["results"]
     assert res["size"] == "32x32x32" and len(res["wall_s_each"]) == 2 and res["peak_rss_mb"] > 0
     assert "decoder L1" in res["forward_split_s"] and res["parameters"] == 8_408_063
+
+
+def test_run_and_report_keeps_partial_results_until_the_outputs_are_written(tmp_path, capsys):
+    run_and_report = common.run_and_report
+    partial = tmp_path / "x.partial.json"
+
+    def run(progress):
+        progress({"rows": [1]})
+        assert json.loads(partial.read_text()) == {"command": "c", "rows": [1]}
+        return {"rows": [1, 2]}
+
+    def write(res):
+        (tmp_path / "x.json").write_text(json.dumps(res))
+        return [tmp_path / "x.json"]
+
+    assert run_and_report(tmp_path, "x", {"command": "c"}, run, write, lambda res: f"{len(res['rows'])} rows") == {"rows": [1, 2]}
+    assert not partial.exists() and (tmp_path / "x.json").exists()
+    assert capsys.readouterr().out.splitlines() == [f"wrote {tmp_path / 'x.json'}", "2 rows"]
+
+    def stops(progress):
+        progress({"rows": [1]})
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_and_report(tmp_path, "x", {"command": "c"}, stops, write, str)
+    assert json.loads(partial.read_text())["rows"] == [1]  # what was measured is kept
