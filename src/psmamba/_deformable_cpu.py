@@ -300,6 +300,29 @@ def gauss_kernel(x, k, out, tmp):
 
 
 # --------------------------------------------------------------------------- resampling
+@njit(inline="always", fastmath=True, nogil=True, cache=True)
+def _cell(z, y, x, nd, nh, nw):
+    """Trilinear cell of the point ``(z, y, x)`` clamped to the grid (``grid_sample``'s border
+    padding, ``align_corners=True``): lower corner, upper corner and fractions."""
+    z = min(max(z, 0.0), nd - 1.0)
+    y = min(max(y, 0.0), nh - 1.0)
+    x = min(max(x, 0.0), nw - 1.0)
+    z0 = min(int(z), max(nd - 2, 0))
+    y0 = min(int(y), max(nh - 2, 0))
+    x0 = min(int(x), max(nw - 2, 0))
+    return z0, y0, x0, min(z0 + 1, nd - 1), min(y0 + 1, nh - 1), min(x0 + 1, nw - 1), z - z0, y - y0, x - x0
+
+
+@njit(inline="always", fastmath=True, nogil=True, cache=True)
+def _trilinear(a, z0, y0, x0, z1, y1, x1, fz, fy, fx):
+    """``a`` (D, H, W) read in the cell found by :func:`_cell`."""
+    v00 = a[z0, y0, x0] * (1 - fx) + a[z0, y0, x1] * fx
+    v01 = a[z0, y1, x0] * (1 - fx) + a[z0, y1, x1] * fx
+    v10 = a[z1, y0, x0] * (1 - fx) + a[z1, y0, x1] * fx
+    v11 = a[z1, y1, x0] * (1 - fx) + a[z1, y1, x1] * fx
+    return (v00 * (1 - fy) + v01 * fy) * (1 - fz) + (v10 * (1 - fy) + v11 * fy) * fz
+
+
 @njit(**_JIT)
 def sample_kernel(src, disp, sign, add, out):
     """``out[c](p) = sign * src[c](p + disp(p)) (+ disp[c](p) if add)``, trilinear, border-clamped.
@@ -314,25 +337,10 @@ def sample_kernel(src, disp, sign, add, out):
     for d in prange(nd):
         for h in range(nh):
             for w in range(nw):
-                z = min(max(d + disp[0, d, h, w], 0.0), nd - 1.0)
-                y = min(max(h + disp[1, d, h, w], 0.0), nh - 1.0)
-                x = min(max(w + disp[2, d, h, w], 0.0), nw - 1.0)
-                z0 = min(int(z), max(nd - 2, 0))
-                y0 = min(int(y), max(nh - 2, 0))
-                x0 = min(int(x), max(nw - 2, 0))
-                z1 = min(z0 + 1, nd - 1)
-                y1 = min(y0 + 1, nh - 1)
-                x1 = min(x0 + 1, nw - 1)
-                fz = z - z0
-                fy = y - y0
-                fx = x - x0
+                z0, y0, x0, z1, y1, x1, fz, fy, fx = _cell(
+                    d + disp[0, d, h, w], h + disp[1, d, h, w], w + disp[2, d, h, w], nd, nh, nw)
                 for c in range(nc):
-                    v00 = src[c, z0, y0, x0] * (1 - fx) + src[c, z0, y0, x1] * fx
-                    v01 = src[c, z0, y1, x0] * (1 - fx) + src[c, z0, y1, x1] * fx
-                    v10 = src[c, z1, y0, x0] * (1 - fx) + src[c, z1, y0, x1] * fx
-                    v11 = src[c, z1, y1, x0] * (1 - fx) + src[c, z1, y1, x1] * fx
-                    v = (v00 * (1 - fy) + v01 * fy) * (1 - fz) + (v10 * (1 - fy) + v11 * fy) * fz
-                    v *= sign
+                    v = sign * _trilinear(src[c], z0, y0, x0, z1, y1, x1, fz, fy, fx)
                     if add:
                         v += disp[c, d, h, w]
                     out[c, d, h, w] = v
@@ -389,33 +397,10 @@ def affine_field_kernel(field, a, b, out):
                 q0 = a[0, 0] * d + a[0, 1] * h + a[0, 2] * w + a[0, 3]
                 q1 = a[1, 0] * d + a[1, 1] * h + a[1, 2] * w + a[1, 3]
                 q2 = a[2, 0] * d + a[2, 1] * h + a[2, 2] * w + a[2, 3]
-                z = min(max(q0, 0.0), nd - 1.0)
-                y = min(max(q1, 0.0), nh - 1.0)
-                x = min(max(q2, 0.0), nw - 1.0)
-                z0 = min(int(z), max(nd - 2, 0))
-                y0 = min(int(y), max(nh - 2, 0))
-                x0 = min(int(x), max(nw - 2, 0))
-                z1 = min(z0 + 1, nd - 1)
-                y1 = min(y0 + 1, nh - 1)
-                x1 = min(x0 + 1, nw - 1)
-                fz = z - z0
-                fy = y - y0
-                fx = x - x0
-                p0 = q0
-                p1 = q1
-                p2 = q2
-                for c in range(3):
-                    v00 = field[c, z0, y0, x0] * (1 - fx) + field[c, z0, y0, x1] * fx
-                    v01 = field[c, z0, y1, x0] * (1 - fx) + field[c, z0, y1, x1] * fx
-                    v10 = field[c, z1, y0, x0] * (1 - fx) + field[c, z1, y0, x1] * fx
-                    v11 = field[c, z1, y1, x0] * (1 - fx) + field[c, z1, y1, x1] * fx
-                    v = (v00 * (1 - fy) + v01 * fy) * (1 - fz) + (v10 * (1 - fy) + v11 * fy) * fz
-                    if c == 0:
-                        p0 += v
-                    elif c == 1:
-                        p1 += v
-                    else:
-                        p2 += v
+                z0, y0, x0, z1, y1, x1, fz, fy, fx = _cell(q0, q1, q2, nd, nh, nw)
+                p0 = q0 + _trilinear(field[0], z0, y0, x0, z1, y1, x1, fz, fy, fx)
+                p1 = q1 + _trilinear(field[1], z0, y0, x0, z1, y1, x1, fz, fy, fx)
+                p2 = q2 + _trilinear(field[2], z0, y0, x0, z1, y1, x1, fz, fy, fx)
                 out[0, d, h, w] = b[0, 0] * p0 + b[0, 1] * p1 + b[0, 2] * p2 + b[0, 3] - d
                 out[1, d, h, w] = b[1, 0] * p0 + b[1, 1] * p1 + b[1, 2] * p2 + b[1, 3] - h
                 out[2, d, h, w] = b[2, 0] * p0 + b[2, 1] * p1 + b[2, 2] * p2 + b[2, 3] - w

@@ -692,6 +692,25 @@ def _add(v: torch.Tensor, s: torch.Tensor, be: str) -> torch.Tensor:
     return v + s
 
 
+def _optimise_level(n_it: int, cfg: DeformableConfig, f, m, k, be: str, current, step):
+    """One level's loop: warp ``m`` by ``current(it)``, LNCC force against ``f`` (mask ``k``), and
+    ``step(update)`` with the smoothed, capped update, until ``n_it`` steps or the convergence
+    test stops it. Returns ``(steps, first loss, last loss, stopped)``."""
+    conv = _Convergence(cfg.tol, cfg.patience)
+    first = last = float("nan")
+    it = 0
+    while it < n_it:
+        loss, force = lncc_force(sample(m, current(it), backend=be), f, cfg.window, k, backend=be)
+        if it == 0:
+            first = loss
+        last = loss
+        if conv.done(loss):
+            return it, first, last, True
+        step(_update(force, cfg, be))
+        it += 1
+    return it, first, last, False
+
+
 def _greedy(fx, mv, mask, cfg: DeformableConfig, init, be: str):
     size = tuple(int(s) for s in fx.shape[2:])
     u = None
@@ -708,24 +727,14 @@ def _greedy(fx, mv, mask, cfg: DeformableConfig, init, be: str):
         u = u.contiguous()
         if inv is not None:
             inv = _resize_field(inv, ls).contiguous()
-        conv = _Convergence(cfg.tol, cfg.patience)
-        first = last = float("nan")
-        it = 0
-        stopped = False
-        while it < n_it:
-            warped = sample(m, u, backend=be)
-            loss, force = lncc_force(warped, f, cfg.window, k, backend=be)
-            if it == 0:
-                first = loss
-            last = loss
-            if conv.done(loss):
-                stopped = True
-                break
-            s = _update(force, cfg, be)
+
+        def step(s):
+            nonlocal u
             u = sample(u, s, add=True, backend=be)  # u o (id + s)
             if cfg.sigma_field > 0:
                 u = gaussian_smooth(u, cfg.sigma_field, be)
-            it += 1
+
+        it, first, last, stopped = _optimise_level(n_it, cfg, f, m, k, be, lambda _: u, step)
         n_inv = cfg.inverse_iters if factor > 1 else cfg.inverse_iters_full
         if inv is None and factor == 1:
             n_inv = max(n_inv, cfg.inverse_iters)  # no coarser start: iterate from -u
@@ -752,26 +761,18 @@ def _svf(fx, mv, mask, cfg: DeformableConfig, init, init_v, be: str, init_inv=No
         v = torch.zeros((1, 3) + ls, dtype=fx.dtype, device=fx.device) if v is None else _resize_field(v, ls)
         v = v.contiguous().clone()  # updated in place below: never the caller's init_velocity
         pre = None if init is None else _resize_field(init, ls).contiguous()
-        conv = _Convergence(cfg.tol, cfg.patience)
-        first = last = float("nan")
-        it = 0
-        stopped = False
-        while it < n_it:
+
+        def current(_, pre=pre):
             u = _exp(v, cfg.svf_steps, be)
-            if pre is not None:
-                u = sample(pre, u, add=True, backend=be)  # first exp(v), then the initial map
-            warped = sample(m, u, backend=be)
-            loss, force = lncc_force(warped, f, cfg.window, k, backend=be)
-            if it == 0:
-                first = loss
-            last = loss
-            if conv.done(loss):
-                stopped = True
-                break
-            v = _add(v, _update(force, cfg, be), be)  # log(exp(v) o exp(s)) ~ v + s
+            return u if pre is None else sample(pre, u, add=True, backend=be)  # first exp(v), then pre
+
+        def step(s):
+            nonlocal v
+            v = _add(v, s, be)  # log(exp(v) o exp(s)) ~ v + s
             if cfg.sigma_field > 0:
                 v = gaussian_smooth(v, cfg.sigma_field, be)
-            it += 1
+
+        it, first, last, stopped = _optimise_level(n_it, cfg, f, m, k, be, current, step)
         log.append(LevelLog(factor, ls, it, first, last, stopped, time.perf_counter() - t))
     pre_inv = None
     if init is not None:  # (init o exp(v))^-1 = exp(-v) o init^-1
@@ -813,24 +814,16 @@ def _svf_full(pyramid: _Pyramid, v_c: torch.Tensor, n_it: int, cfg: DeformableCo
     up = _resize_field(_exp(v_c, cfg.svf_steps, be), size).contiguous()
     q = up if init is None else sample(init, up, add=True, backend=be)  # first U, then init
     r = torch.zeros_like(q)
-    conv = _Convergence(cfg.tol, cfg.patience)
-    first = last = float("nan")
-    it = 0
-    stopped = False
-    while it < n_it:
-        u = q if it == 0 else sample(q, _exp(r, cfg.svf_steps, be), add=True, backend=be)
-        warped = sample(m, u, backend=be)
-        loss, force = lncc_force(warped, f, cfg.window, k, backend=be)
-        if it == 0:
-            first = loss
-        last = loss
-        if conv.done(loss):
-            stopped = True
-            break
-        r = _add(r, _update(force, cfg, be), be)
+
+    def step(s):
+        nonlocal r
+        r = _add(r, s, be)
         if cfg.sigma_field > 0:
             r = gaussian_smooth(r, cfg.sigma_field, be)
-        it += 1
+
+    it, first, last, stopped = _optimise_level(
+        n_it, cfg, f, m, k, be, lambda i: q if i == 0 else sample(q, _exp(r, cfg.svf_steps, be), add=True, backend=be),
+        step)
     log.append(LevelLog(1, size, it, first, last, stopped, time.perf_counter() - t))
     inv = _resize_field(_exp(-v_c, cfg.svf_steps, be), size).contiguous()
     if pre_inv is not None:
