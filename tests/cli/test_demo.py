@@ -37,7 +37,8 @@ def _rows(text: str) -> dict[str, tuple[float, float]]:
     """The Dice/folding table the demo prints: {row name: (dice, folding)}."""
     rows = {}
     for line in text.splitlines():
-        m = re.match(r"\s+(before \(identity\)|after \(network[^)]*\))\s+([0-9.]+)\s+([0-9.]+)\s*$", line)
+        m = re.match(r"\s+(before \(identity\)|after \(network[^)]*\)|io alone \(no network\))\s+([0-9.]+)\s+([0-9.]+)\s*$",
+                     line)
         if m:
             rows[m.group(1)] = (float(m.group(2)), float(m.group(3)))
     return rows
@@ -45,22 +46,27 @@ def _rows(text: str) -> dict[str, tuple[float, float]]:
 
 def test_quick_demo_trains_registers_and_reports(quick_demo, capsys):
     out = quick_demo
-    assert main(["demo", "--quick", "--out", str(out), "--device", "cpu", "--iters", "60"]) == 0
+    assert main(["demo", "--quick", "--out", str(out), "--device", "cpu"]) == 0
     text = capsys.readouterr().out
     rows = _rows(text)
-    refined = "after (network + 60 refinement steps)"
-    assert set(rows) == {"before (identity)", "after (network)", refined}, text
+    refined = "after (network + io)"
+    assert set(rows) == {"before (identity)", "after (network)", refined, "io alone (no network)"}, text
     before, net, after = rows["before (identity)"], rows["after (network)"], rows[refined]
     assert 0.3 < before[0] < 0.9 and before[1] == 0.0  # a real, unregistered pair of brains
     assert 0.0 <= net[0] <= 1.0 and 0.0 <= net[1] <= 100.0
-    # refining the (barely trained) network's field on the pair registers it for real
-    assert after[0] > before[0] + 0.02 and after[1] < 1.0, text
-    # the model and the register outputs
+    # the network alone (not register's default pipeline): two training steps barely move it
+    assert abs(net[0] - before[0]) < 0.02, text
+    # io refines the (barely trained) network's field on the pair: it registers it for real,
+    # diffeomorphically, and is no worse than io alone
+    assert after[0] > before[0] + 0.02 and after[1] < 0.01, text
+    assert after[0] > rows["io alone (no network)"][0] - 0.01, text
+    # the model and the outputs of the refined registration (not those of io alone, run after it)
     assert (out / "train" / "best.pt").is_file() and (out / "train" / "metrics.csv").is_file()
     reg = out / "register"
     for name in ("warped.nii.gz", "ddf.nii.gz", "warped_labels.nii.gz", "jacobian.nii.gz", "summary.json", "overview.png"):
         assert (reg / name).is_file(), name
     summary = json.loads((reg / "summary.json").read_text())
+    assert summary["method"] == "network+io"
     assert summary["dice_before"]["mean"] == pytest.approx(before[0], abs=1e-3)
     assert summary["dice_after"]["mean"] == pytest.approx(after[0], abs=1e-3)
     assert summary["folding_percent"] == pytest.approx(after[1], abs=1e-3)
@@ -82,6 +88,29 @@ def test_second_demo_reuses_the_trained_model(quick_demo, capsys):
     assert "using the model trained by an earlier demo" in text and "training PSMamba-Net" not in text
     assert (out / "train" / "best.pt").stat().st_mtime_ns == before
     assert set(_rows(text)) == {"before (identity)", "after (network)"}
+
+
+def test_demo_field_refinement_for_iters_steps(quick_demo, capsys):
+    out = quick_demo
+    if not (out / "train" / "best.pt").is_file():
+        pytest.skip("needs the quick demo of the first test")
+    assert main(["demo", "--quick", "--out", str(out), "--device", "cpu", "--refine", "field",
+                 "--iters", "60"]) == 0
+    rows = _rows(capsys.readouterr().out)
+    refined = "after (network + 60 refinement steps)"
+    assert set(rows) == {"before (identity)", "after (network)", refined}
+    assert rows[refined][0] > rows["before (identity)"][0] + 0.02
+    summary = json.loads((out / "register" / "summary.json").read_text())
+    assert summary["dice_after"]["mean"] == pytest.approx(rows[refined][0], abs=1e-3)
+
+
+@pytest.mark.parametrize("argv, flag", [(["--iters", "30"], "--iters sets the steps of --refine field"),
+                                        (["--refine", "field", "--iters", "-1"], "--iters must be >= 0")])
+def test_demo_iters_without_field_refinement_fails_with_one_line(tmp_path, capsys, argv, flag):
+    assert main(["demo", "--quick", "--out", str(tmp_path / "o")] + argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"psmamba: error: {flag}") and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "o").exists()
 
 
 def test_bad_pair_fails_with_one_line(tmp_path, capsys):
