@@ -16,8 +16,9 @@ Protocol (``python -m benchmarks --only accuracy``):
   and the trainer's schedule and selection rule), each checkpoint chosen by mean Dice on the
   ``val`` pairs; and each network again with test-time refinement
   (``iters`` Adam steps per test pair on the network's predicted field, on the data grid,
-  same loss, the field's default lr: the ``network+io`` method of
-  :mod:`psmamba.engine.methods`). Fine-tuning a copy of the weights instead (``refine="weights"``)
+  same loss, the field's default lr: ``psmamba register --iters N --refine field``, a
+  :class:`~psmamba.engine.methods.Chain` of ``Network`` and ``InstanceOptimisation``; the row
+  ids ``+io`` date from before the diffeomorphic ``io`` method existed and do not mean it). Fine-tuning a copy of the weights instead (``refine="weights"``)
   was tried first: with Adam at lr 1e-4 it wrecked barely trained networks (PSMamba-Net's Dice
   0.747 -> 0.424 in 3 steps in the quick run), because Adam's first steps move every weight by
   about lr, most likely the cause: that is ten times the N(0, 1e-5) projection weights, whose
@@ -198,7 +199,8 @@ def run_accuracy(
         grid: the grid ``(D, H, W)`` the networks train and run on (default: the data's own);
             ANTs and the scoring always use the data's own grid.
         steps: training steps per network (the shared budget).
-        lr: Adam learning rate, training and test-time refinement alike.
+        lr: Adam learning rate of the training (the refinement uses the field's default,
+            :data:`psmamba.engine.methods.LR_FIELD`).
         lam: diffusion weight (the paper's 1).
         iters: test-time refinement steps per pair (the ``+io`` rows).
         val_every: validation (mean Dice on ``val`` pairs) every this many epochs, and at the end (0: none).

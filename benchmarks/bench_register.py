@@ -11,8 +11,8 @@ Protocol (``python -m benchmarks.bench_register``; ``--quick`` for a smoke run):
   :func:`misalign`), the image trilinear and its labels nearest, the header unchanged. Dice of
   a misaligned pair compares the warped MISALIGNED moving labels with the fixed labels.
 * **Methods** (:data:`METHODS`): psmamba's default pipeline
-  (``psmamba.engine.register.register_pair(..., method="default")``: affine, then
-  diffeomorphic instance optimisation); ANTs SyN through antspyx (``type_of_transform="SyN"``,
+  (``psmamba.engine.register.register_pair(..., method="default")``: affine, the shipped
+  network, then diffeomorphic instance optimisation; ``ran_as`` in the results records it); ANTs SyN through antspyx (``type_of_transform="SyN"``,
   its defaults: affine + SyN); ConvexAdam (``convexAdam.convex_adam_MIND.convex_adam_pt``, its
   defaults, deformable only) and FireANTs (affine, then greedy deformable with the settings of
   its README) where they are installed; a method that cannot run here is recorded as

@@ -4,7 +4,8 @@ Importing the package is cheap and needs neither a GPU nor ``mamba_ssm``; the
 sub-modules (``psmamba.spatial``, ``psmamba.models``, ...) are imported on use.
 
 ``psmamba.register(fixed, moving, out="result")`` registers two images the way
-``psmamba register`` does (affine, then diffeomorphic refinement, by default).
+``psmamba register`` does (by default: affine, the shipped network, then diffeomorphic
+refinement; affine then refinement where no network is installed).
 """
 
 __version__ = "0.1.0"

@@ -232,3 +232,21 @@ def test_checkpoint_of_psmamba_train_knows_its_test_split(tmp_path):
     assert sorted(res.per_pair) == sorted(f"{m}->{f}" for m, f in demo.pairs["test"][:2])
     assert res.name == "best"
     assert all(np.isfinite(v) for v in res.per_pair.values())
+
+
+def test_evaluate_method_honours_model_size_for_the_shipped_network():
+    """``evaluate --method network --model-size D H W`` runs the shipped network on that grid, as
+    ``register`` does (it was dropped when no --checkpoint was given)."""
+    import argparse
+
+    from psmamba.commands.evaluate import _method
+    from psmamba.models import pretrained
+
+    if not pretrained.available():
+        pytest.skip("no shipped weights in this install")
+    base = dict(identity=False, checkpoint=None, iters=0, refine="weights", lr=None, lam=None, device="cpu",
+                method="network+io")
+    pipe, _ = _method(argparse.Namespace(**base, model_size=[32, 48, 32]))
+    assert pipe.method.stages[0].grid == (32, 48, 32)
+    pipe, _ = _method(argparse.Namespace(**base, model_size=None))
+    assert pipe.method.stages[0].grid == (48, 64, 48)  # its training grid

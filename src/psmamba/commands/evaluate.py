@@ -20,14 +20,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     src.add_argument("--split", default="test",
                      help="split of --demo / --config / the checkpoint's data (default test; demo: also test_hard)")
     meth = parser.add_argument_group("method")
-    meth.add_argument("--checkpoint", metavar="C", help="trained psmamba checkpoint")
+    meth.add_argument("--checkpoint", metavar="C", help="trained psmamba checkpoint: without --method its network "
+                      "alone (refined with --iters), with --method the network stage of that pipeline")
     meth.add_argument("--identity", action="store_true", help="no registration (the 'before' baseline)")
     meth.add_argument("--iters", type=int, default=0, metavar="N",
                       help="test-time optimisation steps per pair (see psmamba register --help)")
     meth.add_argument("--refine", choices=("weights", "field"), default="weights",
                       help="with --checkpoint and --iters: fine-tune a copy of the weights per pair (default) "
                            "or refine the network's field (see psmamba register --help)")
-    meth.add_argument("--lr", type=float, default=None, help="learning rate of --iters")
+    meth.add_argument("--lr", type=float, default=None, help="io's step with --method (default 1), or Adam's learning rate with --iters")
     meth.add_argument("--lambda", dest="lam", type=float, default=None, metavar="W",
                       help="diffusion weight of --iters (default 1 for a network, 3 for a field)")
     meth.add_argument("--model-size", type=int, nargs=3, metavar=("D", "H", "W"), help="grid the network runs on")
@@ -106,9 +107,11 @@ def _method(args: argparse.Namespace):
         ckpt = None
         if args.checkpoint:
             model, ckpt = load_model(args.checkpoint, device=resolve_device(args.device))
-            return build_pipeline(args.method, model=model, model_size=args.model_size or training_size(ckpt),
-                                  lr=args.lr, lam=args.lam, device=args.device), ckpt
-        return build_pipeline(args.method, lr=args.lr, lam=args.lam, device=args.device), None
+            return build_pipeline(args.method, model=model,
+                                  model_size=args.model_size or training_size(ckpt), lr=args.lr, lam=args.lam,
+                                  device=args.device), ckpt
+        return build_pipeline(args.method, lr=args.lr, lam=args.lam, model_size=args.model_size,
+                              device=args.device), None
     if not args.checkpoint and not args.iters:
         raise PsmambaError("nothing to evaluate: give --method NAME, a checkpoint, --identity or --iters N")
     model = ckpt = None

@@ -12,7 +12,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--names", nargs="+", metavar="NAME", help="method names (default: the method column)")
     parser.add_argument("--label-names", metavar="FILE",
                         help="CSV or TSV of code,name to label the ROI axis (default: the codes)")
-    parser.add_argument("--labels", metavar="L", help="comma-separated label codes to plot (default: all)")
+    parser.add_argument("--labels", metavar="L", help="comma-separated label codes for dice_per_roi.png (default: all; dice_per_pair.png keeps each pair's mean over the labels its CSV scored)")
     parser.add_argument("--title", default=None, help="title of the box plot")
     parser.add_argument("--out", required=True, metavar="DIR",
                         help="folder for dice_per_roi.png and dice_per_pair.png (created)")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-HELP = "register a moving image onto a fixed image (affine, then diffeomorphic refinement, by default)"
+HELP = "register a moving image onto a fixed image (by default: affine, the shipped network, diffeomorphic refinement)"
 #: the CLI keeps freed memory for reuse before running this command (see psmamba.runtime)
 KEEP_FREED_MEMORY = True
 

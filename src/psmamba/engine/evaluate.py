@@ -9,9 +9,10 @@ measures, on the fixed image's grid:
   :func:`psmamba.metrics.dice`'s rules for labels missing from a map),
 * HD95 per label in mm (the fixed image's spacing; :func:`psmamba.metrics.hd95`),
 * folding % (voxels with ``det J <= 0``) and SDlogJ of the field (:mod:`psmamba.metrics`),
-* seconds per pair: the registration proper (resampling to the model grid, the network and/or
-  the optimisation, the field back to the fixed grid); reading files and computing metrics are
-  excluded.
+* seconds per pair: the preparation (intensity scaling, the moving image and labels resampled
+  onto the fixed grid) and the registration proper (resampling to the model grid, the network
+  and/or the optimisation, the field back to the fixed grid and its inverse); reading files and
+  computing metrics are excluded.
 
 The tables, their files and summaries are :mod:`psmamba.engine.results`. Pairs come from a pair
 list (:func:`pair_files`), the demo (:func:`demo_pairs`) or a training config's split

@@ -2,7 +2,8 @@
 
 :func:`register_pair` is the engine behind ``psmamba register``, ``psmamba.register`` (and the
 demo and ``psmamba evaluate``). A :class:`Pipeline` (:func:`build_pipeline`, from a method name
-such as ``"default"`` = ``affine+io``, or ``affine+network+io`` with a network) runs in steps,
+such as ``"default"``: ``affine+network+io`` with a network (the shipped one unless another is
+given), ``affine+io`` without one) runs in steps,
 each a function of its own:
 
 1. **Validate** (:func:`_load_inputs`, :func:`psmamba.checks.check_inputs`) everything that can
