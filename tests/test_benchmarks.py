@@ -407,3 +407,20 @@ def test_run_and_report_keeps_partial_results_until_the_outputs_are_written(tmp_
     with pytest.raises(KeyboardInterrupt):
         run_and_report(tmp_path, "x", {"command": "c"}, stops, write, str)
     assert json.loads(partial.read_text())["rows"] == [1]  # what was measured is kept
+
+
+def test_ablation_helpers(tmp_path):
+    """benchmarks/ablations/_common: variant order, the io log found in a summary, rows as they come."""
+    from benchmarks.ablations._common import Rows, levels_run, rotated
+
+    assert rotated(("a", "b", "c"), 0) == ["a", "b", "c"] and rotated(("a", "b", "c"), 4) == ["b", "c", "a"]
+    summary = {"deformable": {"stages": [{"method": "network"},
+                                         {"method": "io", "levels_run": [{"factor": 4, "iterations": 12,
+                                                                          "converged": True}]}]}}
+    assert levels_run(summary) == [(4, 12, True)] and levels_run({"method": "affine"}) is None
+    path = tmp_path / "r" / "rows.jsonl"
+    with Rows(path) as out:
+        out.add({"pair": "a", "dice": 0.5})
+        assert json.loads(path.read_text().splitlines()[0]) == {"pair": "a", "dice": 0.5}  # written at once
+        out.add({"pair": "b", "dice": 0.6})
+    assert [r["pair"] for r in out.rows] == ["a", "b"] and len(path.read_text().splitlines()) == 2

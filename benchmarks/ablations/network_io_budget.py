@@ -13,13 +13,13 @@ Writes ``results/network_io_budget.jsonl`` (one row per run) and prints the mean
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
+
+from benchmarks.ablations._common import RESULTS, Rows, register_timed, rotated, scores, val_pairs  # noqa: E402
 
 VARIANTS = (
     ("io", (100, 30, 2)),
@@ -34,43 +34,22 @@ VARIANTS = (
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", type=Path,
-                    default=Path(__file__).resolve().parent / "results" / "network_io_budget.jsonl")
+    ap.add_argument("--out", type=Path, default=RESULTS / "network_io_budget.jsonl")
     args = ap.parse_args()
 
     import numpy as np
     import torch
 
-    from benchmarks.bench_register import demo_bench_data
-    from psmamba.engine.register import register_pair
-    from psmamba.io import Image
-
     torch.set_num_threads(args.threads)
-    pairs = demo_bench_data("full", one_way=True, splits=("val",)).pairs["val"]
-    rows = []
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with open(args.out, "w") as fh:
-        for i, p in enumerate(pairs):
-            order = list(VARIANTS[i % len(VARIANTS):] + VARIANTS[:i % len(VARIANTS)])
-            for method, its in order:
-                def img(a, n, aff=p.affine):
-                    return Image(data=a, affine=aff, header=None, path=n)
-
-                t0 = time.perf_counter()
-                res = register_pair(img(p.fixed, "f"), img(p.moving, "m"), method=method,
-                                    deformable={"iterations": its}, device="cpu", overview=False,
-                                    moving_labels=img(p.moving_labels, "ml"), fixed_labels=img(p.fixed_labels, "fl"))
-                tm = res.summary.get("timings_s", {})
-                sec = time.perf_counter() - t0 - float(tm.get("metrics", 0.0)) - float(tm.get("write", 0.0))
-                row = {"pair": p.pair_id, "method": method, "iterations": list(its), "sec": round(sec, 2),
-                       "dice": res.summary["dice_after"]["mean"], "before": res.summary["dice_before"]["mean"],
-                       "fold": res.summary.get("folding_percent")}
-                print(json.dumps(row), flush=True)
-                fh.write(json.dumps(row) + "\n")
-                rows.append(row)
+    with Rows(args.out) as out:
+        for i, p in enumerate(val_pairs()):
+            for method, its in rotated(VARIANTS, i):
+                res, sec = register_timed(p, method, deformable={"iterations": its})
+                out.add({"pair": p.pair_id, "method": method, "iterations": list(its), "sec": round(sec, 2),
+                         **scores(res)})
     print("\nmethod       io steps (1/4, 1/2, 1)  Dice    seconds (mean of 3)")
     for method, its in VARIANTS:
-        mine = [r for r in rows if r["method"] == method and tuple(r["iterations"]) == its]
+        mine = [r for r in out.rows if r["method"] == method and tuple(r["iterations"]) == its]
         print(f"{method:12s} {str(its):22s}  {np.mean([r['dice'] for r in mine]):.4f}  "
               f"{np.mean([r['sec'] for r in mine]):.1f}")
     return 0

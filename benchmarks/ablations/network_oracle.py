@@ -24,13 +24,13 @@ Writes ``results/network_oracle.jsonl`` (one row per run) and prints the means.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
+
+from benchmarks.ablations._common import RESULTS, Rows, register_timed, rotated, scores, val_pairs  # noqa: E402
 
 #: (oracle or None for the plain method, method, io steps per level)
 VARIANTS = (
@@ -49,77 +49,54 @@ VARIANTS = (
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", type=Path,
-                    default=Path(__file__).resolve().parent / "results" / "network_oracle.jsonl")
+    ap.add_argument("--out", type=Path, default=RESULTS / "network_oracle.jsonl")
     args = ap.parse_args()
 
     import numpy as np
     import torch
 
-    from benchmarks.bench_register import demo_bench_data
-    from psmamba.engine.register import build_pipeline, register_pair
-    from psmamba.io import Image
+    from psmamba.engine.register import build_pipeline
     from psmamba.spatial import resize_ddf
 
     torch.set_num_threads(args.threads)
-    pairs = demo_bench_data("full", one_way=True, splits=("val",)).pairs["val"]
-    oracle: dict[str, torch.Tensor | None] = {}
-
-    def stage_of(pipe):
-        return pipe.method.stages[0] if hasattr(pipe.method, "stages") else pipe.method
+    oracle: dict[str, torch.Tensor] = {}
 
     def with_oracle(name, method, its):
+        """The pipeline of ``method`` whose network stage runs the shipped network (for its
+        cost) and returns ``oracle[name]`` instead (``name == "shipped"``: its own field)."""
         pipe = build_pipeline(method, deformable=None if its is None else {"iterations": its})
-        net = stage_of(pipe)
+        net = pipe.method.stages[0] if hasattr(pipe.method, "stages") else pipe.method
         real = net.predict
 
         def predict(model, moving, fixed):
-            out = real(model, moving, fixed)  # the real network's cost
+            out = real(model, moving, fixed)
             return out if name == "shipped" else oracle[name].to(out)
 
         net.predict = predict
-        return pipe
+        return pipe, net.grid
 
     pipes = {v: with_oracle(*v) for v in VARIANTS}
-    rows = []
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with open(args.out, "w") as fh:
-        def run(p, key, method, its, override=True):
-            def img(a, n, aff=p.affine):
-                return Image(data=a, affine=aff, header=None, path=n)
-
-            t0 = time.perf_counter()
-            res = register_pair(img(p.fixed, "f"), img(p.moving, "m"), method=method, device="cpu",
-                                overview=False, moving_labels=img(p.moving_labels, "ml"),
-                                fixed_labels=img(p.fixed_labels, "fl"),
-                                **({"deformable": {"iterations": its}} if override else {}))
-            tm = res.summary.get("timings_s", {})
-            sec = time.perf_counter() - t0 - float(tm.get("metrics", 0.0)) - float(tm.get("write", 0.0))
-            row = {"pair": p.pair_id, "oracle": key[0], "method": key[1],
-                   "iterations": None if its is None else list(its), "sec": round(sec, 2),
-                   "dice": res.summary["dice_after"]["mean"], "before": res.summary["dice_before"]["mean"],
-                   "fold": res.summary.get("folding_percent")}
-            print(json.dumps(row), flush=True)
-            fh.write(json.dumps(row) + "\n")
-            rows.append(row)
+    grid = pipes[VARIANTS[0]][1]
+    with Rows(args.out) as out:
+        def run(p, key, method, its, **options):
+            res, sec = register_timed(p, method, **options)
+            out.add({"pair": p.pair_id, "oracle": key[0], "method": key[1],
+                     "iterations": None if its is None else list(its), "sec": round(sec, 2), **scores(res)})
             return res
 
-        for i, p in enumerate(pairs):
-            grid = stage_of(pipes[VARIANTS[0]]).grid
+        for i, p in enumerate(val_pairs()):
             # io alone first: it is the reference and gives the oracles
-            full = run(p, (None, "io"), "io", (100, 30, 2))
-            quarter = run(p, ("(oracle)", "io"), "io", (100, 0, 0))
-            for name, res in (("io-full", full), ("io-quarter", quarter)):
+            for name, key, its in (("io-full", None, (100, 30, 2)), ("io-quarter", "(oracle)", (100, 0, 0))):
+                res = run(p, (key, "io"), "io", its, deformable={"iterations": its})
                 oracle[name] = resize_ddf(torch.from_numpy(res.ddf)[None].float(), grid)
-            order = list(VARIANTS[i % len(VARIANTS):] + VARIANTS[:i % len(VARIANTS)])
-            for v in order:
-                run(p, v, pipes[v], v[2], override=False)
+            for v in rotated(VARIANTS, i):
+                run(p, v, pipes[v][0], v[2])
+        rows = out.rows
     print("\noracle       method       io steps (1/4, 1/2, 1)  Dice    seconds  (mean of the val pairs)")
     keys = [(None, "io", [100, 30, 2]), ("(oracle)", "io", [100, 0, 0])] + [
         (o, m, None if its is None else list(its)) for o, m, its in VARIANTS]
     for o, m, its in keys:
-        mine = [r for r in rows if r["oracle"] == o and r["method"] == m and
-                (r["iterations"] == its or its is None and r["iterations"] is None)]
+        mine = [r for r in rows if r["oracle"] == o and r["method"] == m and r["iterations"] == its]
         if mine:
             print(f"{str(o or '-'):12s} {m:12s} {str(its or '-'):22s}  {np.mean([r['dice'] for r in mine]):.4f}  "
                   f"{np.mean([r['sec'] for r in mine]):.1f}")

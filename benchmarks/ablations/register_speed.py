@@ -22,13 +22,15 @@ Writes ``results/register_speed.jsonl`` (one row per run) and prints the means.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
+
+from benchmarks.ablations._common import (  # noqa: E402
+    RESULTS, Rows, levels_run, register_timed, rotated, scores, val_pairs,
+)
 
 VARIANTS = ("whole", "residual", "residual_sq05", "residual_rigid_coarse")
 
@@ -37,7 +39,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
-    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "register_speed.jsonl")
+    ap.add_argument("--out", type=Path, default=RESULTS / "register_speed.jsonl")
     args = ap.parse_args()
 
     import numpy as np
@@ -45,15 +47,9 @@ def main() -> int:
 
     import psmamba.affine as affine_mod
     import psmamba.deformable as deformable_mod
-    from benchmarks.ablations.register_io_full import levels_run
-    from benchmarks.bench_register import _misaligned, demo_bench_data
     from psmamba.deformable import DeformableConfig
-    from psmamba.engine.register import register_pair
-    from psmamba.io import Image
 
     torch.set_num_threads(args.threads)
-    pairs = demo_bench_data("full", one_way=True, splits=("val",)).pairs["val"]
-    pairs = pairs + [_misaligned(p, 7) for p in pairs]
     plain_affine = affine_mod.affine_register
     squaring = deformable_mod._SQUARING_START
 
@@ -63,37 +59,21 @@ def main() -> int:
         affine_mod.affine_register = lambda *a, **k: plain_affine(*a, rigid_iterations=rigid, **k)
         return DeformableConfig(full_residual=name != "whole")
 
-    rows = []
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with open(args.out, "w") as fh:
-        for i, p in enumerate(pairs):
-            names = list(args.variants)
-            names = names[i % len(names):] + names[:i % len(names)]
-            for name in names:
-                def img(a, n, aff=p.affine):
-                    return Image(data=a, affine=aff, header=None, path=n)
-
-                cfg = setup(name)
-                t0 = time.perf_counter()
-                res = register_pair(img(p.fixed, "f"), img(p.moving, "m"), method="default", deformable=cfg,
-                                    device="cpu", overview=False, moving_labels=img(p.moving_labels, "ml"),
-                                    fixed_labels=img(p.fixed_labels, "fl"))
-                s = res.summary
-                tm = s.get("timings_s", {})
-                sec = time.perf_counter() - t0 - float(tm.get("metrics", 0.0)) - float(tm.get("write", 0.0))
-                row = {"pair": p.pair_id, "mis": p.motion is not None, "cfg": name, "sec": round(sec, 2),
-                       "affine_s": round(float(tm.get("affine") or 0.0), 2),
-                       "dice": s["dice_after"]["mean"], "before": s["dice_before"]["mean"],
-                       "fold": s.get("folding_percent"), "levels": levels_run(s)}
-                print(json.dumps(row), flush=True)
-                fh.write(json.dumps(row) + "\n")
-                rows.append(row)
-    affine_mod.affine_register = plain_affine
-    deformable_mod._SQUARING_START = squaring
+    try:
+        with Rows(args.out) as out:
+            for i, p in enumerate(val_pairs(misaligned=True)):
+                for name in rotated(args.variants, i):
+                    res, sec = register_timed(p, "default", deformable=setup(name))
+                    out.add({"pair": p.pair_id, "mis": p.motion is not None, "cfg": name, "sec": round(sec, 2),
+                             "affine_s": round(float(res.summary.get("timings_s", {}).get("affine") or 0.0), 2),
+                             **scores(res), "levels": levels_run(res.summary)})
+    finally:
+        affine_mod.affine_register = plain_affine
+        deformable_mod._SQUARING_START = squaring
     print("\nvariant                 aligned  misaligned  folding % (max)  seconds (mean)  affine s")
     for name in args.variants:
-        d = {m: [r["dice"] for r in rows if r["cfg"] == name and r["mis"] == m] for m in (False, True)}
-        mine = [r for r in rows if r["cfg"] == name]
+        d = {m: [r["dice"] for r in out.rows if r["cfg"] == name and r["mis"] == m] for m in (False, True)}
+        mine = [r for r in out.rows if r["cfg"] == name]
         print(f"{name:22s}  {np.mean(d[False]):.4f}   {np.mean(d[True]):.4f}      "
               f"{max(r['fold'] or 0.0 for r in mine):.5f}          {np.mean([r['sec'] for r in mine]):.1f}"
               f"            {np.mean([r['affine_s'] for r in mine]):.1f}")
