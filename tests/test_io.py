@@ -207,3 +207,25 @@ def test_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path, monke
     monkeypatch.undo()
     assert listing(tmp_path) == ["labels.nii.gz"]
     assert np.array_equal(load_labels(target).data, old)
+
+
+@pytest.mark.parametrize("names", [("x.hdr.gz", "x.img.gz"), ("x.hdr", "x.img.gz"), ("x.hdr.gz", "x.img"),
+                                   ("X.HDR", "X.IMG")])
+def test_analyze_pairs_gzipped_either_half_or_upper_case(tmp_path, names):
+    """Both halves of a pair are found whichever is gzipped and in any letter case (LONI's LPBA40
+    ships ``.img.gz`` beside a plain ``.hdr``); the data and nibabel's affine come through."""
+    import gzip
+
+    a = np.arange(60, dtype=np.int16).reshape(3, 4, 5)
+    aff = np.diag([2.0, 1.5, 1.0, 1.0])
+    nib.save(nib.AnalyzeImage(a, aff), str(tmp_path / "ref.hdr"))
+    ref = nib.load(str(tmp_path / "ref.hdr"))
+    for src, dst in zip(("ref.hdr", "ref.img"), names):
+        raw = (tmp_path / src).read_bytes()
+        (tmp_path / dst).write_bytes(gzip.compress(raw) if dst.lower().endswith(".gz") else raw)
+    for name in names:
+        img = load_image(tmp_path / name)
+        assert np.array_equal(img.data, a) and np.allclose(img.affine, ref.affine)
+    (tmp_path / names[1]).unlink()
+    with pytest.raises(PsmambaError, match=r"X?x?\.img\[\.gz\] of the \.hdr/\.img pair is missing"):
+        load_image(tmp_path / names[0])

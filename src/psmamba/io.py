@@ -46,11 +46,15 @@ __all__ = [
     "save_labels",
     "save_ddf",
     "SUFFIXES",
+    "READ_SUFFIXES",
     "as_image",
 ]
 
 #: File name endings read and written here. ``.img`` and ``.hdr`` name the same pair.
 SUFFIXES = (".nii.gz", ".nii", ".hdr", ".img")
+#: File name endings read (any case): also gzipped Analyze/NIfTI pairs, whose two halves may be
+#: compressed apart (LONI's LPBA40 release ships ``S01....img.gz`` beside a plain ``.hdr``).
+READ_SUFFIXES = (".nii.gz", ".nii", ".hdr.gz", ".img.gz", ".hdr", ".img")
 
 
 @dataclass
@@ -86,12 +90,60 @@ class Image:
 
 
 # --------------------------------------------------------------------------- helpers
-def _suffix(path: Path) -> str:
+def _suffix(path: Path, suffixes: tuple[str, ...] = SUFFIXES) -> str:
     name = path.name.lower()
-    for suffix in SUFFIXES:
+    for suffix in suffixes:
         if name.endswith(suffix):
             return suffix
     return ""
+
+
+def analyze_pair(p: Path) -> tuple[Path | None, Path | None]:
+    """The header and image files of the Analyze/NIfTI pair that ``p`` (either half) names:
+    ``.hdr`` or ``.hdr.gz`` beside ``.img`` or ``.img.gz``, in any letter case (``None`` where
+    one is missing)."""
+    p = Path(p)
+    stem = p.name[: -len(_suffix(p, READ_SUFFIXES))].lower()
+    try:
+        names = {e.name.lower(): e for e in p.parent.iterdir() if e.name.lower().startswith(stem)}
+    except OSError:
+        names = {}
+
+    def first(*exts):
+        return next((names[stem + e] for e in exts if stem + e in names and names[stem + e].is_file()), None)
+
+    return first(".hdr", ".hdr.gz"), first(".img", ".img.gz")
+
+
+def _load_pair(hdr: Path, img: Path):
+    """nibabel image of an Analyze/NIfTI pair, whichever half is gzipped and whatever the letter
+    case (``nib.load`` by name wants both halves compressed alike and named alike): the header
+    bytes decide the class as ``nib.load`` would (NIfTI-1/2 pair by its magic, else SPM2 Analyze,
+    whose optional ``.mat`` beside it is read too). Returns ``(image, data)``."""
+    import gzip
+    from io import BytesIO
+
+    from nibabel.fileholders import FileHolder
+
+    def opener(q: Path):
+        return gzip.open(q, "rb") if q.name.lower().endswith(".gz") else open(q, "rb")
+
+    with opener(hdr) as fh:
+        raw = fh.read()
+    if len(raw) >= 348 and raw[344:347] == b"ni1":
+        klass = nib.Nifti1Pair
+    elif len(raw) >= 4 and 540 in (int.from_bytes(raw[:4], "little"), int.from_bytes(raw[:4], "big")):
+        klass = nib.Nifti2Pair
+    else:
+        klass = nib.Spm2AnalyzeImage
+    with opener(img) as fi:
+        holders = {"header": FileHolder(fileobj=BytesIO(raw)), "image": FileHolder(fileobj=fi)}
+        if klass is nib.Spm2AnalyzeImage:
+            stem = hdr.name[: -len(_suffix(hdr, READ_SUFFIXES))]
+            holders["mat"] = FileHolder(filename=str(hdr.with_name(stem + ".mat")))
+        image = klass.from_file_map(holders, mmap=False)
+        data = np.asanyarray(image.dataobj)
+    return image, data
 
 
 def _short(exc: BaseException) -> str:
@@ -103,14 +155,16 @@ def _short(exc: BaseException) -> str:
 def check_file(p: Path, what: str) -> str:
     """``p`` is a readable volume file by name and presence (both halves of a ``.hdr``/``.img``
     pair); returns its suffix. Raises a one-line PsmambaError naming ``what`` and the file."""
-    suffix = _suffix(p)
+    suffix = _suffix(p, READ_SUFFIXES)
     if not suffix:
-        raise PsmambaError(f"{what} {p}: unsupported file type (expected one of {', '.join(SUFFIXES)})")
-    if suffix in (".hdr", ".img"):
-        # an Analyze/NIfTI pair needs both halves
-        for part in (p.with_suffix(".hdr"), p.with_suffix(".img")):
-            if not part.is_file():
-                raise PsmambaError(f"{what} {p}: file not found ({part.name} of the .hdr/.img pair is missing)")
+        raise PsmambaError(f"{what} {p}: unsupported file type (expected one of {', '.join(READ_SUFFIXES)})")
+    if suffix in (".hdr", ".img", ".hdr.gz", ".img.gz"):
+        # an Analyze/NIfTI pair needs both halves (either may be gzipped)
+        hdr, img = analyze_pair(p)
+        stem = p.name[: -len(suffix)]
+        for part, name in ((hdr, ".hdr"), (img, ".img")):
+            if part is None:
+                raise PsmambaError(f"{what} {p}: file not found ({stem}{name}[.gz] of the .hdr/.img pair is missing)")
     elif not p.exists():
         raise PsmambaError(f"{what} {p}: file not found")
     elif not p.is_file():
@@ -121,11 +175,14 @@ def check_file(p: Path, what: str) -> str:
 def _read(path, what: str) -> tuple[Any, np.ndarray, Path]:
     """Open ``path`` with nibabel and read its voxels; any failure -> one-line PsmambaError."""
     p = Path(path)
-    check_file(p, what)
+    suffix = check_file(p, what)
     try:
-        # mmap=False: a private in-memory array, no open file handle kept behind it
-        img = nib.load(str(p), mmap=False)
-        data = np.asanyarray(img.dataobj)
+        if suffix in (".hdr", ".img", ".hdr.gz", ".img.gz"):
+            img, data = _load_pair(*analyze_pair(p))
+        else:
+            # mmap=False: a private in-memory array, no open file handle kept behind it
+            img = nib.load(str(p), mmap=False)
+            data = np.asanyarray(img.dataobj)
     except MemoryError:
         raise
     except Exception as exc:  # nibabel, gzip, zlib and OS errors all mean "unreadable"

@@ -100,6 +100,78 @@ def test_lpba40_paper_split_and_missing_label(tmp_path):
     assert "left out: 2" in src.summary()
 
 
+def _gzip_half(path: Path) -> Path:
+    """``x.img`` -> ``x.img.gz`` (the original removed), as LONI ships LPBA40."""
+    out = path.with_name(path.name + ".gz")
+    out.write_bytes(gzip.compress(path.read_bytes()))
+    path.unlink()
+    return out
+
+
+def test_lpba40_loni_release_gzipped_images_plain_headers(tmp_path):
+    """LONI's "delineation space" archive: ``S01.delineation.skullstripped.img.gz`` beside a plain
+    ``.hdr``; lower-case subject names, an upper-case pair and macOS litter read as well."""
+    make_lpba40(tmp_path, n=3)
+    d = tmp_path / "LPBA40/delineation_space"
+    for f in sorted(d.glob("S0[13]/*.img")):
+        _gzip_half(f)
+    ref = nib.load(str(_save(tmp_path / "ref.hdr", _image(1), analyze=True)))
+    (d / "S02").rename(d / "s02")
+    for f in sorted((d / "s02").iterdir()):
+        f.rename(f.with_name(f.name.replace("S02", "s02")))
+    (d / "S03" / "._S03.delineation.skullstripped.hdr").write_bytes(b"\0\5\x16\x07junk")
+    (tmp_path / "__MACOSX" / "S01").mkdir(parents=True)
+    (tmp_path / "__MACOSX" / "S01" / "._S01.delineation.skullstripped.hdr").write_bytes(b"junk")
+    src = open_source(tmp_path)
+    assert src.layout == "lpba40" and src.ids == ["S01", "S02", "S03"], src.summary()
+    assert src.skipped == []
+    s01 = src.volumes[0]
+    assert s01.image_path.name == "S01.delineation.skullstripped.hdr"
+    vol = s01.load(remap=False)
+    assert np.array_equal(vol.image, _image(1)) and vol.labels.max() > 100
+    from psmamba.io import load_image
+
+    img = load_image(s01.image_path)  # the image half named directly works too, same affine as nibabel's
+    assert np.allclose(load_image(str(s01.image_path)[:-4] + ".img.gz").data, img.data)
+    assert np.allclose(img.affine, ref.affine)
+
+
+def test_lpba40_analyze_half_missing_and_nothing_usable(tmp_path):
+    make_lpba40(tmp_path, n=1)
+    (tmp_path / "LPBA40/delineation_space/S01/S01.delineation.structure.label.img").unlink()
+    with pytest.raises(PsmambaError, match=r"no usable LPBA40 subject.*left out:.*label\.hdr"):
+        open_source(tmp_path, layout="lpba40")
+    with pytest.raises(PsmambaError, match=r"id pattern '\(S\[': not a regular expression"):
+        open_source(tmp_path, layout="lpba40", id_pattern="(S[")
+
+
+def test_bad_glob_is_one_line(tmp_path):
+    from psmamba.data.sources import find_files
+
+    with pytest.raises(PsmambaError, match="must be relative"):
+        find_files(tmp_path, "/abs/*.nii.gz")
+    with pytest.raises(PsmambaError, match=r"file pattern 'img\*\*/x.nii.gz'"):
+        find_files(tmp_path, "img**/x.nii.gz")
+
+
+def test_mindboggle_volumes_in_mni152_folders(tmp_path):
+    make_mindboggle(tmp_path, per_subset=1, extra_subset=False)
+    for d in sorted(tmp_path.glob("*_volumes")):
+        d.rename(d.with_name(d.name + "_in_MNI152"))
+    src = open_source(tmp_path)
+    assert src.layout == "mindboggle" and len(src) == 3
+    assert src.splits["test"] == ["OASIS-TRT-20-1"]
+
+
+def test_learn2reg_json_of_another_task_is_not_read_as_abdomen(tmp_path):
+    j = tmp_path / "OASIS_dataset.json"
+    j.write_text("{}")
+    with pytest.raises(PsmambaError, match="only AbdomenCTCT"):
+        detect_layout(j)
+    (tmp_path / "imagesTr").mkdir()
+    assert detect_layout(tmp_path) == "folder"
+
+
 # ---------------------------------------------------------------------- Mindboggle
 def make_mindboggle(root: Path, per_subset: int = 2, extra_subset: bool = True) -> Path:
     codes = list(DKT31_CODES) + [2, 4, 10, 17, 41, 49, 24]  # cortical + some aseg codes

@@ -26,13 +26,34 @@ __all__ = ["read_lpba40", "LPBA40_IMAGE_GLOB", "LPBA40_LABEL_GLOB"]
 
 LPBA40_IMAGE_GLOB = "**/*.delineation.skullstripped.*"
 LPBA40_LABEL_GLOB = "**/*.delineation.structure.label.*"
-# The subject is the "S01" token of the file name.
+# The subject is the "S01" token of the file name (any letter case: "s01" reads as "S01").
 LPBA40_ID_PATTERN = r"(S\d+)"
 
 
-def _subject_id(path: Path, pattern: str) -> str | None:
-    m = re.search(pattern, path.name)
-    return m.group(1) if m else None
+def _id_regex(pattern: str) -> re.Pattern:
+    try:
+        rx = re.compile(pattern, re.IGNORECASE)
+    except re.error as exc:
+        raise PsmambaError(f"id pattern {pattern!r}: not a regular expression ({exc})") from None
+    if rx.groups < 1:
+        raise PsmambaError(f"id pattern {pattern!r}: needs a group (...) around the subject id")
+    return rx
+
+
+def _subject_id(path: Path, rx: re.Pattern) -> str | None:
+    m = rx.search(path.name)
+    if not m or not m.group(1):
+        return None
+    sid = m.group(1)
+    return sid.upper() if re.fullmatch(r"s\d+", sid, re.IGNORECASE) else sid
+
+
+def _reasons(skipped: list[Skipped], most: int = 3) -> str:
+    """The first few things left out, for an error that would otherwise hide them."""
+    if not skipped:
+        return ""
+    more = f"; and {len(skipped) - most} more" if len(skipped) > most else ""
+    return "; left out: " + "; ".join(str(s) for s in skipped[:most]) + more
 
 
 def read_lpba40(
@@ -62,16 +83,17 @@ def read_lpba40(
     if not root.is_dir():
         raise PsmambaError(f"{root}: LPBA40 folder not found")
     label_map = as_label_map(label_map)
+    rx = _id_regex(id_pattern)
     skipped: list[Skipped] = []
     images = find_files(root, image_glob, skipped)
     if not images:
         raise PsmambaError(
             f"{root}: no LPBA40 images found (expected files matching {image_glob!r}, "
-            "e.g. S01/S01.delineation.skullstripped.img + .hdr or .nii.gz)"
+            "e.g. S01/S01.delineation.skullstripped.img[.gz] + .hdr or .nii.gz)" + _reasons(skipped)
         )
     labels_by_id: dict[str, Path] = {}
     for p in find_files(root, label_glob, skipped):
-        sid = _subject_id(p, id_pattern)
+        sid = _subject_id(p, rx)
         if sid is None:
             skipped.append(Skipped(str(p), f"no subject id matching {id_pattern!r} in the file name"))
         elif sid in labels_by_id:
@@ -81,7 +103,7 @@ def read_lpba40(
     volumes: list[FileVolumeRef] = []
     seen: dict[str, Path] = {}
     for p in images:
-        sid = _subject_id(p, id_pattern)
+        sid = _subject_id(p, rx)
         if sid is None:
             skipped.append(Skipped(str(p), f"no subject id matching {id_pattern!r} in the file name"))
             continue
@@ -96,6 +118,8 @@ def read_lpba40(
         volumes.append(FileVolumeRef(sid, p, lab, subject=sid, label_map=label_map))
     for sid, lab in labels_by_id.items():
         skipped.append(Skipped(str(lab), f"label map without an image for {sid}"))
+    if not volumes:
+        raise PsmambaError(f"{root}: no usable LPBA40 subject (an image with its label map)" + _reasons(skipped))
     volumes.sort(key=lambda v: (int(re.sub(r"\D", "", v.id) or 0), v.id))
     notes = []
     if len(volumes) != 40:

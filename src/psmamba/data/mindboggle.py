@@ -16,6 +16,7 @@ Protocol (the paper): train on NKI-RS-22 + NKI-TRT-20 (42 volumes), test on OASI
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -30,6 +31,16 @@ PAPER_TRAIN_SUBSETS: tuple[str, ...] = ("NKI-RS-22", "NKI-TRT-20")
 PAPER_TEST_SUBSETS: tuple[str, ...] = ("OASIS-TRT-20",)
 MINDBOGGLE_IMAGE = "t1weighted_brain.MNI152.nii.gz"
 MINDBOGGLE_LABELS = "labels.DKT31.manual+aseg.MNI152.nii.gz"
+
+
+#: a subset's folder: ``NKI-RS-22_volumes`` (native space) or ``NKI-RS-22_volumes_in_MNI152``
+SUBSET_FOLDER = re.compile(r"^(.+?)_volumes(?:_in_MNI152)?$", re.IGNORECASE)
+
+
+def subset_name(folder: str) -> str | None:
+    """``"NKI-RS-22_volumes"`` / ``"NKI-RS-22_volumes_in_MNI152"`` -> ``"NKI-RS-22"``, else None."""
+    m = SUBSET_FOLDER.match(folder)
+    return m.group(1) if m else None
 
 
 def read_mindboggle(
@@ -59,11 +70,15 @@ def read_mindboggle(
     subsets = list(subsets) if subsets is not None else list(train_subsets) + list(test_subsets)
     skipped: list[Skipped] = []
     notes: list[str] = []
-    if root.name.endswith("_volumes"):
-        subset_dirs = {root.name[: -len("_volumes")]: root}
-    else:
-        subset_dirs = {c.name[: -len("_volumes")]: c for c in sorted(root.iterdir())
-                       if c.is_dir() and c.name.endswith("_volumes")}
+    subset_dirs: dict[str, Path] = {}
+    for c in [root] if subset_name(root.name) else sorted(root.iterdir()):
+        name = subset_name(c.name) if c.is_dir() else None
+        if name is None:
+            continue
+        if name in subset_dirs:
+            skipped.append(Skipped(str(c), f"second folder for subset {name} (using {subset_dirs[name].name})"))
+            continue
+        subset_dirs[name] = c
     for name, d in subset_dirs.items():
         if name not in subsets:
             skipped.append(Skipped(str(d), f"subset {name} is not in the chosen subsets {subsets} (pass subsets= to add it)"))

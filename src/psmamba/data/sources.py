@@ -55,40 +55,59 @@ def image_ext(name: str) -> str | None:
     return None
 
 
+def _junk(p: Path, root: Path) -> bool:
+    """macOS archive litter: ``._name`` resource forks and ``__MACOSX`` folders."""
+    try:
+        parts = p.relative_to(root).parts
+    except ValueError:
+        parts = p.parts
+    return p.name.startswith("._") or "__MACOSX" in parts
+
+
 def find_files(root: Path, patterns: str | Sequence[str], skipped: list["Skipped"] | None = None) -> list[Path]:
     """Image files under ``root`` matching any glob in ``patterns`` (``**`` recurses), sorted.
 
-    An Analyze pair counts once, as its ``.hdr``; a lone ``.img`` without header is reported in
-    ``skipped``. Files with no image extension are ignored (they are not candidates).
+    An Analyze/NIfTI pair counts once, as its header (``.hdr`` or ``.hdr.gz`` beside ``.img`` or
+    ``.img.gz``, either gzipped, any letter case: :func:`psmamba.io.analyze_pair`); a lone half
+    is reported in ``skipped``. Files with no image extension are ignored (they are not
+    candidates), and so is macOS archive litter (``._*`` files, ``__MACOSX`` folders).
     """
+    from psmamba.io import analyze_pair
+
     if isinstance(patterns, str):
         patterns = [patterns]
     found: set[Path] = set()
     for pat in patterns:
-        for p in root.glob(pat):
-            if p.is_file() and image_ext(p.name) is not None:
+        for p in _glob(root, pat):
+            if p.is_file() and image_ext(p.name) is not None and not _junk(p, root):
                 found.add(p)
-    out = []
+    out = set()
     for p in sorted(found):
         ext = image_ext(p.name)
-        if ext in (".img", ".img.gz"):
-            hdr = p.with_name(p.name[: -len(ext)] + ext.replace("img", "hdr"))
-            if not hdr.exists():
+        if ext in (".img", ".img.gz", ".hdr", ".hdr.gz"):
+            hdr, img = analyze_pair(p)
+            if hdr is None or img is None:
                 if skipped is not None:
-                    skipped.append(Skipped(str(p), f"Analyze image without its header {hdr.name}"))
+                    half = "image without its header" if hdr is None else "header without its image"
+                    skipped.append(Skipped(str(p), f"Analyze {half} ({strip_image_ext(p.name)}"
+                                                   f"{'.hdr' if hdr is None else '.img'}[.gz] is missing)"))
                 continue
-            if hdr in found:
-                continue  # the pair is listed once, through its header
-            out.append(hdr)
+            out.add(hdr)  # the pair is listed once, through its header
             continue
-        if ext in (".hdr", ".hdr.gz"):
-            img = p.with_name(p.name[: -len(ext)] + ext.replace("hdr", "img"))
-            if not img.exists():
-                if skipped is not None:
-                    skipped.append(Skipped(str(p), f"Analyze header without its image {img.name}"))
-                continue
-        out.append(p)
-    return sorted(set(out))
+        out.add(p)
+    return sorted(out)
+
+
+def _glob(root: Path, pattern: str):
+    """``root.glob(pattern)`` with a bad pattern as a one-line error naming it."""
+    from psmamba.errors import PsmambaError
+
+    if Path(pattern).is_absolute():
+        raise PsmambaError(f"file pattern {pattern!r}: must be relative to the data folder {root}")
+    try:
+        return list(root.glob(pattern))
+    except (ValueError, NotImplementedError) as exc:
+        raise PsmambaError(f"file pattern {pattern!r}: {exc}") from None
 
 
 @dataclass
@@ -256,15 +275,21 @@ def detect_layout(path: str | os.PathLike) -> str:
     if p.is_file():
         name = p.name.lower()
         if name.endswith("_dataset.json"):
-            return "abdomen"
+            if name.startswith("abdomenctct"):
+                return "abdomen"
+            raise PsmambaError(f"{p}: of the Learn2Reg tasks only AbdomenCTCT's dataset JSON is read; give its "
+                               "folder instead (imagesTr/labelsTr read as a folder of images and label maps) or a "
+                               "manifest (.csv)")
         if name.endswith((".csv", ".json", ".tsv")):
             return "manifest"
         if name.endswith((".pkl", ".pickle")):
             return "pickle"
         raise PsmambaError(f"{p}: a file source must be a manifest (.csv/.json) or a pickle (.pkl)")
-    if any(p.glob("*_dataset.json")) and (p / "imagesTr").is_dir():
-        return "abdomen"
-    if p.name.endswith("_volumes") or any(c.is_dir() and c.name.endswith("_volumes") for c in p.iterdir()):
+    if (p / "imagesTr").is_dir() and any(j.name.lower().startswith("abdomenctct") for j in p.glob("*_dataset.json")):
+        return "abdomen"  # other Learn2Reg tasks: imagesTr/labelsTr as a folder of images and labels
+    from psmamba.data.mindboggle import subset_name
+
+    if subset_name(p.name) or any(c.is_dir() and subset_name(c.name) for c in p.iterdir()):
         return "mindboggle"
     if next(p.glob("**/*.delineation.skullstripped.*"), None) is not None:
         return "lpba40"
