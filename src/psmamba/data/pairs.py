@@ -132,7 +132,7 @@ def _csv_rows(path: Path) -> list[PairRow]:
     return out
 
 
-_IMAGE_SUFFIXES = (".nii.gz", ".nii", ".hdr", ".img", ".mgz", ".nrrd", ".mha", ".mhd")
+_IMAGE_SUFFIXES = (".nii.gz", ".nii", ".hdr", ".img", ".hdr.gz", ".img.gz", ".mgz", ".nrrd", ".mha", ".mhd")
 
 
 def _looks_like_header(first: Sequence[str], second: Sequence[str]) -> bool:
