@@ -325,6 +325,31 @@ def test_folder_suffix_matching_and_globs(tmp_path):
     assert set(np.unique(src.volumes[1].load().labels)) == {0, 1, 2}
 
 
+@pytest.mark.parametrize("img_dir, lab_dir, img_name, lab_name", [
+    ("Images", "Labels", "S{i}", "S{i}"),              # folder names in any case
+    ("vols", "segs", "S{i}.nii.gz", "S{i}"),           # other common folder names
+    ("images", "labels", "S{i}", "S{i}_seg"),          # a label suffix in the label folder
+    ("images", "labels", "S{i}_image", "S{i}_label"),  # an "image" suffix against a label suffix
+])
+def test_folder_subfolder_variants_pair_images_with_labels(tmp_path, img_dir, lab_dir, img_name, lab_name):
+    for i in range(2):
+        _save(tmp_path / img_dir / (img_name.format(i=i).removesuffix(".nii.gz") + ".nii.gz"), _image(i))
+        _save(tmp_path / lab_dir / f"{lab_name.format(i=i)}.nii.gz", _labels([1, 2], i, dtype=np.uint8))
+    src = open_source(tmp_path)
+    assert src.layout == "folder" and len(src) == 2, src.summary()
+    assert all(v.has_labels for v in src.volumes) and src.skipped == [], src.summary()
+
+
+def test_folder_bids_like_names_pair_in_one_folder(tmp_path):
+    for i in range(2):
+        _save(tmp_path / f"sub-0{i}_T1w.nii.gz", _image(i))
+        _save(tmp_path / f"sub-0{i}_dseg.nii.gz", _labels([1, 2], i, dtype=np.uint8))
+    src = open_source(tmp_path, layout="folder")
+    assert src.ids == ["sub-00_T1w", "sub-01_T1w"] and all(v.has_labels for v in src.volumes), src.summary()
+    with pytest.raises(PsmambaError, match=r"subject pattern '\(sub': not a regular expression"):
+        open_source(tmp_path, layout="folder", subject_pattern="(sub")
+
+
 def test_manifest_csv_and_json(tmp_path):
     rows = ["id,image,label,subject,split"]
     for i in range(4):

@@ -8,10 +8,13 @@ Folder matching (:func:`read_folder`):
   and a label map with the same id belong together. Example: ``image_glob="img/*_t1.nii.gz"``,
   ``label_glob="seg/*_labels.nii.gz"`` pairs ``img/sub1_t1.nii.gz`` with ``seg/sub1_labels.nii.gz``.
   Files matching ``label_glob`` are never taken as images.
-* without globs: ``images*/`` + ``labels*/`` (or ``segs/``, ``masks/``) sub-folders are matched by
-  file name (an nnU-Net ``_0000`` channel suffix is ignored); otherwise every image file below
-  the folder is read, and files named ``<id>_seg``/``_label(s)``/``_aseg``/``_dseg``/``_mask``
-  are the label maps of ``<id>`` in the same folder.
+* without globs: ``images*/`` (or ``vols/``, ``scans/``) + ``labels*/`` (or ``segs/``, ``masks/``)
+  sub-folders, in any letter case, are matched by file name (an nnU-Net ``_0000`` channel
+  suffix is ignored, and so is a label suffix such as ``_seg``); otherwise every image file
+  below the folder is read, and files named ``<id>_seg``/``_label(s)``/``_aseg``/``_dseg``/
+  ``_mask`` are the label maps of ``<id>`` in the same folder. Either way a label map of ``<id>``
+  also pairs with a lone image ``<id>_image``/``_T1w``/``_t1``/``_ct``/... (BIDS ``sub-01_T1w`` with
+  ``sub-01_dseg``).
 
 Manifest (:func:`read_manifest`): CSV with a header, or JSON (a list of objects, or
 ``{"volumes": [...], "pairs": {"train": [[moving, fixed], ...]}}``); columns/keys ``image``
@@ -37,8 +40,33 @@ from psmamba.errors import PsmambaError
 __all__ = ["read_folder", "read_manifest", "glob_to_regex"]
 
 _LABEL_SUFFIX = re.compile(r"^(?P<id>.+?)[_.-](seg|segmentation|label|labels|labelmap|aseg|dseg|mask|parc)$", re.I)
-_IMAGE_DIRS = ("images", "imagesTr", "imagesTs", "image", "imgs", "img")
-_LABEL_DIRS = ("labels", "labelsTr", "labelsTs", "label", "segs", "seg", "segmentations", "masks")
+#: an image's name with a modality or "image" suffix (``S1_image``, BIDS ``sub-01_T1w``): the id
+#: its label map may carry without it (``S1_label``, ``sub-01_dseg``)
+_IMAGE_SUFFIX = re.compile(r"^(?P<id>.+?)[_.-](image|img|t1|t1w|t2|t2w|flair|ct|mr|mri|brain|scan|vol|volume)$", re.I)
+# sub-folder names, matched in any letter case
+_IMAGE_DIRS = ("images", "imagestr", "imagests", "image", "imgs", "img", "vols", "volumes", "scans")
+_LABEL_DIRS = ("labels", "labelstr", "labelsts", "label", "segs", "seg", "segmentations", "masks")
+
+
+def _subdir(root: Path, names: Sequence[str]) -> Path | None:
+    """The first sub-folder of ``root`` named one of ``names`` (any letter case), in their order."""
+    found = {c.name.lower(): c for c in sorted(root.iterdir()) if c.is_dir()}
+    return next((found[n] for n in names if n in found), None)
+
+
+def _pair_by_image_suffix(images: dict[str, Path], labels: dict[str, Path]) -> None:
+    """Re-key label maps that match no image id to the image whose id, without a modality or
+    "image" suffix, is theirs (``S1_label`` -> ``S1`` -> ``S1_image``); unique matches only."""
+    by_stem: dict[str, list[str]] = {}
+    for vid in images:
+        m = _IMAGE_SUFFIX.match(vid.rsplit("/", 1)[-1])
+        if m:
+            head = vid.rsplit("/", 1)[0] + "/" if "/" in vid else ""
+            by_stem.setdefault(head + m.group("id"), []).append(vid)
+    for lid in [k for k in labels if k not in images]:
+        match = by_stem.get(lid, [])
+        if len(match) == 1 and match[0] not in labels:
+            labels[match[0]] = labels.pop(lid)
 
 
 def glob_to_regex(pattern: str) -> re.Pattern:
@@ -131,14 +159,16 @@ def read_folder(
             add(images, next((i for i in (_glob_id(rel, rx) for rx in rxs) if i), None), p, "image")
         expected = f"files matching {image_glob!r}"
     else:
-        img_dir = next((root / d for d in _IMAGE_DIRS if (root / d).is_dir()), None)
-        lab_dir = next((root / d for d in _LABEL_DIRS if (root / d).is_dir()), None)
+        img_dir = _subdir(root, _IMAGE_DIRS)
+        lab_dir = _subdir(root, _LABEL_DIRS)
         if img_dir is not None:
             for p in find_files(img_dir, "*", skipped):
                 add(images, re.sub(r"_0000$", "", strip_image_ext(p.name)), p, "image")
             if lab_dir is not None:
                 for p in find_files(lab_dir, "*", skipped):
-                    add(labels, re.sub(r"_0000$", "", strip_image_ext(p.name)), p, "label map")
+                    lid = re.sub(r"_0000$", "", strip_image_ext(p.name))
+                    m = _LABEL_SUFFIX.match(lid)
+                    add(labels, lid if lid in images or not m else m.group("id"), p, "label map")
             notes.append(f"images from {img_dir.name}/" + (f", labels from {lab_dir.name}/" if lab_dir else ", no label folder"))
             expected = f"image files in {img_dir}"
         else:
@@ -154,6 +184,12 @@ def read_folder(
             expected = f"image files ({', '.join(IMAGE_EXTS)}) below {root}"
     if not images:
         raise PsmambaError(f"{root}: no images found (expected {expected})")
+    _pair_by_image_suffix(images, labels)
+    if subject_pattern:
+        try:
+            subject_rx = re.compile(subject_pattern)
+        except re.error as exc:
+            raise PsmambaError(f"subject pattern {subject_pattern!r}: not a regular expression ({exc})") from None
 
     volumes: list[FileVolumeRef] = []
     for vid in sorted(images, key=_natural_key):
@@ -163,7 +199,7 @@ def read_folder(
             continue
         subject = vid
         if subject_pattern:
-            m = re.search(subject_pattern, vid)
+            m = subject_rx.search(vid)
             subject = m.group(1) if m and m.groups() else (m.group(0) if m else vid)
         volumes.append(FileVolumeRef(vid, images[vid], lab, subject=subject, label_map=label_map))
     for vid, p in labels.items():
