@@ -287,6 +287,26 @@ def test_pickles(tmp_path):
     assert 181 in np.unique(raw.labels)
 
 
+def test_pickles_in_split_folders(tmp_path):
+    """TransMorph-style preprocessed sets: atlas.pkl beside Train/ Val/ Test/ folders of pickles."""
+    def dump(path: Path, seed: int) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("wb") as f:
+            pickle.dump((_image(seed), _labels([1, 2], seed)), f)
+
+    dump(tmp_path / "atlas.pkl", 0)
+    for k, (folder, n) in enumerate((("Train", 3), ("Val", 1), ("Test", 2))):
+        for i in range(n):
+            dump(tmp_path / folder / f"subject_{i}.pkl", 10 * k + i)
+    (tmp_path / "Train" / "._subject_0.pkl").write_bytes(b"junk")
+    assert detect_layout(tmp_path) == "pickle"
+    src = open_source(tmp_path)
+    assert len(src) == 7 and src.skipped == [], src.summary()
+    assert src.splits == {"train": ["Train/subject_0", "Train/subject_1", "Train/subject_2"],
+                          "val": ["Val/subject_0"], "test": ["Test/subject_0", "Test/subject_1"]}
+    assert "atlas" in src.ids  # beside the split folders: in no split
+
+
 def test_pickle_refuses_code(tmp_path):
     class Evil:
         def __reduce__(self):

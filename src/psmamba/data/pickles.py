@@ -117,12 +117,21 @@ class PickleVolumeRef(VolumeRef):
                       meta={"pickle": str(self.path), "affine": "identity (pickles carry none)"})
 
 
+#: sub-folder names (any letter case) that give their pickles a split, TransMorph-style
+SPLIT_FOLDERS = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
+                 "test": "test", "testing": "test"}
+
+
 def read_pickles(
     root: str | os.PathLike,
-    image_glob: str | Sequence[str] = ("*.pkl", "*.pickle"),
+    image_glob: str | Sequence[str] = ("**/*.pkl", "**/*.pickle"),
     label_map: LabelMap | str | None = None,
 ) -> SourceData:
-    """List ``(image, label)`` pickles in a folder (or one pickle file).
+    """List ``(image, label)`` pickles in a folder and its sub-folders (or one pickle file).
+
+    A pickle's id is its path below the folder without the suffix (``Train/subject_1``); pickles
+    in ``Train/``, ``Val/`` and ``Test/`` sub-folders (any case) form those splits (the layout of
+    TransMorph's preprocessed data sets), an ``atlas.pkl`` beside them none.
 
     Args:
         root: folder (searched with ``image_glob``) or a single file.
@@ -130,6 +139,8 @@ def read_pickles(
         label_map: a protocol for the codes (e.g. ``"lpba40"`` for raw LPBA40 codes); ``None``
             keeps the codes found.
     """
+    from psmamba.data.sources import _glob, _junk
+
     root = Path(root)
     label_map = as_label_map(label_map)
     if root.is_file():
@@ -137,7 +148,7 @@ def read_pickles(
         base = root.parent
     elif root.is_dir():
         pats = [image_glob] if isinstance(image_glob, str) else list(image_glob)
-        files = sorted({p for pat in pats for p in root.glob(pat) if p.is_file()})
+        files = sorted({p for pat in pats for p in _glob(root, pat) if p.is_file() and not _junk(p, root)})
         base = root
     else:
         raise PsmambaError(f"{root}: pickle folder not found")
@@ -145,14 +156,19 @@ def read_pickles(
         raise PsmambaError(f"{root}: no pickles found (expected files matching {image_glob!r})")
     volumes = []
     skipped: list[Skipped] = []
+    splits: dict[str, list[str]] = {}
     for p in files:
-        vid = p.stem
+        rel = p.relative_to(base)
+        vid = rel.with_suffix("").as_posix()
         if any(v.id == vid for v in volumes):
             skipped.append(Skipped(str(p), f"a second file with id {vid}"))
             continue
         volumes.append(PickleVolumeRef(p, vid, label_map=label_map))
+        split = SPLIT_FOLDERS.get(rel.parts[0].lower()) if len(rel.parts) > 1 else None
+        if split:
+            splits.setdefault(split, []).append(vid)
     return SourceData(
-        layout="pickle", root=base, volumes=volumes, label_map=label_map, skipped=skipped,
+        layout="pickle", root=base, volumes=volumes, label_map=label_map, skipped=skipped, splits=splits,
         notes=["pickles carry no affine: identity affine, 1 mm isotropic voxels assumed"],
         preprocessing="minmax",
     )

@@ -293,8 +293,9 @@ def detect_layout(path: str | os.PathLike) -> str:
         return "mindboggle"
     if next(p.glob("**/*.delineation.skullstripped.*"), None) is not None:
         return "lpba40"
-    if next(p.glob("*.pkl"), None) is not None or next(p.glob("*.pickle"), None) is not None:
-        return "pickle"
+    if any(next(p.glob(g), None) is not None for g in ("*.pkl", "*.pickle", "*/*.pkl", "*/*.pickle")) and not any(
+            image_ext(f.name) for f in p.rglob("*") if f.is_file()):
+        return "pickle"  # pickles here or in Train/ Val/ Test/ sub-folders, and no NIfTI/Analyze file
     return "folder"
 
 
