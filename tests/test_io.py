@@ -229,3 +229,37 @@ def test_analyze_pairs_gzipped_either_half_or_upper_case(tmp_path, names):
     (tmp_path / names[1]).unlink()
     with pytest.raises(PsmambaError, match=r"X?x?\.img\[\.gz\] of the \.hdr/\.img pair is missing"):
         load_image(tmp_path / names[0])
+
+
+def test_analyze_pairs_that_differ_in_case_or_compression_stay_apart(tmp_path):
+    """``a.hdr/a.img`` beside ``A.hdr/A.img`` are two volumes; a given half is its own half; the
+    file check (as ``evaluate`` runs it) reads a pair whose image alone is gzipped."""
+    import gzip
+
+    from psmamba.checks import check_volume_file
+    from psmamba.data.sources import find_files
+
+    aff = np.diag([2.0, 1.5, 1.0, 1.0])
+    for name, value in (("a", 1), ("A", 2)):
+        nib.save(nib.AnalyzeImage(np.full((3, 4, 5), value, np.int16), aff), str(tmp_path / f"{name}.hdr"))
+    assert [p.name for p in find_files(tmp_path, "*")] == ["A.hdr", "a.hdr"]
+    assert load_image(tmp_path / "a.hdr").data.max() == 1 and load_image(tmp_path / "A.hdr").data.max() == 2
+    voxels = (np.arange(60, dtype=np.int16) + 100).reshape(5, 4, 3).T  # Analyze stores x fastest
+    (tmp_path / "a.img.gz").write_bytes(gzip.compress(voxels.tobytes(order="F")))
+    assert load_image(tmp_path / "a.img.gz").data.max() == 159 and load_image(tmp_path / "a.img").data.max() == 1
+    (tmp_path / "a.img").unlink()
+    info = check_volume_file(tmp_path / "a.hdr", "image")
+    assert info.shape == (3, 4, 5) and (info.lo, info.hi) == (100, 159)
+    assert np.array_equal(load_image(tmp_path / "a.hdr").data, voxels)
+
+
+def test_cache_fingerprint_covers_a_gzipped_image_half(tmp_path):
+    import gzip
+
+    from psmamba.data.volume import file_fingerprint
+
+    nib.save(nib.AnalyzeImage(np.ones((2, 2, 2), np.int16), np.eye(4)), str(tmp_path / "x.hdr"))
+    (tmp_path / "x.img.gz").write_bytes(gzip.compress((tmp_path / "x.img").read_bytes()))
+    (tmp_path / "x.img").unlink()
+    fp = file_fingerprint(tmp_path / "x.hdr")
+    assert [Path(f[0]).name for f in fp] == ["x.hdr", "x.img.gz"] and fp[1][2] is not None

@@ -419,11 +419,14 @@ def _open(p: Path, what: str):
     """The nibabel image of ``p``; a ``.gz`` file is decompressed whole here (CRC checked)."""
     import nibabel as nib
 
-    from psmamba.io import check_file
+    from psmamba.io import _load_pair, analyze_pair, check_file
 
-    check_file(p, what)
+    suffix = check_file(p, what)
     name = p.name.lower()
     try:
+        if suffix in (".hdr", ".img", ".hdr.gz", ".img.gz"):
+            # a pair, either half gzipped, any case: read as the loader reads it (gzip CRC checked)
+            return _load_pair(*analyze_pair(p))
         img = nib.load(str(p))  # reads the header only (voxels: memory-mapped or lazily)
         if name.endswith(".gz") and hasattr(type(img), "from_bytes"):
             # nibabel reads only the bytes the voxels need, never the gzip trailer: a flipped

@@ -98,52 +98,78 @@ def _suffix(path: Path, suffixes: tuple[str, ...] = SUFFIXES) -> str:
     return ""
 
 
-def analyze_pair(p: Path) -> tuple[Path | None, Path | None]:
+def _folder_listing(folder: Path, prefix: str = "") -> dict[str, list[Path]]:
+    """``{lower-case name: [paths]}`` of the files in ``folder`` whose lower-case name starts with
+    ``prefix`` (names that differ only in case share a key)."""
+    out: dict[str, list[Path]] = {}
+    try:
+        for e in folder.iterdir():
+            low = e.name.lower()
+            if low.startswith(prefix):
+                out.setdefault(low, []).append(e)
+    except OSError:
+        pass
+    return out
+
+
+def analyze_pair(p: Path, listing: dict[str, list[Path]] | None = None) -> tuple[Path | None, Path | None]:
     """The header and image files of the Analyze/NIfTI pair that ``p`` (either half) names:
     ``.hdr`` or ``.hdr.gz`` beside ``.img`` or ``.img.gz``, in any letter case (``None`` where
-    one is missing)."""
+    one is missing or where several files in different cases could be it). ``p`` is its own
+    half; for the other, a file spelt like ``p``'s stem wins, then one compressed like ``p``.
+    ``listing``: :func:`_folder_listing` of ``p``'s folder, when the caller has it."""
     p = Path(p)
-    stem = p.name[: -len(_suffix(p, READ_SUFFIXES))].lower()
-    try:
-        names = {e.name.lower(): e for e in p.parent.iterdir() if e.name.lower().startswith(stem)}
-    except OSError:
-        names = {}
+    suffix = _suffix(p, READ_SUFFIXES)
+    stem = p.name[: -len(suffix)]
+    if listing is None:
+        listing = _folder_listing(p.parent, stem.lower())
+    gz = suffix.endswith(".gz")
 
-    def first(*exts):
-        return next((names[stem + e] for e in exts if stem + e in names and names[stem + e].is_file()), None)
+    def half(kind: str) -> Path | None:
+        if suffix.startswith("." + kind):
+            return p
+        cands = [q for ext in ("." + kind, "." + kind + ".gz") for q in listing.get(stem.lower() + ext, [])
+                 if q.is_file()]
+        exact = [q for q in cands if q.name.startswith(stem)]
+        cands = exact or (cands if len({q.name[: len(stem)] for q in cands}) == 1 else [])
+        cands.sort(key=lambda q: q.name.lower().endswith(".gz") != gz)
+        return cands[0] if cands else None
 
-    return first(".hdr", ".hdr.gz"), first(".img", ".img.gz")
+    return half("hdr"), half("img")
 
 
 def _load_pair(hdr: Path, img: Path):
     """nibabel image of an Analyze/NIfTI pair, whichever half is gzipped and whatever the letter
     case (``nib.load`` by name wants both halves compressed alike and named alike): the header
     bytes decide the class as ``nib.load`` would (NIfTI-1/2 pair by its magic, else SPM2 Analyze,
-    whose optional ``.mat`` beside it is read too). Returns ``(image, data)``."""
+    whose optional ``.mat``/``.mat.gz`` beside it is read too). Both halves are read into memory
+    (a gzipped half whole, so its CRC is checked); the image stays usable after this returns."""
     import gzip
     from io import BytesIO
 
     from nibabel.fileholders import FileHolder
 
-    def opener(q: Path):
-        return gzip.open(q, "rb") if q.name.lower().endswith(".gz") else open(q, "rb")
+    def read(q: Path) -> bytes:
+        with (gzip.open(q, "rb") if q.name.lower().endswith(".gz") else open(q, "rb")) as fh:
+            return fh.read()
 
-    with opener(hdr) as fh:
-        raw = fh.read()
+    raw = read(hdr)
     if len(raw) >= 348 and raw[344:347] == b"ni1":
         klass = nib.Nifti1Pair
     elif len(raw) >= 4 and 540 in (int.from_bytes(raw[:4], "little"), int.from_bytes(raw[:4], "big")):
         klass = nib.Nifti2Pair
     else:
         klass = nib.Spm2AnalyzeImage
-    with opener(img) as fi:
-        holders = {"header": FileHolder(fileobj=BytesIO(raw)), "image": FileHolder(fileobj=fi)}
-        if klass is nib.Spm2AnalyzeImage:
-            stem = hdr.name[: -len(_suffix(hdr, READ_SUFFIXES))]
-            holders["mat"] = FileHolder(filename=str(hdr.with_name(stem + ".mat")))
-        image = klass.from_file_map(holders, mmap=False)
-        data = np.asanyarray(image.dataobj)
-    return image, data
+    holders = {"header": FileHolder(fileobj=BytesIO(raw)), "image": FileHolder(fileobj=BytesIO(read(img)))}
+    if klass is nib.Spm2AnalyzeImage:
+        stem = hdr.name[: -len(_suffix(hdr, READ_SUFFIXES))]
+        listing = _folder_listing(hdr.parent, stem.lower())
+        mats = [q for ext in (".mat", ".mat.gz") for q in listing.get(stem.lower() + ext, [])]
+        mats.sort(key=lambda q: not q.name.startswith(stem))
+        # a missing .mat is fine: nibabel then uses the header's origin and voxel sizes
+        holders["mat"] = (FileHolder(fileobj=BytesIO(read(mats[0]))) if mats
+                          else FileHolder(filename=str(hdr.with_name(stem + ".mat"))))
+    return klass.from_file_map(holders, mmap=False)
 
 
 def _short(exc: BaseException) -> str:
@@ -178,11 +204,11 @@ def _read(path, what: str) -> tuple[Any, np.ndarray, Path]:
     suffix = check_file(p, what)
     try:
         if suffix in (".hdr", ".img", ".hdr.gz", ".img.gz"):
-            img, data = _load_pair(*analyze_pair(p))
+            img = _load_pair(*analyze_pair(p))
         else:
             # mmap=False: a private in-memory array, no open file handle kept behind it
             img = nib.load(str(p), mmap=False)
-            data = np.asanyarray(img.dataobj)
+        data = np.asanyarray(img.dataobj)
     except MemoryError:
         raise
     except Exception as exc:  # nibabel, gzip, zlib and OS errors all mean "unreadable"

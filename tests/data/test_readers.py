@@ -347,7 +347,7 @@ def test_folder_suffix_matching_and_globs(tmp_path):
 
 @pytest.mark.parametrize("img_dir, lab_dir, img_name, lab_name", [
     ("Images", "Labels", "S{i}", "S{i}"),              # folder names in any case
-    ("vols", "segs", "S{i}.nii.gz", "S{i}"),           # other common folder names
+    ("imgs", "segs", "S{i}.nii.gz", "S{i}"),           # other common folder names
     ("images", "labels", "S{i}", "S{i}_seg"),          # a label suffix in the label folder
     ("images", "labels", "S{i}_image", "S{i}_label"),  # an "image" suffix against a label suffix
 ])
@@ -358,6 +358,18 @@ def test_folder_subfolder_variants_pair_images_with_labels(tmp_path, img_dir, la
     src = open_source(tmp_path)
     assert src.layout == "folder" and len(src) == 2, src.summary()
     assert all(v.has_labels for v in src.volumes) and src.skipped == [], src.summary()
+
+
+def test_folder_segmentation_wins_over_mask_and_stray_files_are_reported(tmp_path):
+    for i in range(2):
+        _save(tmp_path / "images" / f"S{i}.nii.gz", _image(i))
+        _save(tmp_path / "labels" / f"S{i}_mask.nii.gz", (_image(i) > 0).astype(np.uint8))
+        _save(tmp_path / "labels" / f"S{i}_seg.nii.gz", _labels([1, 2], i, dtype=np.uint8))
+    _save(tmp_path / "extra.nii.gz", _image(5))
+    src = open_source(tmp_path)
+    assert [v.label_path.name for v in src.volumes] == ["S0_seg.nii.gz", "S1_seg.nii.gz"], src.summary()
+    reasons = " | ".join(str(s) for s in src.skipped)
+    assert "S0_mask" in reasons and "extra.nii.gz: outside images/ and labels/" in reasons, reasons
 
 
 def test_folder_bids_like_names_pair_in_one_folder(tmp_path):

@@ -8,9 +8,9 @@ Folder matching (:func:`read_folder`):
   and a label map with the same id belong together. Example: ``image_glob="img/*_t1.nii.gz"``,
   ``label_glob="seg/*_labels.nii.gz"`` pairs ``img/sub1_t1.nii.gz`` with ``seg/sub1_labels.nii.gz``.
   Files matching ``label_glob`` are never taken as images.
-* without globs: ``images*/`` (or ``vols/``, ``scans/``) + ``labels*/`` (or ``segs/``, ``masks/``)
-  sub-folders, in any letter case, are matched by file name (an nnU-Net ``_0000`` channel
-  suffix is ignored, and so is a label suffix such as ``_seg``); otherwise every image file
+* without globs: ``images*/`` + ``labels*/`` (or ``segs/``, ``masks/``) sub-folders, in any
+  letter case, are matched by file name (an nnU-Net ``_0000`` channel suffix is ignored, and so
+  is a label suffix such as ``_seg``; other image files are reported as left out); otherwise every image file
   below the folder is read, and files named ``<id>_seg``/``_label(s)``/``_aseg``/``_dseg``/
   ``_mask`` are the label maps of ``<id>`` in the same folder. Either way a label map of ``<id>``
   also pairs with a lone image ``<id>_image``/``_T1w``/``_t1``/``_ct``/... (BIDS ``sub-01_T1w`` with
@@ -44,7 +44,7 @@ _LABEL_SUFFIX = re.compile(r"^(?P<id>.+?)[_.-](seg|segmentation|label|labels|lab
 #: its label map may carry without it (``S1_label``, ``sub-01_dseg``)
 _IMAGE_SUFFIX = re.compile(r"^(?P<id>.+?)[_.-](image|img|t1|t1w|t2|t2w|flair|ct|mr|mri|brain|scan|vol|volume)$", re.I)
 # sub-folder names, matched in any letter case
-_IMAGE_DIRS = ("images", "imagestr", "imagests", "image", "imgs", "img", "vols", "volumes", "scans")
+_IMAGE_DIRS = ("images", "imagestr", "imagests", "image", "imgs", "img")
 _LABEL_DIRS = ("labels", "labelstr", "labelsts", "label", "segs", "seg", "segmentations", "masks")
 
 
@@ -165,14 +165,19 @@ def read_folder(
             for p in find_files(img_dir, "*", skipped):
                 add(images, re.sub(r"_0000$", "", strip_image_ext(p.name)), p, "image")
             if lab_dir is not None:
-                for p in find_files(lab_dir, "*", skipped):
+                # a segmentation before a (brain) mask of the same id: the first one found wins
+                for p in sorted(find_files(lab_dir, "*", skipped), key=_mask_last):
                     lid = re.sub(r"_0000$", "", strip_image_ext(p.name))
                     m = _LABEL_SUFFIX.match(lid)
                     add(labels, lid if lid in images or not m else m.group("id"), p, "label map")
             notes.append(f"images from {img_dir.name}/" + (f", labels from {lab_dir.name}/" if lab_dir else ", no label folder"))
+            used = {img_dir} | ({lab_dir} if lab_dir is not None else set())
+            for p in find_files(root, "**/*"):
+                if not any(d in p.parents for d in used):
+                    skipped.append(Skipped(str(p), f"outside {img_dir.name}/ and {lab_dir.name if lab_dir else '(no label folder)'}/"))
             expected = f"image files in {img_dir}"
         else:
-            for p in find_files(root, "**/*", skipped):
+            for p in sorted(find_files(root, "**/*", skipped), key=_mask_last):
                 rel = p.relative_to(root)
                 stem = strip_image_ext(p.name)
                 prefix = "" if rel.parent == Path(".") else rel.parent.as_posix() + "/"
@@ -209,6 +214,11 @@ def read_folder(
         notes.append(f"{len(volumes) - n_lab} of {len(volumes)} images have no label map")
     return SourceData(layout="folder", root=root, volumes=volumes, label_map=label_map,
                       skipped=skipped, notes=notes, preprocessing=preprocessing)
+
+
+def _mask_last(p: Path) -> tuple[bool, str]:
+    """Sort key: label maps named ``*_mask`` after the others (a segmentation wins over a mask)."""
+    return re.search(r"[_.-]mask$", strip_image_ext(p.name), re.I) is not None, str(p)
 
 
 def _natural_key(text: str):

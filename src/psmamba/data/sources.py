@@ -72,7 +72,7 @@ def find_files(root: Path, patterns: str | Sequence[str], skipped: list["Skipped
     is reported in ``skipped``. Files with no image extension are ignored (they are not
     candidates), and so is macOS archive litter (``._*`` files, ``__MACOSX`` folders).
     """
-    from psmamba.io import analyze_pair
+    from psmamba.io import _folder_listing, analyze_pair
 
     if isinstance(patterns, str):
         patterns = [patterns]
@@ -82,10 +82,13 @@ def find_files(root: Path, patterns: str | Sequence[str], skipped: list["Skipped
             if p.is_file() and image_ext(p.name) is not None and not _junk(p, root):
                 found.add(p)
     out = set()
+    listings: dict[Path, dict[str, list[Path]]] = {}  # one listing per folder, not per file
     for p in sorted(found):
         ext = image_ext(p.name)
         if ext in (".img", ".img.gz", ".hdr", ".hdr.gz"):
-            hdr, img = analyze_pair(p)
+            if p.parent not in listings:
+                listings[p.parent] = _folder_listing(p.parent)
+            hdr, img = analyze_pair(p, listings[p.parent])
             if hdr is None or img is None:
                 if skipped is not None:
                     half = "image without its header" if hdr is None else "header without its image"

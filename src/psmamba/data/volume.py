@@ -88,13 +88,14 @@ def file_fingerprint(path: str | os.PathLike | None) -> list | None:
     """``[absolute path, mtime_ns, size]`` of a file (of both halves of an Analyze pair)."""
     if path is None:
         return None
+    from psmamba.io import analyze_pair
+
     p = Path(path).resolve()
     parts = [p]
-    name = p.name.lower()
-    for a, b in ((".hdr", ".img"), (".img", ".hdr"), (".hdr.gz", ".img.gz"), (".img.gz", ".hdr.gz")):
-        if name.endswith(a):
-            parts.append(p.with_name(p.name[: -len(a)] + b))
-            break
+    if p.name.lower().endswith((".hdr", ".img", ".hdr.gz", ".img.gz")):
+        hdr, img = analyze_pair(p)  # the other half, whichever is gzipped
+        other = img if hdr == p else hdr
+        parts.append(other if other is not None else p.with_name(p.name + ".missing-half"))
     out: list = []
     for q in parts:
         try:
