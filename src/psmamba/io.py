@@ -11,7 +11,8 @@ voxel index ``(i, j, k, 1)`` to world coordinates in millimetres, RAS+ (nibabel'
 Jacobian maps) live on the fixed image's grid, so writing them with the FIXED image's affine
 keeps every output aligned with the fixed image in any viewer.
 
-Plain Analyze 7.5 files (LPBA40's ``.hdr``/``.img``) store voxel sizes and an origin but no
+Pairs are read whichever half is gzipped (``.hdr`` + ``.img.gz``, as LONI ships LPBA40) and in
+any letter case (:func:`analyze_pair`). Plain Analyze 7.5 files (LPBA40's ``.hdr``/``.img``) store voxel sizes and an origin but no
 orientation; their affine is nibabel's reading of them (x axis flipped, the radiological
 convention that format assumes). ``.hdr``/``.img`` files written here are NIfTI pairs, which
 store the full affine.
@@ -127,7 +128,7 @@ def analyze_pair(p: Path, listing: dict[str, list[Path]] | None = None) -> tuple
 
     def half(kind: str) -> Path | None:
         if suffix.startswith("." + kind):
-            return p
+            return p if p.is_file() else None
         cands = [q for ext in ("." + kind, "." + kind + ".gz") for q in listing.get(stem.lower() + ext, [])
                  if q.is_file()]
         exact = [q for q in cands if q.name.startswith(stem)]
