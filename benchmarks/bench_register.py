@@ -476,7 +476,7 @@ def _register_and_score(p: dict[str, np.ndarray], name: str, spec: Mapping[str, 
         raise ValueError(f"{name}: field of shape {ddf.shape}, expected {(3, *p['fixed'].shape)}")
     lab = torch.from_numpy(p["moving_labels"].astype(np.int64))[None, None]
     warped = warp(lab, torch.from_numpy(ddf)[None], mode="nearest")[0, 0].numpy()
-    labels = sorted(int(v) for v in np.union1d(np.unique(p["fixed_labels"]), np.unique(p["moving_labels"])) if v != 0)
+    labels, _ = metrics.shared_labels(p["fixed_labels"], p["moving_labels"])  # as register/evaluate score
     d_after = metrics.dice(p["fixed_labels"], warped, labels=labels)
     d_before = metrics.dice(p["fixed_labels"], p["moving_labels"], labels=labels)
     row: dict[str, Any] = {

@@ -195,3 +195,25 @@ def test_hd95_equals_monai_on_the_whole_volume(rng):
             (a == lab)[None, None], (b == lab)[None, None], include_background=True, percentile=95, spacing=list(spacing)
         )
         assert ours[lab] == pytest.approx(float(full.reshape(-1)[0]), rel=1e-6)
+
+
+def test_shared_labels_and_a_warp_that_erases_a_structure_gains_nothing():
+    """A registration is scored on the labels of both label maps (Learn2Reg's rule): a label of
+    one subject alone is left out, and one the warp erased counts as a miss (Dice 0)."""
+    from psmamba import metrics
+    from psmamba.engine.register import register_pair
+
+    fixed = np.zeros((16, 16, 16), np.int16)
+    fixed[2:8, 2:8, 2:8], fixed[9:14, 9:14, 9:14] = 1, 2
+    moving = fixed.copy()
+    moving[2:5, 10:14, 2:5] = 3  # only the moving subject has structure 3
+    assert metrics.shared_labels(fixed, moving) == ([1, 2], [3])
+    img = np.random.default_rng(0).random((16, 16, 16)).astype(np.float32) + fixed
+    res = register_pair(img, img, moving_labels=moving, fixed_labels=fixed, method="identity", overview=False)
+    assert set(res.summary["dice_after"]["per_label"]) == {1, 2} and res.summary["labels_not_scored"] == [3]
+    assert res.summary["dice_after"]["mean"] == pytest.approx(1.0)
+    erased = moving.copy()
+    erased[erased == 2] = 0
+    res = register_pair(img, img, moving_labels=erased, fixed_labels=fixed, method="identity", overview=False,
+                        labels=[1, 2])  # an explicit list is scored as given: 2 missed -> Dice 0
+    assert res.summary["dice_after"]["per_label"][2] == 0.0 and res.summary["dice_after"]["mean"] == pytest.approx(0.5)

@@ -13,14 +13,25 @@ Conventions
   measured in voxels or mm (``det(S J S^-1) = det J`` for the spacing matrix ``S``), so no
   spacing is needed for it.
 
-Rules for labels that are missing (the common rule in the field)
-----------------------------------------------------------------
+Which labels a registration is scored on
+----------------------------------------
+``psmamba register``/``evaluate`` score the labels found in BOTH the fixed and the moving label
+map (:func:`shared_labels`; the moving map read on its own grid, before any warping), as the
+Learn2Reg evaluation does: a structure that only one subject has cannot be matched, and the
+set scored does not depend on the method's output (a method that erased a structure would
+otherwise drop it from its own average). The labels left out are listed in ``summary.json``
+(``labels_not_scored``). An explicit ``labels`` list is scored as given.
+
+Rules for a label missing from a map (the functions below)
+----------------------------------------------------------
 * Dice and HD95 of a label absent from BOTH maps are ``NaN``: nothing to score; ``mean_dice``
   skips it (``nanmean``).
-* Dice of a label present in only ONE map is ``0`` (complete miss).
+* Dice of a label present in only ONE map is ``0`` (complete miss): with the shared labels, a
+  structure the warp lost.
 * HD95 of a label present in only one map is the length of the volume's diagonal in mm, the
-  largest distance possible in the grid (the Learn2Reg evaluation's replacement for infinity),
-  so averages stay finite and still punish the miss.
+  largest distance possible in the grid, so averages stay finite and still punish the miss
+  (psmamba's choice: the Learn2Reg code gives infinity there, and reports HD95 in voxels; here
+  it is in mm, from the fixed image's spacing).
 """
 
 from __future__ import annotations
@@ -35,6 +46,7 @@ from psmamba.errors import PsmambaError
 
 __all__ = [
     "dice",
+    "shared_labels",
     "mean_dice",
     "jacobian_determinant",
     "folding_percent",
@@ -79,6 +91,15 @@ def _as_int_labels(a: np.ndarray, name: str) -> np.ndarray:
     if not np.all(np.isfinite(a)) or not np.array_equal(a, np.round(a)):
         raise PsmambaError(f"{name} must hold integer labels, found non-integer values")
     return a.astype(np.int64)
+
+
+def shared_labels(fixed_labels, moving_labels) -> tuple[list[int], list[int]]:
+    """``(codes in both maps, codes in only one)``, non-zero, sorted: the labels a registration of
+    these two label maps is scored on, and the ones left out (see the module notes). The maps
+    may lie on different grids (the moving one on its own)."""
+    f = {int(v) for v in np.unique(_as_int_labels(_to_numpy(fixed_labels, "fixed_labels"), "fixed_labels")) if v != 0}
+    m = {int(v) for v in np.unique(_as_int_labels(_to_numpy(moving_labels, "moving_labels"), "moving_labels")) if v != 0}
+    return sorted(f & m), sorted(f ^ m)
 
 
 def _label_list(a: np.ndarray, b: np.ndarray, labels: Iterable[int] | None) -> list[int]:

@@ -503,6 +503,9 @@ def _finish(inp: _Inputs, prep: _Prepared, plan: Pipeline, lin, ddf_t, inv_t, de
         "runtime": _runtime_settings(),
     }
     if prep.mlab_np is not None and prep.flab_np is not None:
+        if labels is None:  # the labels of both maps (the moving one on its own grid), not of the result
+            labels, one_side = metrics.shared_labels(prep.flab_np, np.asarray(inp.moving_labels.data))
+            summary["labels_not_scored"] = one_side
         summary["dice_before"] = _dice_summary(metrics.dice(prep.flab_np, prep.mlab_np, labels=labels))
         summary["dice_after"] = _dice_summary(metrics.dice(prep.flab_np, wlab_np, labels=labels))
     return RegistrationResult(
@@ -700,7 +703,9 @@ def register_pair(
         out_dir: when given, the outputs are written there atomically (see module docstring).
         model_size: ``(D, H, W)`` grid the network runs on (default: its training grid).
         overview: also draw ``overview.png`` when writing outputs.
-        labels: the label codes Dice is computed on (default: see :func:`psmamba.metrics.dice`).
+        labels: the label codes Dice is computed on (default: the codes found in both the fixed
+            and the moving label map, :func:`psmamba.metrics.shared_labels`; the others are
+            listed in the summary's ``labels_not_scored``).
 
     Returns a :class:`RegistrationResult` (arrays on the fixed grid, and the summary dict).
 

@@ -336,7 +336,10 @@ class Trainer:
         res = {"loss": float(loss), "folding_percent": float(metrics.folding_percent(ddf[0].cpu()))}
         if "moving_labels" in batch and "fixed_labels" in batch:
             warped_labels = spatial.warp(batch["moving_labels"], ddf, mode="nearest")
-            d = metrics.mean_dice(batch["fixed_labels"][0, 0].cpu().numpy(), warped_labels[0, 0].cpu().numpy())
+            fixed_labels = batch["fixed_labels"][0, 0].cpu().numpy()
+            # the labels of both maps, as register/evaluate score (not those of the warp's result)
+            shared, _ = metrics.shared_labels(fixed_labels, batch["moving_labels"][0, 0].cpu().numpy())
+            d = metrics.mean_dice(fixed_labels, warped_labels[0, 0].cpu().numpy(), labels=shared)
             if not math.isnan(float(d)):
                 res["dice"] = float(d)
         return res, (batch, warped, ddf)
