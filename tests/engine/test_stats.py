@@ -132,3 +132,12 @@ def test_compare_cli_bad_input(tmp_path, capsys):
     junk.write_text("x,y\n1,2\n")
     assert main(["evaluate", "--compare", str(a), str(junk)]) == 2
     assert "junk.csv" in capsys.readouterr().err
+
+
+def test_compare_cli_summary_over_the_shared_pairs(tmp_path, capsys):
+    """The summary table covers the pairs the tests compare; a file's extra pairs are said."""
+    a = _write_results(tmp_path / "A.csv", "A", list(A) + [0.1])  # one pair more than B
+    b = _write_results(tmp_path / "B.csv", "B", B)
+    assert main(["evaluate", "--compare", str(a), str(b)]) == 0
+    text = capsys.readouterr().out
+    assert f"| A | {len(B)} | " in text and "left out: A 1 more" in text, text
