@@ -7,15 +7,33 @@ one JSON row per run.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 RESULTS = Path(__file__).resolve().parent / "results"
 #: the seed of the misalignment the ablations draw (as ``bench_register.py --misalign`` does)
 MISALIGN_SEED = 7
+
+
+def parse_args(doc: str, out: str | None = None,
+               more: Callable[[argparse.ArgumentParser], None] | None = None) -> argparse.Namespace:
+    """An ablation script's flags: ``--threads`` (default 2, set in torch here), ``--out``
+    (default ``results/<out>``, when the script writes a file) and whatever ``more`` adds."""
+    import torch
+
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=2)
+    if out is not None:
+        ap.add_argument("--out", type=Path, default=RESULTS / out)
+    if more is not None:
+        more(ap)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    return args
 
 
 def val_pairs(misaligned: bool = False) -> list:

@@ -12,14 +12,13 @@ Writes ``results/network_io_budget.jsonl`` (one row per run) and prints the mean
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.ablations._common import RESULTS, Rows, register_timed, rotated, scores, val_pairs  # noqa: E402
+from benchmarks.ablations._common import Rows, parse_args, register_timed, rotated, scores, val_pairs  # noqa: E402
 
 VARIANTS = (
     ("io", (100, 30, 2)),
@@ -32,15 +31,9 @@ VARIANTS = (
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", type=Path, default=RESULTS / "network_io_budget.jsonl")
-    args = ap.parse_args()
+    args = parse_args(__doc__, "network_io_budget.jsonl")
 
     import numpy as np
-    import torch
-
-    torch.set_num_threads(args.threads)
     with Rows(args.out) as out:
         for i, p in enumerate(val_pairs()):
             for method, its in rotated(VARIANTS, i):

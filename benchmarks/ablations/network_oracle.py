@@ -23,14 +23,13 @@ Writes ``results/network_oracle.jsonl`` (one row per run) and prints the means.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.ablations._common import RESULTS, Rows, register_timed, rotated, scores, val_pairs  # noqa: E402
+from benchmarks.ablations._common import Rows, parse_args, register_timed, rotated, scores, val_pairs  # noqa: E402
 
 #: (oracle or None for the plain method, method, io steps per level)
 VARIANTS = (
@@ -47,10 +46,7 @@ VARIANTS = (
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", type=Path, default=RESULTS / "network_oracle.jsonl")
-    args = ap.parse_args()
+    args = parse_args(__doc__, "network_oracle.jsonl")
 
     import numpy as np
     import torch
@@ -58,7 +54,6 @@ def main() -> int:
     from psmamba.engine.register import build_pipeline
     from psmamba.spatial import resize_ddf
 
-    torch.set_num_threads(args.threads)
     oracle: dict[str, torch.Tensor] = {}
 
     def with_oracle(name, method, its):

@@ -7,7 +7,6 @@ pipeline, the variant order alternating, 2 threads. Prints one JSON row per run.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -15,19 +14,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.ablations._common import register_timed, rotated, val_pairs  # noqa: E402
+from benchmarks.ablations._common import parse_args, register_timed, rotated, val_pairs  # noqa: E402
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--threads", type=int, default=2)
-    args = ap.parse_args()
-
-    import torch
+    parse_args(__doc__)
 
     import psmamba.affine as affine_mod
 
-    torch.set_num_threads(args.threads)
     plain = affine_mod._auto_shrink
 
     def finer(shape, aff):

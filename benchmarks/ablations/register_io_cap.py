@@ -9,7 +9,6 @@ variant order rotated, 2 threads. (The committed ``results/register_io_cap.json`
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -17,22 +16,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.ablations._common import RESULTS, levels_run, register_timed, rotated, scores, val_pairs  # noqa: E402
+from benchmarks.ablations._common import levels_run, parse_args, register_timed, rotated, scores, val_pairs  # noqa: E402
 
 SCHEDULES = {"base": (100, 30, 0), "half60": (100, 60, 0), "half100": (100, 100, 0)}
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", type=Path, default=RESULTS / "register_io_cap.json")
-    args = ap.parse_args()
-
-    import torch
+    args = parse_args(__doc__, "register_io_cap.json")
 
     from psmamba.deformable import DeformableConfig
 
-    torch.set_num_threads(args.threads)
     rows = []
     for i, p in enumerate(val_pairs(misaligned=True)):
         for name in rotated(SCHEDULES, i):

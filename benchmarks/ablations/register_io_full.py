@@ -11,7 +11,6 @@ Writes ``results/register_io_full.jsonl`` (one row per run) and prints the means
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -19,24 +18,18 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.ablations._common import (  # noqa: E402
-    RESULTS, Rows, levels_run, register_timed, rotated, scores, val_pairs,
+    Rows, levels_run, parse_args, register_timed, rotated, scores, val_pairs,
 )
 
 SCHEDULES = {"full0": (100, 30, 0), "full2": (100, 30, 2), "full3": (100, 30, 3), "full5": (100, 30, 5)}
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", type=Path, default=RESULTS / "register_io_full.jsonl")
-    args = ap.parse_args()
+    args = parse_args(__doc__, "register_io_full.jsonl")
 
     import numpy as np
-    import torch
-
     from psmamba.deformable import DeformableConfig
 
-    torch.set_num_threads(args.threads)
     with Rows(args.out) as out:
         for i, p in enumerate(val_pairs(misaligned=True)):
             for name in rotated(SCHEDULES, i):

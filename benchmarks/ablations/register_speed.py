@@ -21,7 +21,6 @@ Writes ``results/register_speed.jsonl`` (one row per run) and prints the means.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -29,27 +28,21 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.ablations._common import (  # noqa: E402
-    RESULTS, Rows, levels_run, register_timed, rotated, scores, val_pairs,
+    Rows, levels_run, parse_args, register_timed, rotated, scores, val_pairs,
 )
 
 VARIANTS = ("whole", "residual", "residual_sq05", "residual_rigid_coarse")
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
-    ap.add_argument("--out", type=Path, default=RESULTS / "register_speed.jsonl")
-    args = ap.parse_args()
+    args = parse_args(__doc__, "register_speed.jsonl",
+                      lambda ap: ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS))
 
     import numpy as np
-    import torch
-
     import psmamba.affine as affine_mod
     import psmamba.deformable as deformable_mod
     from psmamba.deformable import DeformableConfig
 
-    torch.set_num_threads(args.threads)
     plain_affine = affine_mod.affine_register
     squaring = deformable_mod._SQUARING_START
 

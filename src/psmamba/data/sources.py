@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from psmamba.data.labels import LabelMap
 from psmamba.data.volume import VolumeRef
 from psmamba.errors import PsmambaError
+from psmamba.io import READ_SUFFIXES
 
 if TYPE_CHECKING:  # pragma: no cover
     from psmamba.data.dataset import PairDataset
@@ -33,8 +34,8 @@ __all__ = [
     "IMAGE_EXTS",
 ]
 
-# Extensions psmamba.io reads, longest first so ".nii.gz" wins over ".gz" style matches.
-IMAGE_EXTS: tuple[str, ...] = (".nii.gz", ".hdr.gz", ".img.gz", ".nii", ".hdr", ".img")
+# Extensions psmamba.io reads (any letter case).
+IMAGE_EXTS: tuple[str, ...] = READ_SUFFIXES
 
 
 def strip_image_ext(name: str) -> str:

@@ -33,6 +33,7 @@ import numpy as np
 
 from psmamba.engine.results import EvaluationResult
 from psmamba.errors import PsmambaError
+from psmamba.io import READ_SUFFIXES
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -60,7 +61,7 @@ class Pair:
 
 def _stem(p: Any) -> str:
     name = Path(str(p)).name
-    for suffix in (".nii.gz", ".hdr.gz", ".img.gz", ".nii", ".hdr", ".img", ".gz"):
+    for suffix in (*READ_SUFFIXES, ".gz"):
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
     return name
@@ -91,7 +92,7 @@ def pair_files(path: str | os.PathLike) -> list[Pair]:
             p = p if p.is_absolute() else base / p
             if not p.exists():
                 hint = ""
-                if not pairs and not value.lower().endswith((".nii", ".nii.gz", ".hdr", ".img", ".hdr.gz", ".img.gz")):
+                if not pairs and not value.lower().endswith(READ_SUFFIXES):
                     hint = (" (if this row is a header, name its columns moving, fixed[, moving_labels, "
                             "fixed_labels][, pair_id])")
                 raise PsmambaError(f"pair list {row.where}: {name.replace('_', ' ')} file {p} does not exist{hint}")
