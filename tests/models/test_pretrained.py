@@ -169,3 +169,78 @@ def test_network_inverse_is_computed_on_its_grid_and_undoes_the_field():
     inner = (slice(None), slice(None), slice(4, -4), slice(4, -4), slice(4, -4))
     # the field reaches 4.5 voxels; its inverse, found on the 3x coarser grid, is off by < 0.15 voxel
     assert back[inner].abs().max() < 0.15 and back[inner].abs().mean() < 0.03, back[inner].abs().max()
+
+
+def test_network_space_places_the_training_grid_on_the_fixed_field_of_view():
+    from psmamba.engine.methods import NetworkSpace, training_space
+
+    model, ckpt = pretrained.load_shipped()
+    space = model.psmamba_space  # load_model reads it from the checkpoint's training config
+    assert space == training_space(ckpt) and space.shape == pretrained.SHIPPED[pretrained.DEFAULT].grid
+    # the demo's 160x192x160 1-mm grid (voxel centres 159 x 191 x 159 mm apart) in 48x64x48 voxels
+    assert np.allclose(space.extent, (159.0, 191.0, 159.0)) and np.allclose(space.spacing, (159 / 47, 191 / 63, 159 / 47))
+    finer = space.resized((96, 128, 96))  # --model-size: the same extent, more voxels
+    assert np.allclose(finer.extent, space.extent) and finer.shape == (96, 128, 96)
+    # placed centre on centre, RAS axes, whatever the fixed file's voxel order
+    lia = np.array([[-1.0, 0, 0, 90], [0, 0, 1, -126], [0, -1, 0, 72], [0, 0, 0, 1]])
+    a_n = space.place(lia, (182, 218, 182))
+    centre = lia @ np.array([90.5, 108.5, 90.5, 1.0])
+    assert np.allclose(a_n @ np.array([23.5, 31.5, 23.5, 1.0]), centre)
+    assert np.allclose(a_n[:3, :3], np.diag(space.spacing))
+    # networks trained on other data keep resizing (no space); bad spaces are refused
+    assert training_space({"image_size": [32, 32, 32], "train_summary": {"config": {"data": {"source": "folder"}}}}) is None
+    assert training_space({"image_size": [32, 40, 32], "train_summary": {"config": {"data": {"source": "demo", "size": "small"}}}}) \
+        == NetworkSpace((64, 80, 64), (2.5, 2.5, 2.5)).resized((32, 40, 32))
+    with pytest.raises(PsmambaError, match="network space"):
+        NetworkSpace((48, 64, 1), (1.0, 1.0, 1.0))
+
+
+def _reoriented(data, affine, codes):
+    import nibabel as nib
+
+    ornt = nib.orientations.ornt_transform(nib.orientations.io_orientation(affine), nib.orientations.axcodes2ornt(codes))
+    return (np.ascontiguousarray(nib.orientations.apply_orientation(data, ornt)),
+            affine @ nib.orientations.inv_ornt_aff(ornt, data.shape), ornt)
+
+
+def test_the_network_sees_the_same_brain_whatever_the_files_voxel_order_and_field_of_view():
+    """The shipped network on a demo pair stored RAS, LIA (FreeSurfer's order) and with a wider
+    field of view: the same world map and the same Dice (it saw rotated, shrunken brains before)."""
+    from psmamba.data.demo import build_demo
+    from psmamba.engine.register import register_pair
+    from psmamba.io import Image
+
+    demo = build_demo("small")
+    moving, fixed = (demo.load(v) for v in demo.pairs["test_hard"][0])
+    arrays = [np.asarray(x) for x in (fixed.image, moving.image, fixed.labels, moving.labels)]
+    aff = demo.affine
+    results = {}
+    for name in ("RAS", "LIA", "wide"):
+        if name == "RAS":
+            data, a = arrays, aff
+        elif name == "LIA":
+            data = [_reoriented(x, aff, ("L", "I", "A"))[0] for x in arrays]
+            a = _reoriented(arrays[0], aff, ("L", "I", "A"))[1]
+        else:  # 12 more voxels of background on every side
+            data = [np.pad(x, 12) for x in arrays]
+            a = aff.copy()
+            a[:3, 3] -= aff[:3, :3] @ np.array([12.0, 12.0, 12.0])
+        img = [Image(np.asarray(x), a, None, f"{name}{i}") for i, x in enumerate(data)]
+        res = register_pair(img[0], img[1], fixed_labels=img[2], moving_labels=img[3], method="network", overview=False)
+        # the displacement in world mm at the original voxels
+        world = np.einsum("ij,j...->i...", a[:3, :3], res.ddf)
+        if name == "LIA":
+            _, _, ornt = _reoriented(arrays[0], aff, ("L", "I", "A"))
+            import nibabel as nib
+
+            back = nib.orientations.ornt_transform(nib.orientations.axcodes2ornt(("L", "I", "A")),
+                                                   nib.orientations.io_orientation(aff))
+            world = np.stack([nib.orientations.apply_orientation(c, back) for c in world])
+        elif name == "wide":
+            world = world[:, 12:-12, 12:-12, 12:-12]
+        results[name] = (world, res.dice_after, res.dice_before)
+        assert res.summary["method_settings"]["space"]["axes"] == "RAS"
+    ras, lia, wide = results["RAS"], results["LIA"], results["wide"]
+    assert ras[1] > ras[2]  # it registers
+    assert abs(lia[1] - ras[1]) < 1e-4 and np.abs(lia[0] - ras[0]).max() < 1e-3
+    assert abs(wide[1] - ras[1]) < 2e-3 and np.abs(wide[0] - ras[0]).mean() < 0.05

@@ -10,7 +10,11 @@ on that grid:
 
 A method that works on a grid of its own (a network trained at 2 mm, say) resizes the images
 to it and its field back (``align_corners=True``: :func:`psmamba.spatial.resize_volume` and
-:func:`psmamba.spatial.resize_ddf`). :class:`Chain` runs methods one after the other, each
+:func:`psmamba.spatial.resize_ddf`). A network whose training images lay on a known world grid
+(:class:`NetworkSpace`: the shipped one, any network trained on the demo or pre-training data)
+is given the pair resampled into that grid instead, when the caller passes the fixed grid's
+``affine``: the same axes (R, A, S), voxel size and extent as in training, whatever the files'
+voxel order, size or spacing. :class:`Chain` runs methods one after the other, each
 starting from the previous field: ``Chain([Network(...), InstanceOptimisation(...)])`` is the
 network's field refined on the pair (``network+io``).
 
@@ -37,7 +41,7 @@ __all__ = [
     "RegistrationMethod", "Identity", "Network", "NetworkFineTuned", "InstanceOptimisation", "Diffeomorphic",
     "Chain",
     "MethodSpec", "STAGES", "SPECIAL_METHODS", "parse_method", "deformable_method",
-    "method_from_options", "load_model", "training_size", "train_config_of",
+    "method_from_options", "load_model", "training_size", "train_config_of", "NetworkSpace", "training_space",
     "LR_NETWORK", "LR_FIELD", "LAM_NETWORK", "LAM_FIELD",
 ]
 
@@ -61,7 +65,9 @@ class RegistrationMethod:
     uses_mask: bool = False
 
     def __call__(self, moving: torch.Tensor, fixed: torch.Tensor, init: torch.Tensor | None = None,
-                 mask: torch.Tensor | None = None) -> torch.Tensor:
+                 mask: torch.Tensor | None = None, affine: Any = None) -> torch.Tensor:
+        """The field on the images' grid. ``affine``: that grid's ``(4, 4)`` voxel -> world (RAS mm)
+        matrix, when known (used by a :class:`Network` with a :class:`NetworkSpace`)."""
         size = tuple(int(s) for s in fixed.shape[2:])
         kw = {"mask": mask} if self.uses_mask else {}
         if self.grid is None or tuple(self.grid) == size:
@@ -103,30 +109,73 @@ class Network(RegistrationMethod):
         grid: the grid it runs on (its training grid: :func:`training_size`), None for the images'.
         name: default ``"network"``; the evaluation names it after its checkpoint file.
         checkpoint: the file it came from, recorded in the settings.
+        guard: keep the field only where it raises the pair's LNCC (:meth:`_accepted`).
+        space: where its training images lay in the world (:class:`NetworkSpace`); default the
+            model's own (``load_model`` sets it from the checkpoint, see :func:`training_space`).
+            Given the fixed grid's ``affine``, the pair is resampled into this space (``grid``,
+            when it differs, takes the space's extent with that many voxels); without one, or
+            without an affine, the images are resized to ``grid``.
     """
 
     def __init__(self, model: nn.Module, grid: Sequence[int] | None = None, name: str = "network",
-                 checkpoint: str | os.PathLike | None = None, guard: bool = False) -> None:
+                 checkpoint: str | os.PathLike | None = None, guard: bool = False,
+                 space: NetworkSpace | None = None) -> None:
         self.model = model.eval()
         self.grid = None if grid is None else tuple(int(s) for s in grid)
+        space = space if space is not None else getattr(model, "psmamba_space", None)
+        if space is not None and self.grid is not None and self.grid != space.shape:
+            space = space.resized(self.grid)
+        self.space: NetworkSpace | None = space
+        if space is not None and self.grid is None:
+            self.grid = space.shape
         self.name = name
         self.checkpoint = None if checkpoint is None else str(checkpoint)
         self.guard = bool(guard)
         self.check: dict[str, Any] | None = None
+        #: the network grid's voxel -> world matrix of the last call (in its space), else None
+        self.placed: Any = None
         #: the inverse of the last field (pipeline grid), computed on the network's grid, where
         #: it is 1/100 of the work at full size (see :meth:`__call__`)
         self.inverse: torch.Tensor | None = None
         self._inverse_run: torch.Tensor | None = None
 
-    def __call__(self, moving, fixed, init=None, mask=None):
+    def __call__(self, moving, fixed, init=None, mask=None, affine=None):
         from psmamba.spatial import resize_ddf
 
         self._inverse_run = self.inverse = None
+        self.placed = None
+        if self.space is not None and affine is not None:
+            return self._in_space(moving, fixed, init, affine)
         ddf = super().__call__(moving, fixed, init, mask)
         inv = self._inverse_run
         if inv is not None:
             self.inverse = inv if tuple(inv.shape) == tuple(ddf.shape) else resize_ddf(inv, tuple(ddf.shape[2:]))
         return ddf
+
+    def _in_space(self, moving, fixed, init, affine):
+        """:meth:`run` on the pair resampled into :attr:`space` (placed on the fixed grid's field of
+        view), the field (and its inverse) carried back onto the fixed grid: fixed voxel ``p`` is
+        displaced by ``L_f^-1 L_n d(q)`` at the network voxel ``q`` on ``p``'s world position
+        (:func:`psmamba.deformable.affine_field`, border-clamped beyond the space)."""
+        import numpy as np
+
+        from psmamba.affine import resample_affine
+        from psmamba.deformable import affine_field
+
+        size = tuple(int(s) for s in fixed.shape[2:])
+        a_f = np.asarray(affine, dtype=np.float64)
+        a_n = self.space.place(a_f, size)
+        to_net = np.linalg.inv(a_n) @ a_f  # fixed voxel -> network voxel
+        to_fix = np.linalg.inv(a_f) @ a_n  # network voxel -> fixed voxel
+        grid, eye = self.space.shape, np.eye(4)
+        self.placed = a_n
+        mv = resample_affine(moving, a_f, eye, a_n, grid)
+        fx = resample_affine(fixed, a_f, eye, a_n, grid)
+        init_n = None if init is None else affine_field(init, to_fix, to_net, grid)
+        ddf = self.run(mv, fx, init_n)
+        if self._inverse_run is not None:
+            self.inverse = affine_field(self._inverse_run, to_net, to_fix, size)
+        return affine_field(ddf, to_net, to_fix, size)
 
     def to(self, device):
         self.model = self.model.to(device)
@@ -166,6 +215,10 @@ class Network(RegistrationMethod):
 
     def settings(self):
         out = {**super().settings(), "checkpoint": self.checkpoint}
+        if self.space is not None:
+            out["space"] = {"spacing_mm": [round(v, 4) for v in self.space.spacing], "axes": "RAS",
+                            "placed": None if self.placed is None else [[round(float(v), 4) for v in row]
+                                                                         for row in self.placed]}
         if self.guard:
             out["kept_if_lncc_improves"] = self.check
         return out
@@ -349,12 +402,12 @@ class Chain(RegistrationMethod):
         self.stages = [s.to(device) for s in self.stages]
         return self
 
-    def __call__(self, moving, fixed, init=None, mask=None):
+    def __call__(self, moving, fixed, init=None, mask=None, affine=None):
         ddf, inv = init, None
         for stage in self.stages:
             if hasattr(stage, "init_inverse"):  # it can start from the previous stage's inverse
                 stage.init_inverse = inv
-            ddf = stage(moving, fixed, ddf, mask=mask)
+            ddf = stage(moving, fixed, ddf, mask=mask, affine=affine)
             inv = getattr(stage, "inverse", None)
         return ddf
 
@@ -508,6 +561,7 @@ def load_model(checkpoint: str | os.PathLike, device: Any = "cpu"):
     except Exception as exc:  # pickle/zip/key errors: a corrupt file or another program's
         raise PsmambaError(f"checkpoint {path} is not a loadable psmamba checkpoint ({first_line(exc)[:200]})") from None
     model.eval()
+    model.psmamba_space = training_space(ckpt)  # where its training images lay (None: unknown)
     return model.to(resolve_device(device)), ckpt
 
 
@@ -557,3 +611,67 @@ def training_size(ckpt: dict[str, Any] | None) -> tuple[int, int, int] | None:
         if data.get("source") == "synth":
             return _size3((data.get("options") or {}).get("shape", (64, 64, 64)))
     return None
+
+
+@dataclass(frozen=True)
+class NetworkSpace:
+    """Where a network's training images lay in the world: a grid of ``shape`` voxels of
+    ``spacing`` mm along the world axes R, A, S (NIfTI's RAS+), e.g. the shipped network's
+    48x64x48 voxels of 3.4 x 3.0 x 3.4 mm over the demo's 160x192x160 mm MNI field of view.
+
+    At registration the grid is placed on the fixed image's field of view (centre on centre):
+    the network sees a brain with the axes, voxel size and extent it was trained on, whatever
+    the files' voxel order (LIA, PIR, ...), size or spacing (:meth:`Network._in_space`).
+    """
+
+    shape: tuple[int, int, int]
+    spacing: tuple[float, float, float]
+
+    def __post_init__(self) -> None:
+        shape, spacing = _size3(list(self.shape)), tuple(float(v) for v in self.spacing)
+        if shape is None or min(shape) < 2 or len(spacing) != 3 or not all(math.isfinite(v) and v > 0 for v in spacing):
+            raise PsmambaError(f"a network space needs 3 sizes >= 2 and 3 spacings > 0, got {self.shape}, {self.spacing}")
+        object.__setattr__(self, "shape", shape)
+        object.__setattr__(self, "spacing", spacing)
+
+    @property
+    def extent(self) -> tuple[float, float, float]:
+        """mm from the first voxel centre to the last, per axis."""
+        return tuple((n - 1) * s for n, s in zip(self.shape, self.spacing))  # type: ignore[return-value]
+
+    def resized(self, shape: Sequence[int]) -> NetworkSpace:
+        """The same extent with ``shape`` voxels (``--model-size``)."""
+        shape = tuple(int(n) for n in shape)
+        if len(shape) != 3 or min(shape) < 2:
+            raise PsmambaError(f"a network grid needs 3 sizes >= 2, got {shape}")
+        return NetworkSpace(shape, tuple(e / (n - 1) for e, n in zip(self.extent, shape)))  # type: ignore[arg-type]
+
+    def place(self, fixed_affine: Any, fixed_shape: Sequence[int]):
+        """The ``(4, 4)`` voxel -> world matrix of this grid centred on the fixed grid's field of view."""
+        import numpy as np
+
+        a = np.asarray(fixed_affine, dtype=np.float64)
+        centre = a[:3, :3] @ ((np.asarray(fixed_shape, dtype=np.float64) - 1) / 2) + a[:3, 3]
+        out = np.diag([*self.spacing, 1.0])
+        out[:3, 3] = centre - np.asarray(self.spacing) * (np.asarray(self.shape) - 1) / 2
+        return out
+
+
+def training_space(ckpt: dict[str, Any] | None) -> NetworkSpace | None:
+    """The :class:`NetworkSpace` of a checkpoint's training images, when it is known: networks
+    trained on the demo's or the pre-training mixture's RAS grid (``data.source: demo`` or
+    ``pretrain``, resized to ``image_size``), the shipped one among them. None for other data
+    (a folder of your scans: the network keeps resizing the fixed grid, as it was trained)."""
+    shape = training_size(ckpt)
+    data = (train_config_of(ckpt) or {}).get("data")
+    if shape is None or not isinstance(data, dict) or data.get("source") not in ("demo", "pretrain"):
+        return None
+    from psmamba.data.demo import DEMO_SIZES
+
+    size = data.get("size", "small")
+    if size not in DEMO_SIZES:
+        return None
+    demo_shape, demo_spacing = DEMO_SIZES[size]
+    if min(shape) < 2:
+        return None
+    return NetworkSpace(tuple(demo_shape), (float(demo_spacing),) * 3).resized(shape)

@@ -108,7 +108,8 @@ def load_shipped(name: str | None = None, device: Any = "cpu"):
     """The shipped network ``name`` -> ``(model, checkpoint_dict)``, checked and strictly loaded.
 
     The model is in float32, eval mode, on ``device``; ``checkpoint_dict["image_size"]`` is the
-    grid it runs on (``register`` resizes every pair to it).
+    grid it runs on; ``model.psmamba_space`` the world box it was trained in
+    (:class:`psmamba.engine.methods.NetworkSpace`: ``register`` resamples every pair into it).
     """
     from psmamba.engine.methods import load_model
 
