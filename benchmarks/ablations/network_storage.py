@@ -7,9 +7,10 @@ reached the network rotated or mirrored, and one in a wider field of view shrunk
 resampled into the training box (R, A, S axes, 3.4 x 3.0 x 3.4 mm) placed on the fixed image's
 field of view.
 
-On the demo's full-size VAL pairs (one direction each, no affine stage), each pair stored six
+On the demo's full-size VAL pairs (one direction each, no affine stage), each pair stored eight
 ways (as built: RAS 160x192x160; LAS; LIA; PIR; RAS with 40 voxels of background added on every
-side; RAS at 1.5 mm), the network alone (``--method network``) runs two ways: ``space`` (now) and
+side; RAS at 1.5 mm; RAS with 30 or 60 voxels of background added below the brain only, which
+puts it 15 or 30 mm off the field of view's centre), the network alone (``--method network``) runs two ways: ``space`` (now) and
 ``resized`` (the file's grid resized, as before: the model's space removed). Variant order rotated
 from pair to pair; one process.
 
@@ -29,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.ablations._common import Rows, parse_args, register_timed, rotated, scores, val_pairs  # noqa: E402
 
-STORAGES = ("RAS", "LAS", "LIA", "PIR", "RAS wide", "RAS 1.5 mm")
+STORAGES = ("RAS", "LAS", "LIA", "PIR", "RAS wide", "RAS 1.5 mm", "RAS 30 below", "RAS 60 below")
 VARIANTS = ("space", "resized")
 
 
@@ -52,6 +53,11 @@ def stored(p, how: str):
         out = [np.pad(x, 40) for x in arrays]
         a = aff.copy()
         a[:3, 3] -= aff[:3, :3] @ np.full(3, 40.0)
+    elif how.endswith(" below"):  # background added below the brain only: the brain off the field of view's centre
+        n = int(how.split()[1])
+        out = [np.pad(x, [(0, 0), (0, 0), (n, 0)]) for x in arrays]
+        a = aff.copy()
+        a[:3, 3] -= aff[:3, :3] @ np.array([0.0, 0.0, n])
     else:  # 1.5 mm: every third voxel pair resampled (linear images, nearest labels)
         out = [zoom(x, 2 / 3, order=1 if i < 2 else 0) for i, x in enumerate(arrays)]
         a = aff.copy()

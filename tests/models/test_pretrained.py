@@ -244,3 +244,69 @@ def test_the_network_sees_the_same_brain_whatever_the_files_voxel_order_and_fiel
     assert ras[1] > ras[2]  # it registers
     assert abs(lia[1] - ras[1]) < 1e-4 and np.abs(lia[0] - ras[0]).max() < 1e-3
     assert abs(wide[1] - ras[1]) < 2e-3 and np.abs(wide[0] - ras[0]).mean() < 0.05
+
+
+class _WorldShift(torch.nn.Module):
+    """A "network" that predicts one world translation (mm along R, A, S) in its grid's voxels."""
+
+    def __init__(self, mm, spacing):
+        super().__init__()
+        self.vox = [m / s for m, s in zip(mm, spacing)]
+
+    def forward(self, moving, fixed):
+        from psmamba.models.net import RegistrationOutput
+
+        ddf = torch.zeros((1, 3, *fixed.shape[2:]), dtype=fixed.dtype)
+        for i, v in enumerate(self.vox):
+            ddf[:, i] = v
+        return RegistrationOutput(moving, ddf)
+
+
+def test_a_network_in_its_space_returns_fixed_voxel_displacements_for_any_fixed_affine():
+    from psmamba.engine.methods import Network, NetworkSpace
+
+    space = NetworkSpace((10, 12, 10), (4.0, 3.0, 4.0))
+    mm = np.array([5.0, -3.0, 2.0])
+    rot = np.array([[0.96, -0.28, 0.0], [0.28, 0.96, 0.0], [0.0, 0.0, 1.0]])
+    for lin in (np.diag([1.0, 1.0, 1.0]), np.diag([0.8, 1.2, 2.5]), np.array([[-1.0, 0, 0], [0, 0, 1.5], [0, -1.0, 0]]),
+                rot @ np.diag([1.0, 1.5, 1.0])):
+        a = np.eye(4)
+        a[:3, :3] = lin
+        a[:3, 3] = (7.0, -20.0, 3.0)
+        net = Network(_WorldShift(mm, space.spacing), space=space)
+        img = torch.rand((1, 1, 20, 22, 18))
+        ddf = net(img, img, affine=a)
+        world = np.einsum("ij,jdhw->idhw", lin, ddf[0].numpy())
+        assert np.allclose(world, mm[:, None, None, None], atol=1e-4)
+        inv = np.einsum("ij,jdhw->idhw", lin, net.inverse[0].numpy())
+        assert np.allclose(inv, -mm[:, None, None, None], atol=1e-3)
+    # no affine, or no space: the images' grid resized, as before
+    plain = Network(_WorldShift(mm, space.spacing), grid=(10, 12, 10), space=None)
+    assert plain.space is None and plain(img, img, affine=a).shape == (1, 3, 20, 22, 18)
+
+
+def test_a_chain_passes_the_affine_only_to_stages_that_take_it_and_a_rejected_network_keeps_its_start():
+    from psmamba.engine.methods import Chain, Identity, Network, NetworkSpace, RegistrationMethod
+
+    class Old(RegistrationMethod):  # a stage written before affine= existed
+        name = "old"
+
+        def __call__(self, moving, fixed, init=None, mask=None):
+            return init + 1.0
+
+    class Start(RegistrationMethod):  # a start that varies along an axis
+        name = "start"
+
+        def run(self, moving, fixed, init):
+            z = torch.linspace(-2, 2, fixed.shape[2]).view(1, 1, -1, 1, 1)
+            return z.expand(1, 3, *fixed.shape[2:]).clone()
+
+    space = NetworkSpace((8, 8, 8), (3.0, 3.0, 3.0))  # 21 mm: smaller than the image
+    img = torch.nn.functional.avg_pool3d(torch.rand((1, 1, 24, 24, 24), generator=torch.Generator().manual_seed(0)), 3, 1, 1)
+    a = np.eye(4)
+    net = Network(_WorldShift((30.0, 0, 0), space.spacing), space=space, guard=True)  # a bad field: rejected
+    chain = Chain([Start(), net, Old()])
+    out = chain(img, img, affine=a)
+    start = Start()(img, img)
+    assert not net.check["accepted"] and torch.allclose(out, start + 1.0)
+    assert torch.allclose(Chain([Identity(), Old()])(img, img), torch.ones((1, 3, 24, 24, 24)))

@@ -42,6 +42,7 @@ __all__ = [
     "Chain",
     "MethodSpec", "STAGES", "SPECIAL_METHODS", "parse_method", "deformable_method",
     "method_from_options", "load_model", "training_size", "train_config_of", "NetworkSpace", "training_space",
+    "call_options",
     "LR_NETWORK", "LR_FIELD", "LAM_NETWORK", "LAM_FIELD",
 ]
 
@@ -106,23 +107,28 @@ class Network(RegistrationMethod):
 
     Args:
         model: ``forward(moving, fixed) -> (warped, ddf)``, put in eval mode.
-        grid: the grid it runs on (its training grid: :func:`training_size`), None for the images'.
+        grid: the grid it runs on (its training grid: :func:`training_size`); None: its space's
+            grid when it has a space, else the images'.
         name: default ``"network"``; the evaluation names it after its checkpoint file.
         checkpoint: the file it came from, recorded in the settings.
         guard: keep the field only where it raises the pair's LNCC (:meth:`_accepted`).
-        space: where its training images lay in the world (:class:`NetworkSpace`); default the
-            model's own (``load_model`` sets it from the checkpoint, see :func:`training_space`).
-            Given the fixed grid's ``affine``, the pair is resampled into this space (``grid``,
-            when it differs, takes the space's extent with that many voxels); without one, or
-            without an affine, the images are resized to ``grid``.
+        space: where its training images lay in the world (:class:`NetworkSpace`); ``"auto"``
+            (default): the model's own (``load_model`` sets ``model.psmamba_space`` from the
+            checkpoint, see :func:`training_space`); None: none. Given the fixed grid's ``affine``,
+            the pair is resampled into this space (``grid``, when it differs, takes the space's
+            extent with that many voxels); without a space, or without an affine, the images are
+            resized to ``grid``.
     """
 
     def __init__(self, model: nn.Module, grid: Sequence[int] | None = None, name: str = "network",
                  checkpoint: str | os.PathLike | None = None, guard: bool = False,
-                 space: NetworkSpace | None = None) -> None:
+                 space: NetworkSpace | str | None = "auto") -> None:
         self.model = model.eval()
         self.grid = None if grid is None else tuple(int(s) for s in grid)
-        space = space if space is not None else getattr(model, "psmamba_space", None)
+        if isinstance(space, str):
+            if space != "auto":
+                raise PsmambaError(f"space must be a NetworkSpace, 'auto' or None, got {space!r}")
+            space = getattr(model, "psmamba_space", None)
         if space is not None and self.grid is not None and self.grid != space.shape:
             space = space.resized(self.grid)
         self.space: NetworkSpace | None = space
@@ -173,6 +179,8 @@ class Network(RegistrationMethod):
         fx = resample_affine(fixed, a_f, eye, a_n, grid)
         init_n = None if init is None else affine_field(init, to_fix, to_net, grid)
         ddf = self.run(mv, fx, init_n)
+        if init is not None and self.check is not None and not self.check["accepted"]:
+            return init  # the guard kept the start: as given, not carried through the box and back
         if self._inverse_run is not None:
             self.inverse = affine_field(self._inverse_run, to_net, to_fix, size)
         return affine_field(ddf, to_net, to_fix, size)
@@ -384,6 +392,22 @@ class InstanceOptimisation(RegistrationMethod):
                 "lncc_window": self.window}
 
 
+def call_options(method: Any, mask: Any, affine: Any) -> dict[str, Any]:
+    """The keywords of a call ``method(moving, fixed, init, **options)``: ``mask=``, and ``affine=``
+    (the grid's voxel -> world matrix) when there is one and the method's ``__call__`` takes it
+    (a subclass written before it existed may not)."""
+    import inspect
+
+    if affine is None:
+        return {"mask": mask}
+    try:
+        params = inspect.signature(method.__call__).parameters
+    except (TypeError, ValueError):
+        params = {}
+    takes = "affine" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    return {"mask": mask, "affine": affine} if takes else {"mask": mask}
+
+
 def _pyramid_factors(size: Sequence[int], min_size: int = 8) -> list[int]:
     """Coarse-to-fine downsampling factors among 4, 2, 1 whose grid keeps >= min_size voxels a side."""
     return [f for f in (4, 2) if min(size) // f >= min_size] + [1]
@@ -407,7 +431,7 @@ class Chain(RegistrationMethod):
         for stage in self.stages:
             if hasattr(stage, "init_inverse"):  # it can start from the previous stage's inverse
                 stage.init_inverse = inv
-            ddf = stage(moving, fixed, ddf, mask=mask, affine=affine)
+            ddf = stage(moving, fixed, ddf, **call_options(stage, mask, affine))
             inv = getattr(stage, "inverse", None)
         return ddf
 

@@ -442,29 +442,17 @@ def _method_grid(method, f_shape) -> list[int]:
     return [int(s) for s in (grids[0] if grids else f_shape)]
 
 
-def _call_options(method, mask, affine) -> dict[str, Any]:
-    """``mask=`` and, where the method's ``__call__`` takes it (a subclass written before it
-    existed may not), ``affine=`` (the fixed grid's voxel -> world matrix)."""
-    import inspect
-
-    try:
-        params = inspect.signature(method.__call__).parameters
-    except (TypeError, ValueError):
-        params = {}
-    takes = "affine" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    return {"mask": mask, "affine": affine} if takes else {"mask": mask}
-
-
 def _register(plan: Pipeline, inp: _Inputs, prep: _Prepared):
     """Step 3: the linear stage, then the fixed-grid method; the whole map and its inverse."""
     from psmamba.affine import affine_ddf
     from psmamba.deformable import invert_ddf
+    from psmamba.engine.methods import call_options
 
     f_shape = tuple(int(s) for s in prep.fixed_np.shape)
     lin = _linear_stage(plan, inp, prep)
     matrix = _world_matrix(lin)
     moving_al, mask = _aligned(prep, matrix, f_shape)
-    u = plan.method(moving_al, prep.fixed_s, None, **_call_options(plan.method, mask, prep.a_f)).detach().float()
+    u = plan.method(moving_al, prep.fixed_s, None, **call_options(plan.method, mask, prep.a_f)).detach().float()
     u_inv = getattr(plan.method, "inverse", None)
     if u_inv is None or tuple(u_inv.shape) != tuple(u.shape):
         u_inv = invert_ddf(u) if bool(u.abs().max() > 0) else u.clone()
