@@ -690,12 +690,13 @@ def training_space(ckpt: dict[str, Any] | None) -> NetworkSpace | None:
     data = (train_config_of(ckpt) or {}).get("data")
     if shape is None or not isinstance(data, dict) or data.get("source") not in ("demo", "pretrain"):
         return None
+    import numpy as np
+
+    from psmamba.data.atlases import atlas_grid
     from psmamba.data.demo import DEMO_SIZES
 
     size = data.get("size", "small")
-    if size not in DEMO_SIZES:
+    if size not in DEMO_SIZES or min(shape) < 2:
         return None
-    demo_shape, demo_spacing = DEMO_SIZES[size]
-    if min(shape) < 2:
-        return None
-    return NetworkSpace(tuple(demo_shape), (float(demo_spacing),) * 3).resized(shape)
+    # the grid the training pairs were made on: the demo grid resized to image_size
+    return NetworkSpace(shape, tuple(float(v) for v in np.diag(atlas_grid(shape, size))[:3]))  # type: ignore[arg-type]
