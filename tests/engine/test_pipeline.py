@@ -198,6 +198,7 @@ def _fails(capsys, argv) -> str:
     (["--io-iterations", "5", "-5", "0"], "--io-iterations"),
     (["--sigma-field", "-1"], "--sigma-field"),
     (["--fixed-window", "800", "-500"], "--fixed-window"),
+    (["--method", "network", "--model-size", "48", "64", "1"], "--model-size must be an integer >= 2, got 1"),
 ])
 def test_bad_flags_fail_before_any_work(pair, tmp_path, capsys, extra, needle):
     out = tmp_path / "o"

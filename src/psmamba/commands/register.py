@@ -72,6 +72,8 @@ def run(args: argparse.Namespace) -> int:
         if method not in (None, "affine"):
             raise PsmambaError(f"--affine-only and --method {method} contradict each other")
         method = "affine"
+    for v in args.model_size or ():
+        check_number("--model-size", v, integer=True, minimum=2)
     deformable = {}
     if args.io_iterations is not None:
         for n in args.io_iterations:
