@@ -366,3 +366,34 @@ def test_grad_scaler_falls_back_on_torch_without_torch_amp_gradscaler(monkeypatc
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the CUDA scaler disables itself without CUDA, with a warning
         assert isinstance(grad_scaler(torch.device("cuda")), torch.cuda.amp.GradScaler)
+
+
+def test_resume_with_more_epochs_trains_longer_on_the_new_schedule(tmp_path, capsys, reference_run):
+    """``--resume --set optim.epochs=N``: a finished run continues to N epochs with the poly decay
+    of N epochs (its stored rate was zero); the change is recorded and config.yaml follows it."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(reference_run, run)
+    before = weights(run / "last.pt")
+    # not above the epochs already trained: nothing to do, said before anything changes
+    _fails_cleanly(capsys, ["train", "--out", str(run), "--resume", "--set", "optim.epochs=1"],
+                   "optim.epochs=1", "already trained 2 epochs", "above 2")
+    assert all(torch.equal(before[k], v) for k, v in weights(run / "last.pt").items())
+    assert main(["train", "--out", str(run), "--resume", "--set", "optim.epochs=4"]) == 0
+    assert "optim.epochs 2 -> 4 at step 12" in capsys.readouterr().out
+    train = [r for r in csv_rows(run / "metrics.csv") if r["split"] == "train"]
+    assert [int(r["step"]) for r in train] == list(range(1, 25))
+    expect = [1e-4] * 6 + [poly_lr(1e-4, 1, 2)] * 6 + [poly_lr(1e-4, 2, 4)] * 6 + [poly_lr(1e-4, 3, 4)] * 6
+    assert [float(r["lr"]) for r in train] == pytest.approx(expect, rel=1e-5)
+    last = torch.load(run / "last.pt", map_location="cpu", weights_only=True)["training"]
+    assert (last["epoch"], last["step"], last["config"]["optim"]["epochs"]) == (4, 24, 4)
+    change = last["metrics"]["schedule_changes"]
+    assert [(c["step"], c["epochs_before"], c["epochs"]) for c in change] == [(12, 2, 4)]
+    assert change[0]["lr"] == pytest.approx(poly_lr(1e-4, 2, 4), rel=1e-6)
+    assert yaml.safe_load((run / "config.yaml").read_text())["optim"]["epochs"] == 4
+    assert not all(torch.equal(before[k], v) for k, v in weights(run / "last.pt").items())
+    # resumed again as stored (4 epochs, all done): nothing more to train, nothing changes
+    assert main(["train", "--out", str(run), "--resume"]) == 0
+    again = torch.load(run / "last.pt", map_location="cpu", weights_only=True)["training"]
+    assert again["step"] == 24 and len(again["metrics"]["schedule_changes"]) == 1

@@ -8,6 +8,7 @@ Examples::
     psmamba train --config configs/paper_lpba40.yaml --set model.preset=transmorph --out runs/transmorph
     psmamba train --config configs/demo.yaml --set optim.epochs=2 --set run.max_steps=50
     psmamba train --out runs/lpba40 --resume                       # continue exactly
+    psmamba train --out runs/lpba40 --resume --set optim.epochs=60 # train longer (new poly decay)
     torchrun --nproc_per_node 4 -m psmamba train --config cfg.yaml # 4 GPUs (DDP)
 """
 
@@ -26,7 +27,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="override a config value, e.g. --set optim.lr=3e-4 --set model.channels=2 (repeatable)")
     parser.add_argument("--out", "-o", metavar="DIR", help="output folder (overrides run.out)")
     parser.add_argument("--resume", action="store_true",
-                        help="continue the run in the output folder from its last.pt (same schedule and pair order)")
+                        help="continue the run in the output folder from its last.pt (same schedule and pair "
+                             "order); with --set optim.epochs=N, train on to N epochs (the poly decay is "
+                             "recomputed for N from the next epoch on)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), help="overrides run.device")
     parser.add_argument("--seed", type=int, help="overrides run.seed")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -40,7 +40,7 @@ from psmamba.engine.distributed import DistInfo, barrier, init_distributed, shut
 from psmamba.errors import PsmambaError
 from psmamba.files import probe_writable
 
-__all__ = ["FitResult", "fit", "check_output_dir", "VOLATILE_KEYS", "RESET_ON_RESUME"]
+__all__ = ["FitResult", "fit", "check_output_dir", "VOLATILE_KEYS", "EXTENDABLE", "RESET_ON_RESUME"]
 
 #: settings a resumed run may change without breaking exact continuation
 VOLATILE_KEYS = {
@@ -48,6 +48,10 @@ VOLATILE_KEYS = {
             "tensorboard", "progress", "images"},
     "data": {"num_workers"},
 }
+
+#: settings a resumed run may change on purpose, ending exact continuation: ``optim.epochs`` (train
+#: longer or stop sooner; the poly decay is recomputed for the new total from the next step on)
+EXTENDABLE = {"optim": {"epochs"}}
 
 #: one-shot stops of an invocation: a run resumed from its stored config starts without them
 RESET_ON_RESUME = {"run": {"max_steps", "max_minutes"}}
@@ -136,9 +140,16 @@ def _as_config(config: TrainConfig | Mapping[str, Any] | str | Path) -> TrainCon
     return load_train_config(config)
 
 
-def _check_resumable(cfg: TrainConfig, stored: Mapping[str, Any], path: Path) -> None:
-    """A resumed run must train the same thing: only :data:`VOLATILE_KEYS` may differ."""
+def _check_resumable(cfg: TrainConfig, stored: Mapping[str, Any], path: Path, epochs_done: int) -> None:
+    """A resumed run must train the same thing: only :data:`VOLATILE_KEYS` may differ, and
+    ``optim.epochs`` (a longer or shorter schedule, :data:`EXTENDABLE`) if epochs remain to train."""
     now = config_to_dict(cfg)
+    was = stored.get("optim", {}).get("epochs")
+    if was is not None and cfg.optim.epochs != was and cfg.optim.epochs <= epochs_done:
+        raise PsmambaError(
+            f"--resume: optim.epochs={cfg.optim.epochs} but {path} has already trained {epochs_done} epochs: "
+            f"set it above {epochs_done} to train longer"
+        )
     for section, values in now.items():
         before = stored.get(section, {})
         if section == "model":
@@ -146,7 +157,7 @@ def _check_resumable(cfg: TrainConfig, stored: Mapping[str, Any], path: Path) ->
                 raise PsmambaError(f"--resume: model settings differ from {path} ({before} vs {values})")
             continue
         for key, value in values.items():
-            if key in VOLATILE_KEYS.get(section, ()):
+            if key in VOLATILE_KEYS.get(section, ()) or key in EXTENDABLE.get(section, ()):
                 continue
             if before.get(key) != value:
                 raise PsmambaError(
@@ -202,7 +213,7 @@ def _fit(cfg: TrainConfig, info: DistInfo, resume: bool, train_data, val_data) -
     ckpt = None
     if resume:
         ckpt = load_training_state(out / "last.pt", map_location="cpu")
-        _check_resumable(cfg, ckpt["training"]["config"], out / "last.pt")
+        _check_resumable(cfg, ckpt["training"]["config"], out / "last.pt", int(ckpt["training"]["epoch"]))
     # every rank has checked the folder before rank 0 creates anything in it (under torchrun a
     # rank that failed a check ends the whole group, so nobody waits here forever)
     barrier(info)

@@ -134,6 +134,8 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         self.last_val: dict[str, float] = {}
         self.csv_rows: int | None = None
+        self.schedule_changes: list[dict[str, Any]] = []
+        self.rescheduled = False
         if ckpt is not None:
             self._restore(ckpt)
         self.start_epoch = self.epoch
@@ -157,6 +159,10 @@ class Trainer:
             self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.start_step_in_epoch = int(state["epoch"]), int(state["step_in_epoch"])
         self.global_step = int(state["step"])
+        self.schedule_changes = list(state.get("metrics", {}).get("schedule_changes", []))
+        was = int(state["config"].get("optim", {}).get("epochs", self.cfg.optim.epochs))
+        if was != self.cfg.optim.epochs:
+            self._reschedule(was)
         self.best = dict(state.get("best", {}))
         self.csv_rows = state.get("metrics", {}).get("csv_rows")
         self.history = list(state.get("metrics", {}).get("history", []))
@@ -167,6 +173,27 @@ class Trainer:
             restore_rng_state(rngs[0])
             if self.info.is_main:
                 warnings.warn(f"resuming {len(rngs)}-process run on {self.info.world_size}: RNG states of rank 0 reused")
+
+    def _reschedule(self, was: int) -> None:
+        """``--resume`` with another ``optim.epochs``: the poly decay of the new total, from now on.
+
+        The restored optimiser holds the old schedule's rate (zero after its last epoch); every
+        group gets ``base * poly(epoch, new total)`` and the change is recorded in ``last.pt``.
+        The epochs before keep the rates they were trained with, so the weights differ from a run
+        started with the new total (a schedule change, not an exact continuation).
+        """
+        o = self.cfg.optim
+        factor = poly_lr(1.0, self.epoch, o.epochs, o.poly_power)
+        for group, base in zip(self.optim.param_groups, self.scheduler.base_lrs):
+            group["lr"] = base * factor
+        self.scheduler._last_lr = [g["lr"] for g in self.optim.param_groups]
+        self.rescheduled = True
+        self.schedule_changes.append({"step": self.global_step, "epoch": self.epoch, "epochs_before": was,
+                                      "epochs": int(o.epochs), "lr": self.optim.param_groups[0]["lr"]})
+        if self.info.is_main:
+            print(f"--resume: optim.epochs {was} -> {o.epochs} at step {self.global_step} (epoch {self.epoch + 1}): "
+                  f"learning rate now {self.optim.param_groups[0]['lr']:.3g}, poly decay to epoch {o.epochs}",
+                  flush=True)
 
     # ------------------------------------------------------------------ the loop
     def run_training(self, stop_signal) -> None:
@@ -190,8 +217,8 @@ class Trainer:
         """Create the output folder, ``config.yaml``, ``metrics.csv`` and TensorBoard (rank 0)."""
         if self.info.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
-            if not self.resume:
-                save_train_config(self.cfg, self.out / "config.yaml")
+            if not self.resume or self.rescheduled:
+                save_train_config(self.cfg, self.out / "config.yaml")  # (again when the schedule changed)
             self.csv_log = CsvLog(self.out / "metrics.csv", keep_rows=self.csv_rows if self.resume else 0)
             purge = self.global_step + 1 if self.resume else None
             self.tb = TensorBoardLog(self.out / "tb", self.cfg.run.tensorboard, purge_step=purge)
@@ -404,7 +431,8 @@ class Trainer:
                 self.out / "last.pt", self.model, config=config_to_dict(self.cfg), optimizer=self.optim,
                 scheduler=self.scheduler, scaler=self.scaler, epoch=epoch, step=self.global_step,
                 step_in_epoch=step_in_epoch, best=self.best,
-                metrics={"csv_rows": self.csv_log.rows, "history": self.history, "last_val": self.last_val},
+                metrics={"csv_rows": self.csv_log.rows, "history": self.history, "last_val": self.last_val,
+                         "schedule_changes": self.schedule_changes},
                 world_size=self.info.world_size, rng_states=rngs, extra=self.ckpt_extra,
             )
 
