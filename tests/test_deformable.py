@@ -51,6 +51,11 @@ def test_box_sum_kernel_matches_torch(window):
     out, tmp = torch.empty(4, 7, 10, 12), torch.empty(4, 7, 10, 12)
     box_sum_kernel(x[0].numpy(), window // 2, out.numpy(), tmp.numpy())
     torch.testing.assert_close(out, box_sum(x, window)[0], rtol=1e-5, atol=1e-4)
+    # x as its own scratch (lncc_force saves memory so): the same sums, x overwritten
+    y = x[0].clone()
+    same = torch.empty_like(out)
+    box_sum_kernel(y.numpy(), window // 2, same.numpy(), y.numpy())
+    assert torch.equal(same, out)
 
 
 @pytest.mark.parametrize("masked", [False, True])

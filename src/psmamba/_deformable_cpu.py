@@ -99,7 +99,8 @@ def _box_d(x, r, out):
 
 @njit(nogil=True, cache=True)
 def box_sum_kernel(x, r, out, tmp):
-    """``out`` = the ``(2r+1)^3`` box sum of every channel of ``x`` (zeros outside); ``tmp`` scratch.
+    """``out`` = the ``(2r+1)^3`` box sum of every channel of ``x`` (zeros outside); ``tmp`` scratch
+    of ``x``'s shape, which may be ``x`` itself (``x`` is then overwritten: no extra memory).
 
     Equal to ``psmamba.losses.box_sum(x, 2r + 1)`` up to float rounding.
     """
@@ -177,8 +178,8 @@ def lncc_coeff_kernel(sums, mask, use_mask, n, eps, vmin, coef):
 
 
 @njit(**_JIT)
-def lncc_force_kernel(img, ref, bsum, scale, grad, force):
-    """``grad = scale * dsum(cc)/dI`` and ``force[c] = grad * dI/dx_c`` (central differences).
+def lncc_force_kernel(img, ref, bsum, scale, force):
+    """``force[c] = g * dI/dx_c`` (central differences) with ``g = scale * dsum(cc)/dI``.
 
     ``bsum`` are the box sums of :func:`lncc_coeff_kernel`'s ``coef``. The image gradient is
     numpy's ``gradient`` (central inside, one-sided at the faces): ``force`` is the gradient of
@@ -194,7 +195,6 @@ def lncc_force_kernel(img, ref, bsum, scale, grad, force):
                     ref[0, d, h, w] * bsum[0, d, h, w] - bsum[1, d, h, w]
                     + 2.0 * (i * bsum[2, d, h, w] - bsum[3, d, h, w])
                 )
-                grad[0, d, h, w] = g
                 if nd == 1:
                     gd = 0.0
                 elif d == 0:

@@ -364,20 +364,21 @@ def lncc_force(
         w = warped.detach().contiguous()
         f = fixed.detach().to(w.dtype).contiguous()
         shape = tuple(w.shape[2:])
+        # 13 scalar volumes of memory at the peak (the largest of io's full-size level): the
+        # moments' volumes serve as the box sums' scratch, then hold the gradient's coefficients,
+        # whose box sums go where the moments' sums were
         mom = torch.empty((5,) + shape, dtype=w.dtype)
         sums = torch.empty_like(mom)
-        tmp = torch.empty_like(mom)
-        coef = torch.empty((4,) + shape, dtype=w.dtype)
         m_np = mask.detach().contiguous()[0].numpy() if mask is not None else w[0].numpy()
-        grad = torch.empty_like(w)
         force = torch.empty((1, 3) + shape, dtype=w.dtype)
         r = window // 2
         with _threads():
             lncc_moments_kernel(w[0].numpy(), f[0].numpy(), mom.numpy())
-            box_sum_kernel(mom.numpy(), r, sums.numpy(), tmp.numpy())
-            cc_sum, m_sum = lncc_coeff_kernel(sums.numpy(), m_np, mask is not None, n, eps, vmin, coef.numpy())
-            box_sum_kernel(coef.numpy(), r, mom[:4].numpy(), tmp[:4].numpy())
-            lncc_force_kernel(w[0].numpy(), f[0].numpy(), mom[:4].numpy(), -1.0, grad[0].numpy(), force[0].numpy())
+            box_sum_kernel(mom.numpy(), r, sums.numpy(), mom.numpy())
+            coef = mom[:4].numpy()
+            cc_sum, m_sum = lncc_coeff_kernel(sums.numpy(), m_np, mask is not None, n, eps, vmin, coef)
+            box_sum_kernel(coef, r, sums[:4].numpy(), coef)
+            lncc_force_kernel(w[0].numpy(), f[0].numpy(), sums[:4].numpy(), -1.0, force[0].numpy())
         return -float(cc_sum) / max(float(m_sum), 1e-12), force
     from psmamba.losses import box_sum
 
