@@ -305,6 +305,18 @@ def test_pickles_in_split_folders(tmp_path):
     assert src.splits == {"train": ["Train/subject_0", "Train/subject_1", "Train/subject_2"],
                           "val": ["Val/subject_0"], "test": ["Test/subject_0", "Test/subject_1"]}
     assert "atlas" in src.ids  # beside the split folders: in no split
+    assert src.make_splits(val=1) == {k: src.splits[k] for k in ("train", "val", "test")}  # all published
+    # Train/ and Val/ only: the published val validates, test subjects come from Train/ (seeded)
+    import shutil
+
+    shutil.rmtree(tmp_path / "Test")
+    src = open_source(tmp_path)
+    assert set(src.splits) == {"train", "val"}
+    parts = src.make_splits(val=0.5, test=1, seed=0)
+    assert parts["val"] == ["Val/subject_0"] and len(parts["test"]) == 1
+    assert sorted(parts["train"] + parts["test"]) == src.splits["train"]
+    assert src.make_splits(val=0.5, test=1, seed=0) == parts
+    assert src.make_splits(test=0)["train"] == src.splits["train"]
 
 
 def test_pickle_refuses_code(tmp_path):

@@ -185,20 +185,26 @@ class SourceData:
     ) -> dict[str, list[str]]:
         """Train/val/test volume ids, never putting one subject in two parts.
 
-        With a published split (``use_protocol``), its test part is kept and ``val`` subjects
-        are drawn (seeded) from its training part; otherwise subjects are drawn with the
-        fractions (``< 1``) or counts (``>= 1``) ``val`` and ``test``. See
-        :func:`psmamba.data.pairs.split_subjects`.
+        With a published split (``use_protocol``) its parts are kept: train, val and test as
+        published; train and test published: ``val`` subjects are drawn (seeded) from its
+        training part; train and val published (e.g. ``Train/`` and ``Val/`` folders of
+        pickles): ``test`` subjects are drawn from its training part, the published val stays
+        the validation set. Otherwise subjects are drawn with the fractions (``< 1``) or counts
+        (``>= 1``) ``val`` and ``test``. See :func:`psmamba.data.pairs.split_subjects`.
         """
         from psmamba.data.pairs import split_subjects
 
         subj = self.subjects()
-        if use_protocol and self.splits.get("train") and self.splits.get("test"):
-            if self.splits.get("val"):
-                return {k: list(self.splits.get(k, [])) for k in ("train", "val", "test")}
-            train_ids = list(self.splits["train"])
-            parts = split_subjects(train_ids, subj, val=val, test=0, seed=seed)
-            return {"train": parts["train"], "val": parts["val"], "test": list(self.splits["test"])}
+        pub = self.splits
+        if use_protocol and pub.get("train") and (pub.get("test") or pub.get("val")):
+            if pub.get("val") and pub.get("test"):
+                return {k: list(pub.get(k, [])) for k in ("train", "val", "test")}
+            train_ids = list(pub["train"])
+            if pub.get("test"):
+                parts = split_subjects(train_ids, subj, val=val, test=0, seed=seed)
+                return {"train": parts["train"], "val": parts["val"], "test": list(pub["test"])}
+            parts = split_subjects(train_ids, subj, val=0, test=test, seed=seed)
+            return {"train": parts["train"], "val": list(pub["val"]), "test": parts["test"]}
         return split_subjects(self.ids, subj, val=val, test=test, seed=seed)
 
     def pairs_for(self, split: str, ids: Sequence[str]) -> list[tuple[str, str]]:
