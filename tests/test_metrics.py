@@ -16,6 +16,7 @@ from psmamba.metrics import (
     mean_dice,
     sdlogj,
     sdlogj_l2r,
+    shared_labels,
 )
 
 # ------------------------------------------------------------------------------------- Dice
@@ -30,6 +31,24 @@ def test_dice_golden_2x2x2():
     assert d[1] == pytest.approx(4 / 6) and d[2] == pytest.approx(2 / 3) and d[3] == 0.0
     assert isinstance(d[1], float) and isinstance(d[1], np.floating)
     assert mean_dice(FIXED, WARPED) == pytest.approx(4 / 9)
+
+
+@pytest.mark.parametrize("dtype, codes", [
+    (np.uint8, [0, 1, 2, 255]), (np.int16, [0, -5, 7, 30000]), (np.int32, [0, 3, 1 << 22, (1 << 22) - 1]),
+    (np.uint64, [0, 2, 1 << 40]), (np.int64, [0, -(1 << 40), 9]), (np.uint16, [0, 14175, 2035]),
+])
+def test_dice_counts_match_per_label_masks_for_any_codes(rng, dtype, codes):
+    """Counting by ``bincount`` (small non-negative codes) or by sorting (others) gives the Dice
+    of the definition, label by label, and shared_labels the codes present."""
+    a = np.asarray(codes, dtype=dtype)[rng.integers(0, len(codes), (9, 8, 7))]
+    b = np.asarray(codes, dtype=dtype)[rng.integers(0, len(codes), (9, 8, 7))]
+    got = dice(a, b)
+    want = {int(c): 2.0 * np.sum((a == c) & (b == c)) / (np.sum(a == c) + np.sum(b == c))
+            for c in sorted({int(v) for v in codes} - {0})}
+    assert list(got) == list(want) and got == pytest.approx(want, rel=0, abs=0)
+    assert shared_labels(a, b)[0] == sorted(want)
+    only = b[b != np.asarray(codes[-1], dtype=dtype)]
+    assert shared_labels(a, only) == (sorted(set(want) - {int(codes[-1])}), [int(codes[-1])] if codes[-1] else [])
 
 
 def test_dice_absent_label_rules():
@@ -129,6 +148,8 @@ def l2r_sdlogj_reference(disp: np.ndarray) -> float:
 def test_sdlogj_l2r_matches_learn2reg_procedure(rng):
     smooth = scipy.ndimage.gaussian_filter(rng.normal(size=(3, 12, 11, 10)), sigma=(0, 1.5, 1.5, 1.5)) * 4
     assert sdlogj_l2r(smooth) == pytest.approx(l2r_sdlogj_reference(smooth), rel=1e-10)
+    # given the whole field's determinants (register passes them): the same value
+    assert sdlogj_l2r(smooth, det=jacobian_determinant(smooth)) == sdlogj_l2r(smooth)
     # the challenge's "+3" makes it about 4x smaller than the plain SDlogJ for small deformations
     ratio = sdlogj(smooth) / sdlogj_l2r(smooth)
     assert 2.5 < ratio < 6

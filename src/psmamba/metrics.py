@@ -97,8 +97,8 @@ def shared_labels(fixed_labels, moving_labels) -> tuple[list[int], list[int]]:
     """``(codes in both maps, codes in only one)``, non-zero, sorted: the labels a registration of
     these two label maps is scored on, and the ones left out (see the module notes). The maps
     may lie on different grids (the moving one on its own)."""
-    f = {int(v) for v in np.unique(_as_int_labels(_to_numpy(fixed_labels, "fixed_labels"), "fixed_labels")) if v != 0}
-    m = {int(v) for v in np.unique(_as_int_labels(_to_numpy(moving_labels, "moving_labels"), "moving_labels")) if v != 0}
+    f = {v for v in _counts(_as_int_labels(_to_numpy(fixed_labels, "fixed_labels"), "fixed_labels")) if v != 0}
+    m = {v for v in _counts(_as_int_labels(_to_numpy(moving_labels, "moving_labels"), "moving_labels")) if v != 0}
     return sorted(f & m), sorted(f ^ m)
 
 
@@ -109,7 +109,18 @@ def _label_list(a: np.ndarray, b: np.ndarray, labels: Iterable[int] | None) -> l
     return [int(v) for v in labels]
 
 
+#: codes below this are counted with one ``np.bincount`` pass (O(n), a table of at most 32 MB);
+#: others (negative or larger codes) by sorting (``np.unique``, O(n log n))
+_BINCOUNT_MAX = 1 << 22
+
+
 def _counts(a: np.ndarray) -> dict[int, int]:
+    """``{code: voxels}`` of an integer label map (codes present only)."""
+    if a.size and np.issubdtype(a.dtype, np.integer):
+        lo, hi = int(a.min()), int(a.max())
+        if lo >= 0 and hi < _BINCOUNT_MAX:
+            c = np.bincount(a.ravel().astype(np.intp, copy=False), minlength=hi + 1)
+            return {int(v): int(c[v]) for v in np.flatnonzero(c)}
     values, counts = np.unique(a, return_counts=True)
     return {int(v): int(c) for v, c in zip(values, counts)}
 
@@ -126,10 +137,10 @@ def dice(fixed_labels, warped_labels, labels: Iterable[int] | None = None) -> di
         both maps is ``NaN``; a label present in only one is ``0.0`` (see the module notes).
     """
     f, w = _labels_pair(fixed_labels, warped_labels, ("fixed_labels", "warped_labels"))
-    wanted = _label_list(f, w, labels)
-    # one pass of np.unique per map instead of two boolean masks per label
+    # one counting pass per map instead of two boolean masks per label
     nf, nw = _counts(f), _counts(w)
     ni = _counts(f[f == w])
+    wanted = sorted(v for v in set(nf) | set(nw) if v != 0) if labels is None else [int(v) for v in labels]
     out: dict[int, float] = {}
     for lab in wanted:
         total = nf.get(lab, 0) + nw.get(lab, 0)
@@ -215,7 +226,7 @@ def sdlogj(ddf, det: np.ndarray | None = None) -> float:
     return np.float64(np.log(np.clip(det, _DET_MIN, _DET_MAX)).std())
 
 
-def sdlogj_l2r(ddf) -> float:
+def sdlogj_l2r(ddf, det: np.ndarray | None = None) -> float:
     """SDlogJ exactly as the Learn2Reg challenge evaluation computes it.
 
     Read off the official L2R evaluation (``MDL-UzL/L2R``, ``evaluation/utils.py`` and
@@ -233,12 +244,14 @@ def sdlogj_l2r(ddf) -> float:
 
     Args:
         ddf: ``(3, D, H, W)`` or ``(1, 3, D, H, W)`` voxel displacements, each axis >= 5.
+        det: the field's :func:`jacobian_determinant` when the caller has it already (inside
+            the crop ``numpy.gradient`` is the challenge's central difference: the same value).
     """
     u = _field(ddf)
     if min(u.shape[1:]) < 5:
         raise PsmambaError(f"sdlogj_l2r crops 2 voxels per face and needs >= 5 per axis, got {u.shape[1:]}")
     inner = (slice(2, -2),) * 3
-    det = jacobian_determinant(u)[inner].astype(np.float64)
+    det = (jacobian_determinant(u) if det is None else np.asarray(det))[inner].astype(np.float64)
     return np.float64(np.log(np.clip(det + 3.0, _DET_MIN, _DET_MAX)).std())
 
 

@@ -499,7 +499,7 @@ def _finish(inp: _Inputs, prep: _Prepared, plan: Pipeline, lin, ddf_t, inv_t, de
         "fixed_spacing": _spacing(inp.fixed), "moving_spacing": _spacing(inp.moving),
         "folding_percent": float(metrics.folding_percent(ddf_np, det=det)),
         "sdlogj": float(metrics.sdlogj(ddf_np, det=det)),
-        "sdlogj_l2r": float(metrics.sdlogj_l2r(ddf_np)),
+        "sdlogj_l2r": float(metrics.sdlogj_l2r(ddf_np, det=det)),
         "jacobian_min": float(jac.min()), "jacobian_max": float(jac.max()),
         "displacement_max_vox": float(np.sqrt((ddf_np**2).sum(0)).max()),
         "runtime": _runtime_settings(),
