@@ -100,7 +100,8 @@ def _box_d(x, r, out):
 @njit(nogil=True, cache=True)
 def box_sum_kernel(x, r, out, tmp):
     """``out`` = the ``(2r+1)^3`` box sum of every channel of ``x`` (zeros outside); ``tmp`` scratch
-    of ``x``'s shape, which may be ``x`` itself (``x`` is then overwritten: no extra memory).
+    of ``x``'s shape, which may be ``x`` itself (``x`` is then overwritten: no extra memory);
+    ``out`` must be neither ``x`` nor ``tmp``.
 
     Equal to ``psmamba.losses.box_sum(x, 2r + 1)`` up to float rounding.
     """

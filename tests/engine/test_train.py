@@ -393,6 +393,13 @@ def test_resume_with_more_epochs_trains_longer_on_the_new_schedule(tmp_path, cap
     assert change[0]["lr"] == pytest.approx(poly_lr(1e-4, 2, 4), rel=1e-6)
     assert yaml.safe_load((run / "config.yaml").read_text())["optim"]["epochs"] == 4
     assert not all(torch.equal(before[k], v) for k, v in weights(run / "last.pt").items())
+    # resumed with a config file whose epochs differ (the original launch command, say): refused
+    # as before, with the way to ask for a new schedule; nothing changes
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg["optim"]["epochs"] = 2
+    path = write_yaml(tmp_path / "orig.yaml", cfg)
+    _fails_cleanly(capsys, ["train", "--config", str(path), "--out", str(run), "--resume"],
+                   "optim.epochs is 2", "trained with 4", "--set optim.epochs=2")
     # resumed again as stored (4 epochs, all done): nothing more to train, nothing changes
     assert main(["train", "--out", str(run), "--resume"]) == 0
     again = torch.load(run / "last.pt", map_location="cpu", weights_only=True)["training"]

@@ -29,7 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in the output folder from its last.pt (same schedule and pair "
                              "order); with --set optim.epochs=N, train on to N epochs (the poly decay is "
-                             "recomputed for N from the next epoch on)")
+                             "recomputed for N from the current epoch on)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), help="overrides run.device")
     parser.add_argument("--seed", type=int, help="overrides run.seed")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -72,7 +72,9 @@ def run(args: argparse.Namespace) -> int:
     from psmamba.engine.train import fit
 
     cfg = _resolve_config(args)
-    result = fit(cfg, resume=args.resume)
+    # a new schedule only when asked for on this command line (a config file that differs is refused)
+    reschedule = any(o.split("=", 1)[0].strip() == "optim.epochs" for o in args.overrides)
+    result = fit(cfg, resume=args.resume, reschedule=reschedule)
     if result.best_value is not None:
         best = f"best {result.best_metric} {result.best_value:.4f} (epoch {result.best_epoch})"
     else:

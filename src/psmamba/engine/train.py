@@ -49,8 +49,10 @@ VOLATILE_KEYS = {
     "data": {"num_workers"},
 }
 
-#: settings a resumed run may change on purpose, ending exact continuation: ``optim.epochs`` (train
-#: longer or stop sooner; the poly decay is recomputed for the new total from the next step on)
+#: settings a resumed run may change when asked to (``fit(..., reschedule=True)``, ``psmamba train
+#: --resume --set optim.epochs=N``), ending exact continuation: ``optim.epochs`` (train longer or
+#: stop sooner; the poly decay is recomputed for the new total from the next step on). A config
+#: file that merely differs is refused as before.
 EXTENDABLE = {"optim": {"epochs"}}
 
 #: one-shot stops of an invocation: a run resumed from its stored config starts without them
@@ -140,12 +142,13 @@ def _as_config(config: TrainConfig | Mapping[str, Any] | str | Path) -> TrainCon
     return load_train_config(config)
 
 
-def _check_resumable(cfg: TrainConfig, stored: Mapping[str, Any], path: Path, epochs_done: int) -> None:
-    """A resumed run must train the same thing: only :data:`VOLATILE_KEYS` may differ, and
-    ``optim.epochs`` (a longer or shorter schedule, :data:`EXTENDABLE`) if epochs remain to train."""
+def _check_resumable(cfg: TrainConfig, stored: Mapping[str, Any], path: Path, epochs_done: int,
+                     reschedule: bool = False) -> None:
+    """A resumed run must train the same thing: only :data:`VOLATILE_KEYS` may differ, and, when
+    asked for (``reschedule``), ``optim.epochs`` (:data:`EXTENDABLE`) if epochs remain to train."""
     now = config_to_dict(cfg)
     was = stored.get("optim", {}).get("epochs")
-    if was is not None and cfg.optim.epochs != was and cfg.optim.epochs <= epochs_done:
+    if reschedule and was is not None and cfg.optim.epochs != was and cfg.optim.epochs <= epochs_done:
         raise PsmambaError(
             f"--resume: optim.epochs={cfg.optim.epochs} but {path} has already trained {epochs_done} epochs: "
             f"set it above {epochs_done} to train longer"
@@ -157,11 +160,13 @@ def _check_resumable(cfg: TrainConfig, stored: Mapping[str, Any], path: Path, ep
                 raise PsmambaError(f"--resume: model settings differ from {path} ({before} vs {values})")
             continue
         for key, value in values.items():
-            if key in VOLATILE_KEYS.get(section, ()) or key in EXTENDABLE.get(section, ()):
+            if key in VOLATILE_KEYS.get(section, ()) or reschedule and key in EXTENDABLE.get(section, ()):
                 continue
             if before.get(key) != value:
+                hint = (f" (to change the schedule on purpose: --set {section}.{key}={value})"
+                        if key in EXTENDABLE.get(section, ()) else "")
                 raise PsmambaError(
-                    f"--resume: {section}.{key} is {value!r} but {path} was trained with {before.get(key)!r}"
+                    f"--resume: {section}.{key} is {value!r} but {path} was trained with {before.get(key)!r}{hint}"
                 )
 
 
@@ -170,6 +175,7 @@ def fit(
     config: TrainConfig | Mapping[str, Any] | str | Path,
     *,
     resume: bool = False,
+    reschedule: bool = False,
     train_data=None,
     val_data=None,
 ) -> FitResult:
@@ -179,6 +185,10 @@ def fit(
         config: a :class:`TrainConfig`, a nested dict of its sections or a YAML path.
         resume: continue the run in ``config.run.out`` (its ``last.pt``); the config must match
             the stored one except for :data:`VOLATILE_KEYS`.
+        reschedule: with ``resume``, ``config``'s ``optim.epochs`` may differ from the stored
+            one (above the epochs already trained): the run trains on to it, the poly decay
+            recomputed for the new total (:data:`EXTENDABLE`). Without it a differing
+            ``optim.epochs`` is refused like any other setting.
         train_data, val_data: map-style data sets of pair dicts to use instead of ``config.data``
             (``moving``, ``fixed`` ``(1, D, H, W)`` float, optional ``moving_labels`` /
             ``fixed_labels`` ``(1, D, H, W)`` int). ``val_data=None`` with ``train_data`` given
@@ -196,14 +206,14 @@ def fit(
         torch.set_num_threads(cfg.run.threads)
     info = init_distributed(cfg.run.device)
     try:
-        return _fit(cfg, info, resume, train_data, val_data)
+        return _fit(cfg, info, resume, train_data, val_data, reschedule)
     finally:
         if info.distributed:
             shutdown_distributed()
         torch.set_num_threads(threads)
 
 
-def _fit(cfg: TrainConfig, info: DistInfo, resume: bool, train_data, val_data) -> FitResult:
+def _fit(cfg: TrainConfig, info: DistInfo, resume: bool, train_data, val_data, reschedule: bool = False) -> FitResult:
     from psmamba.data.training import build_datasets, resize_datasets
     from psmamba.engine.trainer import Trainer
 
@@ -213,7 +223,8 @@ def _fit(cfg: TrainConfig, info: DistInfo, resume: bool, train_data, val_data) -
     ckpt = None
     if resume:
         ckpt = load_training_state(out / "last.pt", map_location="cpu")
-        _check_resumable(cfg, ckpt["training"]["config"], out / "last.pt", int(ckpt["training"]["epoch"]))
+        _check_resumable(cfg, ckpt["training"]["config"], out / "last.pt", int(ckpt["training"]["epoch"]),
+                         reschedule)
     # every rank has checked the folder before rank 0 creates anything in it (under torchrun a
     # rank that failed a check ends the whole group, so nobody waits here forever)
     barrier(info)

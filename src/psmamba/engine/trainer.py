@@ -217,8 +217,8 @@ class Trainer:
         """Create the output folder, ``config.yaml``, ``metrics.csv`` and TensorBoard (rank 0)."""
         if self.info.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
-            if not self.resume or self.rescheduled:
-                save_train_config(self.cfg, self.out / "config.yaml")  # (again when the schedule changed)
+            if not self.resume:
+                save_train_config(self.cfg, self.out / "config.yaml")
             self.csv_log = CsvLog(self.out / "metrics.csv", keep_rows=self.csv_rows if self.resume else 0)
             purge = self.global_step + 1 if self.resume else None
             self.tb = TensorBoardLog(self.out / "tb", self.cfg.run.tensorboard, purge_step=purge)
@@ -435,6 +435,9 @@ class Trainer:
                          "schedule_changes": self.schedule_changes},
                 world_size=self.info.world_size, rng_states=rngs, extra=self.ckpt_extra,
             )
+            if self.rescheduled:  # config.yaml follows last.pt's new schedule once it is written
+                save_train_config(self.cfg, self.out / "config.yaml")
+                self.rescheduled = False
 
 
 # --------------------------------------------------------------------------- helpers
