@@ -7,12 +7,15 @@ reached the network rotated or mirrored, and one in a wider field of view shrunk
 resampled into the training box (R, A, S axes, 3.4 x 3.0 x 3.4 mm) placed on the fixed image's
 field of view.
 
-On the demo's full-size VAL pairs (one direction each, no affine stage), each pair stored eight
+On the demo's full-size VAL pairs (one direction each, no affine stage), each pair stored ten
 ways (as built: RAS 160x192x160; LAS; LIA; PIR; RAS with 40 voxels of background added on every
 side; RAS at 1.5 mm; RAS with 30 or 60 voxels of background added below the brain only, which
-puts it 15 or 30 mm off the field of view's centre), the network alone (``--method network``) runs two ways: ``space`` (now) and
-``resized`` (the file's grid resized, as before: the model's space removed). Variant order rotated
-from pair to pair; one process.
+puts it 15 or 30 mm off the field of view's centre; RAS with its header pitched by 15 or 30 degrees
+about the left-right axis, as an oblique acquisition stores a head tilted in the world), the
+network alone (``--method network``) runs two ways: ``space`` (now: the box along the world's R, A,
+S axes, so it sees the oblique pairs' heads tilted) and ``resized`` (the file's grid resized, as
+before: the model's space removed; it sees the oblique pairs' arrays as built, upright). Variant
+order rotated from pair to pair; one process.
 
     python benchmarks/ablations/network_storage.py [--threads 2]
 
@@ -30,7 +33,8 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.ablations._common import Rows, parse_args, register_timed, rotated, scores, val_pairs  # noqa: E402
 
-STORAGES = ("RAS", "LAS", "LIA", "PIR", "RAS wide", "RAS 1.5 mm", "RAS 30 below", "RAS 60 below")
+STORAGES = ("RAS", "LAS", "LIA", "PIR", "RAS wide", "RAS 1.5 mm", "RAS 30 below", "RAS 60 below",
+            "RAS oblique 15", "RAS oblique 30")
 VARIANTS = ("space", "resized")
 
 
@@ -53,6 +57,15 @@ def stored(p, how: str):
         out = [np.pad(x, 40) for x in arrays]
         a = aff.copy()
         a[:3, 3] -= aff[:3, :3] @ np.full(3, 40.0)
+    elif "oblique" in how:  # the arrays as built, the header pitched about the L-R axis through the
+        # field of view's centre (an oblique acquisition): in the world the head is tilted by that angle
+        t = np.deg2rad(float(how.split()[-1]))
+        rot = np.eye(4)
+        rot[1:3, 1:3] = [[np.cos(t), -np.sin(t)], [np.sin(t), np.cos(t)]]
+        centre = aff[:3, :3] @ ((np.asarray(arrays[0].shape) - 1) / 2) + aff[:3, 3]
+        there, back = np.eye(4), np.eye(4)
+        there[:3, 3], back[:3, 3] = centre, -centre
+        out, a = arrays, there @ rot @ back @ aff
     elif how.endswith(" below"):  # background added below the brain only: the brain off the field of view's centre
         n = int(how.split()[1])
         out = [np.pad(x, [(0, 0), (0, 0), (n, 0)]) for x in arrays]
