@@ -404,3 +404,19 @@ def test_resume_with_more_epochs_trains_longer_on_the_new_schedule(tmp_path, cap
     assert main(["train", "--out", str(run), "--resume"]) == 0
     again = torch.load(run / "last.pt", map_location="cpu", weights_only=True)["training"]
     assert again["step"] == 24 and len(again["metrics"]["schedule_changes"]) == 1
+
+
+def test_resume_mid_epoch_with_more_epochs_changes_the_rate_at_once(tmp_path, data_dir, cache_dir):
+    """Stopped in the middle of epoch 2 of 2 and resumed with optim.epochs=3: the rest of epoch 2
+    already runs at the 3-epoch schedule's rate, epoch 3 at its next one."""
+    cfg = write_yaml(tmp_path / "cfg.yaml", tiny_config(data_dir, cache_dir))
+    out = tmp_path / "run"
+    assert main(["train", "--config", str(cfg), "--out", str(out), "--set", "run.max_steps=8"]) == 0
+    assert main(["train", "--out", str(out), "--resume", "--set", "optim.epochs=3"]) == 0
+    train = [r for r in csv_rows(out / "metrics.csv") if r["split"] == "train"]
+    assert [int(r["step"]) for r in train] == list(range(1, 19))
+    expect = [1e-4] * 6 + [poly_lr(1e-4, 1, 2)] * 2 + [poly_lr(1e-4, 1, 3)] * 4 + [poly_lr(1e-4, 2, 3)] * 6
+    assert [float(r["lr"]) for r in train] == pytest.approx(expect, rel=1e-5)
+    state = torch.load(out / "last.pt", map_location="cpu", weights_only=True)["training"]
+    assert (state["epoch"], state["step"]) == (3, 18)
+    assert [(c["step"], c["epoch"]) for c in state["metrics"]["schedule_changes"]] == [(8, 1)]
