@@ -814,6 +814,7 @@ def _svf_full(pyramid: _Pyramid, v_c: torch.Tensor, n_it: int, cfg: DeformableCo
     f, m, k, size = pyramid[1]
     up = _resize_field(_exp(v_c, cfg.svf_steps, be), size).contiguous()
     q = up if init is None else sample(init, up, add=True, backend=be)  # first U, then init
+    del up  # (with an init: three full-size volumes less for the rest of the level)
     r = torch.zeros_like(q)
 
     def step(s):
