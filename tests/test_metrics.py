@@ -162,6 +162,25 @@ def test_jacobian_kernel_is_bit_identical_to_numpy(rng, shape, dtype):
     assert np.array_equal(jacobian_determinant(u), _jacobian_numpy(u))
 
 
+def _child_jacobian_sum(field):
+    return float(jacobian_determinant(field).sum())
+
+
+def test_jacobian_kernel_runs_in_a_forked_child_after_the_parent_used_it(rng):
+    """DataLoader workers and fork pools compute metrics too: a parallel (OpenMP) kernel used by
+    the parent would get a forked child killed; the one-thread kernel does not."""
+    import multiprocessing
+    import sys
+
+    if sys.platform != "linux":
+        pytest.skip("fork start method: Linux")
+    u = (rng.normal(size=(3, 33, 34, 35)) * 0.3).astype(np.float32)
+    want = float(jacobian_determinant(u).sum())  # the parent uses the kernel first
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        # a killed child loses its task: fail after a minute instead of waiting forever
+        assert pool.apply_async(_child_jacobian_sum, (u,)).get(timeout=60) == want
+
+
 def test_sdlogj_l2r_matches_learn2reg_procedure(rng):
     smooth = scipy.ndimage.gaussian_filter(rng.normal(size=(3, 12, 11, 10)), sigma=(0, 1.5, 1.5, 1.5)) * 4
     assert sdlogj_l2r(smooth) == pytest.approx(l2r_sdlogj_reference(smooth), rel=1e-10)

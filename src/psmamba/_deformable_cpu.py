@@ -408,7 +408,9 @@ def affine_field_kernel(field, a, b, out):
 
 
 # --------------------------------------------------------------------------- Jacobian determinant
-@njit(parallel=True, cache=True, nogil=True)  # no fastmath: every operation rounds as numpy's does
+# Not parallel: a metric runs in DataLoader workers and forked pools too, and numba's OpenMP layer
+# kills a forked child once its parent has used it. No fastmath: every operation rounds as numpy's.
+@njit(cache=True, nogil=True)
 def jacobian_det_kernel(u, one, half, out):
     """``out = det(I + grad u)`` per voxel of a ``(3, D, H, W)`` field, ``numpy.gradient``'s
     differences (central inside, one-sided at the faces; each axis >= 2 voxels).
@@ -420,8 +422,8 @@ def jacobian_det_kernel(u, one, half, out):
     _, nd, nh, nw = u.shape
     o = one[0]
     hf = half[0]
-    for d in prange(nd):
-        j = np.empty((3, 3), dtype=u.dtype)
+    j = np.empty((3, 3), dtype=u.dtype)
+    for d in range(nd):
         for h in range(nh):
             for w in range(nw):
                 for c in range(3):

@@ -199,18 +199,16 @@ def jacobian_determinant(ddf) -> np.ndarray:
     if u.dtype in (np.float32, np.float64) and u.size >= _KERNEL_MIN_VOXELS:
         try:
             from psmamba._deformable_cpu import jacobian_det_kernel
-            from psmamba.nn._numba import NumbaThreads, threads
         except ImportError:  # pragma: no cover - numba is a dependency
             return _jacobian_numpy(u)
         out = np.empty(u.shape[1:], dtype=u.dtype)
-        with NumbaThreads(threads()):  # as many threads as torch uses (the process's setting)
-            jacobian_det_kernel(u, np.ones(1, u.dtype), np.full(1, 0.5, u.dtype), out)
+        jacobian_det_kernel(u, np.ones(1, u.dtype), np.full(1, 0.5, u.dtype), out)  # one thread: fork-safe
         return out
     return _jacobian_numpy(u)
 
 
-#: fields at least this large (values) use the one-pass numba kernel (bit-identical; about 10x
-#: faster and 1/10 of the memory at 160x192x160); smaller ones numpy (no compile, no threads)
+#: fields at least this large (values) use the one-pass numba kernel (bit-identical, one thread,
+#: several times faster and 1/10 of the memory at 160x192x160); smaller ones numpy (no compile)
 _KERNEL_MIN_VOXELS = 3 * 32**3
 
 
