@@ -317,6 +317,10 @@ def test_pickles_in_split_folders(tmp_path):
     assert sorted(parts["train"] + parts["test"]) == src.splits["train"]
     assert src.make_splits(val=0.5, test=1, seed=0) == parts
     assert src.make_splits(test=0)["train"] == src.splits["train"]
+    # a subject in two published parts is refused, naming it (a manifest's rows, say)
+    src.splits["val"] = ["Train/subject_1"]
+    with pytest.raises(PsmambaError, match=r"subject 'Train/subject_1' in both 'train' and 'val'"):
+        src.make_splits()
 
 
 def test_pickle_refuses_code(tmp_path):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -197,6 +197,7 @@ class SourceData:
         subj = self.subjects()
         pub = self.splits
         if use_protocol and pub.get("train") and (pub.get("test") or pub.get("val")):
+            _check_disjoint(pub, subj)
             if pub.get("val") and pub.get("test"):
                 return {k: list(pub.get(k, [])) for k in ("train", "val", "test")}
             train_ids = list(pub["train"])
@@ -351,3 +352,14 @@ def unique(items: Iterable[str]) -> list[str]:
     """Order-preserving de-duplication."""
     seen: set[str] = set()
     return [x for x in items if not (x in seen or seen.add(x))]
+
+
+def _check_disjoint(splits: Mapping[str, Sequence[str]], subjects: Mapping[str, str]) -> None:
+    """A published split must keep each subject in one part (else one line naming it)."""
+    seen: dict[str, str] = {}
+    for part in ("train", "val", "test"):
+        for vid in splits.get(part, []):
+            s = subjects.get(vid, vid)
+            if seen.setdefault(s, part) != part:
+                raise PsmambaError(f"the published split puts subject {s!r} in both {seen[s]!r} and {part!r} "
+                                   f"(volume {vid}): a subject's volumes must stay in one part; fix the split")

@@ -158,7 +158,7 @@ def open_file_source(cfg: TrainConfig):
     Returns ``(source, splits, engine_options)``: :func:`psmamba.data.open_source` on
     ``data.root`` with the layout of ``data.source``; ``source.make_splits(val=data.val_fraction,
     test=data.options.test (default 0.2), seed=run.seed)`` (a published split keeps its own
-    test part); the ``data.options`` handled here (``pipeline``, ``cache_dir``, ``test``,
+    parts: :meth:`psmamba.data.SourceData.make_splits`); the ``data.options`` handled here (``pipeline``, ``cache_dir``, ``test``,
     ``atlas``, ``atlas_direction``). Every other option goes to the reader.
     """
     from psmamba.data.sources import open_source
@@ -184,10 +184,11 @@ def build_datasets(cfg: TrainConfig):
       ``train`` and ``val`` splits (the ``test`` pairs are never touched here).
     * file sources: :func:`psmamba.data.open_source` on ``data.root`` with the layout named by
       ``data.source``; ``data.options`` may set ``pipeline`` (a preprocessing preset; default
-      the protocol's own), ``cache_dir``, ``test`` (test share when the source has no published
-      split; default 0.2), ``atlas`` / ``atlas_direction`` (with ``data.pairs: atlas``); every
+      the protocol's own), ``cache_dir``, ``test`` (test share when the source publishes no test
+      part; default 0.2), ``atlas`` / ``atlas_direction`` (with ``data.pairs: atlas``); every
       other option goes to the reader (``image_glob``, ``label_glob``, ...). Validation subjects
-      (``data.val_fraction``) are drawn from the training part, never from the test part.
+      (``data.val_fraction``) are drawn from the training part, never from the test part, unless
+      the source publishes a val part (then that is the validation set).
     * ``synth``: ``data.synth_pairs`` new :mod:`psmamba.data.synth` pairs per epoch;
       ``data.options`` may set ``shape`` (default 64^3) and any ``SynthConfig`` field.
       Validation: ``data.max_val_pairs`` (default 8) fixed pairs from other seeds.

@@ -227,8 +227,8 @@ def split_pairs(config: Any, split: str = "test") -> LazyPairs:
 
     The split is drawn exactly as ``psmamba train`` draws its train/val parts
     (:func:`psmamba.data.training.build_datasets`): ``make_splits(val=data.val_fraction,
-    test=data.options.test (0.2), seed=run.seed)`` (a published split keeps its own test
-    part), with the same preprocessing pipeline and cache; ``demo`` uses the demo's splits.
+    test=data.options.test (0.2), seed=run.seed)`` (a published split keeps its own
+    parts; :meth:`psmamba.data.SourceData.make_splits`), with the same preprocessing pipeline and cache; ``demo`` uses the demo's splits.
 
     Args:
         config: a :class:`psmamba.config.TrainConfig`, its dict form (as stored in
