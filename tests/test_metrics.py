@@ -186,6 +186,8 @@ def test_sdlogj_l2r_matches_learn2reg_procedure(rng):
     assert sdlogj_l2r(smooth) == pytest.approx(l2r_sdlogj_reference(smooth), rel=1e-10)
     # given the whole field's determinants (register passes them): the same value
     assert sdlogj_l2r(smooth, det=jacobian_determinant(smooth)) == sdlogj_l2r(smooth)
+    with pytest.raises(PsmambaError, match="not the field's grid"):
+        sdlogj_l2r(smooth, det=jacobian_determinant(smooth)[1:])
     # the challenge's "+3" makes it about 4x smaller than the plain SDlogJ for small deformations
     ratio = sdlogj(smooth) / sdlogj_l2r(smooth)
     assert 2.5 < ratio < 6

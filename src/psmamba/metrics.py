@@ -269,6 +269,8 @@ def sdlogj_l2r(ddf, det: np.ndarray | None = None) -> float:
     if min(u.shape[1:]) < 5:
         raise PsmambaError(f"sdlogj_l2r crops 2 voxels per face and needs >= 5 per axis, got {u.shape[1:]}")
     inner = (slice(2, -2),) * 3
+    if det is not None and np.shape(det) != u.shape[1:]:
+        raise PsmambaError(f"sdlogj_l2r: det {np.shape(det)} is not the field's grid {u.shape[1:]}")
     det = (jacobian_determinant(u) if det is None else np.asarray(det))[inner].astype(np.float64)
     return np.float64(np.log(np.clip(det + 3.0, _DET_MIN, _DET_MAX)).std())
 
