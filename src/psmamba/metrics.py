@@ -102,10 +102,12 @@ def shared_labels(fixed_labels, moving_labels) -> tuple[list[int], list[int]]:
     return sorted(f & m), sorted(f ^ m)
 
 
-def _label_list(a: np.ndarray, b: np.ndarray, labels: Iterable[int] | None) -> list[int]:
+def _label_list(a, b, labels: Iterable[int] | None) -> list[int]:
+    """``labels`` as ints, or every non-zero code found in either map (label maps or their
+    :func:`_counts`), sorted."""
     if labels is None:
-        found = np.union1d(np.unique(a), np.unique(b))
-        return [int(v) for v in found if v != 0]
+        found = set(a if isinstance(a, dict) else _counts(a)) | set(b if isinstance(b, dict) else _counts(b))
+        return sorted(v for v in found if v != 0)
     return [int(v) for v in labels]
 
 
@@ -140,7 +142,7 @@ def dice(fixed_labels, warped_labels, labels: Iterable[int] | None = None) -> di
     # one counting pass per map instead of two boolean masks per label
     nf, nw = _counts(f), _counts(w)
     ni = _counts(f[f == w])
-    wanted = sorted(v for v in set(nf) | set(nw) if v != 0) if labels is None else [int(v) for v in labels]
+    wanted = _label_list(nf, nw, labels)
     out: dict[int, float] = {}
     for lab in wanted:
         total = nf.get(lab, 0) + nw.get(lab, 0)

@@ -69,11 +69,12 @@ def _resolve_config(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
+    from psmamba.config import parse_override
     from psmamba.engine.train import fit
 
     cfg = _resolve_config(args)
     # a new schedule only when asked for on this command line (a config file that differs is refused)
-    reschedule = any(o.split("=", 1)[0].strip() == "optim.epochs" for o in args.overrides)
+    reschedule = any(parse_override(o)[0] == ["optim", "epochs"] for o in args.overrides)
     result = fit(cfg, resume=args.resume, reschedule=reschedule)
     if result.best_value is not None:
         best = f"best {result.best_metric} {result.best_value:.4f} (epoch {result.best_epoch})"
