@@ -47,6 +47,9 @@ def test_check_number_accepts_and_converts():
     it = check_number("--iters", 3.0, integer=True, nonnegative=True)
     assert it == 3 and isinstance(it, int)
     assert check_number("--x", float("inf"), finite=False, positive=True) == float("inf")
+    assert check_number("--sigma-field", 32, nonnegative=True, maximum=32) == 32
+    with pytest.raises(PsmambaError, match=r"^--sigma-field must be a finite number >= 0 and <= 32, got 1000000000.0$"):
+        check_number("--sigma-field", 1e9, nonnegative=True, maximum=32)
 
 
 @pytest.mark.parametrize("flag,value,kw,needle", [

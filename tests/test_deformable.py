@@ -87,7 +87,24 @@ def test_lncc_force_is_the_gradient_of_the_summed_loss():
     assert float(grad[p]) == pytest.approx((total(wp) - total(wm)) / (2 * h), rel=1e-4)
 
 
-@pytest.mark.parametrize("sigma", [0.5, 1.5])
+def test_gaussian_kernel_longer_than_a_row_writes_inside_it():
+    """A kernel radius beyond the W axis wrote past the row's end (a crash of the whole process
+    for --sigma-update 5 on a 32^3 image's 1/4 level): the voxels after each row must stay."""
+    import numpy as np
+
+    from psmamba._deformable_cpu import gauss_kernel
+
+    x = np.random.default_rng(0).standard_normal((3, 8, 9, 10)).astype(np.float32)
+    k = D.gaussian_taps(6.0).numpy()
+    out_buf = np.full((3, 8, 9, 60), 7.0, np.float32)
+    tmp_buf = np.full((3, 8, 9, 60), 7.0, np.float32)
+    gauss_kernel(x, k, out_buf[..., :10], tmp_buf[..., :10])
+    assert (out_buf[..., 10:] == 7.0).all() and (tmp_buf[..., 10:] == 7.0).all()
+    ref = D.gaussian_smooth(torch.from_numpy(x)[None], 6.0, "torch")[0].numpy()
+    np.testing.assert_allclose(out_buf[..., :10], ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("sigma", [0.5, 1.5, 6.0])  # 6.0: a kernel (37 taps) longer than every axis
 def test_gaussian_numba_matches_torch(sigma):
     x = torch.randn(1, 3, 8, 9, 10)
     torch.testing.assert_close(D.gaussian_smooth(x, sigma, "numba"), D.gaussian_smooth(x, sigma, "torch"),
@@ -248,6 +265,8 @@ def test_masked_loss_is_the_mean_over_the_mask():
         ({"lr": 0.0}, "lr"),
         ({"sigma_update": -0.5}, "sigma_update"),
         ({"sigma_field": float("nan")}, "sigma_field"),
+        ({"sigma_field": 1e9}, "sigma_field must be at most 32"),  # a 48 GB kernel before
+        ({"sigma_update": 33.0}, "sigma_update must be at most 32"),
         ({"max_step": float("inf")}, "max_step"),
         ({"window": 4}, "window"),
         ({"tol": -1e-3}, "tol"),

@@ -278,16 +278,17 @@ def _conv_w(x, k, out):
             for w in range(nw):
                 dst[w] = 0.0
             # the taps as shifted rows: interior voxels without clamping (vectorised), then
-            # the r voxels at each end with the faces replicated
+            # the r voxels at each end with the faces replicated; lo/hi kept in [0, nw] for a
+            # kernel longer than the row (every voxel then reads a face)
             for t in range(-r, r + 1):
                 kt = k[t + r]
-                lo = max(0, -t)
-                hi = min(nw, nw - t)
+                lo = min(max(0, -t), nw)
+                hi = max(min(nw, nw - t), lo)
                 for w in range(lo, hi):
                     dst[w] += kt * src[w + t]
                 for w in range(0, lo):
                     dst[w] += kt * src[0]
-                for w in range(max(hi, 0), nw):
+                for w in range(hi, nw):
                     dst[w] += kt * src[nw - 1]
 
 

@@ -76,13 +76,14 @@ def check_number(
     integer: bool = False,
     finite: bool = True,
     minimum: float | None = None,
+    maximum: float | None = None,
 ) -> Any:
     """``value`` of ``flag`` if it is a number that meets the conditions; None passes through.
 
     Args:
         flag: how the value is named in the error (``"--lr"``, ``"lam"``).
         value: the number (``None``, "not given", is returned as is).
-        positive: ``> 0``; nonnegative: ``>= 0``; minimum: ``>= minimum``.
+        positive: ``> 0``; nonnegative: ``>= 0``; minimum: ``>= minimum``; maximum: ``<= maximum``.
         integer: a whole number (``3.0`` is accepted and returned as ``3``).
         finite: no NaN or infinity (default).
 
@@ -95,7 +96,8 @@ def check_number(
     if value is None:
         return None
     bounds = [b for b, on in (("> 0", positive), (">= 0", nonnegative and not positive),
-                              (f">= {minimum:g}" if minimum is not None else "", minimum is not None)) if on]
+                              (f">= {minimum:g}" if minimum is not None else "", minimum is not None),
+                              (f"<= {maximum:g}" if maximum is not None else "", maximum is not None)) if on]
     kind = "an integer" if integer else ("a finite number" if finite else "a number")
     want = " ".join([kind] + bounds[:1] + [f"and {b}" for b in bounds[1:]])
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
@@ -104,7 +106,8 @@ def check_number(
     if (finite or integer) and not math.isfinite(v):
         raise PsmambaError(f"{flag} must be {want}, got {value!r}")
     if math.isnan(v) or (positive and not v > 0) or (nonnegative and not v >= 0) \
-            or (minimum is not None and not v >= minimum) or (integer and v != int(v)):
+            or (minimum is not None and not v >= minimum) or (maximum is not None and not v <= maximum) \
+            or (integer and v != int(v)):
         raise PsmambaError(f"{flag} must be {want}, got {value!r}")
     return int(v) if integer else value
 

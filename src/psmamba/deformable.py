@@ -67,6 +67,8 @@ _METHODS = ("greedy", "svf")
 #: scaling and squaring starts from ``v / 2^K`` no longer than this (voxels)
 _SQUARING_START = 0.25
 _BACKENDS = ("auto", "numba", "torch")
+#: the widest smoothing of :class:`DeformableConfig` (voxels of a level grid)
+_SIGMA_MAX = 32.0
 
 
 # --------------------------------------------------------------------------- settings
@@ -88,9 +90,9 @@ class DeformableConfig:
             negative local squared correlation with respect to a displacement in voxels).
         max_step: the largest update of one step, in voxels of the level grid (the update is
             scaled down when its largest vector is longer; keeps each composed step invertible).
-        sigma_update: Gaussian sigma (voxels of the level grid) of the update ("fluid").
+        sigma_update: Gaussian sigma (voxels of the level grid) of the update ("fluid"); at most 32.
         sigma_field: Gaussian sigma (voxels) applied to the whole field / velocity after each
-            step ("elastic"); 0 turns it off.
+            step ("elastic"); 0 turns it off; at most 32.
         window: LNCC box width in voxels of every level (odd, >= 3).
         tol: a level stops when ``(loss[k - patience] - loss[k]) / |loss[k]| < tol``; 0 turns
             the test off (every level runs its ``iterations``).
@@ -154,6 +156,10 @@ class DeformableConfig:
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not math.isfinite(v) or (v <= lo if strict else v < lo):
                 raise PsmambaError(f"{name} must be a finite number {'>' if strict else '>='} {lo:g}, got {v!r}")
+        for name in ("sigma_update", "sigma_field"):
+            if getattr(self, name) > _SIGMA_MAX:
+                raise PsmambaError(f"{name} must be at most {_SIGMA_MAX:g} voxels (the Gaussian spans 6 sigma; "
+                                   f"wider smooths any image flat), got {getattr(self, name)!r}")
         if not isinstance(self.full_residual, bool):
             raise PsmambaError(f"full_residual must be True or False, got {self.full_residual!r}")
         if int(self.window) != self.window or self.window < 3 or self.window % 2 == 0:

@@ -304,7 +304,14 @@ def test_checkpoint_errors_name_the_file(tmp_path):
     ckpt = torch.load(mismatched, weights_only=True)
     ckpt["config"]["channels"] = 2  # weights of c = 4 under a c = 2 config
     torch.save(ckpt, mismatched)
+    diverged = tmp_path / "diverged.pt"  # a training that blew up: NaN weights (crashed deep inside before)
+    ckpt = torch.load(mismatched, weights_only=True)
+    ckpt["config"]["channels"] = 4
+    first = next(k for k, v in ckpt["state_dict"].items() if v.is_floating_point())
+    ckpt["state_dict"][first][...] = float("nan")
+    torch.save(ckpt, diverged)
     for path, msg in [
+        (diverged, f"NaN or infinite values \\({first}\\)"),
         (corrupt, "not a readable checkpoint"),
         (foreign, "not a psmamba checkpoint"),
         (mismatched, "weights do not match"),

@@ -41,9 +41,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     meth.add_argument("--io-iterations", type=int, nargs="+", metavar="N",
                       help="the most io steps per pyramid level, coarse to fine (default 100 30 2 at 1/4, 1/2, 1)")
     meth.add_argument("--sigma-field", type=float, metavar="S",
-                      help="io: Gaussian smoothing of the velocity after each step, voxels (default 0.5)")
+                      help="io: Gaussian smoothing of the velocity after each step, voxels (default 0.5, at most 32)")
     meth.add_argument("--sigma-update", type=float, metavar="S",
-                      help="io: Gaussian smoothing of each update, voxels (default 1.5)")
+                      help="io: Gaussian smoothing of each update, voxels (default 1.5, at most 32)")
     legacy = parser.add_argument_group("Adam optimisation of earlier versions (no affine stage)")
     legacy.add_argument(
         "--iters", type=int, default=0, metavar="N",
@@ -64,6 +64,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from psmamba.checks import check_number
+    from psmamba.deformable import _SIGMA_MAX
     from psmamba.engine.register import register_pair
     from psmamba.errors import PsmambaError
 
@@ -82,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
     for flag, key, value in (("--sigma-field", "sigma_field", args.sigma_field),
                              ("--sigma-update", "sigma_update", args.sigma_update)):
         if value is not None:
-            deformable[key] = check_number(flag, value, nonnegative=True)
+            deformable[key] = check_number(flag, value, nonnegative=True, maximum=_SIGMA_MAX)
     if "iterations" in deformable:
         from psmamba.deformable import DeformableConfig
 

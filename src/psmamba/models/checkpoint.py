@@ -80,6 +80,13 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, **extra: Any) -> 
     return atomic_save(payload, path)
 
 
+def _non_finite(state: Mapping[str, Any]) -> str:
+    """The floating-point tensors of ``state`` holding NaN/inf: ``"name, name (+N more)"``, or ``""``."""
+    names = [k for k, v in state.items()
+             if torch.is_tensor(v) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    return ", ".join(names[:3]) + (f" (+{len(names) - 3} more)" if len(names) > 3 else "")
+
+
 def load_checkpoint(
     path: str | os.PathLike,
     map_location: str | torch.device = "cpu",
@@ -136,6 +143,10 @@ def load_checkpoint(
         model.load_state_dict(ckpt["state_dict"], strict=True)
     except RuntimeError as exc:
         raise PsmambaError(f"{path}: weights do not match the stored config ({_mismatch(model, ckpt['state_dict'], exc)})") from None
+    bad = _non_finite(ckpt["state_dict"])
+    if bad:
+        raise PsmambaError(f"{path}: weights hold NaN or infinite values ({bad}); the training that wrote it "
+                           "diverged or the file is damaged")
     if isinstance(map_location, (str, torch.device)):
         model.to(map_location)
     model.eval()
