@@ -20,7 +20,9 @@ import argparse
 import importlib
 import os
 import pkgutil
+import signal
 import sys
+import threading
 
 from psmamba import __version__
 from psmamba.errors import PsmambaError, first_line
@@ -77,14 +79,31 @@ def main(argv: list[str] | None = None) -> int:
         from psmamba.runtime import keep_freed_memory
 
         keep_freed_memory()  # reuse freed tensor memory (faster on the CPU, see psmamba.runtime)
+    main_thread = threading.current_thread() is threading.main_thread()
+    old = signal.signal(signal.SIGTERM, _raise_terminated) if main_thread else None
     try:
         return int(args._run(args) or 0)
     except (PsmambaError, FileNotFoundError, IsADirectoryError, PermissionError) as exc:
         print(f"psmamba: error: {first_line(exc)}", file=sys.stderr)
         return 2
+    except _Terminated:
+        print("psmamba: terminated", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("psmamba: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if old is None else old)
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's or ``kill``'s stop), raised where Python code runs next so that
+    staged outputs are removed as on Ctrl-C (``psmamba train`` handles it itself: it saves first)."""
+
+
+def _raise_terminated(signum, frame):
+    raise _Terminated
 
 
 if __name__ == "__main__":  # pragma: no cover

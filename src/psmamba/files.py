@@ -33,11 +33,11 @@ __all__ = [
 ]
 
 
-def _umask_mode() -> int:
-    """The mode a plain ``open(path, "w")`` would give."""
+def _umask_mode(folder: bool = False) -> int:
+    """The mode a plain ``open(path, "w")`` (``folder``: ``mkdir``) would give."""
     mask = os.umask(0)
     os.umask(mask)
-    return 0o666 & ~mask
+    return (0o777 if folder else 0o666) & ~mask
 
 
 def temp_beside(path: str | os.PathLike, suffix: str = ".tmp") -> str:
@@ -210,6 +210,10 @@ class StagingDir:
             self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-", dir=anchor))
         except OSError as exc:
             raise PsmambaError(f"output folder {self.out} is not writable ({exc.strerror or exc} in {anchor})") from None
+        try:  # mkdtemp's folder is 0700; renamed into place it must be what mkdir would make
+            os.chmod(self.tmp, _umask_mode(folder=True))
+        except OSError:  # pragma: no cover - file systems without modes
+            pass
 
     def commit(self) -> Path:
         """Move the staged files into the output folder (one rename when it did not exist)."""

@@ -300,6 +300,42 @@ def test_failure_while_writing_leaves_nothing(blob_pair, tmp_path, monkeypatch):
     assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
 
 
+def test_sigterm_leaves_no_staging_folder_and_exits_143(blob_pair, tmp_path, monkeypatch, capsys):
+    """A scheduler's SIGTERM mid-registration: the staged outputs go as on Ctrl-C (a hidden
+    ``.out.tmp-*`` folder stayed before), exit status 143, the old handler back afterwards."""
+    import os
+    import signal
+    import time
+
+    import psmamba.deformable
+
+    def killed(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises at the next bytecode, long before this ends
+        raise AssertionError("SIGTERM did not stop the run")
+
+    monkeypatch.setattr(psmamba.deformable, "register_deformable", killed)
+    before = signal.getsignal(signal.SIGTERM)
+    code = main(["register", "--fixed", str(blob_pair["fixed"]), "--moving", str(blob_pair["moving"]),
+                 "--method", "io", "--no-overview", "--out", str(tmp_path / "o")])
+    assert code == 143 and "terminated" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists() and leftovers(tmp_path) == []
+    assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_output_folder_gets_the_umask_mode(blob_pair, tmp_path):
+    """The staging folder (mkdtemp: 0700) renamed into place must be readable as mkdir makes it."""
+    import os
+
+    old = os.umask(0o022)
+    try:
+        register_pair(blob_pair["fixed"], blob_pair["moving"], method="identity", out_dir=tmp_path / "o",
+                      overview=False)
+    finally:
+        os.umask(old)
+    assert (tmp_path / "o").stat().st_mode & 0o777 == 0o755
+
+
 def test_api_argument_errors(blob_pair):
     with pytest.raises(PsmambaError, match="iters"):
         register_pair(blob_pair["fixed"], blob_pair["moving"], iters=-1)
