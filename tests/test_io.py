@@ -93,6 +93,36 @@ def test_float_stored_label_maps(tmp_path):
         load_labels(tmp_path / "prob.nii.gz")
 
 
+def test_negative_label_codes_are_refused_from_files_arrays_and_images(tmp_path):
+    """-2 as background scored as a label (Dice 0, warped labels holding -2) before."""
+    from psmamba.checks import check_volume_file
+
+    lab = np.zeros((8, 8, 8), np.int16)
+    lab[2:5, 2:5, 2:5], lab[0] = 1, -2
+    nib.save(nib.Nifti1Image(lab, np.eye(4)), tmp_path / "neg.nii.gz")
+    msg = r"neg\.nii\.gz: a label map must hold codes >= 0 \(0 is the background\)"
+    with pytest.raises(PsmambaError, match=msg):
+        load_labels(tmp_path / "neg.nii.gz")
+    with pytest.raises(PsmambaError, match=msg):
+        check_volume_file(tmp_path / "neg.nii.gz", "labels", labels=True)
+    with pytest.raises(PsmambaError, match=r"^fixed labels: a label map must hold codes >= 0"):
+        io.as_image(lab, "fixed labels", labels=True)
+    img = io.Image(lab, np.eye(4), None, "mine.nii")
+    with pytest.raises(PsmambaError, match=r"^fixed labels mine\.nii: a label map must hold codes >= 0"):
+        io.as_image(img, "fixed labels", labels=True)
+    ok = io.as_image(np.abs(lab).astype(np.float32), "fixed labels", labels=True)  # whole floats: converted
+    assert ok.data.dtype == np.uint8 and np.array_equal(ok.data, np.abs(lab))
+
+
+def test_in_memory_inputs_are_checked_as_files_are():
+    with pytest.raises(PsmambaError, match=r"^fixed image must hold real numbers, got dtype complex64$"):
+        io.as_image(np.zeros((8, 8, 8), np.complex64), "fixed image")
+    with pytest.raises(PsmambaError, match=r"^fixed mask: a label map must hold integer values"):
+        io.as_image(np.full((8, 8, 8), 0.5, np.float32), "fixed mask", labels=True)
+    with pytest.raises(PsmambaError, match=r"^moving image must be a 3-D array, got shape \(8, 8\)$"):
+        io.as_image(np.zeros((8, 8)), "moving image")
+
+
 def test_ddf_is_written_in_learn2reg_layout(tmp_path, oblique_affine, torch_seed):
     ddf = torch.randn(1, 3, 4, 5, 6, dtype=torch.float64)
     path = save_ddf(tmp_path / "ddf.nii.gz", ddf, oblique_affine)

@@ -196,6 +196,8 @@ def _judge(st: _Stats, shape: tuple[int, ...], name: str, labels: bool, min_size
     if labels and st.n_fraction:
         raise PsmambaError(f"{name}: a label map must hold integer values, found {st.n_fraction} "
                            f"non-integer voxel(s) (e.g. {st.example_fraction:g})")
+    if labels and st.lo < 0:
+        raise PsmambaError(f"{name}: a label map must hold codes >= 0 (0 is the background), found {st.lo:g}")
     check_size(shape, name, min_size, why)
     if not labels and st.lo == st.hi:
         raise PsmambaError(f"{name}: the image is constant (every voxel is {st.lo:g}): nothing to register")
@@ -480,7 +482,7 @@ def check_volume_file(
 
     Raises:
         PsmambaError: missing, unreadable or corrupt file, not 3-D, NaN/Inf, a broken affine,
-            a constant or too small image, a label map with non-integer values.
+            a constant or too small image, a label map with non-integer or negative values.
     """
     p = Path(path).expanduser()
     img = _open(p, what)

@@ -232,30 +232,35 @@ def _check_finite(data: np.ndarray, what: str, p: Path) -> None:
 
 
 def _integer_labels(data: np.ndarray, what: str, p) -> np.ndarray:
-    """Integer-valued array -> the smallest of uint8/int16/int32 that holds its values."""
+    """Integer-valued array -> the smallest of uint8/int16/int32 that holds its values (``p``: the
+    file, None for an array given in memory)."""
+    what = what if p is None else f"{what} {p}"
     if data.dtype == bool:
         return data.astype(np.uint8)
     if np.issubdtype(data.dtype, np.floating):
         bad = data.size - int(np.count_nonzero(np.isfinite(data)))
         if bad:
-            raise PsmambaError(f"{what} {p}: a label map holds {bad} NaN/Inf value(s)")
+            raise PsmambaError(f"{what}: a label map holds {bad} NaN/Inf value(s)")
         frac = data != np.round(data)
         if frac.any():
             example = float(data[frac].flat[0])
             raise PsmambaError(
-                f"{what} {p}: a label map must hold integer values, found {int(frac.sum())} "
+                f"{what}: a label map must hold integer values, found {int(frac.sum())} "
                 f"non-integer voxel(s) (e.g. {example:g})"
             )
     elif not np.issubdtype(data.dtype, np.integer):
-        raise PsmambaError(f"{what} {p}: a label map must hold integers, got dtype {data.dtype}")
+        raise PsmambaError(f"{what}: a label map must hold integers, got dtype {data.dtype}")
     if data.size == 0:
         return data.astype(np.uint8)
     lo, hi = data.min(), data.max()
+    if lo < 0:
+        raise PsmambaError(f"{what}: a label map must hold codes >= 0 (0 is the background), found "
+                           f"{int(np.count_nonzero(data < 0))} voxel(s) below 0 (e.g. {lo:g})")
     for dtype in (np.uint8, np.int16, np.int32):
         info = np.iinfo(dtype)
         if info.min <= lo and hi <= info.max:
             return data.astype(dtype, copy=False) if data.dtype == dtype else data.astype(dtype)
-    raise PsmambaError(f"{what} {p}: label values {lo}..{hi} do not fit in int32")
+    raise PsmambaError(f"{what}: label values {lo}..{hi} do not fit in int32")
 
 
 # --------------------------------------------------------------------------- reading
@@ -288,7 +293,7 @@ def load_labels(path, what: str = "labels") -> Image:
     comes back in the smallest of ``uint8``/``int16``/``int32`` that holds the values.
 
     Raises:
-        PsmambaError: as :func:`load_image`, or a non-integer value (naming the file).
+        PsmambaError: as :func:`load_image`, a non-integer or negative value (naming the file).
     """
     image = load_image(path, what)
     image.data = _integer_labels(image.data, what, image.path)
@@ -475,6 +480,16 @@ def save_ddf(path, ddf, affine) -> Path:
     return _atomic_save(_build(field, _affine(affine, p)), p)
 
 
+def _in_memory(arr: np.ndarray, what: str, labels: bool, kind: str) -> np.ndarray:
+    """A 3-D array given in memory, checked as a file would be: real numbers; for ``labels``
+    integer codes >= 0 (converted as :func:`load_labels` converts a file's)."""
+    if arr.ndim != 3:
+        raise PsmambaError(f"{what} must be a 3-D {kind}, got shape {arr.shape}")
+    if arr.dtype.kind not in "biuf":
+        raise PsmambaError(f"{what} must hold real numbers, got dtype {arr.dtype}")
+    return _integer_labels(arr, what, None) if labels else arr
+
+
 def as_image(obj: Any, what: str, labels: bool = False) -> Image | None:
     """A path, an :class:`Image`, a :class:`psmamba.data.Volume` or a 3-D array -> an :class:`Image`.
 
@@ -488,28 +503,26 @@ def as_image(obj: Any, what: str, labels: bool = False) -> Image | None:
         path = Path(obj).expanduser()
         if not path.exists():
             raise PsmambaError(f"{what} file {path} does not exist")
-        return load_labels(path) if labels else load_image(path, what=what)
+        return load_labels(path, what=what) if labels else load_image(path, what=what)
     if isinstance(obj, np.ndarray):
-        arr = np.asarray(obj)
-        if arr.ndim != 3:
-            raise PsmambaError(f"{what} must be a 3-D array, got shape {arr.shape}")
-        if labels and not np.issubdtype(arr.dtype, np.integer):
-            if not np.all(np.equal(np.mod(arr, 1), 0)):
-                raise PsmambaError(f"{what} must hold integer label codes")
-            arr = arr.astype(np.int32)
+        arr = _in_memory(obj, what, labels, "array")
         return Image(data=arr, affine=np.eye(4), header=None, path=None)  # type: ignore[arg-type]
     if hasattr(obj, "data") and hasattr(obj, "affine"):
         arr = np.asarray(obj.data)
         if arr.ndim != 3:
             raise PsmambaError(f"{what} must be a 3-D image, got shape {arr.shape}")
-        return obj
+        from psmamba.checks import image_name  # (checks imports this module)
+
+        checked = _in_memory(arr, image_name(what, obj), labels, "image")
+        if checked is arr:
+            return obj
+        return Image(data=checked, affine=np.asarray(obj.affine, dtype=np.float64), header=getattr(obj, "header", None),
+                     path=getattr(obj, "path", None))
     if hasattr(obj, "image") and hasattr(obj, "affine"):  # a psmamba.data.Volume
         arr = obj.labels if labels else obj.image
         if arr is None:
             raise PsmambaError(f"{what}: volume {getattr(obj, 'id', '')!r} has no label map")
-        arr = np.asarray(arr)
-        if arr.ndim != 3:
-            raise PsmambaError(f"{what} must be a 3-D image, got shape {arr.shape}")
+        arr = _in_memory(np.asarray(arr), what, labels, "image")
         return Image(data=arr, affine=np.asarray(obj.affine, dtype=np.float64), header=None,
                         path=getattr(obj, "id", None))  # type: ignore[arg-type]
     raise PsmambaError(

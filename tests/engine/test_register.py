@@ -343,6 +343,8 @@ def test_api_argument_errors(blob_pair):
         register_pair(blob_pair["fixed"], blob_pair["moving"], iters=1, device="tpu9")
     with pytest.raises(PsmambaError, match="3-D"):
         register_pair(np.zeros((4, 4)), blob_pair["moving"])
+    with pytest.raises(PsmambaError, match="^fixed image is missing"):
+        register_pair(None, blob_pair["moving"])
 
 
 # --------------------------------------------------------------------------- the real demo pair

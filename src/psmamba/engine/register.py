@@ -297,6 +297,9 @@ class Pipeline:
 
 def _load_inputs(fixed, moving, moving_labels, fixed_labels, fixed_mask=None, moving_mask=None) -> _Inputs:
     """Step 1: load every input and check that label maps and masks lie on their image's grid."""
+    for what, obj in (("fixed image", fixed), ("moving image", moving)):
+        if obj is None:
+            raise PsmambaError(f"{what} is missing: give a path, a psmamba.io.Image or a 3-D array")
     inp = _Inputs(
         fixed=as_image(fixed, "fixed image"),
         moving=as_image(moving, "moving image"),
