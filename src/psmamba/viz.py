@@ -509,7 +509,7 @@ def read_training_log(path: str | os.PathLike) -> dict[str, np.ndarray]:
     if not p.is_file():
         raise PsmambaError(f"training log {p} does not exist (a run's metrics.csv)")
     cols: dict[str, list[float]] = {k: [] for k in ("step", "dice", "loss", "folding_percent", "time")}
-    with p.open(newline="", encoding="utf-8") as f:
+    with p.open(newline="", encoding="utf-8-sig") as f:
         for row in csv.DictReader(f):
             if row.get("split") != "val":
                 continue

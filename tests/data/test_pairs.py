@@ -42,6 +42,15 @@ def test_read_pair_list(tmp_path):
         read_pair_list(tmp_path / "q.json")
 
 
+
+def test_pair_lists_saved_with_a_byte_order_mark(tmp_path):
+    """Excel's "CSV UTF-8" and Windows editors start the file with a BOM: "no 'moving' column" before."""
+    (tmp_path / "p.csv").write_text("moving,fixed\na,b\n", encoding="utf-8-sig")
+    assert id_pairs(read_pair_list(tmp_path / "p.csv"), known_ids=["a", "b"]) == [("a", "b")]
+    (tmp_path / "p.json").write_text(json.dumps([["a", "b"]]), encoding="utf-8-sig")
+    assert [(r.moving, r.fixed) for r in read_pair_list(tmp_path / "p.json")] == [("a", "b")]
+
+
 def test_split_by_subject_never_mixes_and_is_seeded():
     ids = [f"sub{s}_scan{k}" for s in range(10) for k in range(3)]
     subjects = {i: i.split("_")[0] for i in ids}

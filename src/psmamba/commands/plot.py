@@ -29,7 +29,7 @@ def _label_names(path: str | None) -> dict[int, str] | None:
     p = Path(path)
     if not p.is_file():
         raise PsmambaError(f"label names file {p} does not exist")
-    text = p.read_text(encoding="utf-8")
+    text = p.read_text(encoding="utf-8-sig")
     delim = "\t" if "\t" in text.splitlines()[0] else ","
     names = {}
     for row in csv.reader(text.splitlines(), delimiter=delim):

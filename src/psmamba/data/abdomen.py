@@ -92,7 +92,7 @@ def read_abdomen(
     data: dict = {}
     if json_path is not None:
         try:
-            data = json.loads(json_path.read_text())
+            data = json.loads(json_path.read_text(encoding="utf-8-sig"))
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise PsmambaError(f"{json_path}: not valid JSON ({exc})") from None
         if not isinstance(data, dict):

@@ -228,7 +228,7 @@ def _natural_key(text: str):
 def _read_rows(path: Path) -> tuple[list[dict[str, Any]], Any]:
     if path.suffix.lower() == ".json":
         try:
-            data = json.loads(path.read_text())
+            data = json.loads(path.read_text(encoding="utf-8-sig"))
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise PsmambaError(f"{path}: not valid JSON ({exc})") from None
         pairs = None
@@ -245,7 +245,7 @@ def _read_rows(path: Path) -> tuple[list[dict[str, Any]], Any]:
         return data, pairs
     delim = "\t" if path.suffix.lower() == ".tsv" else ","
     try:
-        with path.open(newline="") as f:
+        with path.open(newline="", encoding="utf-8-sig") as f:
             rows = list(csv.DictReader(f, delimiter=delim))
     except (UnicodeDecodeError, csv.Error) as exc:
         raise PsmambaError(f"{path}: not a readable CSV file ({exc})") from None

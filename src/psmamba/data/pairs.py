@@ -94,7 +94,7 @@ def read_pair_list(path: str | os.PathLike) -> list[PairRow]:
 
 def _csv_rows(path: Path) -> list[PairRow]:
     try:
-        with open(path, newline="", encoding="utf-8") as fh:
+        with open(path, newline="", encoding="utf-8-sig") as fh:
             raw = [(n, r) for n, r in enumerate(csv.reader(fh), start=1)
                    if any(c.strip() for c in r) and not r[0].lstrip().startswith("#")]
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
@@ -145,7 +145,7 @@ def _looks_like_header(first: Sequence[str], second: Sequence[str]) -> bool:
 
 def _json_rows(path: Path) -> list[PairRow]:
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise PsmambaError(f"pair list {path}: not valid JSON ({exc})") from None
     if isinstance(data, dict) and "pairs" in data:

@@ -217,7 +217,7 @@ def read_results(path: str | os.PathLike, name: str | None = None) -> MethodResu
     if not path.is_file():
         raise PsmambaError(f"results file {path} does not exist")
     try:
-        with open(path, newline="", encoding="utf-8") as fh:
+        with open(path, newline="", encoding="utf-8-sig") as fh:
             reader = csv.DictReader(fh)
             cols = reader.fieldnames or []
             rows = list(reader)
