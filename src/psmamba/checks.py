@@ -345,6 +345,33 @@ def check_label_overlap(
     return LabelOverlap(tuple(sorted(shared)), tuple(sorted(f - m)), tuple(sorted(m - f)))
 
 
+def check_label_list(labels: Any, flag: str = "--labels") -> list[int] | None:
+    """The label codes to score, as ints: a non-empty list of whole numbers > 0 (None: all)."""
+    if labels is None:
+        return None
+    if isinstance(labels, (str, bytes)) or not hasattr(labels, "__iter__"):
+        raise PsmambaError(f"{flag} must be a list of label codes, got {labels!r}")
+    codes = [check_number(flag, c, integer=True, positive=True) for c in labels]
+    if not codes:
+        raise PsmambaError(f"{flag} names no label code (leave it out to score every label)")
+    return codes
+
+
+def check_label_codes(labels: Sequence[int] | None, present: Iterable[int], where: str,
+                      flag: str = "--labels") -> None:
+    """Every code of ``labels`` is in some label map of ``where`` (``present``: their codes), else
+    a one-line error naming the unknown codes: a typo scores nothing, silently, otherwise."""
+    from psmamba.data.labels import format_codes
+
+    if labels is None:
+        return
+    present = {int(c) for c in present} - {0}
+    unknown = sorted({int(c) for c in labels} - present)
+    if unknown:
+        raise PsmambaError(f"{flag}: label code(s) {format_codes(unknown)} in no label map of {where} "
+                           f"(codes there: {format_codes(sorted(present))})")
+
+
 # --------------------------------------------------------------------------- one registration
 def check_inputs(
     fixed: Any,
@@ -394,6 +421,8 @@ def check_inputs(
         if lab is not None:
             check_same_grid(lab, img, name(f"{role} labels", lab), name(f"{role} image", img))
     if fixed_labels is None or moving_labels is None:
+        if labels is not None:
+            raise PsmambaError("labels to score were given, but not both label maps (fixed and moving)")
         return None
     return check_label_overlap(fixed_labels, moving_labels, name("fixed labels", fixed_labels),
                                name("moving labels", moving_labels), labels=labels)

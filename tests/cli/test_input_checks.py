@@ -153,6 +153,15 @@ def test_label_maps_are_checked_against_images_and_each_other(case, capsys):
     # --labels: the codes to score must be in both maps
     _fails(capsys, ["evaluate", "--pairs", _csv(case, GOOD), "--identity", "--labels", "3,4", "--out", str(out)],
            "pair a: none of the labels to score (3-4) is in both")
+    # a code in no label map of any pair: refused (scored as empty rows before), one absent
+    # from some pairs only is allowed (a structure one subject lacks)
+    _fails(capsys, ["evaluate", "--pairs", _csv(case, GOOD), "--identity", "--labels", "2,99", "--out", str(out)],
+           "--labels: label code(s) 99 in no label map of the 1 pair(s) (codes there: 1-2)")
+    for bad, needle in (("", "--labels names no label code"), ("0,1", "--labels must be an integer > 0, got 0"),
+                        ("1,x", "--labels must be comma-separated integers")):
+        _fails(capsys, ["evaluate", "--pairs", _csv(case, GOOD), "--identity", "--labels", bad, "--out", str(out)],
+               needle)
+    _nothing_written(case / "res")
 
 
 def test_out_folder_is_created_only_when_all_is_well(case, capsys):
@@ -171,6 +180,10 @@ def test_out_folder_is_created_only_when_all_is_well(case, capsys):
     assert main(["evaluate", "--compare", str(out), str(out.parent / "r_pairs.csv"), "--names", "a", "b",
                  "--out", str(cmp_out)]) == 0
     assert cmp_out.is_file()
+    # plot --labels: a code these results never scored is named (a vague "no per-label rows" before)
+    _fails(capsys, ["plot", str(out), "--labels", "99", "--out", str(case / "figs")],
+           "--labels: label code(s) 99 in no label map of these results (codes there: 1-2)")
+    assert not (case / "figs").exists()
 
 
 def test_results_are_all_or_nothing(case, monkeypatch):

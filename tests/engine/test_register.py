@@ -345,6 +345,10 @@ def test_api_argument_errors(blob_pair):
         register_pair(np.zeros((4, 4)), blob_pair["moving"])
     with pytest.raises(PsmambaError, match="^fixed image is missing"):
         register_pair(None, blob_pair["moving"])
+    with pytest.raises(PsmambaError, match="^labels must be an integer > 0, got 'a'$"):
+        register_pair(blob_pair["fixed"], blob_pair["moving"], method="identity", labels=["a"])
+    with pytest.raises(PsmambaError, match="not both label maps"):  # silently ignored before
+        register_pair(blob_pair["fixed"], blob_pair["moving"], method="identity", labels=[1])
 
 
 # --------------------------------------------------------------------------- the real demo pair

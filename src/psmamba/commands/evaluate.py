@@ -54,12 +54,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _labels(text: str | None):
     from psmamba.errors import PsmambaError
 
-    if not text:
+    from psmamba.checks import check_label_list
+
+    if text is None:
         return None
     try:
-        return [int(v) for v in text.replace(" ", "").split(",") if v]
+        codes = [int(v) for v in text.replace(" ", "").split(",") if v]
     except ValueError:
         raise PsmambaError(f"--labels must be comma-separated integers, got {text!r}") from None
+    return check_label_list(codes)
 
 
 def _compare(args: argparse.Namespace) -> int:

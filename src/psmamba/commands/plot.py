@@ -43,6 +43,7 @@ def _label_names(path: str | None) -> dict[int, str] | None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from psmamba.checks import check_label_codes
     from psmamba.commands.evaluate import _labels
     from psmamba.engine.results import read_results
     from psmamba.errors import PsmambaError
@@ -56,6 +57,12 @@ def run(args: argparse.Namespace) -> int:
         if names.count(r.name) > 1:
             r.name = f"{r.name} ({r.path.name})"
     wanted = _labels(args.labels)
+    if wanted is not None:
+        scored = set().union(*(r.per_label for r in results))
+        if not scored:
+            raise PsmambaError("--labels picks labels of per-label rows, and these files have none "
+                               "(give the per pair x label CSVs psmamba evaluate writes)")
+        check_label_codes(wanted, scored, "these results", "--labels")
     label_names = _label_names(args.label_names)
     out = Path(args.out)
     if out.exists() and not out.is_dir():

@@ -135,12 +135,14 @@ def check_pairs(
         PsmambaError: the first problem found, naming the file (a problem of a pair: the pair
             id, then its files).
     """
-    from psmamba.checks import check_inputs, check_volume_file
+    from psmamba.checks import _codes_of, check_inputs, check_label_codes, check_label_list, check_volume_file
     from psmamba.io import as_image
 
+    labels = check_label_list(labels)
     if isinstance(pairs, LazyPairs):
         return 0
     cache: dict[tuple[str, bool], Any] = {}
+    present: set[int] = set()
 
     def facts(obj: Any, what: str, is_labels: bool) -> Any:
         """A file's facts (read once), or the in-memory image as an Image (checked with the pair)."""
@@ -160,6 +162,10 @@ def check_pairs(
             check_inputs(*inputs, labels=labels, min_size=min_size, why=why)
         except PsmambaError as exc:
             raise PsmambaError(f"pair {pair.pair_id}: {exc}") from None
+        if labels is not None:
+            present.update(*(_codes_of(x) for x in inputs[2:] if x is not None))
+    # a code may be absent from some pairs (a structure a subject lacks), not from all of them
+    check_label_codes(labels, present, f"the {len(pairs)} pair(s)")
     return len(cache)
 
 

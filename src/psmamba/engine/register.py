@@ -50,7 +50,7 @@ from typing import TYPE_CHECKING, Any, Union
 
 import numpy as np
 
-from psmamba.checks import check_inputs, check_number, check_same_grid, image_name
+from psmamba.checks import check_inputs, check_label_list, check_number, check_same_grid, image_name
 from psmamba.errors import PsmambaError
 from psmamba.files import StagingDir, atomic_write_text
 from psmamba.io import as_image
@@ -725,6 +725,7 @@ def register_pair(
         model_size = tuple(int(s) for s in model_size)
         if len(model_size) != 3 or min(model_size) < 2:
             raise PsmambaError(f"model_size must be three sizes >= 2, got {model_size}")
+    labels = check_label_list(labels, "labels")
     fixed_window = _check_window("--fixed-window", fixed_window)
     moving_window = _check_window("--moving-window", moving_window)
     staging = StagingDir(out_dir, owned=OUTPUT_FILES) if out_dir is not None else None
