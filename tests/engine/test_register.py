@@ -235,6 +235,29 @@ def _fails(capsys, argv) -> str:
     return err
 
 
+@pytest.mark.parametrize("flags, needle", [
+    (["--method", ""], "--method is empty"),  # ran the default pipeline before
+    (["--refine", "field", "--method", "io"], "--refine chooses what --iters optimises"),  # ignored before
+    (["--method", "io", "--model-size", "16", "16", "16"], "method io runs no network"),  # ignored before
+    (["--method", "network", "--model-size", "3", "3", "3"], "--model-size) 3x3x3: this network needs one axis of more than 16"),
+    (["--method", "identity", "--fixed-labels", "{fixed_labels}"], "--fixed-labels is compared with the warped --moving-labels"),
+    (["--method", "io", "--moving-window", "1000", "2000"], "--moving-window 1000 2000 holds none of the intensities of moving image"),
+])
+def test_flags_that_did_nothing_or_failed_vaguely(blob_pair, tmp_path, capsys, flags, needle):
+    flags = [f.format(**{k: str(v) for k, v in blob_pair.items()}) for f in flags]
+    err = _fails(capsys, ["register", "--fixed", str(blob_pair["fixed"]), "--moving", str(blob_pair["moving"]),
+                          "--no-overview", "--out", str(tmp_path / "o"), *flags])
+    assert needle in err
+    assert not (tmp_path / "o").exists() and leftovers(tmp_path) == []
+
+
+def test_empty_out_is_refused(blob_pair, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # wrote every output into the working folder before
+    err = _fails(capsys, ["register", "--fixed", str(blob_pair["fixed"]), "--moving", str(blob_pair["moving"]),
+                          "--method", "identity", "--out", ""])
+    assert "--out is empty" in err and not (tmp_path / "summary.json").exists()
+
+
 def test_missing_file_fails_early_without_output(blob_pair, tmp_path, capsys):
     out = tmp_path / "out"
     err = _fails(capsys, ["register", "--fixed", str(tmp_path / "nope.nii.gz"), "--moving",

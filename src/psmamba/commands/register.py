@@ -50,7 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="Adam steps of LNCC + lambda*diffusion: of a copy of the network's weights with --checkpoint, "
         "else of the displacement field itself (coarse to fine)",
     )
-    legacy.add_argument("--refine", choices=("weights", "field"), default="weights",
+    legacy.add_argument("--refine", choices=("weights", "field"), default=None,
                         help="with --checkpoint and --iters: fine-tune a copy of the network's weights "
                         "(default), or optimise the network's predicted field directly")
     legacy.add_argument("--lambda", dest="lam", type=float, default=None, metavar="W",
@@ -69,6 +69,15 @@ def run(args: argparse.Namespace) -> int:
     from psmamba.errors import PsmambaError
 
     method = args.method
+    if method is not None and not method.strip():
+        raise PsmambaError("--method is empty: name a method (default, io, affine+io, ...) or leave the flag out")
+    if not str(args.out).strip():
+        raise PsmambaError("--out is empty: name the output folder")
+    if args.refine is not None and not (args.iters and args.checkpoint):
+        raise PsmambaError("--refine chooses what --iters optimises after a --checkpoint's network: give both, "
+                           "or leave --refine out")
+    if args.fixed_labels and not args.moving_labels:
+        raise PsmambaError("--fixed-labels is compared with the warped --moving-labels (Dice): give both")
     if args.affine_only:
         if method not in (None, "affine"):
             raise PsmambaError(f"--affine-only and --method {method} contradict each other")
@@ -97,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
         args.fixed, args.moving,
         moving_labels=args.moving_labels, fixed_labels=args.fixed_labels,
         fixed_mask=args.fixed_mask, moving_mask=args.moving_mask,
-        method=method, checkpoint=args.checkpoint, iters=args.iters, refine=args.refine, lr=args.lr, lam=args.lam,
+        method=method, checkpoint=args.checkpoint, iters=args.iters, refine=args.refine or "weights", lr=args.lr, lam=args.lam,
         similarity=args.similarity, fixed_window=args.fixed_window, moving_window=args.moving_window,
         deformable=deformable or None,
         device=args.device, out_dir=args.out, model_size=args.model_size,

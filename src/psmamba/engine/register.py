@@ -320,12 +320,15 @@ def _load_inputs(fixed, moving, moving_labels, fixed_labels, fixed_mask=None, mo
     return inp
 
 
-def _scale(x, mask, window, what: str):
+def _scale(x, mask, window, what: str, flag: str = "--fixed-window"):
     """Intensities to [0, 1]: a window ``(low, high)`` clipped, else the 0.5/99.5 percentiles (in the mask)."""
     from psmamba.affine import scale_intensity
 
     if window is not None:
         lo, hi = float(window[0]), float(window[1])
+        if not bool(((x > lo) & (x < hi)).any()):
+            raise PsmambaError(f"{flag} {lo:g} {hi:g} holds none of the intensities of {what} "
+                               f"({float(x.min()):g}..{float(x.max()):g}): every voxel would be clipped to one value")
         return ((x - lo) / (hi - lo)).clamp(0, 1)
     return scale_intensity(x, mask, name=what)
 
@@ -354,7 +357,7 @@ def _prepare(inp: _Inputs, dev, fixed_window=None, moving_window=None) -> _Prepa
     fx = tensor(fixed_np)
     mv = tensor(inp.moving.data)
     fixed_s = _scale(fx, fmask, fixed_window, f"fixed image {_name(inp.fixed) or ''}".strip())
-    moving_s = _scale(mv, mmask, moving_window, f"moving image {_name(inp.moving) or ''}".strip())
+    moving_s = _scale(mv, mmask, moving_window, f"moving image {_name(inp.moving) or ''}".strip(), "--moving-window")
     return _Prepared(fixed_np, moving_np, mlab_np, flab_np, fixed_s[None, None], moving_s[None, None],
                      mv[None, None], fmask, mmask, a_f, a_m)
 
@@ -614,8 +617,24 @@ def _plan(method, checkpoint, model, iters, refine, lr, lam, window, model_size,
     spec = parse_method(method or "default", have_network=model is not None)
     if model is not None and not spec.network:
         raise PsmambaError(f"--method {spec.name} uses no network, but a checkpoint/model was given")
+    _check_model_size(model_size, model if spec.network else None, spec.name)
     config = _deformable_config(deformable, lr)
     return Pipeline(spec.name, spec.linear, deformable_method(spec, model, grid, checkpoint, config), similarity)
+
+
+def _check_model_size(size, model, method: str) -> None:
+    """``model_size`` names the grid of a network stage that can run on it (checked before any work)."""
+    if size is None:
+        return
+    text = "x".join(str(int(s)) for s in size)
+    if model is None:
+        raise PsmambaError(f"model_size (--model-size) {text} sets the grid the network runs on, and method "
+                           f"{method} runs no network")
+    from psmamba.models.net import PAD_MULTIPLE, PSMambaNet
+
+    need = int(getattr(model, "min_extent", PAD_MULTIPLE if isinstance(model, PSMambaNet) else 0))
+    if max(int(s) for s in size) <= need:
+        raise PsmambaError(f"model_size (--model-size) {text}: this network needs one axis of more than {need} voxels")
 
 
 def _deformable_config(deformable, lr):
