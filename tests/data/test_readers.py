@@ -492,6 +492,25 @@ def test_long_run_reports_what_was_left_out(tmp_path, capsys):
     assert code == 1 and "c3: PROBLEM" in out and "c0: 10x12x8 voxels" in out
 
 
+def test_cli_inspect_flags_empty_label_maps_and_missing_listed_files(tmp_path, capsys):
+    """An all-zero label map (refused by register/evaluate) and a manifest row naming a missing
+    file are problems: exit 1 (0 and "problems: none"/a bare count before)."""
+    for i in range(2):
+        _save(tmp_path / "img" / f"s{i}_t1.nii.gz", _image(i))
+        _save(tmp_path / "seg" / f"s{i}_labels.nii.gz", _labels([1, 2], i) if i == 0 else np.zeros(SHAPE, np.int16))
+    code = main(["data", "inspect", str(tmp_path), "--image-glob", "img/*_t1.nii.gz", "--label-glob",
+                 "seg/*_labels.nii.gz"])
+    out = capsys.readouterr().out
+    assert code == 1 and "s1: PROBLEM" in out and "s1_labels.nii.gz: the label map holds no label" in out
+    (tmp_path / "man.csv").write_text("image,labels\nimg/s0_t1.nii.gz,seg/s0_labels.nii.gz\nimg/gone.nii.gz,\n")
+    assert main(["data", "inspect", str(tmp_path / "man.csv")]) == 1
+    assert "gone.nii.gz" in capsys.readouterr().out
+    for flag, needle in ((["--max-volumes", "0"], "--max-volumes must be an integer > 0, got 0"),
+                         (["--cache-dir", str(tmp_path / "man.csv")], "is a file, not a folder")):
+        assert main(["data", "inspect", str(tmp_path / "man.csv"), *flag]) == 2
+        assert needle in capsys.readouterr().err
+
+
 def test_detect_layout_and_cli_inspect(tmp_path, capsys):
     make_lpba40(tmp_path / "lpba", n=2)
     make_mindboggle(tmp_path / "mb", per_subset=1, extra_subset=False)

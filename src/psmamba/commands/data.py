@@ -4,7 +4,8 @@
     psmamba data inspect demo [--size small|full]
     psmamba data prepare SOURCE [--layout L] [--pipeline P] [--cache-dir DIR]
 
-``inspect`` exits with 1 when a volume cannot be used (each problem is printed), else 0.
+``inspect`` exits with 1 when a volume cannot be used or a file was left out (each problem is
+printed), else 0.
 ``prepare`` preprocesses every volume into the cache, leaves out the ones that fail, and
 prints a summary of what was left out and why (exit 1 if anything was).
 """
@@ -59,6 +60,16 @@ def run(args: argparse.Namespace) -> int:
     action = getattr(args, "data_command", None)
     if action is None:
         raise PsmambaError("say what to do: psmamba data inspect SOURCE, or psmamba data prepare SOURCE")
+    if getattr(args, "max_volumes", None) is not None:
+        from psmamba.checks import check_number
+
+        check_number("--max-volumes", args.max_volumes, integer=True, positive=True)
+    if args.cache_dir is not None:
+        from pathlib import Path
+
+        cache = Path(args.cache_dir).expanduser()
+        if cache.exists() and not cache.is_dir():
+            raise PsmambaError(f"--cache-dir {cache} is a file, not a folder")
     is_demo = args.source == "demo" or args.layout == "demo"
     if is_demo:
         import sys
@@ -72,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
                                 max_volumes=args.max_volumes, cache_dir=args.cache_dir, demo_size=args.size,
                                 **({} if is_demo else _options(args)))
         print(report.format())
-        return 1 if any(v.problem for v in report.volumes) else 0
+        return 1 if report.problems else 0  # a volume unusable, or a listed file the reader left out
 
     from psmamba.data.dataset import PairDataset
     from psmamba.data.preprocess import preset

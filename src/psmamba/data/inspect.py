@@ -123,6 +123,9 @@ def _inspect_volume(ref, source: SourceData) -> VolumeReport:
             rep.labels_present = [int(c) for c in codes if c != 0]
             if source.label_names:
                 rep.labels_missing = sorted(set(source.label_names) - set(rep.labels_present))
+        if not any(int(c) != 0 for c in codes) and rep.problem is None:  # refused by register/evaluate too
+            where = getattr(ref, "label_path", None) or ref.id
+            rep.problem = f"{where}: the label map holds no label (every voxel is 0)"
     return rep
 
 
