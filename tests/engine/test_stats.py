@@ -132,6 +132,16 @@ def test_compare_cli_bad_input(tmp_path, capsys):
     junk.write_text("x,y\n1,2\n")
     assert main(["evaluate", "--compare", str(a), str(junk)]) == 2
     assert "junk.csv" in capsys.readouterr().err
+    # one file, or files without shared pairs: the error alone, no table printed before it
+    assert main(["evaluate", "--compare", str(a)]) == 2
+    captured = capsys.readouterr()
+    assert "at least two result files" in captured.err and captured.out == ""
+    other = tmp_path / "other.csv"
+    head, *rows = a.read_text().splitlines(keepends=True)
+    other.write_text(head + "".join(r.replace(",p", ",q", 1) for r in rows))  # pair ids q0.. against p0..
+    assert main(["evaluate", "--compare", str(a), str(other)]) == 2
+    captured = capsys.readouterr()
+    assert "pair_id columns must match" in captured.err and captured.out == ""
 
 
 def test_compare_cli_summary_over_the_shared_pairs(tmp_path, capsys):

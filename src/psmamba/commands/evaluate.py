@@ -78,6 +78,7 @@ def _compare(args: argparse.Namespace) -> int:
     for i, r in enumerate(results):  # the same method name twice: tell them apart by file
         if names.count(r.name) > 1:
             r.name = f"{r.name} ({r.path.name})"
+    comp = compare_methods({r.name: r.per_pair for r in results})  # its errors come before any output
     # the summary over the pairs every file has, the ones the tests below compare
     common = set.intersection(*(set(r.per_pair) for r in results))
     extra = {r.name: len(set(r.per_pair) - common) for r in results if set(r.per_pair) - common}
@@ -87,7 +88,6 @@ def _compare(args: argparse.Namespace) -> int:
         print(f"(the {len(common)} pairs all files share; left out: "
               + ", ".join(f"{n} {k} more" for n, k in extra.items()) + ")")
     print()
-    comp = compare_methods({r.name: r.per_pair for r in results})
     print(comp.to_text())
     if out is not None:
         rows = comp.to_rows()
