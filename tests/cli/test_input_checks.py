@@ -164,6 +164,17 @@ def test_label_maps_are_checked_against_images_and_each_other(case, capsys):
     _nothing_written(case / "res")
 
 
+def test_repeated_rows_are_named_for_what_they_are(case, capsys):
+    out = case / "r.csv"
+    # two label protocols of one pair, no pair_id: "duplicate pair id 'm_to_f'" (an id nobody wrote) before
+    p = _csv(case, "m.nii.gz,f.nii.gz,ml.nii.gz,fl.nii.gz\nm.nii.gz,f.nii.gz,fl.nii.gz,ml.nii.gz\n")
+    _fails(capsys, ["evaluate", "--pairs", p, "--identity", "--out", str(out)],
+           "line 2: the same moving and fixed files as an earlier row", "give each row a pair_id")
+    p = _csv(case, GOOD + GOOD)
+    _fails(capsys, ["evaluate", "--pairs", p, "--identity", "--out", str(out)], "line 2: duplicate pair id 'a'")
+    assert not out.exists()
+
+
 def test_out_folder_is_created_only_when_all_is_well(case, capsys):
     out = case / "new" / "deeper" / "r.csv"
     bad = _csv(case, GOOD + "m.nii.gz,missing.nii.gz\n", name="bad.csv")

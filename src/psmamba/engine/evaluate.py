@@ -99,7 +99,10 @@ def pair_files(path: str | os.PathLike) -> list[Pair]:
             files[name] = p
         pid = row.pair_id or f"{_stem(files['moving'])}_to_{_stem(files['fixed'])}"
         if pid in seen:
-            raise PsmambaError(f"pair list {row.where}: duplicate pair id {pid!r}")
+            if row.pair_id:
+                raise PsmambaError(f"pair list {row.where}: duplicate pair id {pid!r}")
+            raise PsmambaError(f"pair list {row.where}: the same moving and fixed files as an earlier row (pair id "
+                               f"{pid!r}, made from their names): give each row a pair_id to tell them apart")
         seen.add(pid)
         pairs.append(Pair(pid, files["moving"], files["fixed"], files["moving_labels"], files["fixed_labels"]))
     return pairs
