@@ -505,6 +505,16 @@ def test_cli_inspect_flags_empty_label_maps_and_missing_listed_files(tmp_path, c
     (tmp_path / "man.csv").write_text("image,labels\nimg/s0_t1.nii.gz,seg/s0_labels.nii.gz\nimg/gone.nii.gz,\n")
     assert main(["data", "inspect", str(tmp_path / "man.csv")]) == 1
     assert "gone.nii.gz" in capsys.readouterr().out
+    # an image with a singular affine beside a good label map: the image is named (its labels were, before)
+    hdr = nib.Nifti1Header()
+    hdr.set_data_shape(SHAPE)
+    hdr.set_sform(np.diag([1.0, 1.0, 0.0, 1.0]), code=1)
+    nib.save(nib.Nifti1Image(_image(2), None, header=hdr), str(tmp_path / "img" / "s2_t1.nii.gz"))
+    _save(tmp_path / "seg" / "s2_labels.nii.gz", _labels([1, 2], 2), affine=np.eye(4))
+    assert main(["data", "inspect", str(tmp_path), "--image-glob", "img/*_t1.nii.gz", "--label-glob",
+                 "seg/*_labels.nii.gz"]) == 1
+    out = capsys.readouterr().out
+    assert "s2: PROBLEM image " in out and "s2_t1.nii.gz: its voxel-to-world affine is singular" in out
     for flag, needle in ((["--max-volumes", "0"], "--max-volumes must be an integer > 0, got 0"),
                          (["--cache-dir", str(tmp_path / "man.csv")], "is a file, not a folder")):
         assert main(["data", "inspect", str(tmp_path / "man.csv"), *flag]) == 2

@@ -189,7 +189,10 @@ class FileVolumeRef(VolumeRef):
         """
         from psmamba import io
 
+        from psmamba.checks import check_affine
+
         img = io.load_image(self.image_path, what="image")
+        check_affine(img.affine, f"image {self.image_path}")  # a broken header is the image's fault, not its labels'
         data = np.asarray(img.data, dtype=np.float32)
         if not np.isfinite(data).all():
             bad = int((~np.isfinite(data)).sum())
