@@ -255,9 +255,12 @@ def test_each_file_is_read_once(case, monkeypatch):
 
 
 # --------------------------------------------------------------------------- train
-def test_train_seed_out_of_range_is_a_config_error(tmp_path, capsys):
+def test_train_seed_out_of_range_names_the_flag(tmp_path, capsys):
     for seed in ("-1", str(2**64)):
         assert main(["train", "--seed", seed, "--out", str(tmp_path / "run")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == f"psmamba: error: --seed must be an integer in [0, 2**63), got {seed}", err
+        assert main(["train", "--set", f"run.seed={seed}", "--out", str(tmp_path / "run")]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("psmamba: error:") and "run.seed" in err and "\n" not in err, err
     assert not (tmp_path / "run").exists()

@@ -44,6 +44,10 @@ def _resolve_config(args: argparse.Namespace):
     from psmamba.engine.train import RESET_ON_RESUME
     from psmamba.errors import PsmambaError
 
+    if args.seed is not None and not 0 <= args.seed < 2**63:  # named as typed, not as the --set it becomes
+        raise PsmambaError(f"--seed must be an integer in [0, 2**63), got {args.seed}")
+    if args.out is not None and not str(args.out).strip():
+        raise PsmambaError("--out is empty: name the output folder")
     overrides = list(args.overrides)
     if args.out:
         overrides.append(f"run.out={args.out}")
