@@ -23,6 +23,7 @@ import pkgutil
 import signal
 import sys
 import threading
+import warnings
 
 from psmamba import __version__
 from psmamba.errors import PsmambaError, first_line
@@ -79,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         from psmamba.runtime import keep_freed_memory
 
         keep_freed_memory()  # reuse freed tensor memory (faster on the CPU, see psmamba.runtime)
+    formatwarning, warnings.formatwarning = warnings.formatwarning, _one_line_warning
     main_thread = threading.current_thread() is threading.main_thread()
     old = signal.signal(signal.SIGTERM, _raise_terminated) if main_thread else None
     try:
@@ -93,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         print("psmamba: interrupted", file=sys.stderr)
         return 130
     finally:
+        warnings.formatwarning = formatwarning
         if main_thread:
             signal.signal(signal.SIGTERM, signal.SIG_DFL if old is None else old)
 
@@ -104,6 +107,16 @@ class _Terminated(KeyboardInterrupt):
 
 def _raise_terminated(signum, frame):
     raise _Terminated
+
+
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """A warning as one line for a command-line user (Python's format adds the file, line and
+    source of the ``warnings.warn`` call)."""
+    text = str(message).strip()
+    if text.startswith("psmamba: "):
+        text = text[len("psmamba: "):]
+    kind = "" if category in (UserWarning, RuntimeWarning) else f" ({category.__name__})"
+    return f"psmamba: warning{kind}: {text}\n"
 
 
 if __name__ == "__main__":  # pragma: no cover

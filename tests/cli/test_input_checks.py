@@ -264,3 +264,26 @@ def test_train_seed_out_of_range_names_the_flag(tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert err.startswith("psmamba: error:") and "run.seed" in err and "\n" not in err, err
     assert not (tmp_path / "run").exists()
+
+
+# --------------------------------------------------------------------------- warnings
+def test_warnings_print_as_one_line_during_a_command(tmp_path, monkeypatch):
+    """Python's default format adds the file, line number and source of the warn call."""
+    import warnings
+
+    import psmamba.engine.register
+    from psmamba.cli import _one_line_warning
+
+    seen = []
+
+    def fake(*args, **kwargs):
+        seen.append(warnings.formatwarning("psmamba: could not write the cache entry x", UserWarning, "f.py", 3))
+        seen.append(warnings.formatwarning("old", DeprecationWarning, "f.py", 3))
+        raise PsmambaError("stop here")
+
+    monkeypatch.setattr(psmamba.engine.register, "register_pair", fake)
+    before = warnings.formatwarning
+    assert main(["register", "--fixed", "f", "--moving", "m", "--out", str(tmp_path / "o")]) == 2
+    assert seen == ["psmamba: warning: could not write the cache entry x\n",
+                    "psmamba: warning (DeprecationWarning): old\n"]
+    assert warnings.formatwarning is before and before is not _one_line_warning
