@@ -370,6 +370,9 @@ def test_api_argument_errors(blob_pair):
         register_pair(None, blob_pair["moving"])
     with pytest.raises(PsmambaError, match="^labels must be an integer > 0, got 'a'$"):
         register_pair(blob_pair["fixed"], blob_pair["moving"], method="identity", labels=["a"])
+    for bad in (-3, 0, 4):  # accepted silently before
+        with pytest.raises(PsmambaError, match="^window"):
+            register_pair(blob_pair["fixed"], blob_pair["moving"], method="identity", window=bad)
     with pytest.raises(PsmambaError, match="not both label maps"):  # silently ignored before
         register_pair(blob_pair["fixed"], blob_pair["moving"], method="identity", labels=[1])
 

@@ -584,6 +584,9 @@ def _plan(method, checkpoint, model, iters, refine, lr, lam, window, model_size,
     check_number("--lr", lr, positive=True)
     check_number("--lambda", lam, nonnegative=True)
     iters = check_number("--iters", iters, integer=True, nonnegative=True)
+    window = check_number("window", window, integer=True, positive=True)
+    if window % 2 == 0:
+        raise PsmambaError(f"window (the LNCC box of iters=) must be an odd integer, got {window}")
     if isinstance(method, RegistrationMethod):
         if checkpoint is not None or model is not None or iters:
             raise PsmambaError("give method= alone, or checkpoint=/model=/iters=, not both")
