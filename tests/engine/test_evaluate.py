@@ -100,7 +100,7 @@ def test_pair_list_without_header_and_bad_rows(tmp_path):
         pair_files(bad)
     dup = tmp_path / "dup.csv"
     dup.write_text("m.nii.gz,f.nii.gz\nm.nii.gz,f.nii.gz\n")
-    with pytest.raises(PsmambaError, match="duplicate"):
+    with pytest.raises(PsmambaError, match="line 2: the same moving and fixed files as an earlier row"):
         pair_files(dup)
 
 
