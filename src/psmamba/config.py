@@ -278,6 +278,7 @@ class DataConfig:
     resize: list[int] | None = None
 
     def __post_init__(self) -> None:
+        _check_types(self, "data")
         _choice("data.source", self.source, DATA_SOURCES)
         if self.resize is not None:
             ok = isinstance(self.resize, (list, tuple)) and len(self.resize) == 3 and all(
@@ -330,6 +331,7 @@ class LossConfig:
     dice_weight: float = 0.0
 
     def __post_init__(self) -> None:
+        _check_types(self, "loss")
         _choice("loss.similarity", self.similarity, SIMILARITIES)
         _choice("loss.regulariser", self.regulariser, REGULARISERS)
         _choice("loss.regularise", self.regularise, REGULARISED_FIELDS)
@@ -368,6 +370,7 @@ class OptimConfig:
     grad_clip: float = 0.0
 
     def __post_init__(self) -> None:
+        _check_types(self, "optim")
         if not isinstance(self.lr, (int, float)) or not self.lr > 0:
             raise PsmambaError(f"optim.lr must be > 0, got {self.lr!r}")
         self.betas = tuple(float(b) for b in self.betas)  # type: ignore[assignment]
@@ -423,6 +426,7 @@ class RunConfig:
     images: bool = True
 
     def __post_init__(self) -> None:
+        _check_types(self, "run")
         _choice("run.device", self.device, DEVICES)
         _choice("run.amp", self.amp, AMP_MODES)
         # torch.manual_seed takes at most 2**64 - 1, and ranks add their index to the seed
@@ -639,6 +643,53 @@ def save_train_config(cfg: TrainConfig, path: str | Path) -> None:
 
 
 # --------------------------------------------------------------------------- validation helpers
+def _check_types(obj: Any, section: str) -> None:
+    """Every field of the config dataclass ``obj`` has its annotated type: a YAML ``lr: .inf``,
+    ``out: 3`` or ``betas: [a, b]`` is one line naming the key here, not a crash of the run later.
+    ``float`` fields take whole numbers too and must be finite; ``bool`` is not an ``int``; a
+    number where a text is expected is taken as its text (a folder named ``2024``)."""
+    import typing
+
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if hints[f.name] in (str, str | None) and isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = str(value)  # YAML reads a folder named 2024 (out: 2024, --out 2024) as a number
+            setattr(obj, f.name, value)
+        _check_value(f"{section}.{f.name}", value, hints[f.name])
+
+
+def _check_value(name: str, value: Any, hint: Any) -> None:
+    import types
+    import typing
+
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        arms = [a for a in typing.get_args(hint) if a is not type(None)]
+        if value is None and len(arms) < len(typing.get_args(hint)):
+            return
+        hint, origin = arms[0], typing.get_origin(arms[0])
+    if hint is Any:
+        return
+    if hint is bool and not isinstance(value, bool):
+        raise PsmambaError(f"{name} must be true or false, got {value!r}")
+    if hint is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise PsmambaError(f"{name} must be an integer, got {value!r}")
+    if hint is float and (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)):
+        raise PsmambaError(f"{name} must be a finite number, got {value!r}")
+    if hint is str and not isinstance(value, str):
+        raise PsmambaError(f"{name} must be a text, got {value!r}")
+    if origin in (list, tuple):
+        if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+            raise PsmambaError(f"{name} must be a list, got {value!r}")
+        args = [a for a in typing.get_args(hint) if a is not Ellipsis]
+        if args:
+            for v in value:
+                _check_value(name, v, args[0])
+    if origin is dict and not isinstance(value, dict):
+        raise PsmambaError(f"{name} must be a mapping, got {value!r}")
+
+
 def _choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise PsmambaError(f"{name} must be one of {', '.join(choices)}; got {value!r}")

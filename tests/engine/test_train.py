@@ -111,6 +111,27 @@ def test_overrides_parse_yaml_values_and_unknown_keys_name_the_file(tmp_path):
         load_train_config(None, ["loss.window=8"])
 
 
+@pytest.mark.parametrize("override, needle", [
+    ("optim.lr=.inf", "optim.lr must be a finite number, got inf"),  # a ZeroDivisionError at step 1 before
+    ("optim.poly_power=.nan", "optim.poly_power must be a finite number, got nan"),
+    ("optim.betas=[a, b]", "optim.betas must be a finite number, got 'a'"),  # a bare ValueError before
+    ("run.out=[1]", "run.out must be a text, got [1]"),
+    ("run.tensorboard=maybe", "run.tensorboard must be true or false, got 'maybe'"),
+    ("data.val_fraction=[0.2]", "data.val_fraction must be a finite number, got [0.2]"),
+    ("loss.reg_weight=yes", "loss.reg_weight must be a finite number, got True"),  # YAML 1.1: yes is true
+    ("data.num_workers=1.5", "data.num_workers must be an integer, got 1.5"),
+])
+def test_every_config_value_has_its_type(override, needle):
+    with pytest.raises(PsmambaError) as err:
+        load_train_config(None, [override])
+    assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_number_where_a_folder_is_expected_is_its_name():
+    cfg = load_train_config(None, ["run.out=2024", "data.source=folder", "data.root=17"])
+    assert cfg.run.out == "2024" and cfg.data.root == "17"
+
+
 def test_config_round_trips_through_yaml(tmp_path):
     cfg = load_train_config(None, ["optim.betas=[0.8, 0.9]", "data.options={shape: [32, 32, 32]}", "data.source=synth"])
     path = write_yaml(tmp_path / "round.yaml", config_to_dict(cfg))
