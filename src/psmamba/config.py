@@ -653,10 +653,35 @@ def _check_types(obj: Any, section: str) -> None:
     hints = typing.get_type_hints(type(obj))
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
-        if hints[f.name] in (str, str | None) and isinstance(value, (int, float)) and not isinstance(value, bool):
-            value = str(value)  # YAML reads a folder named 2024 (out: 2024, --out 2024) as a number
-            setattr(obj, f.name, value)
-        _check_value(f"{section}.{f.name}", value, hints[f.name])
+        coerced = _coerce(value, hints[f.name])
+        if coerced is not value:
+            setattr(obj, f.name, coerced)
+        _check_value(f"{section}.{f.name}", coerced, hints[f.name])
+
+
+def _coerce(value: Any, hint: Any) -> Any:
+    """What YAML 1.1 reads differently from what is meant: ``3e-4`` (no dot) is a text, not a
+    float (``--set optim.lr=3e-4``); a folder named ``2024`` is a number. Anything else as is."""
+    import types
+    import typing
+
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        arms = [a for a in typing.get_args(hint) if a is not type(None)]
+        hint = arms[0] if len(arms) == 1 else hint
+    if hint is float and isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    if hint is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    if typing.get_origin(hint) in (list, tuple) and isinstance(value, (list, tuple)):
+        args = [a for a in typing.get_args(hint) if a is not Ellipsis]
+        if args:
+            out = [_coerce(v, args[0]) for v in value]
+            if any(a is not b for a, b in zip(out, value)):
+                return type(value)(out)
+    return value
 
 
 def _check_value(name: str, value: Any, hint: Any) -> None:

@@ -127,9 +127,14 @@ def test_every_config_value_has_its_type(override, needle):
     assert needle in str(err.value) and "\n" not in str(err.value)
 
 
-def test_a_number_where_a_folder_is_expected_is_its_name():
+def test_yaml_1_1_readings_are_what_was_meant(tmp_path):
+    """A folder named 2024 is read as a number, 3e-4 (no dot: YAML 1.1) as a text."""
     cfg = load_train_config(None, ["run.out=2024", "data.source=folder", "data.root=17"])
     assert cfg.run.out == "2024" and cfg.data.root == "17"
+    cfg = load_train_config(None, ["optim.lr=3e-4", "optim.betas=[9e-1, 0.99]"])  # the README's example
+    assert cfg.optim.lr == 3e-4 and cfg.optim.betas == (0.9, 0.99)
+    cfg = load_train_config(write_yaml(tmp_path / "c.yaml", {"optim": {"lr": "1e-4"}, "run": {"max_minutes": "5e1"}}))
+    assert cfg.optim.lr == 1e-4 and cfg.run.max_minutes == 50.0
 
 
 def test_config_round_trips_through_yaml(tmp_path):
