@@ -433,6 +433,9 @@ class RunConfig:
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
             raise PsmambaError(f"run.seed must be an integer in [0, 2**63), got {self.seed!r}")
         _nonneg_int("run.threads", self.threads)
+        cores = os.cpu_count() or 1
+        if self.threads > cores:  # torch.set_num_threads(100000) segfaults
+            raise PsmambaError(f"run.threads must be at most the {cores} CPU cores of this machine, got {self.threads}")
         _pos_int("run.val_every", self.val_every)
         _pos_int("run.log_every", self.log_every)
         _nonneg_int("run.checkpoint_every", self.checkpoint_every)

@@ -143,6 +143,40 @@ def test_config_round_trips_through_yaml(tmp_path):
     assert config_to_dict(load_train_config(path)) == config_to_dict(cfg)
 
 
+@pytest.mark.parametrize("sections, needle", [
+    ({"data": {"resize": [7, 7, 7]}}, "data.resize 7x7x7: model baseline_conv needs one axis of more than 16 voxels"),
+    ({"optim": {"batch_size": 1000}}, "= 1000 pairs a step, more than the 6 training pair(s)"),  # 23 GB before
+    ({"model": {"preset": "transmorph", "embed_dim": 10}}, "model transmorph: cannot be built from this config"),
+])
+def test_run_time_failures_come_before_any_output(tmp_path, data_dir, cache_dir, capsys, sections, needle):
+    """They came at the first forward pass, after config.yaml and metrics.csv: a rerun was then
+    refused as 'already holds a training run', and --resume found no last.pt."""
+    cfg = tiny_config(data_dir, cache_dir)
+    if sections.get("model", {}).get("preset") == "transmorph":
+        cfg["model"] = {}
+    for name, values in sections.items():
+        cfg[name].update(values)
+    path = write_yaml(tmp_path / "cfg.yaml", cfg)
+    assert main(["train", "--config", str(path), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and "\n" not in err, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_threads_beyond_the_cores_and_a_start_without_checkpoint(tmp_path):
+    import os
+
+    with pytest.raises(PsmambaError, match="run.threads must be at most the"):  # a segfault before
+        load_train_config(None, [f"run.threads={(os.cpu_count() or 1) + 1}"])
+    from psmamba.engine.train import check_output_dir
+
+    (tmp_path / "metrics.csv").write_text("step\n")
+    with pytest.raises(PsmambaError, match="stopped before its first checkpoint.*delete the folder"):
+        check_output_dir(tmp_path, resume=False)
+    with pytest.raises(PsmambaError, match="no training checkpoint .* start it again in a new --out"):
+        check_output_dir(tmp_path, resume=True)
+
+
 # --------------------------------------------------------------------------- pair order
 def test_pair_order_is_seeded_per_epoch_and_sharding_is_split_invariant():
     assert epoch_order(10, 0, seed=1) == epoch_order(10, 0, seed=1)

@@ -100,7 +100,12 @@ def check_output_dir(out: str | Path, resume: bool) -> Path:
     out = Path(out)
     if resume:
         if not (out / "last.pt").is_file():
-            raise PsmambaError(f"--resume: no training checkpoint {out / 'last.pt'} to continue from")
+            started = " (its run stopped before its first checkpoint: start it again in a new --out)" \
+                if (out / "metrics.csv").exists() else ""
+            raise PsmambaError(f"--resume: no training checkpoint {out / 'last.pt'} to continue from{started}")
+    elif (out / "metrics.csv").exists() and not (out / "last.pt").exists():
+        raise PsmambaError(f"output folder {out} holds a run that stopped before its first checkpoint (metrics.csv, "
+                           "no last.pt): nothing to resume; delete the folder or choose another --out")
     elif (out / "last.pt").exists() or (out / "metrics.csv").exists():
         raise PsmambaError(
             f"output folder {out} already holds a training run; pass --resume to continue it or choose another --out"

@@ -36,7 +36,7 @@ from psmamba.engine.checkpointing import capture_rng_state, restore_rng_state, s
 from psmamba.engine.distributed import DistInfo, all_reduce_mean, any_rank, barrier, epoch_order, rank_batches, steps_per_epoch
 from psmamba.engine.logs import CsvLog, TensorBoardLog
 from psmamba.engine.objective import STEP_TERMS, Objective, autocast, to_device, train_step, velocity_of
-from psmamba.errors import PsmambaError
+from psmamba.errors import PsmambaError, first_line
 
 __all__ = ["Trainer", "MicroBatches", "seed_all", "poly_lr", "poly_scheduler", "is_better", "grad_scaler", "STOP_AGREE_EVERY"]
 
@@ -117,7 +117,17 @@ class Trainer:
             # one input size per run: let cuDNN pick its fastest convolution algorithms once
             torch.backends.cudnn.benchmark = not cfg.run.deterministic
         seed_all(cfg.run.seed)  # same initial weights on every rank
-        self.model = build_model(cfg.model).to(self.device)  # PSMamba-Net or a peer network
+        try:
+            self.model = build_model(cfg.model).to(self.device)  # PSMamba-Net or a peer network
+        except PsmambaError:
+            raise
+        except Exception as exc:  # a peer's own check (heads vs width), or memory for a huge window
+            raise PsmambaError(f"model {cfg.model_name}: cannot be built from this config ({first_line(exc)[:200]})") from None
+        self._check_grid([int(s) for s in torch.as_tensor(first["fixed"]).shape[-3:]])
+        per_step = cfg.optim.batch_size * cfg.optim.accumulate * info.world_size
+        if per_step > self.n_pairs:
+            raise PsmambaError(f"optim.batch_size x optim.accumulate x processes = {per_step} pairs a step, more than "
+                               f"the {self.n_pairs} training pair(s) of an epoch")
         if cfg.loss.regularise == "velocity" and not getattr(self.model, "outputs_velocity", False):
             raise PsmambaError(f"loss.regularise=velocity: model {cfg.model_name!r} outputs no velocity field "
                                "(only mambamorph and mambamorph_feat do); use loss.regularise=ddf")
@@ -149,6 +159,17 @@ class Trainer:
         self.csv_log: CsvLog | None = None
         self.tb: TensorBoardLog | None = None
         self.progress = None
+
+    def _check_grid(self, size: list[int]) -> None:
+        """The network can run on the training grid (PSMamba-Net: one axis above 16 voxels), checked
+        before any output: the first forward pass failed after config.yaml and metrics.csv existed."""
+        from psmamba.models.net import PAD_MULTIPLE, PSMambaNet
+
+        need = int(getattr(self.model, "min_extent", PAD_MULTIPLE if isinstance(self.model, PSMambaNet) else 0))
+        if max(size) <= need:
+            where = "data.resize" if self.cfg.data.resize is not None else "the training images"
+            raise PsmambaError(f"{where} {'x'.join(map(str, size))}: model {self.cfg.model_name} needs one axis of "
+                               f"more than {need} voxels")
 
     def _restore(self, ckpt: dict[str, Any]) -> None:
         state = ckpt["training"]
