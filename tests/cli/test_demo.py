@@ -113,6 +113,32 @@ def test_demo_iters_without_field_refinement_fails_with_one_line(tmp_path, capsy
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("argv, flag", [
+    (["--minutes", "inf"], "--minutes must be a finite number > 0, got inf"),  # started a 100-epoch run
+    (["--minutes", "nan"], "--minutes must be a finite number > 0, got nan"),  # named run.max_minutes, late
+    (["--seed", "-1"], "--seed must be an integer in [0, 2**63), got -1"),
+    (["--out", ""], "--out is empty"),  # wrote into the working folder
+    (["--out", "{file}"], "exists and is not a folder"),
+    (["--cache-dir", "{file}"], "is a file, not a folder"),  # a NotADirectoryError traceback
+])
+def test_demo_flags_fail_before_the_data_is_built(tmp_path, capsys, monkeypatch, argv, flag):
+    import psmamba.data.demo
+
+    def never(*a, **k):
+        raise AssertionError("the data was built before the flags were checked")
+
+    monkeypatch.setattr(psmamba.data.demo, "build_demo", never)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "afile").write_text("x")
+    argv = [a.format(file=str(tmp_path / "afile")) for a in argv]
+    if "--out" not in argv:
+        argv = ["--out", str(tmp_path / "o"), *argv]
+    assert main(["demo", "--quick", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("psmamba: error:") and flag in err and len(err.splitlines()) == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
 def test_bad_pair_fails_with_one_line(tmp_path, capsys):
     assert main(["demo", "--quick", "--out", str(tmp_path / "o"), "--pair", "99"]) == 2
     err = capsys.readouterr().err.strip()

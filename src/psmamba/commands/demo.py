@@ -96,11 +96,28 @@ def run(args: argparse.Namespace) -> int:
 
     from psmamba.errors import PsmambaError
 
+    from psmamba.checks import check_number
+    from psmamba.files import probe_writable
+
     t0 = time.perf_counter()
-    if args.minutes <= 0:
-        raise PsmambaError(f"--minutes must be > 0, got {args.minutes}")
+    # every flag before the data is built (a bad --minutes or --seed was found by the training config)
+    check_number("--minutes", args.minutes, positive=True)  # finite: inf started a 100-epoch run
+    if not 0 <= args.seed < 2**63:
+        raise PsmambaError(f"--seed must be an integer in [0, 2**63), got {args.seed}")
+    check_number("--pair", args.pair, integer=True, nonnegative=True)
     refine, iters = _refinement(args.refine, args.iters)
-    out = Path(args.out)
+    if not str(args.out).strip():
+        raise PsmambaError("--out is empty: name the output folder")
+    out = Path(args.out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise PsmambaError(f"--out {out} exists and is not a folder")
+    probe_writable(out, "--out")
+    if args.cache_dir is not None and Path(args.cache_dir).expanduser().exists() \
+            and not Path(args.cache_dir).expanduser().is_dir():
+        raise PsmambaError(f"--cache-dir {args.cache_dir} is a file, not a folder")
+    from psmamba.engine.distributed import resolve_device
+
+    resolve_device(args.device)
     train_dir, reg_dir = out / "train", out / "register"
 
     # ---- 1. the data
