@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
 from psmamba.cli import main
@@ -114,10 +115,15 @@ def test_bad_requests_fail_before_anything_is_written(tmp_path, capsys):
         (["--methods", "paper"], "--data is required"),
         (["--data", "lpba40", "--methods", "paper", "--set", "optim.lr=-1"], "optim.lr must be > 0"),
         (["--data", "lpba40", "--methods", "paper,pivit", "--set", f"data.root={tmp_path / 'none'}"], "none"),
+        (["--quick", "--methods", "paper", "--set", f"run.out={tmp_path / 'x'}"], "use those flags"),  # overwritten
+        (["--quick", "--methods", "paper", "--device", "cuda" if not torch.cuda.is_available() else "cpu:x"],
+         "--device"),  # failed after the identity evaluation
     ):
         assert main(["reproduce", "--config-dir", str(CONFIG_DIR), *argv, "--out", str(out)]) == 2
         assert needle in capsys.readouterr().err, needle
         assert not out.exists()
+    assert main(["reproduce", "--quick", "--methods", "paper", "--out", ""]) == 2  # wrote into the working folder
+    assert "--out is empty" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------- the command

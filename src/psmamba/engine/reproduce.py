@@ -199,9 +199,18 @@ def reproduce(
         raise PsmambaError(f"--steps must be >= 1, got {steps}")
     if reference is not None and reference not in methods:
         raise PsmambaError(f"--reference {reference!r} is not among the methods {list(methods)}")
+    if not str(out).strip():
+        raise PsmambaError("--out is empty: name the output folder")
     out = Path(out).expanduser()
     if out.exists() and not out.is_dir():
         raise PsmambaError(f"--out {out} exists and is not a folder")
+    for text in overrides:
+        if str(text).split("=", 1)[0].strip() in ("run.out", "run.device"):
+            raise PsmambaError(f"--set {text}: reproduce puts each method's run in --out/<method>/train on --device; "
+                               "use those flags")
+    from psmamba.engine.distributed import resolve_device
+
+    resolve_device(device)  # a --device this machine lacks fails here, not after the first evaluation
     data_name = "demo" if quick else str(data)
 
     # ---- every config first: a typo fails before hours of training
