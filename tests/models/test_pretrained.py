@@ -146,6 +146,24 @@ def test_export_writes_half_precision_weights_that_load_strictly(tmp_path):
         pretrained.export_weights(tmp_path / "bare.pt", tmp_path / "w" / "bare.pt")
 
 
+
+def test_export_destinations_fail_in_one_line(tmp_path, capsys):
+    """Folders, files in the way and the checkpoint itself (fp16 over the fp32 training file,
+    silently) were tracebacks or accepted; the command's errors said "error:", not "psmamba: error:"."""
+    from psmamba.models import build_model, save_checkpoint
+
+    save_checkpoint(tmp_path / "best.pt", build_model("baseline_conv", channels=1, sir_iters=1), image_size=[16] * 3)
+    (tmp_path / "afile").write_text("x")
+    before = (tmp_path / "best.pt").read_bytes()
+    for out, needle in ((tmp_path, "must name a file, not a folder"), ("", "OUT is empty"),
+                        (tmp_path / "afile" / "x.pt", "afile is not a folder"),
+                        (tmp_path / "best.pt", "is CHECKPOINT itself")):
+        assert pretrained._main(["export", str(tmp_path / "best.pt"), str(out)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("psmamba: error: export") and needle in err and "\n" not in err, err
+    assert (tmp_path / "best.pt").read_bytes() == before
+
+
 def test_network_inverse_is_computed_on_its_grid_and_undoes_the_field():
     from psmamba.engine.methods import Network
     from psmamba.spatial import warp

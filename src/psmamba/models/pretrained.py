@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from psmamba.errors import PsmambaError
+from psmamba.errors import PsmambaError, first_line
 
 __all__ = [
     "DEFAULT", "SHIPPED", "ShippedWeights", "available", "export_weights", "load_shipped", "sha256_of", "shipped_path",
@@ -127,6 +127,16 @@ def export_weights(checkpoint: str | os.PathLike, out: str | os.PathLike, **info
     from psmamba.files import atomic_save
     from psmamba.models.checkpoint import load_checkpoint
 
+    if not str(out).strip():
+        raise PsmambaError("export: OUT is empty: name the file to write")
+    out = Path(out).expanduser()
+    if out.is_dir():
+        raise PsmambaError(f"export: OUT {str(out)!r} must name a file, not a folder")
+    if out.exists() and out.resolve() == Path(checkpoint).expanduser().resolve():
+        raise PsmambaError(f"export: OUT {out} is CHECKPOINT itself: the training checkpoint would be replaced")
+    from psmamba.files import probe_writable
+
+    probe_writable(out.parent, "export: the folder of OUT")
     _, ckpt = load_checkpoint(checkpoint)  # strict: the weights fit their config
     if not ckpt.get("image_size"):
         raise PsmambaError(f"{checkpoint}: no image_size (not a psmamba train checkpoint)")
@@ -135,9 +145,11 @@ def export_weights(checkpoint: str | os.PathLike, out: str | os.PathLike, **info
     summary = ckpt.get("train_summary") or {}
     payload.update(state_dict=state, train_summary={k: summary[k] for k in ("config", "best", "val") if k in summary},
                    shipped={"weights_dtype": "float16", **info})
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return atomic_save(payload, out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        return atomic_save(payload, out)
+    except OSError as exc:
+        raise PsmambaError(f"export: cannot write {out} ({exc.strerror or exc})") from None
 
 
 def _main(argv: list[str] | None = None) -> int:
@@ -161,7 +173,7 @@ def _main(argv: list[str] | None = None) -> int:
                 load_shipped(name)
                 print(f"{name}: {entry.path} ok")
     except PsmambaError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"psmamba: error: {first_line(exc)}", file=sys.stderr)
         return 2
     return 0
 
