@@ -515,6 +515,9 @@ def test_cli_inspect_flags_empty_label_maps_and_missing_listed_files(tmp_path, c
                  "seg/*_labels.nii.gz"]) == 1
     out = capsys.readouterr().out
     assert "s2: PROBLEM image " in out and "s2_t1.nii.gz: its voxel-to-world affine is singular" in out
+    (tmp_path / "wide.csv").write_text("image,labels\nimg/s0_t1.nii.gz,seg/s0_labels.nii.gz,extra\n")
+    assert main(["data", "inspect", str(tmp_path / "wide.csv")]) == 2  # an AttributeError traceback before
+    assert "wide.csv line 2: 3 cells, but the header names 2 columns (image, labels)" in capsys.readouterr().err
     for flag, needle in ((["--max-volumes", "0"], "--max-volumes must be an integer > 0, got 0"),
                          (["--cache-dir", str(tmp_path / "man.csv")], "is a file, not a folder")):
         assert main(["data", "inspect", str(tmp_path / "man.csv"), *flag]) == 2

@@ -249,6 +249,10 @@ def _read_rows(path: Path) -> tuple[list[dict[str, Any]], Any]:
             rows = list(csv.DictReader(f, delimiter=delim))
     except (UnicodeDecodeError, csv.Error) as exc:
         raise PsmambaError(f"{path}: not a readable CSV file ({exc})") from None
+    for n, r in enumerate(rows, start=2):
+        if None in r:  # DictReader keeps the cells beyond the header under the key None
+            raise PsmambaError(f"{path} line {n}: {len(r) - 1 + len(r[None])} cells, but the header names "
+                               f"{len(r) - 1} columns ({', '.join(k for k in r if k is not None)})")
     return [{(k or "").strip().lower(): (v or "").strip() for k, v in r.items()} for r in rows], None
 
 
