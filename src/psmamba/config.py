@@ -280,6 +280,7 @@ class DataConfig:
     def __post_init__(self) -> None:
         _check_types(self, "data")
         _choice("data.source", self.source, DATA_SOURCES)
+        _choice("data.size", self.size, ("small", "full"))  # the demo's sizes (source demo / pretrain)
         if self.resize is not None:
             ok = isinstance(self.resize, (list, tuple)) and len(self.resize) == 3 and all(
                 isinstance(v, int) and not isinstance(v, bool) and v >= 2 for v in self.resize

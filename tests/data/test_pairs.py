@@ -149,3 +149,15 @@ def test_synth_dataset():
     assert int(ds2[0]["fixed_labels"].max()) <= 2
     with pytest.raises(IndexError):
         ds[3]
+
+
+def test_synth_options_must_be_finite_numbers():
+    """svf_std .nan gave null deformations and a validation Dice of 1.0; errors name data.options.*."""
+    from psmamba.data.synth import SynthConfig
+
+    for kwargs, needle in (({"svf_std": float("nan")}, "data.options.svf_std must be a finite number, got nan"),
+                           ({"noise_std": float("inf")}, "data.options.noise_std must be a finite number"),
+                           ({"mean_range": (0.1, "x")}, "data.options.mean_range must be a finite number"),
+                           ({"num_labels": 0}, "data.options.num_labels must be >= 1")):
+        with pytest.raises(PsmambaError, match=needle):
+            SynthConfig(**kwargs)

@@ -120,6 +120,7 @@ def test_overrides_parse_yaml_values_and_unknown_keys_name_the_file(tmp_path):
     ("data.val_fraction=[0.2]", "data.val_fraction must be a finite number, got [0.2]"),
     ("loss.reg_weight=yes", "loss.reg_weight must be a finite number, got True"),  # YAML 1.1: yes is true
     ("data.num_workers=1.5", "data.num_workers must be an integer, got 1.5"),
+    ("data.size=huge", "data.size must be one of small, full; got 'huge'"),  # named neither key nor file
 ])
 def test_every_config_value_has_its_type(override, needle):
     with pytest.raises(PsmambaError) as err:

@@ -15,7 +15,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     src.add_argument("--pairs", metavar="CSV",
                      help="pair list: moving,fixed[,moving_labels,fixed_labels][,pair_id] (header optional)")
     src.add_argument("--demo", action="store_true", help="the built-in demo data set (its test pairs)")
-    src.add_argument("--demo-size", default="small", help="demo grid: small (64x80x64, default) or full")
+    src.add_argument("--demo-size", default=None, choices=("small", "full"), help="demo grid: small (64x80x64, default) or full")
     src.add_argument("--config", metavar="YAML", help="a psmamba train config: the data set and split it describes")
     src.add_argument("--split", default="test",
                      help="split of --demo / --config / the checkpoint's data (default test; demo: also test_hard)")
@@ -162,6 +162,8 @@ def run(args: argparse.Namespace) -> int:
     n_sources = sum(bool(x) for x in (args.pairs, args.demo, args.config))
     if n_sources > 1:
         raise PsmambaError("give one source of pairs: --pairs CSV, --demo or --config YAML")
+    if args.demo_size is not None and not args.demo:
+        raise PsmambaError("--demo-size is the size of --demo's pairs (a config's data.size sets its own)")
     if not args.out:
         raise PsmambaError("--out CSV is required (where the results go)")
     from psmamba.engine.distributed import resolve_device
@@ -175,7 +177,7 @@ def run(args: argparse.Namespace) -> int:
     elif args.demo:
         from psmamba.engine.evaluate import demo_pairs
 
-        pairs = demo_pairs(size=args.demo_size, split=args.split)
+        pairs = demo_pairs(size=args.demo_size or "small", split=args.split)
     elif args.config:
         pairs = split_pairs(args.config, split=args.split)
     else:

@@ -94,20 +94,23 @@ class SynthConfig:
     zero_background: float = 0.0
 
     def __post_init__(self) -> None:
+        from psmamba.config import _check_types
+
+        _check_types(self, "data.options")  # types, and finite numbers: svf_std .nan gave null fields
         if self.num_labels < 1:
-            raise PsmambaError(f"SynthConfig num_labels must be >= 1, got {self.num_labels}")
+            raise PsmambaError(f"data.options.num_labels must be >= 1, got {self.num_labels}")
         for name in ("label_scale", "svf_scale", "bias_scale"):
             if getattr(self, name) < 1:
-                raise PsmambaError(f"SynthConfig {name} must be >= 1, got {getattr(self, name)}")
+                raise PsmambaError(f"data.options.{name} must be >= 1, got {getattr(self, name)}")
         for name in ("svf_std", "blur_sigma", "bias_std", "gamma_std", "noise_std", "affine_rotation",
                      "affine_scale", "affine_shear", "affine_shift"):
             if getattr(self, name) < 0:
-                raise PsmambaError(f"SynthConfig {name} must be >= 0, got {getattr(self, name)}")
+                raise PsmambaError(f"data.options.{name} must be >= 0, got {getattr(self, name)}")
         for name in ("resolution_prob", "zero_background"):
             if not 0 <= getattr(self, name) <= 1:
-                raise PsmambaError(f"SynthConfig {name} must be in [0, 1], got {getattr(self, name)}")
+                raise PsmambaError(f"data.options.{name} must be in [0, 1], got {getattr(self, name)}")
         if self.resolution_max < 1:
-            raise PsmambaError(f"SynthConfig resolution_max must be >= 1, got {self.resolution_max}")
+            raise PsmambaError(f"data.options.resolution_max must be >= 1, got {self.resolution_max}")
 
     @property
     def has_affine(self) -> bool:

@@ -220,8 +220,9 @@ def build_datasets(cfg: TrainConfig):
         from psmamba.data.synth import SynthConfig
 
         shape = options.pop("shape", (64, 64, 64))
-        if not (isinstance(shape, (list, tuple)) and len(shape) == 3):
-            raise PsmambaError(f"data.options.shape must be three sizes, got {shape!r}")
+        if not (isinstance(shape, (list, tuple)) and len(shape) == 3
+                and all(isinstance(v, int) and not isinstance(v, bool) and v >= 8 for v in shape)):
+            raise PsmambaError(f"data.options.shape must be three sizes >= 8, got {shape!r}")
         try:
             synth_cfg = SynthConfig(**options)
         except TypeError as exc:
