@@ -404,6 +404,26 @@ def test_existing_run_needs_resume_and_resume_needs_a_run(tmp_path, capsys, data
                             "--set", "optim.lr=0.5"], "optim.lr")
 
 
+@pytest.mark.parametrize("damage, needle", [
+    (lambda t, c: t.pop("config"), "training.config is not a mapping"),
+    (lambda t, c: t.pop("optimizer"), "training.optimizer is not a mapping"),
+    (lambda t, c: t.update(epoch="two"), "training.epoch is not a whole number"),
+    (lambda t, c: c.pop("state_dict"), "no state_dict"),
+])
+def test_resume_from_a_damaged_last_pt_fails_in_one_line(tmp_path, capsys, reference_run, damage, needle):
+    """KeyError/AttributeError/ValueError tracebacks before, some after the data was built."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(reference_run, run)
+    ckpt = torch.load(run / "last.pt", map_location="cpu", weights_only=True)
+    damage(ckpt["training"], ckpt)
+    torch.save(ckpt, run / "last.pt")
+    before = sorted(p.name for p in run.iterdir())
+    _fails_cleanly(capsys, ["train", "--out", str(run), "--resume"], "a damaged training checkpoint", needle)
+    assert sorted(p.name for p in run.iterdir()) == before
+
+
 def test_dice_loss_without_labels_fails_early(tmp_path, capsys, cache_dir):
     root = tmp_path / "nolabels"
     make_folder(root, n=3)

@@ -154,6 +154,16 @@ def load_training_state(path: str | Path, map_location: Any = "cpu") -> dict[str
     training = ckpt.get("training") if isinstance(ckpt, dict) else None
     if not isinstance(training, dict) or training.get("format") != TRAIN_FORMAT:
         raise PsmambaError(f"{path}: not a psmamba training checkpoint (no {TRAIN_FORMAT!r} state)")
+    # what resuming reads, checked here: a damaged file is one line, not a KeyError after the data is built
+    problems = [f"training.{k} is not a mapping" for k in ("config", "optimizer", "scheduler")
+                if not isinstance(training.get(k), dict)]
+    problems += [f"training.{k} is not a whole number >= 0" for k in ("epoch", "step", "step_in_epoch")
+                 if isinstance(training.get(k), bool) or not isinstance(training.get(k), int) or training.get(k) < 0]
+    if not isinstance(ckpt.get("state_dict"), dict):
+        problems.append("no state_dict of weights")
+    if problems:
+        raise PsmambaError(f"{path}: a damaged training checkpoint ({'; '.join(problems[:3])}); resume from a copy, "
+                           "or start the run again")
     return ckpt
 
 
