@@ -24,6 +24,7 @@ averages the gradients; rank 0 alone validates and writes files.
 
 from __future__ import annotations
 
+import dataclasses
 import signal
 import threading
 import warnings
@@ -34,7 +35,7 @@ from typing import Any
 
 import torch
 
-from psmamba.config import TrainConfig, config_from_dict, config_to_dict, load_train_config
+from psmamba.config import TrainConfig, build_model_config, config_from_dict, config_to_dict, load_train_config
 from psmamba.engine.checkpointing import load_training_state
 from psmamba.engine.distributed import DistInfo, barrier, init_distributed, shutdown_distributed
 from psmamba.errors import PsmambaError
@@ -161,7 +162,14 @@ def _check_resumable(cfg: TrainConfig, stored: Mapping[str, Any], path: Path, ep
     for section, values in now.items():
         before = stored.get(section, {})
         if section == "model":
-            if dict(values) != dict(before):
+            # the networks compared, not the texts: a key left at its default is the same model
+            # (mamba_backend is a run-time choice: a run begun on a GPU goes on on a CPU)
+            def resolved(model_section, where):
+                model = dataclasses.asdict(build_model_config(model_section, where))
+                model.pop("mamba_backend", None)
+                return dict(model_section).get("preset", "paper"), model
+
+            if resolved(values, "--resume") != resolved(before, str(path)):
                 raise PsmambaError(f"--resume: model settings differ from {path} ({before} vs {values})")
             continue
         for key, value in values.items():
