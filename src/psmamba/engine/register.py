@@ -633,9 +633,9 @@ def _check_model_size(size, model, method: str) -> None:
     if model is None:
         raise PsmambaError(f"model_size (--model-size) {text} sets the grid the network runs on, and method "
                            f"{method} runs no network")
-    from psmamba.models.net import PAD_MULTIPLE, PSMambaNet
+    from psmamba.models.net import min_extent_of
 
-    need = int(getattr(model, "min_extent", PAD_MULTIPLE if isinstance(model, PSMambaNet) else 0))
+    need = min_extent_of(model)
     if max(int(s) for s in size) <= need:
         raise PsmambaError(f"model_size (--model-size) {text}: this network needs one axis of more than {need} voxels")
 

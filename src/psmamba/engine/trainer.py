@@ -163,9 +163,9 @@ class Trainer:
     def _check_grid(self, size: list[int]) -> None:
         """The network can run on the training grid (PSMamba-Net: one axis above 16 voxels), checked
         before any output: the first forward pass failed after config.yaml and metrics.csv existed."""
-        from psmamba.models.net import PAD_MULTIPLE, PSMambaNet
+        from psmamba.models.net import min_extent_of
 
-        need = int(getattr(self.model, "min_extent", PAD_MULTIPLE if isinstance(self.model, PSMambaNet) else 0))
+        need = min_extent_of(self.model)
         if max(size) <= need:
             where = "data.resize" if self.cfg.data.resize is not None else "the training images"
             raise PsmambaError(f"{where} {'x'.join(map(str, size))}: model {self.cfg.model_name} needs one axis of "

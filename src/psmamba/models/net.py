@@ -60,7 +60,7 @@ from psmamba.models.refinement import SubstrateIterativeRefinement
 from psmamba.nn.blocks import SFE, LevelProjection
 from psmamba.nn.fast import CHANNELS_LAST
 
-__all__ = ["PSMambaNet", "RegistrationOutput", "PAD_MULTIPLE", "check_pair"]
+__all__ = ["PSMambaNet", "RegistrationOutput", "PAD_MULTIPLE", "check_pair", "min_extent_of"]
 
 #: the input grid must be divisible by 2^(levels - 1)
 PAD_MULTIPLE = 2 ** (NUM_LEVELS - 1)
@@ -85,6 +85,12 @@ class RegistrationOutput(NamedTuple):
 
     warped: torch.Tensor
     ddf: torch.Tensor
+
+
+def min_extent_of(model: nn.Module) -> int:
+    """The voxels that one axis of ``model``'s input grid must exceed: PSMamba-Net's
+    :data:`PAD_MULTIPLE`, a peer's ``min_extent``, else 0 (checked before a run, by its grid alone)."""
+    return int(getattr(model, "min_extent", PAD_MULTIPLE if isinstance(model, PSMambaNet) else 0))
 
 
 def check_pair(moving: torch.Tensor, fixed: torch.Tensor, min_extent: int = 0) -> None:
