@@ -73,6 +73,7 @@ def _nothing_written(folder):
     (["--identity", "--max-pairs", "0"], "--max-pairs must be an integer > 0, got 0"),
     (["--iters", "5", "--model-size", "8", "1", "8"], "--model-size must be an integer >= 2, got 1"),
     (["--identity", "--demo-size", "full"], "--demo-size is the size of --demo's pairs"),  # ignored before
+    (["--method", "io", "--refine", "field"], "--refine chooses what --iters optimises"),  # ignored before
 ])
 def test_numeric_flags_fail_first(tmp_path, capsys, flags, needle):
     out = tmp_path / "new" / "r.csv"

@@ -25,7 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     meth.add_argument("--identity", action="store_true", help="no registration (the 'before' baseline)")
     meth.add_argument("--iters", type=int, default=0, metavar="N",
                       help="test-time optimisation steps per pair (see psmamba register --help)")
-    meth.add_argument("--refine", choices=("weights", "field"), default="weights",
+    meth.add_argument("--refine", choices=("weights", "field"), default=None,
                       help="with --checkpoint and --iters: fine-tune a copy of the weights per pair (default) "
                            "or refine the network's field (see psmamba register --help)")
     meth.add_argument("--lr", type=float, default=None, help="io's step with --method (default 1), or Adam's learning rate with --iters")
@@ -130,7 +130,7 @@ def _method(args: argparse.Namespace):
         model, ckpt = load_model(args.checkpoint, device=resolve_device(args.device))
         grid = grid or training_size(ckpt)  # the network's own grid
     name = Path(args.checkpoint).stem if args.checkpoint else None
-    method = method_from_options(model, iters=args.iters, refine=args.refine, lr=args.lr, lam=args.lam,
+    method = method_from_options(model, iters=args.iters, refine=args.refine or "weights", lr=args.lr, lam=args.lam,
                                  grid=grid, name=name, checkpoint=args.checkpoint)
     return method, ckpt
 
@@ -145,6 +145,11 @@ def _check_numbers(args: argparse.Namespace) -> None:
     check_number("--max-pairs", args.max_pairs, integer=True, positive=True)
     for v in args.model_size or ():
         check_number("--model-size", v, integer=True, minimum=2)
+    if getattr(args, "refine", None) is not None and not (args.iters and args.checkpoint and not args.method):
+        from psmamba.errors import PsmambaError
+
+        raise PsmambaError("--refine chooses what --iters optimises after a --checkpoint's network: give both "
+                           "(without --method), or leave --refine out")
 
 
 def run(args: argparse.Namespace) -> int:
