@@ -362,3 +362,15 @@ def test_affine_field_with_identity_reads_the_field_at_its_voxels():
     want = want + torch.as_tensor(b[:3, 3]).view(1, 3, 1, 1, 1) - r
     for backend in ("numba", "torch"):
         torch.testing.assert_close(D.affine_field(field, np.eye(4), b, (7, 9, 8), backend=backend), want)
+
+
+def test_settings_from_yaml_or_numpy_and_starts_that_would_give_nan():
+    cfg = D.DeformableConfig(window=5.0, patience=3.0, lr=np.float32(0.5))  # numba TypingError / refused before
+    assert (cfg.window, cfg.patience, cfg.lr) == (5, 3, 0.5) and isinstance(cfg.window, int)
+    with pytest.raises(PsmambaError, match=r"window must be an odd integer in \[3, 99\]"):
+        D.DeformableConfig(window=10**30 + 1)
+    f = torch.rand(1, 1, 32, 32, 32)
+    with pytest.raises(PsmambaError, match="init_velocity holds NaN"):  # an all-NaN field before
+        D.register_deformable(f, f, init_velocity=torch.full((1, 3, 32, 32, 32), float("nan")))
+    with pytest.raises(PsmambaError, match=r"fixed_mask must hold weights in \[0, 1\]"):
+        D.register_deformable(f, f, fixed_mask=-torch.ones_like(f))

@@ -293,3 +293,15 @@ def test_cache_fingerprint_covers_a_gzipped_image_half(tmp_path):
     (tmp_path / "x.img").unlink()
     fp = file_fingerprint(tmp_path / "x.hdr")
     assert [Path(f[0]).name for f in fp] == ["x.hdr", "x.img.gz"] and fp[1][2] is not None
+
+
+def test_complex_and_rgb_files_are_not_scalar_images(tmp_path):
+    from psmamba.checks import check_volume_file
+
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 8), np.complex64), np.eye(4)), tmp_path / "cx.nii.gz")
+    rgb = np.zeros((8, 8, 8), dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")])
+    nib.save(nib.Nifti1Image(rgb, np.eye(4)), tmp_path / "rgb.nii.gz")
+    for name in ("cx.nii.gz", "rgb.nii.gz"):
+        for read in (lambda p: load_image(p, "fixed image"), lambda p: check_volume_file(p, "fixed image")):
+            with pytest.raises(PsmambaError, match=f"{name}: voxels of type .* are not one real number each"):
+                read(tmp_path / name)

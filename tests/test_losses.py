@@ -236,3 +236,14 @@ def test_dice_loss_rejects_bad_input():
         DiceLoss()(torch.rand(1, 3, 4, 4, 4), torch.rand(1, 2, 4, 4, 4))
     with pytest.raises(PsmambaError, match=r"\[0, 3\)"):
         DiceLoss()(torch.rand(1, 3, 4, 4, 4), torch.full((1, 1, 4, 4, 4), 5))
+
+
+def test_lncc_of_float16_volumes_is_not_nan():
+    """Its box-sum variances cancel to zero or below in float16 (NaN for any pair, even equal ones:
+    fp16 mixed precision trained on NaN); computed in float32, returned in float16."""
+    a = torch.rand(1, 1, 16, 16, 16)
+    b = torch.rand(1, 1, 16, 16, 16)
+    out = LNCC()(a.half(), b.half())
+    assert out.dtype == torch.float16 and torch.isfinite(out)
+    assert float(out) == pytest.approx(float(LNCC()(a, b)), abs=2e-3)
+    assert float(LNCC()(a.half(), a.half())) == pytest.approx(-1.0, abs=1e-3)

@@ -276,3 +276,14 @@ def test_shared_labels_and_a_warp_that_erases_a_structure_gains_nothing():
     res = register_pair(img, img, moving_labels=erased, fixed_labels=fixed, method="identity", overview=False,
                         labels=[1, 2])  # an explicit list is scored as given: 2 missed -> Dice 0
     assert res.summary["dice_after"]["per_label"][2] == 0.0 and res.summary["dice_after"]["mean"] == pytest.approx(0.5)
+
+
+def test_nan_fields_and_det_of_another_grid_are_refused():
+    with pytest.raises(PsmambaError, match="ddf holds NaN"):  # 0 % folding before
+        folding_percent(np.full((3, 8, 8, 8), np.nan, np.float32))
+    with pytest.raises(PsmambaError, match="det has shape"):  # 100 % folding before
+        folding_percent(np.zeros((3, 8, 8, 8), np.float32), det=np.zeros((4, 4, 4)))
+    lab = np.zeros((8, 8, 8), np.int16)
+    lab[2:5] = 1
+    with pytest.raises(PsmambaError, match="labels must be a list of label codes"):  # read as 1 and 2 before
+        dice(lab, lab, labels="12")

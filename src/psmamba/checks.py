@@ -345,13 +345,14 @@ def check_label_overlap(
     return LabelOverlap(tuple(sorted(shared)), tuple(sorted(f - m)), tuple(sorted(m - f)))
 
 
-def check_label_list(labels: Any, flag: str = "--labels") -> list[int] | None:
-    """The label codes to score, as ints: a non-empty list of whole numbers > 0 (None: all)."""
+def check_label_list(labels: Any, flag: str = "--labels", background: bool = False) -> list[int] | None:
+    """The label codes to score, as ints: a non-empty list of whole numbers > 0 (``background``:
+    >= 0, code 0 scored as asked) (None: all)."""
     if labels is None:
         return None
     if isinstance(labels, (str, bytes)) or not hasattr(labels, "__iter__"):
         raise PsmambaError(f"{flag} must be a list of label codes, got {labels!r}")
-    codes = [check_number(flag, c, integer=True, positive=True) for c in labels]
+    codes = [check_number(flag, c, integer=True, positive=not background, nonnegative=background) for c in labels]
     if not codes:
         raise PsmambaError(f"{flag} names no label code (leave it out to score every label)")
     return codes
@@ -420,6 +421,9 @@ def check_inputs(
     for lab, img, role in ((fixed_labels, fixed, "fixed"), (moving_labels, moving, "moving")):
         if lab is not None:
             check_same_grid(lab, img, name(f"{role} labels", lab), name(f"{role} image", img))
+    if fixed_labels is not None and moving_labels is None:  # silently unused before
+        raise PsmambaError(f"{name('fixed labels', fixed_labels)} given without moving labels: Dice compares the "
+                           "warped moving labels with them")
     if fixed_labels is None or moving_labels is None:
         if labels is not None:
             raise PsmambaError("labels to score were given, but not both label maps (fixed and moving)")
@@ -522,6 +526,9 @@ def check_volume_file(
     if len(shape) != 3 or min(shape) == 0:
         _judge(_Stats(), tuple(shape), name, labels, None, None)
     affine = check_affine(img.affine, name)
+    if np.dtype(img.get_data_dtype()).kind not in "biuf":
+        raise PsmambaError(f"{name}: voxels of type {img.get_data_dtype()} are not one real number each "
+                           "(complex or RGB): convert it to a scalar image first")
     st = _scan(_slabs(img, p, what), labels)
     _judge(st, tuple(shape), name, labels, None if labels else min_size, why)
     return VolumeFacts(p, tuple(shape), affine, st.codes, st.lo, st.hi)  # type: ignore[arg-type]

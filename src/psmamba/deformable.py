@@ -40,6 +40,7 @@ On the CPU (float32/float64) the inner loop runs in the numba kernels of
 from __future__ import annotations
 
 import math
+import numbers
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -69,6 +70,8 @@ _SQUARING_START = 0.25
 _BACKENDS = ("auto", "numba", "torch")
 #: the widest smoothing of :class:`DeformableConfig` (voxels of a level grid)
 _SIGMA_MAX = 32.0
+#: the widest LNCC box of :class:`DeformableConfig` (voxels)
+_WINDOW_MAX = 99
 
 
 # --------------------------------------------------------------------------- settings
@@ -93,7 +96,7 @@ class DeformableConfig:
         sigma_update: Gaussian sigma (voxels of the level grid) of the update ("fluid"); at most 32.
         sigma_field: Gaussian sigma (voxels) applied to the whole field / velocity after each
             step ("elastic"); 0 turns it off; at most 32.
-        window: LNCC box width in voxels of every level (odd, >= 3).
+        window: LNCC box width in voxels of every level (odd, 3 to 99).
         tol: a level stops when ``(loss[k - patience] - loss[k]) / |loss[k]| < tol``; 0 turns
             the test off (every level runs its ``iterations``).
         patience: the window (steps) of that test.
@@ -154,7 +157,8 @@ class DeformableConfig:
             ("tol", 0.0, False),
         ):
             v = getattr(self, name)
-            if not isinstance(v, (int, float)) or not math.isfinite(v) or (v <= lo if strict else v < lo):
+            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) \
+                    or (v <= lo if strict else v < lo):
                 raise PsmambaError(f"{name} must be a finite number {'>' if strict else '>='} {lo:g}, got {v!r}")
         for name in ("sigma_update", "sigma_field"):
             if getattr(self, name) > _SIGMA_MAX:
@@ -162,12 +166,16 @@ class DeformableConfig:
                                    f"wider smooths any image flat), got {getattr(self, name)!r}")
         if not isinstance(self.full_residual, bool):
             raise PsmambaError(f"full_residual must be True or False, got {self.full_residual!r}")
-        if int(self.window) != self.window or self.window < 3 or self.window % 2 == 0:
-            raise PsmambaError(f"window must be an odd integer >= 3, got {self.window!r}")
+        w = self.window
+        if isinstance(w, bool) or not isinstance(w, numbers.Real) or not math.isfinite(w) or int(w) != w \
+                or not 3 <= w <= _WINDOW_MAX or w % 2 == 0:
+            raise PsmambaError(f"window must be an odd integer in [3, {_WINDOW_MAX}], got {w!r}")
+        object.__setattr__(self, "window", int(w))  # 5.0 reached numba as a float (a TypingError)
         for name, lo in (("patience", 1), ("svf_steps", 0), ("inverse_iters", 0), ("inverse_iters_full", 0), ("min_size", 2)):
             v = getattr(self, name)
-            if int(v) != v or v < lo:
+            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) or int(v) != v or v < lo:
                 raise PsmambaError(f"{name} must be an integer >= {lo}, got {v!r}")
+            object.__setattr__(self, name, int(v))
 
 
 @dataclass(frozen=True)
@@ -601,6 +609,8 @@ def register_deformable(
     fx = _as_volume(fixed, "fixed")
     mv = _as_volume(moving, "moving", like=fx)
     mask = _as_volume(fixed_mask, "fixed_mask", like=fx)
+    if mask is not None and not bool(((mask >= 0) & (mask <= 1)).all()):  # NaN fails too
+        raise PsmambaError("fixed_mask must hold weights in [0, 1] (a binary mask: 0 outside, 1 inside)")
     size = tuple(int(s) for s in fx.shape[2:])
     for f in cfg.levels:
         ls = pyramid_size(size, f)
@@ -615,7 +625,7 @@ def register_deformable(
     if init_velocity is not None:
         if cfg.method != "svf":
             raise PsmambaError("init_velocity is for method='svf'; give init_ddf to the greedy method")
-        init_velocity = _start_field(init_velocity, "init_velocity", fx, finite=False)
+        init_velocity = _start_field(init_velocity, "init_velocity", fx)  # NaN gave an all-NaN field
     if init_inverse is not None:
         if init_ddf is None:
             raise PsmambaError("init_inverse is the inverse of init_ddf: give init_ddf too")

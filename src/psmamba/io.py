@@ -282,6 +282,9 @@ def load_image(path, what: str = "image") -> Image:
     data = _squeeze_to(data, 3)
     if data.ndim != 3:
         raise PsmambaError(f"{what} {p}: expected a 3-D volume, got shape {tuple(data.shape)}")
+    if data.dtype.kind not in "biuf":  # complex or RGB voxels: a numpy error deep inside before
+        raise PsmambaError(f"{what} {p}: voxels of type {data.dtype} are not one real number each "
+                           "(complex or RGB): convert it to a scalar image first")
     _check_finite(data, what, p)
     return Image(data=data, affine=np.asarray(img.affine, dtype=np.float64), header=img.header, path=p)
 

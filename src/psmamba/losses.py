@@ -154,6 +154,9 @@ class LNCC(nn.Module):
         """The per-voxel squared correlation ``cc`` map, ``(B, C, D, H, W)``."""
         _check_pair(pred, target, ("pred", "target"))
         n = float(self.window**3)
+        dtype = pred.dtype
+        if dtype == torch.float16:  # its 10-bit mantissa cancels var = S_II - S_I^2 / n to 0 or below: NaN
+            pred, target = pred.float(), target.float()
         # one filtering pass for the five moments: stack them along the channel axis
         c = pred.shape[1]
         moments = torch.cat([pred, target, pred * pred, target * target, pred * target], dim=1)
@@ -162,7 +165,7 @@ class LNCC(nn.Module):
         cross = s_pt - s_p * s_t / n
         var_p = s_pp - s_p * s_p / n
         var_t = s_tt - s_t * s_t / n
-        return cross * cross / (var_p * var_t + self.eps)
+        return (cross * cross / (var_p * var_t + self.eps)).to(dtype)
 
     def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """``pred``, ``target``: ``(B, C, D, H, W)`` (warped and fixed). Returns ``-mean(cc)``."""

@@ -108,7 +108,9 @@ def _label_list(a, b, labels: Iterable[int] | None) -> list[int]:
     if labels is None:
         found = set(a if isinstance(a, dict) else _counts(a)) | set(b if isinstance(b, dict) else _counts(b))
         return sorted(v for v in found if v != 0)
-    return [int(v) for v in labels]
+    from psmamba.checks import check_label_list  # "12" was read as the labels 1 and 2
+
+    return check_label_list(labels, "labels", background=True)
 
 
 #: codes below this are counted with one ``np.bincount`` pass (O(n), a table of at most 32 MB);
@@ -173,7 +175,23 @@ def _field(ddf, name: str = "ddf") -> np.ndarray:
         raise PsmambaError(f"{name} needs at least 2 voxels per axis for derivatives, got {arr.shape[1:]}")
     if not np.issubdtype(arr.dtype, np.floating):
         arr = arr.astype(np.float64)
+    if not np.isfinite(arr).all():  # a NaN field counted as 0 % folding before
+        raise PsmambaError(f"{name} holds NaN or infinite values")
     return arr
+
+
+def _det_of(ddf, det) -> np.ndarray:
+    """``det`` (checked against ``ddf``'s grid when both are given), else ``ddf``'s Jacobian determinant."""
+    if det is None:
+        return jacobian_determinant(ddf)
+    det = np.asarray(det)
+    if ddf is not None:
+        grid = _field(ddf).shape[1:]
+        if det.shape != grid:
+            raise PsmambaError(f"det has shape {det.shape}, but the field's grid is {grid}")
+    if not np.isfinite(det).all():
+        raise PsmambaError("det holds NaN or infinite values")
+    return det
 
 
 def _det3(j: np.ndarray) -> np.ndarray:
@@ -230,7 +248,7 @@ def folding_percent(ddf, det: np.ndarray | None = None) -> float:
 
     ``det``: the field's :func:`jacobian_determinant` when the caller has it already.
     """
-    det = jacobian_determinant(ddf) if det is None else det
+    det = _det_of(ddf, det)
     return np.float64(100.0 * np.count_nonzero(det <= 0) / det.size)
 
 
@@ -242,7 +260,7 @@ def sdlogj(ddf, det: np.ndarray | None = None) -> float:
     instead of producing ``NaN``. Population standard deviation (``ddof = 0``). ``det``: the
     field's :func:`jacobian_determinant` when the caller has it already.
     """
-    det = (jacobian_determinant(ddf) if det is None else det).astype(np.float64)
+    det = _det_of(ddf, det).astype(np.float64)
     return np.float64(np.log(np.clip(det, _DET_MIN, _DET_MAX)).std())
 
 

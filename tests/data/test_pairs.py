@@ -161,3 +161,17 @@ def test_synth_options_must_be_finite_numbers():
                            ({"num_labels": 0}, "data.options.num_labels must be >= 1")):
         with pytest.raises(PsmambaError, match=needle):
             SynthConfig(**kwargs)
+
+
+def test_split_sizes_from_numpy_scalars_and_splits_that_leave_nothing():
+    import numpy as np
+
+    from psmamba.data.pairs import split_subjects
+
+    ids = [f"s{i}" for i in range(5)]
+    assert len(split_subjects(ids, val=np.float32(0.4), test=0)["val"]) == 2  # read as 0 before
+    assert split_subjects(ids, val=2, test=0, seed=np.int64(3)) == split_subjects(ids, val=2, test=0, seed=3)
+    for kw, needle in (({"val": 5, "test": 0}, "none left to train on"), ({"val": 1.5}, "whole count"),
+                       ({"val": float("nan")}, "fraction in"), ({"val": "1"}, "fraction in")):
+        with pytest.raises(PsmambaError, match=needle):
+            split_subjects(ids, **kw)

@@ -424,3 +424,46 @@ def test_rerun_into_the_same_folder_replaces_and_drops_stale_outputs(blob_pair, 
     assert not (out / "warped_labels.nii.gz").exists() and (out / "notes.txt").read_text() == "mine"
     assert json.loads((out / "summary.json").read_text())["moving_labels"] is None
     assert leftovers(tmp_path) == []
+
+
+def test_network_contract_and_a_diverged_network(blob_pair):
+    """forward -> (warped, ddf) tuples work (an AttributeError before); a NaN field is refused
+    (it gave an all-NaN result with Dice 0 and 0 % folding, silently)."""
+    class Tuple(torch.nn.Module):
+        def forward(self, moving, fixed):
+            return moving, torch.zeros((1, 3, *moving.shape[2:]))
+
+    class Nan(torch.nn.Module):
+        def forward(self, moving, fixed):
+            return moving, torch.full((1, 3, *moving.shape[2:]), float("nan"))
+
+    kw = dict(method="network", model_size=(24, 24, 24), overview=False)
+    res = register_pair(blob_pair["fixed"], blob_pair["moving"], model=Tuple(), **kw)
+    assert np.abs(res.ddf).max() == 0
+    with pytest.raises(PsmambaError, match="predicted a field holding NaN"):
+        register_pair(blob_pair["fixed"], blob_pair["moving"], model=Nan(), **kw)
+
+
+def test_api_refuses_what_the_cli_refuses(blob_pair, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    before = sorted(tmp_path.iterdir())
+    f, m = blob_pair["fixed"], blob_pair["moving"]
+    with pytest.raises(PsmambaError, match="out_dir .--out. is empty"):
+        register_pair(f, m, method="identity", out_dir="")
+    with pytest.raises(PsmambaError, match="method .--method. is empty"):
+        register_pair(f, m, method=" ")
+    with pytest.raises(PsmambaError, match="given without moving labels"):
+        register_pair(f, m, method="identity", fixed_labels=blob_pair["fixed_labels"])
+    assert sorted(tmp_path.iterdir()) == before
+
+
+def test_masks_are_non_zero_inside_and_finite(blob_pair):
+    from psmamba.io import Image
+
+    lab = nib.load(str(blob_pair["fixed_labels"])).get_fdata()
+    half = Image((lab > 0) * 0.5, blob_pair["affine"], None, None)  # "a label map must hold integer values" before
+    res = register_pair(blob_pair["fixed"], blob_pair["moving"], method="identity", fixed_mask=half, overview=False)
+    assert res.ddf.shape[0] == 3
+    nan = Image(np.where(lab > 0, np.nan, 0.0), blob_pair["affine"], None, None)
+    with pytest.raises(PsmambaError, match="fixed mask holds NaN"):  # accepted before
+        register_pair(blob_pair["fixed"], blob_pair["moving"], method="identity", fixed_mask=nan)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import random
 from collections.abc import Mapping, Sequence
@@ -186,10 +187,16 @@ def id_pairs(rows: Sequence[PairRow], known_ids: Sequence[str]) -> list[tuple[st
 
 
 def _count(part: float | int, n: int, name: str) -> int:
-    if part < 0:
-        raise PsmambaError(f"split {name} must be >= 0, got {part}")
+    """A fraction (< 1) or a whole count of ``n`` subjects; numpy and torch scalars too (a
+    ``np.float32(0.4)`` was read as the count 0 before)."""
+    if hasattr(part, "item") and not isinstance(part, (int, float)):
+        part = part.item()
+    if isinstance(part, bool) or not isinstance(part, (int, float)) or not math.isfinite(part) or part < 0:
+        raise PsmambaError(f"split {name} must be a fraction in [0, 1) or a count >= 1 of subjects, got {part!r}")
     if isinstance(part, float) and part < 1:
         return int(round(part * n))
+    if part != int(part):
+        raise PsmambaError(f"split {name} must be a fraction in [0, 1) or a whole count of subjects, got {part!r}")
     return int(part)
 
 
@@ -219,6 +226,9 @@ def split_subjects(
     n_test, n_val = _count(test, n, "test"), _count(val, n, "val")
     if n_test + n_val > n:
         raise PsmambaError(f"split asks for {n_val} val + {n_test} test subjects but there are only {n}")
+    if n and n_test + n_val == n:  # an empty training part, silently, before
+        raise PsmambaError(f"split asks for {n_val} val + {n_test} test subjects: all {n}, none left to train on")
+    seed = int(seed.item() if hasattr(seed, "item") else seed)
     order = subj[:]
     random.Random(seed).shuffle(order)
     test_s = set(order[:n_test])

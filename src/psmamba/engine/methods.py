@@ -190,8 +190,22 @@ class Network(RegistrationMethod):
         return self
 
     def predict(self, model: nn.Module, moving, fixed) -> torch.Tensor:
+        """``model(moving, fixed)``'s field: its ``.ddf``, or the second item of a ``(warped, ddf)``
+        tuple; checked to be ``(1, 3, D, H, W)`` on the input grid and finite (a NaN field gave an
+        all-NaN result with Dice 0 and 0 % folding, silently)."""
         with torch.no_grad():
-            return model(moving, fixed).ddf
+            out = model(moving, fixed)
+        ddf = getattr(out, "ddf", None)
+        if ddf is None and isinstance(out, (tuple, list)) and len(out) == 2:
+            ddf = out[1]
+        who = f"the network ({self.checkpoint})" if self.checkpoint else "the network"
+        want = (moving.shape[0], 3, *moving.shape[2:])
+        if not torch.is_tensor(ddf) or tuple(ddf.shape) != tuple(want):
+            got = tuple(ddf.shape) if torch.is_tensor(ddf) else type(out).__name__
+            raise PsmambaError(f"{who} must return (warped, ddf) with ddf of shape {want}, got {got}")
+        if not bool(torch.isfinite(ddf).all()):
+            raise PsmambaError(f"{who} predicted a field holding NaN or infinite values (diverged weights?)")
+        return ddf
 
     def run(self, moving, fixed, init):
         from psmamba.deformable import invert_ddf

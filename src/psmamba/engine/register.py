@@ -305,14 +305,17 @@ def _load_inputs(fixed, moving, moving_labels, fixed_labels, fixed_mask=None, mo
         moving=as_image(moving, "moving image"),
         moving_labels=as_image(moving_labels, "moving labels", labels=True),
         fixed_labels=as_image(fixed_labels, "fixed labels", labels=True),
-        fixed_mask=as_image(fixed_mask, "fixed mask", labels=True),
-        moving_mask=as_image(moving_mask, "moving mask", labels=True),
+        # masks: non-zero inside (any real values: a 0/0.5 or 0/255 mask alike), finite
+        fixed_mask=as_image(fixed_mask, "fixed mask"),
+        moving_mask=as_image(moving_mask, "moving mask"),
     )
     for what, img, ref, ref_what in (
         ("moving mask", inp.moving_mask, inp.moving, "moving image"),
         ("fixed mask", inp.fixed_mask, inp.fixed, "fixed image"),
     ):
         if img is not None:
+            if not np.isfinite(np.asarray(img.data, dtype=np.float32)).all():
+                raise PsmambaError(f"{image_name(what, img)} holds NaN or infinite values")
             check_same_grid(img, ref, image_name(what, img), image_name(ref_what, ref))
             if int(np.count_nonzero(np.asarray(img.data))) < 64:
                 raise PsmambaError(f"{image_name(what, img)} selects {np.count_nonzero(np.asarray(img.data))} "
@@ -748,6 +751,10 @@ def register_pair(
         if len(model_size) != 3 or min(model_size) < 2:
             raise PsmambaError(f"model_size must be three sizes >= 2, got {model_size}")
     labels = check_label_list(labels, "labels")
+    if out_dir is not None and not str(out_dir).strip():  # wrote into the working folder
+        raise PsmambaError("out_dir (--out) is empty: name the output folder")
+    if isinstance(method, str) and not method.strip():  # ran the default pipeline
+        raise PsmambaError("method (--method) is empty: name a method (default, io, affine+io, ...)")
     fixed_window = _check_window("--fixed-window", fixed_window)
     moving_window = _check_window("--moving-window", moving_window)
     staging = StagingDir(out_dir, owned=OUTPUT_FILES) if out_dir is not None else None
