@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from psmamba.errors import PsmambaError
-from psmamba.io import _short
+from psmamba.io import _short, check_scalar_dtype
 
 __all__ = [
     "check_number",
@@ -526,9 +526,7 @@ def check_volume_file(
     if len(shape) != 3 or min(shape) == 0:
         _judge(_Stats(), tuple(shape), name, labels, None, None)
     affine = check_affine(img.affine, name)
-    if np.dtype(img.get_data_dtype()).kind not in "biuf":
-        raise PsmambaError(f"{name}: voxels of type {img.get_data_dtype()} are not one real number each "
-                           "(complex or RGB): convert it to a scalar image first")
+    check_scalar_dtype(img.get_data_dtype(), name)
     st = _scan(_slabs(img, p, what), labels)
     _judge(st, tuple(shape), name, labels, None if labels else min_size, why)
     return VolumeFacts(p, tuple(shape), affine, st.codes, st.lo, st.hi)  # type: ignore[arg-type]

@@ -666,12 +666,9 @@ def _check_types(obj: Any, section: str) -> None:
 def _coerce(value: Any, hint: Any) -> Any:
     """What YAML 1.1 reads differently from what is meant: ``3e-4`` (no dot) is a text, not a
     float (``--set optim.lr=3e-4``); a folder named ``2024`` is a number. Anything else as is."""
-    import types
     import typing
 
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        arms = [a for a in typing.get_args(hint) if a is not type(None)]
-        hint = arms[0] if len(arms) == 1 else hint
+    hint, _ = _unwrap_optional(hint)
     if hint is float and isinstance(value, str):
         try:
             return float(value)
@@ -688,16 +685,26 @@ def _coerce(value: Any, hint: Any) -> Any:
     return value
 
 
-def _check_value(name: str, value: Any, hint: Any) -> None:
+def _unwrap_optional(hint: Any) -> tuple[Any, bool]:
+    """``X | None`` -> ``(X, True)``; any other hint -> ``(hint, False)``."""
     import types
     import typing
 
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        arms = [a for a in args if a is not type(None)]
+        if len(arms) == 1:
+            return arms[0], len(arms) < len(args)
+    return hint, False
+
+
+def _check_value(name: str, value: Any, hint: Any) -> None:
+    import typing
+
+    hint, optional = _unwrap_optional(hint)
+    if value is None and optional:
+        return
     origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        arms = [a for a in typing.get_args(hint) if a is not type(None)]
-        if value is None and len(arms) < len(typing.get_args(hint)):
-            return
-        hint, origin = arms[0], typing.get_origin(arms[0])
     if hint is Any:
         return
     if hint is bool and not isinstance(value, bool):

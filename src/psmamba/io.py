@@ -264,6 +264,13 @@ def _integer_labels(data: np.ndarray, what: str, p) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- reading
+def check_scalar_dtype(dtype: Any, name: str) -> None:
+    """Voxels of one real number each (not complex, not an RGB record), else a one-line error."""
+    if np.dtype(dtype).kind not in "biuf":
+        raise PsmambaError(f"{name}: voxels of type {dtype} are not one real number each "
+                           "(complex or RGB): convert it to a scalar image first")
+
+
 def load_image(path, what: str = "image") -> Image:
     """Read a 3-D volume.
 
@@ -282,9 +289,7 @@ def load_image(path, what: str = "image") -> Image:
     data = _squeeze_to(data, 3)
     if data.ndim != 3:
         raise PsmambaError(f"{what} {p}: expected a 3-D volume, got shape {tuple(data.shape)}")
-    if data.dtype.kind not in "biuf":  # complex or RGB voxels: a numpy error deep inside before
-        raise PsmambaError(f"{what} {p}: voxels of type {data.dtype} are not one real number each "
-                           "(complex or RGB): convert it to a scalar image first")
+    check_scalar_dtype(data.dtype, f"{what} {p}")  # complex or RGB voxels: a numpy error deep inside before
     _check_finite(data, what, p)
     return Image(data=data, affine=np.asarray(img.affine, dtype=np.float64), header=img.header, path=p)
 

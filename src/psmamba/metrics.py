@@ -185,8 +185,9 @@ def _det_of(ddf, det) -> np.ndarray:
     if det is None:
         return jacobian_determinant(ddf)
     det = np.asarray(det)
-    if ddf is not None:
-        grid = _field(ddf).shape[1:]
+    if ddf is not None:  # the grid only: a NaN field shows in its det (no second pass over the field)
+        shape = np.shape(ddf)
+        grid = tuple(shape[-3:]) if len(shape) in (4, 5) else None
         if det.shape != grid:
             raise PsmambaError(f"det has shape {det.shape}, but the field's grid is {grid}")
     if not np.isfinite(det).all():

@@ -186,7 +186,7 @@ def reproduce(
         PsmambaError: a bad method name, a missing config, a bad override, ... before anything
             is trained (every config is resolved first).
     """
-    from psmamba.config import apply_overrides, config_from_dict, read_yaml
+    from psmamba.config import apply_overrides, config_from_dict, parse_override, read_yaml
 
     t0 = time.perf_counter()
     say = progress or (lambda msg: None)
@@ -205,7 +205,7 @@ def reproduce(
     if out.exists() and not out.is_dir():
         raise PsmambaError(f"--out {out} exists and is not a folder")
     for text in overrides:
-        if str(text).split("=", 1)[0].strip() in ("run.out", "run.device"):
+        if ".".join(parse_override(str(text))[0]) in ("run.out", "run.device"):
             raise PsmambaError(f"--set {text}: reproduce puts each method's run in --out/<method>/train on --device; "
                                "use those flags")
     from psmamba.engine.distributed import resolve_device
