@@ -323,6 +323,20 @@ def test_failure_while_writing_leaves_nothing(blob_pair, tmp_path, monkeypatch):
     assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
 
 
+def test_failure_of_one_threaded_writer_leaves_nothing(blob_pair, tmp_path, monkeypatch):
+    """The NIfTI files are written side by side in threads: one failing still fails the call
+    with its own error, after the others finished, and leaves no file or staging folder."""
+    import psmamba.io
+
+    def boom(*args, **kwargs):
+        raise PsmambaError("ddf.nii.gz: disk full")
+
+    monkeypatch.setattr(psmamba.io, "save_ddf", boom)
+    with pytest.raises(PsmambaError, match="disk full"):
+        register_pair(blob_pair["fixed"], blob_pair["moving"], iters=3, device="cpu", out_dir=tmp_path / "out")
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+
+
 def test_sigterm_leaves_no_staging_folder_and_exits_143(blob_pair, tmp_path, monkeypatch, capsys):
     """A scheduler's SIGTERM mid-registration: the staged outputs go as on Ctrl-C (a hidden
     ``.out.tmp-*`` folder stayed before), exit status 143, the old handler back afterwards."""
