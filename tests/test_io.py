@@ -305,3 +305,18 @@ def test_complex_and_rgb_files_are_not_scalar_images(tmp_path):
         for read in (lambda p: load_image(p, "fixed image"), lambda p: check_volume_file(p, "fixed image")):
             with pytest.raises(PsmambaError, match=f"{name}: voxels of type .* are not one real number each"):
                 read(tmp_path / name)
+
+
+@pytest.mark.parametrize("call", [
+    lambda tmp: load_image(5, "fixed image"),
+    lambda tmp: load_labels(None),
+    lambda tmp: save_image(3, np.zeros((4, 4, 4), np.float32), np.eye(4)),
+    lambda tmp: save_image(tmp / "a.nii.gz", np.zeros((4, 4, 4), np.float32), "eye"),
+    lambda tmp: save_ddf(tmp / "d.nii.gz", np.zeros((3, 4, 4, 4), np.float32), [[1, 2], [3]]),
+])
+def test_a_path_or_affine_of_the_wrong_type_is_named(tmp_path, call):
+    """Not a path (None, a number) or an affine that is not numbers: one PsmambaError naming
+    it (a TypeError/ValueError from pathlib or numpy before), and nothing written."""
+    with pytest.raises(PsmambaError, match="file path|affine for"):
+        call(tmp_path)
+    assert list(tmp_path.iterdir()) == []

@@ -287,3 +287,11 @@ def test_nan_fields_and_det_of_another_grid_are_refused():
     lab[2:5] = 1
     with pytest.raises(PsmambaError, match="labels must be a list of label codes"):  # read as 1 and 2 before
         dice(lab, lab, labels="12")
+
+
+@pytest.mark.parametrize("spacing", ["x", [[1, 2], [3]], None])
+def test_hd95_spacing_that_is_not_numbers_is_named(spacing):
+    a = np.zeros((6, 6, 6), np.int32)
+    a[2:4, 2:4, 2:4] = 1
+    with pytest.raises(PsmambaError, match="spacing must be 3 positive numbers"):
+        hd95(a, a, spacing=spacing)

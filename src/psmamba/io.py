@@ -201,7 +201,7 @@ def check_file(p: Path, what: str) -> str:
 
 def _read(path, what: str) -> tuple[Any, np.ndarray, Path]:
     """Open ``path`` with nibabel and read its voxels; any failure -> one-line PsmambaError."""
-    p = Path(path)
+    p = _as_path(path, what)
     suffix = check_file(p, what)
     try:
         if suffix in (".hdr", ".img", ".hdr.gz", ".img.gz"):
@@ -351,7 +351,10 @@ def _volume(data, name: str, p: Path) -> np.ndarray:
 
 
 def _affine(affine, p: Path) -> np.ndarray:
-    a = np.asarray(_to_numpy(affine, "affine"), dtype=np.float64)
+    try:
+        a = np.asarray(_to_numpy(affine, "affine"), dtype=np.float64)
+    except (TypeError, ValueError):
+        raise PsmambaError(f"affine for {p}: must be a finite 4x4 matrix of numbers, got {type(affine).__name__}") from None
     if a.shape != (4, 4) or not np.all(np.isfinite(a)):
         raise PsmambaError(f"affine for {p}: must be a finite 4x4 matrix, got shape {a.shape}")
     if abs(np.linalg.det(a[:3, :3])) < 1e-12:
@@ -359,8 +362,15 @@ def _affine(affine, p: Path) -> np.ndarray:
     return a
 
 
+def _as_path(path, what: str) -> Path:
+    """``path`` as a Path; anything else (None, a number, an array) named in one line."""
+    if not isinstance(path, (str, os.PathLike)) or isinstance(path, bytes):
+        raise PsmambaError(f"{what}: expected a file path, got {type(path).__name__}")
+    return Path(path)
+
+
 def _destination(path) -> tuple[Path, str]:
-    p = Path(path)
+    p = _as_path(path, "output")
     suffix = _suffix(p)
     if not suffix:
         raise PsmambaError(f"output {p}: unsupported file type (expected one of {', '.join(SUFFIXES)})")
@@ -436,7 +446,7 @@ def save_image(path, data, affine, header=None) -> Path:
     Returns:
         The path written. Raises PsmambaError on bad input or when the file cannot be written.
     """
-    p = Path(path)
+    p = _as_path(path, "output")
     arr = _volume(data, "image", p)
     if arr.dtype == bool:
         arr = arr.astype(np.uint8)
@@ -462,7 +472,7 @@ def save_labels(path, labels, affine, header=None) -> Path:
         affine: ``(4, 4)``, normally the fixed image's.
         header: optional template header.
     """
-    p = Path(path)
+    p = _as_path(path, "output")
     arr = _integer_labels(_volume(labels, "labels", p), "labels for", p)
     return _atomic_save(_build(np.ascontiguousarray(arr), _affine(affine, p), header), p)
 
@@ -479,7 +489,7 @@ def save_ddf(path, ddf, affine) -> Path:
     """
     from psmamba.spatial import ddf_to_l2r
 
-    p = Path(path)
+    p = _as_path(path, "output")
     arr = _to_numpy(ddf, "ddf")
     if arr.ndim not in (4, 5) or arr.shape[-4] != 3 or (arr.ndim == 5 and arr.shape[0] != 1):
         raise PsmambaError(f"ddf for {p}: expected shape (1, 3, D, H, W) or (3, D, H, W), got {tuple(arr.shape)}")

@@ -297,7 +297,10 @@ def sdlogj_l2r(ddf, det: np.ndarray | None = None) -> float:
 
 
 def _spacing3(spacing) -> tuple[float, float, float]:
-    s = np.asarray(_to_numpy(spacing, "spacing"), dtype=np.float64).ravel()
+    try:
+        s = np.asarray(_to_numpy(spacing, "spacing"), dtype=np.float64).ravel()
+    except (TypeError, ValueError):
+        s = np.empty(0)  # text or nested lists: refused below
     if s.size == 1:
         s = np.repeat(s, 3)
     if s.size != 3 or not np.all(np.isfinite(s)) or np.any(s <= 0):
