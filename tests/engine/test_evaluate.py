@@ -250,3 +250,45 @@ def test_evaluate_method_honours_model_size_for_the_shipped_network():
     assert pipe.method.stages[0].grid == (32, 48, 32)
     pipe, _ = _method(argparse.Namespace(**base, model_size=None))
     assert pipe.method.stages[0].grid == (48, 64, 48)  # its training grid
+
+
+def test_a_config_that_draws_another_split_than_the_checkpoint_is_refused(tmp_path, capsys):
+    """``train --seed 1`` then ``evaluate --config`` (a YAML that says seed 0): the YAML's test
+    split held subjects the network trained on, and they were scored as test pairs in silence."""
+    import dataclasses
+
+    import yaml
+
+    from psmamba.config import TrainConfig, config_to_dict
+    from psmamba.engine.evaluate import trained_on
+    from psmamba.models import build_model, save_checkpoint
+
+    root = tmp_path / "six"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(1, 7):
+        lab = np.zeros((S, S, S), np.int16)
+        lab[2:9, 3:10, 2 + i % 3:9] = 1
+        _save(root / f"case{i}.nii.gz", (lab * 100 + rng.normal(0, 1, lab.shape)).astype(np.float32))
+        _save(root / f"case{i}_seg.nii.gz", lab)
+    base = TrainConfig()
+    data = dataclasses.replace(base.data, source="folder", root=str(root), val_fraction=0.0,
+                               options={"pipeline": "minmax", "test": 0.34})
+
+    def config(seed):
+        return config_to_dict(dataclasses.replace(base, data=data, run=dataclasses.replace(base.run, seed=seed)))
+
+    assert trained_on(config(0), config(0)) == []
+    seen = trained_on(config(0), config(1))
+    assert seen and set(seen) <= {f"case{i}" for i in range(1, 7)}
+    yaml_path = tmp_path / "tr.yaml"
+    yaml_path.write_text(yaml.safe_dump(config(0)))
+    torch.manual_seed(0)
+    ckpt = save_checkpoint(tmp_path / "best.pt", build_model("baseline_conv", channels=1, mamba_backend="reference"),
+                           train_summary={"config": config(1)})
+    out = tmp_path / "r.csv"
+    code = main(["evaluate", "--config", str(yaml_path), "--checkpoint", str(ckpt), "--device", "cpu",
+                 "--no-hd95", "--out", str(out), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and "trained or validated on" in err and "run.seed 0" in err and seen[0] in err
+    assert len(err.strip().splitlines()) == 1 and not out.exists()

@@ -185,6 +185,7 @@ def run(args: argparse.Namespace) -> int:
         pairs = demo_pairs(size=args.demo_size or "small", split=args.split)
     elif args.config:
         pairs = split_pairs(args.config, split=args.split)
+        _check_not_trained_on(args, ckpt)
     else:
         from psmamba.engine.methods import train_config_of
 
@@ -201,3 +202,25 @@ def run(args: argparse.Namespace) -> int:
     print(format_summary_table([result.summary()]))
     print(f"wrote {', '.join(str(p) for p in written)}")
     return 0
+
+
+def _check_not_trained_on(args, ckpt) -> None:
+    """--config with --checkpoint: refuse a split that holds volumes the network trained on."""
+    from psmamba.engine.evaluate import _train_config, trained_on
+    from psmamba.engine.methods import train_config_of
+    from psmamba.errors import PsmambaError
+
+    theirs = train_config_of(ckpt)
+    if theirs is None:
+        return
+    seen = trained_on(args.config, theirs, args.split)
+    if seen:
+        ours, them = _train_config(args.config), _train_config(theirs)
+        why = (f" (its run.seed {ours.run.seed}, the checkpoint's {them.run.seed})"
+               if ours.run.seed != them.run.seed else "")
+        listed = ", ".join(seen[:3]) + (f" and {len(seen) - 3} more" if len(seen) > 3 else "")
+        raise PsmambaError(
+            f"--config {args.config}: its {args.split!r} split holds {len(seen)} volume(s) that --checkpoint "
+            f"{args.checkpoint} was trained or validated on ({listed}): the config draws the split "
+            f"differently{why}; evaluate with --checkpoint alone (its own split) or make the config match")
+

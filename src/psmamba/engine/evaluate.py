@@ -244,16 +244,7 @@ def split_pairs(config: Any, split: str = "test") -> LazyPairs:
             checkpoints), or the path of a YAML config.
         split: ``"test"`` (default), ``"val"``, ``"train"`` (``"test_hard"`` for the demo).
     """
-    from psmamba.config import TrainConfig, config_from_dict, load_train_config
-
-    if isinstance(config, (str, os.PathLike)):
-        cfg = load_train_config(config)
-    elif isinstance(config, Mapping):
-        cfg = config_from_dict(dict(config), "checkpoint config")
-    elif isinstance(config, TrainConfig):
-        cfg = config
-    else:
-        raise PsmambaError(f"expected a training config, got {type(config).__name__}")
+    cfg = _train_config(config)
     d = cfg.data
     if d.source == "demo":
         from psmamba.data.demo import build_demo
@@ -275,6 +266,45 @@ def split_pairs(config: Any, split: str = "test") -> LazyPairs:
     if not len(ds):
         raise PsmambaError(f"{root}: the {split!r} split holds no pairs")
     return LazyPairs(ds, f"{root} {split}")
+
+
+def _train_config(config: Any):
+    from psmamba.config import TrainConfig, config_from_dict, load_train_config
+
+    if isinstance(config, (str, os.PathLike)):
+        return load_train_config(config)
+    if isinstance(config, Mapping):
+        return config_from_dict(dict(config), "checkpoint config")
+    if isinstance(config, TrainConfig):
+        return config
+    raise PsmambaError(f"expected a training config, got {type(config).__name__}")
+
+
+def trained_on(config: Any, checkpoint_config: Any, split: str = "test") -> list[str]:
+    """The volumes of ``split``, as ``config`` draws it, that a network trained with
+    ``checkpoint_config`` saw in its own ``train`` or ``val`` part (sorted ids; ``[]`` when the
+    two configurations read different data sets, or the demo, whose splits are fixed).
+
+    Two configurations of one data folder draw different splits when their ``run.seed``,
+    ``data.val_fraction`` or ``data.options`` differ (``psmamba train --seed 1`` and a YAML
+    that says 0): scoring such a split would score training subjects as test pairs.
+    """
+    from psmamba.data.training import open_file_source
+
+    a, b = _train_config(config), _train_config(checkpoint_config)
+    if a.data.source != b.data.source or a.data.source in ("demo", "synth", "pretrain"):
+        return []
+    root_a = Path(str(a.data.root)).expanduser().resolve()
+    root_b = Path(str(b.data.root)).expanduser().resolve()
+    if root_a != root_b:
+        return []
+    _, splits_a, _ = open_file_source(a)
+    try:
+        _, splits_b, _ = open_file_source(b)
+    except PsmambaError:
+        return []  # the checkpoint's own options no longer read this folder: nothing to compare
+    seen = set(splits_b.get("train", [])) | set(splits_b.get("val", []))
+    return sorted(set(splits_a.get(split, [])) & seen)
 
 
 # --------------------------------------------------------------------------- evaluation
