@@ -543,3 +543,32 @@ def test_detect_layout_and_cli_inspect(tmp_path, capsys):
     assert "psmamba: error:" in capsys.readouterr().err
     assert main(["data", "inspect", str(tmp_path / "abd"), "--image-glob", "*.nii.gz"]) == 2
     assert "abdomen reader has no option 'image_glob'" in capsys.readouterr().err
+
+
+def test_label_glob_alone_and_a_label_glob_that_matches_nothing(tmp_path):
+    """``--label-glob`` without ``--image-glob`` was ignored (the label maps read as images, six
+    volumes without labels); one that matches nothing gave a data set without labels in silence."""
+    for i in range(1, 4):
+        _save(tmp_path / f"case{i}.nii.gz", _image(i))
+        _save(tmp_path / f"case{i}_gt.nii.gz", _labels([1, 2], i))
+    src = open_source(tmp_path, layout="folder", label_glob="*_gt.nii.gz")
+    assert src.ids == ["case1", "case2", "case3"] and all(v.has_labels for v in src.volumes)
+    assert [v.label_path.name for v in src.volumes] == [f"case{i}_gt.nii.gz" for i in range(1, 4)]
+    with pytest.raises(PsmambaError, match=r"no label maps match the label glob '\*_label.nii.gz'"):
+        open_source(tmp_path, layout="folder", label_glob="*_label.nii.gz")
+    with pytest.raises(PsmambaError, match="no label maps match"):
+        open_source(tmp_path, layout="folder", image_glob="case?.nii.gz", label_glob="seg/*.nii.gz")
+
+
+def test_a_subject_folder_linked_in_is_read(tmp_path):
+    """A symbolic link to a subject folder (data assembled from several disks): ``**`` globs
+    passed over it in silence (39 of 40 LPBA40 subjects, 'left out: nothing'); a link back up
+    the tree is entered once, not forever."""
+    make_lpba40(tmp_path / "a", n=3)
+    space = tmp_path / "a" / "LPBA40" / "delineation_space"
+    (space / "S03").rename(tmp_path / "S03_elsewhere")
+    (space / "S03").symlink_to(tmp_path / "S03_elsewhere", target_is_directory=True)
+    (space / "S01" / "loop").symlink_to(space, target_is_directory=True)
+    src = open_source(tmp_path / "a", layout="lpba40")
+    assert src.ids == ["S01", "S02", "S03"]
+    assert src.volumes[2].image_path.parent == space / "S03" and src.skipped == []

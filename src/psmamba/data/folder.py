@@ -2,7 +2,7 @@
 
 Folder matching (:func:`read_folder`):
 
-* with ``image_glob`` (and optionally ``label_glob``): the texts matched by the wildcards
+* with ``image_glob`` and/or ``label_glob`` (alone, every other image file is an image): the texts matched by the wildcards
   (``*``, ``?``, ``**/``) of each glob, joined by ``/`` and without the file extension, are the
   volume id; an image
   and a label map with the same id belong together. Example: ``image_glob="img/*_t1.nii.gz"``,
@@ -142,10 +142,17 @@ def read_folder(
         else:
             table[vid] = p
 
+    if label_glob is not None and image_glob is None:
+        # label maps named by a glob, images not: every other image file (the label glob was
+        # ignored before, and the label maps read as images)
+        image_glob = "**/*"
+        notes.append(f"images: every image file not matching {label_glob!r}")
     if image_glob is not None:
         label_files: list[Path] = []
         if label_glob is not None:
             label_files = find_files(root, _as_list(label_glob), skipped)
+            if not label_files:  # a typo gave a data set without labels, in silence
+                raise PsmambaError(f"{root}: no label maps match the label glob {label_glob!r}")
             rxs = [glob_to_regex(g) for g in _as_list(label_glob)]
             for p in label_files:
                 rel = p.relative_to(root).as_posix()

@@ -102,16 +102,53 @@ def find_files(root: Path, patterns: str | Sequence[str], skipped: list["Skipped
     return sorted(out)
 
 
-def _glob(root: Path, pattern: str):
-    """``root.glob(pattern)`` with a bad pattern as a one-line error naming it."""
+def _glob(root: Path, pattern: str) -> list[Path]:
+    """``root.glob(pattern)``, but ``**`` also enters symbolic links to folders (a subject
+    folder linked in from elsewhere was passed over in silence by pathlib before Python 3.13);
+    a link back to a folder above is entered once. A bad pattern: a one-line error naming it."""
+    from fnmatch import fnmatchcase
+
     from psmamba.errors import PsmambaError
 
     if Path(pattern).is_absolute():
         raise PsmambaError(f"file pattern {pattern!r}: must be relative to the data folder {root}")
-    try:
-        return list(root.glob(pattern))
-    except (ValueError, NotImplementedError) as exc:
-        raise PsmambaError(f"file pattern {pattern!r}: {exc}") from None
+    parts = [s for s in pattern.split("/") if s not in ("", ".")]
+    if not parts:
+        raise PsmambaError(f"file pattern {pattern!r}: empty")
+    if any("**" in s and s != "**" for s in parts):
+        raise PsmambaError(f"file pattern {pattern!r}: '**' can only be a whole path component")
+    found: set[Path] = set()
+
+    def entries(d: Path):
+        try:
+            with os.scandir(d) as it:
+                return sorted(((e.name, e.is_dir()) for e in it), key=lambda x: x[0])
+        except OSError:  # unreadable folder: nothing in it, as pathlib
+            return []
+
+    def walk(d: Path, i: int, above: frozenset) -> None:
+        seg = parts[i]
+        if seg == "**":
+            if i + 1 < len(parts):
+                walk(d, i + 1, above)  # no folder at all
+            for name, is_dir in entries(d):
+                if is_dir:
+                    real = os.path.realpath(d / name)
+                    if real not in above:
+                        walk(d / name, i, above | {real})
+            return
+        for name, is_dir in entries(d):
+            if not fnmatchcase(name, seg):
+                continue
+            if i + 1 == len(parts):
+                found.add(d / name)
+            elif is_dir:
+                real = os.path.realpath(d / name)
+                if real not in above:
+                    walk(d / name, i + 1, above | {real})
+
+    walk(root, 0, frozenset({os.path.realpath(root)}))
+    return sorted(found)
 
 
 @dataclass
@@ -302,7 +339,7 @@ def detect_layout(path: str | os.PathLike) -> str:
 
     if subset_name(p.name) or any(c.is_dir() and subset_name(c.name) for c in p.iterdir()):
         return "mindboggle"
-    if next(p.glob("**/*.delineation.skullstripped.*"), None) is not None:
+    if _glob(p, "**/*.delineation.skullstripped.*"):
         return "lpba40"
     if any(next(p.glob(g), None) is not None for g in ("*.pkl", "*.pickle", "*/*.pkl", "*/*.pickle")) and not any(
             image_ext(f.name) for f in p.rglob("*") if f.is_file()):
