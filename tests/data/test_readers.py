@@ -304,7 +304,9 @@ def test_pickles_in_split_folders(tmp_path):
     assert len(src) == 7 and src.skipped == [], src.summary()
     assert src.splits == {"train": ["Train/subject_0", "Train/subject_1", "Train/subject_2"],
                           "val": ["Val/subject_0"], "test": ["Test/subject_0", "Test/subject_1"]}
-    assert "atlas" in src.ids  # beside the split folders: in no split
+    assert "atlas" in src.ids  # beside the split folders: in no split, and said so
+    assert src.not_in_splits() == ["atlas"] and "in no published split" in src.summary()
+    assert src.left_out_report() == ["1 volume(s) in no split, unused: atlas"]
     assert src.make_splits(val=1) == {k: src.splits[k] for k in ("train", "val", "test")}  # all published
     # Train/ and Val/ only: the published val validates, test subjects come from Train/ (seeded)
     import shutil

@@ -292,3 +292,29 @@ def test_a_config_that_draws_another_split_than_the_checkpoint_is_refused(tmp_pa
     err = capsys.readouterr().err
     assert code == 2 and "trained or validated on" in err and "run.seed 0" in err and seen[0] in err
     assert len(err.strip().splitlines()) == 1 and not out.exists()
+
+
+def test_evaluate_config_says_what_the_reader_left_out(tmp_path, capsys):
+    """A run on a data folder prints what it will not use (it was silent: only `data inspect` said)."""
+    import dataclasses
+
+    import yaml
+
+    from psmamba.config import TrainConfig, config_to_dict
+
+    root = tmp_path / "d"
+    root.mkdir()
+    for i in range(1, 7):
+        lab = np.zeros((S, S, S), np.int16)
+        lab[2:9, 3:10, 2 + i % 3:9] = 1
+        _save(root / f"case{i}.nii.gz", (lab * 100.0).astype(np.float32))
+        _save(root / f"case{i}_seg.nii.gz", lab)
+    (root / "case6.nii.gz").unlink()  # an orphaned label map
+    base = TrainConfig()
+    cfg = dataclasses.replace(base, data=dataclasses.replace(
+        base.data, source="folder", root=str(root), val_fraction=0.0, options={"pipeline": "minmax", "test": 0.4}))
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config_to_dict(cfg)))
+    assert main(["evaluate", "--config", str(tmp_path / "c.yaml"), "--identity", "--no-hd95",
+                 "--out", str(tmp_path / "r.csv"), "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert "not used:" in err and "case6_seg.nii.gz: label map without an image" in err

@@ -292,6 +292,25 @@ class SourceData:
                            use_cache=use_cache)
 
     # ------------------------------------------------------------------ report
+    def not_in_splits(self, splits: dict[str, list[str]] | None = None) -> list[str]:
+        """Ids of the volumes that no part of ``splits`` holds (default: the published split;
+        ``[]`` when there is none): read, but used by neither training nor evaluation."""
+        parts = self.splits if splits is None else splits
+        used = {i for ids in parts.values() for i in ids}
+        return [] if not used else [i for i in self.ids if i not in used]
+
+    def left_out_report(self, splits: dict[str, list[str]] | None = None, most: int = 10) -> list[str]:
+        """What a run on this source will not use, one line each (at most ``most``, then a
+        count): the files the reader left out with the reason, and the volumes in no split."""
+        lines = [str(s) for s in self.skipped]
+        unused = self.not_in_splits(splits)
+        if unused:
+            lines.append(f"{len(unused)} volume(s) in no split, unused: {', '.join(unused[:8])}"
+                         + (" ..." if len(unused) > 8 else ""))
+        if len(lines) > most:
+            lines = lines[:most] + [f"... and {len(lines) - most} more (psmamba data inspect {self.root} lists them)"]
+        return lines
+
     def summary(self) -> str:
         """Several lines: counts, splits, pair lists, label protocol, and everything left out."""
         lines = [f"{self.layout} source at {self.root}: {len(self.volumes)} volumes"
@@ -303,6 +322,10 @@ class SourceData:
         for name, prs in self.pairs.items():
             lines.append(f"listed pairs {name}: {len(prs)}")
         lines.extend(f"note: {n}" for n in self.notes)
+        unused = self.not_in_splits()
+        if unused:
+            lines.append(f"in no published split (unused by train and evaluate): {len(unused)} volumes: "
+                         + ", ".join(unused[:8]) + (" ..." if len(unused) > 8 else ""))
         if self.skipped:
             lines.append(f"left out: {len(self.skipped)}")
             lines.extend(f"  - {s}" for s in self.skipped)

@@ -245,6 +245,10 @@ def build_datasets(cfg: TrainConfig):
 
     src, splits, engine_opts = open_file_source(cfg)
     root = Path(str(d.root)).expanduser()
+    used = dict(splits)
+    if d.pairs == "atlas" and engine_opts.get("atlas") is not None:
+        used["atlas"] = [engine_opts["atlas"]]  # in no split, but used
+    report_left_out(src, used)
     pipeline = engine_opts.get("pipeline", "preset")
     cache_dir = engine_opts.get("cache_dir")
     parts = []
@@ -262,12 +266,25 @@ def build_datasets(cfg: TrainConfig):
                               labels=d.use_labels, pairs=pairs)
         parts.append(ds if len(ds) else None)
     train, val = parts
+    if train is None:  # before the validation warning, whose advice would not help
+        raise PsmambaError(f"data.root {root}: the training split holds no pairs ({len(splits.get('train', []))} volumes)")
     if val is None and d.val_fraction > 0:
         warnings.warn(f"data.root {root}: the validation split ({len(splits.get('val', []))} volumes) holds no pairs; "
                       "no validation, no best.pt (raise data.val_fraction)")
-    if train is None:
-        raise PsmambaError(f"data.root {root}: the training split holds no pairs ({len(splits.get('train', []))} volumes)")
     return train, val
+
+
+def report_left_out(src, splits: dict[str, list[str]], stream=None) -> None:
+    """Print to ``stream`` (stderr) what a run on ``src`` will not use: the files its reader
+    left out, with the reason, and volumes in no split (nothing when all are used)."""
+    import sys
+
+    lines = src.left_out_report(splits)
+    if lines:
+        out = sys.stderr if stream is None else stream
+        print(f"psmamba: note: {src.root}: not used:", file=out)
+        for line in lines:
+            print(f"  - {line}", file=out)
 
 
 def resize_datasets(cfg: TrainConfig, train, val):

@@ -259,6 +259,9 @@ def split_pairs(config: Any, split: str = "test") -> LazyPairs:
 
     root = Path(str(d.root)).expanduser()
     src, splits, engine_opts = open_file_source(cfg)
+    from psmamba.data.training import report_left_out
+
+    report_left_out(src, splits)
     if not splits.get(split):
         raise PsmambaError(f"{root}: the {split!r} split holds no volumes")
     ds = src.pair_dataset(split, splits=splits, pipeline=engine_opts.get("pipeline", "preset"),
