@@ -318,3 +318,34 @@ def test_evaluate_config_says_what_the_reader_left_out(tmp_path, capsys):
                  "--out", str(tmp_path / "r.csv"), "--quiet"]) == 0
     err = capsys.readouterr().err
     assert "not used:" in err and "case6_seg.nii.gz: label map without an image" in err
+
+
+def test_evaluate_config_checks_every_volume_before_the_first_pair(tmp_path, capsys):
+    """An unknown label code in one test subject failed at pair 3 of 90, after printing scores."""
+    import dataclasses
+
+    import yaml
+
+    from psmamba.config import TrainConfig, config_to_dict
+
+    root = tmp_path / "d"
+    root.mkdir()
+    for i in range(1, 7):
+        lab = np.zeros((S, S, S), np.int16)
+        lab[2:9, 3:10, 2 + i % 3:9] = 1
+        _save(root / f"case{i}.nii.gz", (lab * 100.0).astype(np.float32))
+        _save(root / f"case{i}_seg.nii.gz", lab)
+    base = TrainConfig()
+    cfg = dataclasses.replace(base, data=dataclasses.replace(
+        base.data, source="folder", root=str(root), val_fraction=0.0, options={"pipeline": "minmax", "test": 0.5}))
+    from psmamba.data.training import open_file_source
+
+    last = open_file_source(cfg)[1]["test"][-1]  # in the last pairs only: pair 1 scored before
+    _save(root / f"{last}_seg.nii.gz", np.zeros((S, S, S - 1), np.int16))
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config_to_dict(cfg)))
+    out = tmp_path / "r.csv"
+    assert main(["evaluate", "--config", str(tmp_path / "c.yaml"), "--identity", "--no-hd95",
+                 "--out", str(out)]) == 2
+    captured = capsys.readouterr()
+    assert "differs from image shape" in captured.err and f"{last}_seg" in captured.err and "[1/" not in captured.out + captured.err
+    assert not out.exists()

@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
 import torch
@@ -368,6 +369,25 @@ def test_unknown_key_fails_early_without_output(tmp_path, capsys, data_dir, cach
     cfg["optim"]["lrate"] = 1e-3
     path = write_yaml(tmp_path / "typo.yaml", cfg)
     _fails_cleanly(capsys, ["train", "--config", str(path), "--out", str(tmp_path / "out")], "optim.lrate", str(path))
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("damage, needle", [
+    ("shape", "differs from image shape"),
+    ("empty", "holds no label"),
+])
+def test_an_unusable_volume_fails_before_training_without_output(tmp_path, capsys, damage, needle):
+    """A label map of another shape (or one with no label) in the data: training ran steps, then
+    failed at that volume and left a folder that blocked the rerun; now nothing is written."""
+    root = make_folder(tmp_path / "scans")
+    bad = root / "sub5_seg.nii.gz"
+    lab = np.asarray(nib.load(str(bad)).dataobj)
+    lab = lab[:, :, :-2] if damage == "shape" else np.zeros_like(lab)
+    nib.save(nib.Nifti1Image(lab, np.diag([2.0, 2.0, 2.0, 1.0])), str(bad))
+    cfg = tiny_config(root, tmp_path / "cache", data={"val_fraction": 0.0, "options": {"cache_dir": str(tmp_path / "cache"), "test": 0.0}})
+    path = write_yaml(tmp_path / "c.yaml", cfg)
+    err = _fails_cleanly(capsys, ["train", "--config", str(path), "--out", str(tmp_path / "out")], needle)
+    assert "sub5_seg" in err
     assert not (tmp_path / "out").exists()
 
 

@@ -264,6 +264,7 @@ def build_datasets(cfg: TrainConfig):
             pairs = atlas_pairs(atlas, ids, engine_opts.get("atlas_direction", "to_atlas"))
         ds = src.pair_dataset(split, splits=splits, pipeline=pipeline, cache_dir=cache_dir,
                               labels=d.use_labels, pairs=pairs)
+        prepare_before_use(ds)
         parts.append(ds if len(ds) else None)
     train, val = parts
     if train is None:  # before the validation warning, whose advice would not help
@@ -272,6 +273,25 @@ def build_datasets(cfg: TrainConfig):
         warnings.warn(f"data.root {root}: the validation split ({len(splits.get('val', []))} volumes) holds no pairs; "
                       "no validation, no best.pt (raise data.val_fraction)")
     return train, val
+
+
+def prepare_before_use(ds) -> None:
+    """Read, check and cache every volume of a pair data set before a run starts: a broken
+    file, a label map of another shape or an unknown label code fails here, before any output
+    is written, not after hours of training or scoring (each volume is read once either way:
+    later reads come from the cache)."""
+    import sys
+
+    used = list(dict.fromkeys(v for pair in ds.pairs for v in pair))
+    if sys.stderr.isatty() and len(used) > 4:
+        from tqdm import tqdm
+
+        used = tqdm(used, desc="checking volumes", unit="vol")
+    for vid in used:
+        vol = ds.volume(vid)
+        if ds.labels and vol.labels is not None and not vol.labels.any():  # Dice refuses it later
+            where = getattr(ds.volumes[vid], "label_path", None) or vid
+            raise PsmambaError(f"{where}: the label map holds no label (every voxel is 0)")
 
 
 def report_left_out(src, splits: dict[str, list[str]], stream=None) -> None:

@@ -268,6 +268,9 @@ def split_pairs(config: Any, split: str = "test") -> LazyPairs:
                           cache_dir=engine_opts.get("cache_dir"), labels=True)
     if not len(ds):
         raise PsmambaError(f"{root}: the {split!r} split holds no pairs")
+    from psmamba.data.training import prepare_before_use
+
+    prepare_before_use(ds)  # an unusable volume fails before the first pair, not at pair 3 of 90
     return LazyPairs(ds, f"{root} {split}")
 
 
