@@ -574,3 +574,24 @@ def test_a_subject_folder_linked_in_is_read(tmp_path):
     src = open_source(tmp_path / "a", layout="lpba40")
     assert src.ids == ["S01", "S02", "S03"]
     assert src.volumes[2].image_path.parent == space / "S03" and src.skipped == []
+
+
+def test_a_detected_layout_names_the_other_data_set_it_passes_over(tmp_path):
+    """One stray NIfTI beside Train/ Val/ Test/ pickles read the folder as one volume, and a
+    Mindboggle subset folder beside LPBA40's subjects hid all of them, with 'left out: nothing'."""
+    for folder in ("Train", "Test"):
+        for i in range(2):
+            (tmp_path / "pk" / folder).mkdir(parents=True, exist_ok=True)
+            with (tmp_path / "pk" / folder / f"s{i}.pkl").open("wb") as f:
+                pickle.dump((_image(i), _labels([1, 2], i)), f)
+    _save(tmp_path / "pk" / "atlas.nii.gz", _image(9))
+    src = open_source(tmp_path / "pk")
+    assert src.layout == "folder" and len(src.volumes) == 1
+    assert any("pickle(s)" in s.reason and "--layout pickle" in s.reason for s in src.skipped), src.summary()
+    assert open_source(tmp_path / "pk", layout="pickle").skipped == []  # asked for: nothing to say
+    make_lpba40(tmp_path / "mix", n=2)
+    make_mindboggle(tmp_path / "mb", per_subset=1, extra_subset=False)
+    next((tmp_path / "mb").iterdir()).rename(tmp_path / "mix" / "NKI-RS-22_volumes")
+    src = open_source(tmp_path / "mix")
+    assert src.layout == "mindboggle"
+    assert any("2 LPBA40 image(s)" in s.reason and "--layout lpba40" in s.reason for s in src.skipped), src.summary()

@@ -378,6 +378,7 @@ def open_source(path: str | os.PathLike, layout: str | None = None, **options: A
     :func:`psmamba.data.abdomen.read_abdomen`, :func:`psmamba.data.pickles.read_pickles`,
     :func:`psmamba.data.folder.read_folder`, :func:`psmamba.data.folder.read_manifest`.
     """
+    detected = layout is None
     layout = (layout or detect_layout(path)).lower()
     if layout == "lpba40":
         from psmamba.data.lpba40 import read_lpba40 as reader
@@ -399,7 +400,38 @@ def open_source(path: str | os.PathLike, layout: str | None = None, **options: A
     for name in options:
         if name not in accepted:
             raise PsmambaError(f"the {layout} reader has no option {name!r}; it takes {', '.join(accepted)}")
-    return reader(path, **options)
+    src = reader(path, **options)
+    if detected and Path(path).is_dir():
+        src.skipped.extend(_other_layouts(Path(path), layout))
+    return src
+
+
+def _other_layouts(p: Path, chosen: str) -> list["Skipped"]:
+    """What a detected layout passes over in a folder that also holds another data set's files
+    (one stray NIfTI beside Train/ Val/ Test/ pickles made them a 'folder' of one volume; a
+    Mindboggle subset folder beside LPBA40's subjects hid all forty), as left-out entries."""
+    from psmamba.data.mindboggle import subset_name
+
+    found: list[Skipped] = []
+    if chosen != "mindboggle":
+        subsets = [c.name for c in sorted(p.iterdir()) if c.is_dir() and subset_name(c.name)]
+        if subsets:
+            found.append(Skipped(f"{p}/{subsets[0]}" + (f" (+{len(subsets) - 1} more)" if len(subsets) > 1 else ""),
+                                 f"Mindboggle subset folder, not read: this folder was read as {chosen}; "
+                                 "give --layout mindboggle to read that"))
+    if chosen != "lpba40":
+        lpba = find_files(p, "**/*.delineation.skullstripped.*")  # an Analyze pair counts once
+        if lpba:
+            found.append(Skipped(str(lpba[0].parent.parent), f"{len(lpba)} LPBA40 image(s) ({lpba[0].name}, ...), not "
+                                 f"read: this folder was read as {chosen}; give --layout lpba40 to read them"))
+    if chosen != "pickle":
+        pickles = [f for g in ("*.pkl", "*.pickle", "*/*.pkl", "*/*.pickle") for f in p.glob(g)
+                   if f.is_file() and not f.name.startswith("._")]
+        if pickles:
+            found.append(Skipped(str(pickles[0].parent), f"{len(pickles)} pickle(s) ({pickles[0].name}, ...), not read: "
+                                 f"this folder holds image files too, so it was read as {chosen}; give --layout "
+                                 "pickle to read the pickles"))
+    return found
 
 
 def subject_number(text: str) -> int | None:
