@@ -595,3 +595,26 @@ def test_a_detected_layout_names_the_other_data_set_it_passes_over(tmp_path):
     src = open_source(tmp_path / "mix")
     assert src.layout == "mindboggle"
     assert any("2 LPBA40 image(s)" in s.reason and "--layout lpba40" in s.reason for s in src.skipped), src.summary()
+
+
+def test_one_persons_scans_stay_in_one_split(tmp_path):
+    """Per-person sub-folders whose file names recur (neurite-OASIS: OAS1_0001/aligned_norm,
+    aligned_orig) and BIDS sub-<label> files: every file was its own subject, so one person's
+    scans could fall in both the training and the test part."""
+    for i in range(1, 5):
+        for name in ("aligned_norm", "aligned_orig"):
+            _save(tmp_path / "oasis" / f"OASIS_OAS1_000{i}_MR1" / f"{name}.nii.gz", _image(10 * i + len(name)))
+        for name in ("sub-0{i}_T1w", "sub-0{i}_desc-brain_T1w"):
+            _save(tmp_path / "bids" / f"sub-0{i}" / "anat" / f"{name.format(i=i)}.nii.gz", _image(i))
+    for folder, n_subjects in (("oasis", 4), ("bids", 4)):
+        src = open_source(tmp_path / folder, layout="folder")
+        assert len(src.volumes) == 8 and len({v.subject for v in src.volumes}) == n_subjects, src.summary()
+        assert any(n.startswith("subjects:") for n in src.notes)
+        for seed in range(5):
+            parts = src.make_splits(val=0, test=0.5, seed=seed)
+            by_id = {v.id: v.subject for v in src.volumes}
+            train, test = ({by_id[v] for v in parts[k]} for k in ("train", "test"))
+            assert train and test and not train & test, (seed, parts)
+    # file names that do not recur: each file its own subject, as before
+    src = open_source(tmp_path / "oasis", layout="folder", image_glob="*/aligned_norm.nii.gz")
+    assert len({v.subject for v in src.volumes}) == 4

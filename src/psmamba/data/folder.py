@@ -203,13 +203,14 @@ def read_folder(
         except re.error as exc:
             raise PsmambaError(f"subject pattern {subject_pattern!r}: not a regular expression ({exc})") from None
 
+    subject_of = {} if subject_pattern else _default_subjects(list(images), notes)
     volumes: list[FileVolumeRef] = []
     for vid in sorted(images, key=_natural_key):
         lab = labels.pop(vid, None)
         if lab is None and require_labels:
             skipped.append(Skipped(str(images[vid]), f"no label map with id {vid}"))
             continue
-        subject = vid
+        subject = subject_of.get(vid, vid)
         if subject_pattern:
             m = subject_rx.search(vid)
             subject = m.group(1) if m and m.groups() else (m.group(0) if m else vid)
@@ -221,6 +222,33 @@ def read_folder(
         notes.append(f"{len(volumes) - n_lab} of {len(volumes)} images have no label map")
     return SourceData(layout="folder", root=root, volumes=volumes, label_map=label_map,
                       skipped=skipped, notes=notes, preprocessing=preprocessing)
+
+
+_BIDS_SUBJECT = re.compile(r"(?:^|/)(sub-[A-Za-z0-9]+)(?:/|_|$)")
+
+
+def _default_subjects(ids: list[str], notes: list[str]) -> dict[str, str]:
+    """Whose scans are these, when no ``subject_pattern`` says: a BIDS ``sub-<label>`` in the
+    id; else, when the same file names recur in several sub-folders (``OAS1_0001/aligned_norm``,
+    ``OAS1_0002/aligned_norm``: one folder per person), the sub-folder. Without this every file
+    was its own subject, and one person's scans could fall in both the training and test parts."""
+    out: dict[str, str] = {}
+    bids = {vid: m.group(1) for vid in ids if (m := _BIDS_SUBJECT.search(vid))}
+    if bids:
+        out.update(bids)
+        if len(set(bids.values())) < len(bids):
+            notes.append("subjects: the BIDS sub-<label> of each file (several scans of one subject stay in one split)")
+    rest = [vid for vid in ids if vid not in out and "/" in vid]
+    folders: dict[str, set[str]] = {}
+    for vid in rest:
+        folder, name = vid.rsplit("/", 1)
+        folders.setdefault(name, set()).add(folder)
+    if any(len(f) > 1 for f in folders.values()):  # names recur across folders: per-person folders
+        out.update({vid: vid.rsplit("/", 1)[0] for vid in rest})
+        if len({out[v] for v in rest}) < len(rest):
+            notes.append("subjects: the sub-folder of each file (the same file names recur in several "
+                         "sub-folders: one folder per subject); subject_pattern sets it otherwise")
+    return out
 
 
 def _mask_last(p: Path) -> tuple[bool, str]:
