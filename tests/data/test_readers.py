@@ -273,6 +273,32 @@ def test_abdomen_missing_json_entry(tmp_path):
         open_source(tmp_path)
 
 
+def test_abdomen_json_errors_name_their_cause(tmp_path):
+    """A listed pair whose volume was left out said only 'not a usable training volume'; the
+    real cause (backslash paths, no 'label' key) was hidden. Entries without a 'label' key now
+    take labelsTr/'s file of the same name; a pair of a volume with itself is refused."""
+    make_abdomen(tmp_path, n=3, val_pairs=((2, 3),))
+    path = tmp_path / "AbdomenCTCT_dataset.json"
+    info = json.loads(path.read_text())
+    for item in info["training"]:
+        del item["label"]
+    path.write_text(json.dumps(info))
+    src = open_source(tmp_path)
+    assert len(src) == 3 and all(v.has_labels for v in src.volumes) and src.skipped == []
+    info["training"][1]["image"] = "imagesTr\\AbdomenCTCT_0002_0000.nii.gz"  # written on Windows: read
+    path.write_text(json.dumps(info))
+    assert len(open_source(tmp_path)) == 3
+    (tmp_path / "imagesTr" / "AbdomenCTCT_0002_0000.nii.gz").unlink()
+    with pytest.raises(PsmambaError, match=r"registration_val\[0\] moving .* \(.*not on disk\)"):
+        open_source(tmp_path)
+    info = json.loads(path.read_text())
+    info["training"] = info["training"][:1] + info["training"][2:]
+    info["registration_val"] = [{"fixed": info["training"][0]["image"], "moving": info["training"][0]["image"]}]
+    path.write_text(json.dumps(info))
+    with pytest.raises(PsmambaError, match=r"registration_val\[0\] pairs .* with itself"):
+        open_source(tmp_path)
+
+
 # ---------------------------------------------------------------------- pickles
 def test_pickles(tmp_path):
     for i in range(3):

@@ -53,7 +53,7 @@ def _label_names(data: dict, json_path: Path) -> dict[int, str] | None:
 def _entry(item: Any, key: str, where: str, json_path: Path) -> str:
     if not isinstance(item, dict) or key not in item:
         raise PsmambaError(f"{json_path}: {where} has no {key!r} entry (got {item!r:.80})")
-    return str(item[key])
+    return str(item[key]).replace("\\", "/")  # a JSON written on Windows: imagesTr\\AbdomenCTCT_...
 
 
 def read_abdomen(
@@ -115,6 +115,10 @@ def read_abdomen(
         for i, item in enumerate(data["training"]):
             img_rel = _entry(item, "image", f"training[{i}]", json_path)
             lab_rel = item.get("label") if isinstance(item, dict) else None
+            lab_rel = str(lab_rel).replace("\\", "/") if lab_rel else None
+            if not lab_rel:  # an entry without its label: the label folder's file of the same name
+                by_name = root / label_dir / Path(img_rel).name
+                lab_rel = by_name.relative_to(root) if by_name.is_file() else None
             entries.append((_case_id(img_rel), root / img_rel, root / lab_rel if lab_rel else None))
     else:
         if json_path is not None:
@@ -126,18 +130,25 @@ def read_abdomen(
         raise PsmambaError(f"{root}: no AbdomenCTCT images found (expected {image_dir}/AbdomenCTCT_XXXX_0000.nii.gz)")
 
     volumes: list[FileVolumeRef] = []
+    why: dict[str, str] = {}  # id -> why it is not usable (for the pairs that name it)
+
+    def leave_out(vid: str, path: Path, reason: str) -> None:
+        skipped.append(Skipped(str(path), reason))
+        why.setdefault(vid, f"{path}: {reason}")
+
     for vid, img, lab in entries:
         if any(v.id == vid for v in volumes):
             skipped.append(Skipped(str(img), f"{vid} listed twice"))
             continue
         if not img.is_file():
-            skipped.append(Skipped(str(img), "listed in the JSON but not on disk"))
+            leave_out(vid, img, "listed in the JSON but not on disk")
             continue
         if lab is not None and not lab.is_file():
             skipped.append(Skipped(str(lab), "label map listed in the JSON but not on disk"))
+            why.setdefault(vid, f"{lab}: label map listed in the JSON but not on disk")
             lab = None
         if lab is None and require_labels:
-            skipped.append(Skipped(str(img), f"no label map in {label_dir}/"))
+            leave_out(vid, img, f"no label map in {label_dir}/")
             continue
         volumes.append(FileVolumeRef(vid, img, lab, subject=vid, label_map=label_map))
 
@@ -153,9 +164,13 @@ def read_abdomen(
             moving = _case_id(_entry(item, "moving", f"registration_val[{i}]", json_path))
             for role, vid in (("moving", moving), ("fixed", fixed)):
                 if vid not in known:
+                    reason = why.get(vid, "not in the JSON's 'training' list")
                     raise PsmambaError(
-                        f"{json_path}: registration_val[{i}] {role} {item[role]!r} is not a usable training volume"
+                        f"{json_path}: registration_val[{i}] {role} {item[role]!r} is not a usable training "
+                        f"volume ({reason})"
                     )
+            if moving == fixed:  # a volume against itself scores Dice 1 without registering
+                raise PsmambaError(f"{json_path}: registration_val[{i}] pairs {item['fixed']!r} with itself")
             test_pairs.append((moving, fixed))
         pairs["test"] = test_pairs
     elif json_path is not None:
