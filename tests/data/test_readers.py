@@ -644,3 +644,16 @@ def test_one_persons_scans_stay_in_one_split(tmp_path):
     # file names that do not recur: each file its own subject, as before
     src = open_source(tmp_path / "oasis", layout="folder", image_glob="*/aligned_norm.nii.gz")
     assert len({v.subject for v in src.volumes}) == 4
+
+
+def test_empty_subject_folders_are_named(tmp_path):
+    """An empty LPBA40 S04/ only lowered a count; an empty Mindboggle subject folder was not
+    mentioned at all (a subject that failed to download)."""
+    make_lpba40(tmp_path / "l", n=3)
+    (tmp_path / "l" / "LPBA40" / "delineation_space" / "S04").mkdir()
+    src = open_source(tmp_path / "l")
+    assert [s.what.endswith("S04") and "subject folder without an image" in s.reason for s in src.skipped] == [True]
+    make_mindboggle(tmp_path / "m", per_subset=1, extra_subset=False)
+    (tmp_path / "m" / "OASIS-TRT-20_volumes" / "OASIS-TRT-20-9").mkdir()
+    src = open_source(tmp_path / "m")
+    assert any(s.what.endswith("OASIS-TRT-20-9") and "empty subject folder" in s.reason for s in src.skipped)

@@ -92,9 +92,9 @@ def read_mindboggle(
         for subj in sorted((c for c in d.iterdir() if c.is_dir()), key=_natural):
             imgs = find_files(subj, image_glob, skipped)
             labs = find_files(subj, label_glob, skipped)
-            if not imgs:
-                if labs or any(subj.iterdir()):
-                    skipped.append(Skipped(str(subj), f"no image matching {image_glob!r}"))
+            if not imgs:  # an empty folder too: a subject that failed to download or unpack
+                what = "no image matching" if labs or any(subj.iterdir()) else "empty subject folder, no image matching"
+                skipped.append(Skipped(str(subj), f"{what} {image_glob!r}"))
                 continue
             if len(imgs) > 1:
                 skipped.extend(Skipped(str(p), f"second image in {subj.name} (using {imgs[0].name})") for p in imgs[1:])
