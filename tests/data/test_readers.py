@@ -657,3 +657,23 @@ def test_empty_subject_folders_are_named(tmp_path):
     (tmp_path / "m" / "OASIS-TRT-20_volumes" / "OASIS-TRT-20-9").mkdir()
     src = open_source(tmp_path / "m")
     assert any(s.what.endswith("OASIS-TRT-20-9") and "empty subject folder" in s.reason for s in src.skipped)
+
+
+@pytest.mark.parametrize("header, named", [("img,seg", "'img', 'seg'"), ("image;label", "'image;label'")])
+def test_manifest_header_without_an_image_column_is_named(tmp_path, header, named):
+    """'row 2 has no 'image' entry' blamed a row for a header that used other names or ';'."""
+    _save(tmp_path / "a.nii.gz", _image(0))
+    sep = ";" if ";" in header else ","
+    (tmp_path / "m.csv").write_text(f"{header}\na.nii.gz{sep}\n")
+    with pytest.raises(PsmambaError, match=f"the header has no 'image' column \\(it names {named}"):
+        open_source(tmp_path / "m.csv")
+
+
+def test_data_prepare_leaves_out_an_empty_label_map_as_inspect_does(tmp_path, capsys):
+    """`data prepare` cached a label map with no label that `inspect` calls unusable."""
+    make_lpba40(tmp_path / "l", n=2)
+    lab = tmp_path / "l" / "LPBA40" / "delineation_space" / "S02" / "S02.delineation.structure.label.nii.gz"
+    _save(lab, np.zeros(SHAPE, np.int16))
+    assert main(["data", "prepare", str(tmp_path / "l"), "--cache-dir", str(tmp_path / "c")]) == 1
+    out = capsys.readouterr().out
+    assert "prepared 1 of 2" in out and "holds no label" in out

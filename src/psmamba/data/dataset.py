@@ -113,7 +113,8 @@ class PairDataset(Dataset):
         return item
 
     def prepare_all(self, on_error: str = "raise", progress: bool = False) -> list[tuple[str, str]]:
-        """Preprocess (and cache) every volume used by the pairs once, ahead of training.
+        """Preprocess (and cache) every volume used by the pairs once, ahead of training; with
+        ``labels``, a label map with no label (every voxel 0) counts as a failure.
 
         Args:
             on_error: ``"raise"`` stops at the first bad volume; ``"skip"`` drops it and every
@@ -135,7 +136,10 @@ class PairDataset(Dataset):
         bad: list[tuple[str, str]] = []
         for vid in it:
             try:
-                prepare(self.volumes[vid], self.pipeline, self.cache_dir, self.use_cache)
+                vol = prepare(self.volumes[vid], self.pipeline, self.cache_dir, self.use_cache)
+                if self.labels and vol.labels is not None and not vol.labels.any():  # Dice refuses it
+                    where = getattr(self.volumes[vid], "label_path", None) or vid
+                    raise PsmambaError(f"{where}: the label map holds no label (every voxel is 0)")
             except PsmambaError as exc:
                 if on_error == "raise":
                     raise

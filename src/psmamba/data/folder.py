@@ -309,6 +309,10 @@ def read_manifest(
     rows, pairs_raw = _read_rows(path)
     if not rows:
         raise PsmambaError(f"{path}: the manifest lists no volumes")
+    if path.suffix.lower() != ".json" and "image" not in rows[0]:  # every row has the header's keys
+        named = ", ".join(repr(k) for k in rows[0]) or "nothing"
+        raise PsmambaError(f"{path}: the header has no 'image' column (it names {named}; columns: image, "
+                           f"label, id, subject, split, separated by {'tabs' if path.suffix.lower() == '.tsv' else 'commas'})")
     base = path.parent
     volumes: list[FileVolumeRef] = []
     skipped: list[Skipped] = []

@@ -282,16 +282,8 @@ def prepare_before_use(ds) -> None:
     later reads come from the cache)."""
     import sys
 
-    used = list(dict.fromkeys(v for pair in ds.pairs for v in pair))
-    if sys.stderr.isatty() and len(used) > 4:
-        from tqdm import tqdm
-
-        used = tqdm(used, desc="checking volumes", unit="vol")
-    for vid in used:
-        vol = ds.volume(vid)
-        if ds.labels and vol.labels is not None and not vol.labels.any():  # Dice refuses it later
-            where = getattr(ds.volumes[vid], "label_path", None) or vid
-            raise PsmambaError(f"{where}: the label map holds no label (every voxel is 0)")
+    if len(ds):
+        ds.prepare_all(on_error="raise", progress=sys.stderr.isatty() and len(ds.volumes) > 4)
 
 
 def report_left_out(src, splits: dict[str, list[str]], stream=None) -> None:
