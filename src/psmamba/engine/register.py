@@ -156,58 +156,41 @@ class RegistrationResult:
     def _write(self, folder: Path, overview: bool = True) -> list[str]:
         from psmamba import io
 
-        # (name, how): the NIfTI files are gzip-compressed, which is most of the writing time at
-        # full size (a 256^3 field is 200 MB) and runs outside Python's lock: they are written
-        # side by side in threads while the overview is drawn here (matplotlib stays on this thread)
-        jobs = [("warped.nii.gz", lambda p: io.save_image(p, self.warped.astype(np.float32), self.affine)),
-                ("ddf.nii.gz", lambda p: io.save_ddf(p, self.ddf, self.affine))]  # (D, H, W, 3)
+        written = []
+        io.save_image(folder / "warped.nii.gz", self.warped.astype(np.float32), self.affine)
+        written.append("warped.nii.gz")
+        io.save_ddf(folder / "ddf.nii.gz", self.ddf, self.affine)  # written as (D, H, W, 3)
+        written.append("ddf.nii.gz")
         if self.ddf_inverse is not None:  # on the MOVING grid, with its affine
             aff = self.affine if self.moving_affine is None else self.moving_affine
-            jobs.append(("ddf_inverse.nii.gz", lambda p: io.save_ddf(p, self.ddf_inverse, aff)))
+            io.save_ddf(folder / "ddf_inverse.nii.gz", self.ddf_inverse, aff)
+            written.append("ddf_inverse.nii.gz")
         if self.linear is not None:
-            jobs.append(("affine.txt", lambda p: self.linear.save_itk(p)))
+            self.linear.save_itk(folder / "affine.txt")
+            written.append("affine.txt")
         if self.warped_labels is not None:
-            jobs.append(("warped_labels.nii.gz", lambda p: io.save_labels(p, self.warped_labels, self.affine)))
-        jobs.append(("jacobian.nii.gz", lambda p: io.save_image(p, self.jacobian.astype(np.float32), self.affine)))
-        written = [name for name, _ in jobs]
-        from concurrent.futures import wait
+            io.save_labels(folder / "warped_labels.nii.gz", self.warped_labels, self.affine)
+            written.append("warped_labels.nii.gz")
+        io.save_image(folder / "jacobian.nii.gz", self.jacobian.astype(np.float32), self.affine)
+        written.append("jacobian.nii.gz")
+        if overview:
+            from psmamba.viz import save_overview
 
-        with _writer_pool(len(jobs)) as pool:
-            pending = [pool.submit(how, folder / name) for name, how in jobs]
-            try:
-                if overview:
-                    from psmamba.viz import save_overview
-
-                    save_overview(
-                        folder / "overview.png",
-                        fixed=self.fixed,
-                        moving=self.moving,
-                        warped=self.warped,
-                        ddf=self.ddf,
-                        jacobian=self.jacobian,
-                        warped_labels=self.warped_labels,
-                        affine=self.affine,
-                        title=_overview_title(self.summary),
-                    )
-                    written.append("overview.png")
-            finally:
-                wait(pending)  # every file finished (or failed) before the folder is judged
-            for job in pending:
-                job.result()  # the first failure, as raised by the writer
+            save_overview(
+                folder / "overview.png",
+                fixed=self.fixed,
+                moving=self.moving,
+                warped=self.warped,
+                ddf=self.ddf,
+                jacobian=self.jacobian,
+                warped_labels=self.warped_labels,
+                affine=self.affine,
+                title=_overview_title(self.summary),
+            )
+            written.append("overview.png")
         self.summary["outputs"] = written + ["summary.json"]
         _write_json(folder / "summary.json", self.summary)
         return written
-
-
-def _writer_pool(jobs: int):
-    """Threads for writing output files: as many as torch may use (the user's thread setting),
-    at most ``jobs``."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    import torch
-
-    return ThreadPoolExecutor(max_workers=max(1, min(jobs, torch.get_num_threads())),
-                              thread_name_prefix="psmamba-write")
 
 
 def _overview_title(summary: dict[str, Any]) -> str:
