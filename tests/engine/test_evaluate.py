@@ -252,31 +252,43 @@ def test_evaluate_method_honours_model_size_for_the_shipped_network():
     assert pipe.method.stages[0].grid == (48, 64, 48)  # its training grid
 
 
-def test_a_config_that_draws_another_split_than_the_checkpoint_is_refused(tmp_path, capsys):
-    """``train --seed 1`` then ``evaluate --config`` (a YAML that says seed 0): the YAML's test
-    split held subjects the network trained on, and they were scored as test pairs in silence."""
-    import dataclasses
-
-    import yaml
-
-    from psmamba.config import TrainConfig, config_to_dict
-    from psmamba.engine.evaluate import trained_on
-    from psmamba.models import build_model, save_checkpoint
-
-    root = tmp_path / "six"
+def _six_cases(root, rng=None):
+    """case1..case6 with one-label maps ``case<i>_seg`` (an image noisier with ``rng``)."""
     root.mkdir()
-    rng = np.random.default_rng(0)
     for i in range(1, 7):
         lab = np.zeros((S, S, S), np.int16)
         lab[2:9, 3:10, 2 + i % 3:9] = 1
-        _save(root / f"case{i}.nii.gz", (lab * 100 + rng.normal(0, 1, lab.shape)).astype(np.float32))
+        noise = 0 if rng is None else rng.normal(0, 1, lab.shape)
+        _save(root / f"case{i}.nii.gz", (lab * 100.0 + noise).astype(np.float32))
         _save(root / f"case{i}_seg.nii.gz", lab)
+    return root
+
+
+def _folder_config(root, test, **run):
+    """A training config over the folder ``root``: no validation, ``test`` share of subjects."""
+    import dataclasses
+
+    from psmamba.config import TrainConfig
+
     base = TrainConfig()
-    data = dataclasses.replace(base.data, source="folder", root=str(root), val_fraction=0.0,
-                               options={"pipeline": "minmax", "test": 0.34})
+    return dataclasses.replace(base, data=dataclasses.replace(
+        base.data, source="folder", root=str(root), val_fraction=0.0, options={"pipeline": "minmax", "test": test}),
+        run=dataclasses.replace(base.run, **run))
+
+
+def test_a_config_that_draws_another_split_than_the_checkpoint_is_refused(tmp_path, capsys):
+    """``train --seed 1`` then ``evaluate --config`` (a YAML that says seed 0): the YAML's test
+    split held subjects the network trained on, and they were scored as test pairs in silence."""
+    import yaml
+
+    from psmamba.config import config_to_dict
+    from psmamba.engine.evaluate import trained_on
+    from psmamba.models import build_model, save_checkpoint
+
+    root = _six_cases(tmp_path / "six", np.random.default_rng(0))
 
     def config(seed):
-        return config_to_dict(dataclasses.replace(base, data=data, run=dataclasses.replace(base.run, seed=seed)))
+        return config_to_dict(_folder_config(root, 0.34, seed=seed))
 
     assert trained_on(config(0), config(0)) == []
     seen = trained_on(config(0), config(1))
@@ -296,24 +308,13 @@ def test_a_config_that_draws_another_split_than_the_checkpoint_is_refused(tmp_pa
 
 def test_evaluate_config_says_what_the_reader_left_out(tmp_path, capsys):
     """A run on a data folder prints what it will not use (it was silent: only `data inspect` said)."""
-    import dataclasses
-
     import yaml
 
-    from psmamba.config import TrainConfig, config_to_dict
+    from psmamba.config import config_to_dict
 
-    root = tmp_path / "d"
-    root.mkdir()
-    for i in range(1, 7):
-        lab = np.zeros((S, S, S), np.int16)
-        lab[2:9, 3:10, 2 + i % 3:9] = 1
-        _save(root / f"case{i}.nii.gz", (lab * 100.0).astype(np.float32))
-        _save(root / f"case{i}_seg.nii.gz", lab)
+    root = _six_cases(tmp_path / "d")
     (root / "case6.nii.gz").unlink()  # an orphaned label map
-    base = TrainConfig()
-    cfg = dataclasses.replace(base, data=dataclasses.replace(
-        base.data, source="folder", root=str(root), val_fraction=0.0, options={"pipeline": "minmax", "test": 0.4}))
-    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config_to_dict(cfg)))
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config_to_dict(_folder_config(root, 0.4))))
     assert main(["evaluate", "--config", str(tmp_path / "c.yaml"), "--identity", "--no-hd95",
                  "--out", str(tmp_path / "r.csv"), "--quiet"]) == 0
     err = capsys.readouterr().err
@@ -322,24 +323,13 @@ def test_evaluate_config_says_what_the_reader_left_out(tmp_path, capsys):
 
 def test_evaluate_config_checks_every_volume_before_the_first_pair(tmp_path, capsys):
     """An unknown label code in one test subject failed at pair 3 of 90, after printing scores."""
-    import dataclasses
-
     import yaml
 
-    from psmamba.config import TrainConfig, config_to_dict
-
-    root = tmp_path / "d"
-    root.mkdir()
-    for i in range(1, 7):
-        lab = np.zeros((S, S, S), np.int16)
-        lab[2:9, 3:10, 2 + i % 3:9] = 1
-        _save(root / f"case{i}.nii.gz", (lab * 100.0).astype(np.float32))
-        _save(root / f"case{i}_seg.nii.gz", lab)
-    base = TrainConfig()
-    cfg = dataclasses.replace(base, data=dataclasses.replace(
-        base.data, source="folder", root=str(root), val_fraction=0.0, options={"pipeline": "minmax", "test": 0.5}))
+    from psmamba.config import config_to_dict
     from psmamba.data.training import open_file_source
 
+    root = _six_cases(tmp_path / "d")
+    cfg = _folder_config(root, 0.5)
     last = open_file_source(cfg)[1]["test"][-1]  # in the last pairs only: pair 1 scored before
     _save(root / f"{last}_seg.nii.gz", np.zeros((S, S, S - 1), np.int16))
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(config_to_dict(cfg)))
