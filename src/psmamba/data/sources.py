@@ -314,7 +314,8 @@ class SourceData:
     def summary(self) -> str:
         """Several lines: counts, splits, pair lists, label protocol, and everything left out."""
         lines = [f"{self.layout} source at {self.root}: {len(self.volumes)} volumes"
-                 + (f" ({sum(v.has_labels for v in self.volumes)} with labels)" if self.volumes else "")]
+                 + (("" if self.layout == "pickle" else  # a pickle's labels are known once it is read
+                     f" ({sum(v.has_labels for v in self.volumes)} with labels)") if self.volumes else "")]
         if self.label_map is not None:
             lines.append(f"labels: protocol {self.label_map.name}, {self.label_map.num_labels} ROIs")
         for name, ids in self.splits.items():
