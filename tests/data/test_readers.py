@@ -600,6 +600,35 @@ def test_a_subject_folder_linked_in_is_read(tmp_path):
     src = open_source(tmp_path / "a", layout="lpba40")
     assert src.ids == ["S01", "S02", "S03"]
     assert src.volumes[2].image_path.parent == space / "S03" and src.skipped == []
+    # a link to a sibling (latest -> v2): its files once, under v2/ (test = training set before)
+    for i in range(1, 5):
+        _save(tmp_path / "f" / "v2" / f"sub0{i}.nii.gz", _image(i))
+        _save(tmp_path / "f" / "v2" / f"sub0{i}_seg.nii.gz", _labels([1, 2], i))
+    (tmp_path / "f" / "latest").symlink_to(tmp_path / "f" / "v2", target_is_directory=True)
+    src = open_source(tmp_path / "f", layout="folder")
+    assert src.ids == [f"v2/sub0{i}" for i in range(1, 5)] and all(v.has_labels for v in src.volumes)
+
+
+def test_a_very_deep_folder_tree_is_read(tmp_path):
+    """Folders nested deeper than Python's recursion limit (1,100 levels): a RecursionError
+    traceback from the glob's walk before. Here 300 levels under a limit of 150."""
+    import sys
+
+    from psmamba.data.sources import find_files
+
+    deep = tmp_path
+    for _ in range(300):
+        deep = deep / "d"
+        deep.mkdir()
+    _save(deep / "a.nii.gz", _image(0))
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(150)
+    try:
+        found = find_files(tmp_path, "**/*.nii.gz")
+    finally:
+        sys.setrecursionlimit(limit)
+    assert found == [deep / "a.nii.gz"]
+
 
 
 def test_a_detected_layout_names_the_other_data_set_it_passes_over(tmp_path):

@@ -105,7 +105,8 @@ def find_files(root: Path, patterns: str | Sequence[str], skipped: list["Skipped
 def _glob(root: Path, pattern: str) -> list[Path]:
     """``root.glob(pattern)``, but ``**`` also enters symbolic links to folders (a subject
     folder linked in from elsewhere was passed over in silence by pathlib before Python 3.13);
-    a link back to a folder above is entered once. A bad pattern: a one-line error naming it."""
+    a folder reached twice (a link to a sibling or back up the tree) is read once, under its own
+    path. A bad pattern: a one-line error naming it."""
     from fnmatch import fnmatchcase
 
     from psmamba.errors import PsmambaError
@@ -118,36 +119,46 @@ def _glob(root: Path, pattern: str) -> list[Path]:
     if any("**" in s and s != "**" for s in parts):
         raise PsmambaError(f"file pattern {pattern!r}: '**' can only be a whole path component")
     found: set[Path] = set()
+    seen: set[tuple[int, int, int]] = set()  # (folder's device, inode, pattern part): walked once
+    real_dirs: list[tuple[Path, int]] = [(root, 0)]
+    linked_dirs: list[tuple[Path, int]] = []  # walked after every real folder: a file is found
+    # under its own path, not a link's (``latest -> v2`` beside ``v2``: read once, as v2/...)
 
     def entries(d: Path):
         try:
             with os.scandir(d) as it:
-                return sorted(((e.name, e.is_dir()) for e in it), key=lambda x: x[0])
+                return sorted(((e.name, e.is_dir(), e.is_symlink()) for e in it), key=lambda x: x[0])
         except OSError:  # unreadable folder: nothing in it, as pathlib
             return []
 
-    def walk(d: Path, i: int, above: frozenset) -> None:
+    def push(d: Path, i: int, link: bool) -> None:
+        (linked_dirs if link else real_dirs).append((d, i))
+
+    while real_dirs or linked_dirs:  # a loop, not recursion: any depth of folders
+        d, i = real_dirs.pop() if real_dirs else linked_dirs.pop(0)
+        try:
+            st = os.stat(d)  # the folder itself, through any link: (device, inode) names it
+        except OSError:
+            continue
+        key = (st.st_dev, st.st_ino, i)
+        if key in seen:
+            continue
+        seen.add(key)
         seg = parts[i]
         if seg == "**":
             if i + 1 < len(parts):
-                walk(d, i + 1, above)  # no folder at all
-            for name, is_dir in entries(d):
+                push(d, i + 1, False)  # no folder at all
+            for name, is_dir, is_link in entries(d):
                 if is_dir:
-                    real = os.path.realpath(d / name)
-                    if real not in above:
-                        walk(d / name, i, above | {real})
-            return
-        for name, is_dir in entries(d):
+                    push(d / name, i, is_link)
+            continue
+        for name, is_dir, is_link in entries(d):
             if not fnmatchcase(name, seg):
                 continue
             if i + 1 == len(parts):
                 found.add(d / name)
             elif is_dir:
-                real = os.path.realpath(d / name)
-                if real not in above:
-                    walk(d / name, i + 1, above | {real})
-
-    walk(root, 0, frozenset({os.path.realpath(root)}))
+                push(d / name, i + 1, is_link)
     return sorted(found)
 
 
