@@ -391,6 +391,48 @@ def test_an_unusable_volume_fails_before_training_without_output(tmp_path, capsy
     assert not (tmp_path / "out").exists()
 
 
+def test_validation_pairs_with_no_shared_label_do_not_stop_training(tmp_path):
+    """Validation maps of two protocols (codes 3 and 4): `labels names no label code` after the
+    training steps, leaving a folder that blocked the rerun. Now such a pair has no Dice."""
+    root = make_folder(tmp_path / "scans")
+    for k, code in ((4, 3), (5, 4)):
+        path = root / f"sub{k}_seg.nii.gz"
+        img = nib.load(str(path))
+        lab = np.asarray(img.dataobj)
+        nib.save(nib.Nifti1Image(np.where(lab > 0, code, 0).astype(np.int16), img.affine), str(path))
+    rows = ["image,label,split"] + [f"sub{k}.nii.gz,sub{k}_seg.nii.gz,{'train' if k < 3 else 'test' if k == 3 else 'val'}"
+                                    for k in range(6)]
+    (root / "list.csv").write_text("\n".join(rows) + "\n")
+    cfg = tiny_config(root / "list.csv", tmp_path / "cache", optim={"epochs": 1},
+                      data={"source": "manifest", "val_fraction": 0.0})
+    path = write_yaml(tmp_path / "c.yaml", cfg)
+    assert main(["train", "--config", str(path), "--out", str(tmp_path / "out")]) == 0
+    val = [r for r in csv_rows(tmp_path / "out" / "metrics.csv") if r["split"] == "val"]
+    assert val and all(r["dice"] in ("", "nan") for r in val)
+
+
+@pytest.mark.parametrize("out_exists", [False, True])
+def test_a_run_failing_before_its_first_checkpoint_leaves_nothing(tmp_path, capsys, data_dir, cache_dir,
+                                                                 monkeypatch, out_exists):
+    """A failure after the first steps (here: in validation) left config.yaml and metrics.csv,
+    and the rerun was refused ('stopped before its first checkpoint ... delete the folder')."""
+    from psmamba.engine.trainer import Trainer
+
+    def boom(self):
+        raise PsmambaError("validation failed")
+
+    monkeypatch.setattr(Trainer, "validate_and_select", boom)
+    out = tmp_path / "run"
+    if out_exists:
+        out.mkdir()
+        (out / "notes.txt").write_text("mine")
+    path = write_yaml(tmp_path / "c.yaml", tiny_config(data_dir, cache_dir))
+    _fails_cleanly(capsys, ["train", "--config", str(path), "--out", str(out)], "validation failed")
+    assert (sorted(p.name for p in out.iterdir()) == ["notes.txt"]) if out_exists else not out.exists()
+    monkeypatch.undo()
+    assert main(["train", "--config", str(path), "--out", str(out), "--set", "optim.epochs=1"]) == 0
+
+
 def test_missing_data_folder_fails_early_without_output(tmp_path, capsys, cache_dir):
     path = write_yaml(tmp_path / "c.yaml", tiny_config(tmp_path / "no-such-folder", cache_dir))
     _fails_cleanly(capsys, ["train", "--config", str(path), "--out", str(tmp_path / "out")], "no-such-folder")

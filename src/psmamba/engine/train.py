@@ -115,6 +115,21 @@ def check_output_dir(out: str | Path, resume: bool) -> Path:
     return out
 
 
+def _remove_unfinished(out: Path, existed: bool, before: set[Path]) -> None:
+    """A run that failed before its first checkpoint leaves nothing behind: it could not be
+    resumed, and its config.yaml and metrics.csv made the next run in that folder fail."""
+    import shutil
+
+    if not existed:
+        shutil.rmtree(out, ignore_errors=True)
+        return
+    for p in set(out.iterdir()) - before:
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+
+
 # --------------------------------------------------------------------------- signals
 class _StopSignal:
     """Turn the first SIGINT/SIGTERM into a flag (checked after each step); a second one aborts."""
@@ -249,9 +264,16 @@ def _fit(cfg: TrainConfig, info: DistInfo, resume: bool, train_data, val_data, r
     if train_data is None:
         train_data, val_data = build_datasets(cfg)
     train_data, val_data = resize_datasets(cfg, train_data, val_data)
-    trainer = Trainer(cfg, info, train_data, val_data, ckpt)
-    with _StopSignal() as stop_signal:
-        trainer.run_training(stop_signal)
+    existed = out.exists()
+    before = set(out.iterdir()) if existed and out.is_dir() else set()
+    try:
+        trainer = Trainer(cfg, info, train_data, val_data, ckpt)
+        with _StopSignal() as stop_signal:
+            trainer.run_training(stop_signal)
+    except BaseException:
+        if not resume and info.is_main and not (out / "last.pt").exists():
+            _remove_unfinished(out, existed, before)
+        raise
     # every rank has finished (rank 0 has written last.pt) before any of them tears the process
     # group down: a rank destroying its gloo group while a peer still holds it can abort
     barrier(info)

@@ -387,7 +387,9 @@ class Trainer:
             fixed_labels = batch["fixed_labels"][0, 0].cpu().numpy()
             # the labels of both maps, as register/evaluate score (not those of the warp's result)
             shared, _ = metrics.shared_labels(fixed_labels, batch["moving_labels"][0, 0].cpu().numpy())
-            d = metrics.mean_dice(fixed_labels, warped_labels[0, 0].cpu().numpy(), labels=shared)
+            # no code in both maps (two protocols, or labels lost to resizing): no Dice for this
+            # pair, as register/evaluate leave such labels out (an empty list was an error here)
+            d = metrics.mean_dice(fixed_labels, warped_labels[0, 0].cpu().numpy(), labels=shared) if shared else math.nan
             if not math.isnan(float(d)):
                 res["dice"] = float(d)
         return res, (batch, warped, ddf)
