@@ -673,6 +673,18 @@ def test_one_persons_scans_stay_in_one_split(tmp_path):
     # file names that do not recur: each file its own subject, as before
     src = open_source(tmp_path / "oasis", layout="folder", image_glob="*/aligned_norm.nii.gz")
     assert len({v.subject for v in src.volumes}) == 4
+    # scans named after their folder (OAS1_0001_MR1/OAS1_0001_MR1_mpr-1, _mpr-2): one person
+    for i in range(1, 4):
+        for r in (1, 2):
+            _save(tmp_path / "own" / f"OAS1_000{i}_MR1" / f"OAS1_000{i}_MR1_mpr-{r}.nii.gz", _image(i + r))
+    src = open_source(tmp_path / "own", layout="folder")
+    assert len(src.volumes) == 6 and len({v.subject for v in src.volumes}) == 3
+    # site folders sharing subject numbers (site1/sub01, site2/sub01): different people, kept apart
+    for site in (1, 2, 3):
+        for i in range(1, 5):
+            _save(tmp_path / "sites" / f"site{site}" / f"sub0{i}.nii.gz", _image(10 * site + i))
+    src = open_source(tmp_path / "sites", layout="folder")
+    assert len({v.subject for v in src.volumes}) == 12 and not any(n.startswith("subjects:") for n in src.notes)
 
 
 def test_empty_subject_folders_are_named(tmp_path):

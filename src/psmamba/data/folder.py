@@ -228,26 +228,42 @@ _BIDS_SUBJECT = re.compile(r"(?:^|/)(sub-[A-Za-z0-9]+)(?:/|_|$)")
 
 
 def _default_subjects(ids: list[str], notes: list[str]) -> dict[str, str]:
-    """Whose scans are these, when no ``subject_pattern`` says: a BIDS ``sub-<label>`` in the
-    id; else, when the same file names recur in several sub-folders (``OAS1_0001/aligned_norm``,
-    ``OAS1_0002/aligned_norm``: one folder per person), the sub-folder. Without this every file
-    was its own subject, and one person's scans could fall in both the training and test parts."""
+    """Whose scans are these, when no ``subject_pattern`` says. A BIDS ``sub-<label>`` in the
+    id; else a sub-folder is taken for one person's when it holds several files and either
+    their names begin with the folder's (``OAS1_0001_MR1/OAS1_0001_MR1_mpr-1``, ``..._mpr-2``) or
+    they are the same few kinds of scan as in other folders (``OAS1_0001/aligned_norm``,
+    ``aligned_orig``; ``OAS1_0002/aligned_norm``, ...). Folders whose files differ only in their
+    numbers (``site1/sub01``, ``site1/sub02``: several people) stay one subject per file.
+    Without this every file was its own subject: one person's scans in training and test."""
     out: dict[str, str] = {}
     bids = {vid: m.group(1) for vid in ids if (m := _BIDS_SUBJECT.search(vid))}
     if bids:
         out.update(bids)
         if len(set(bids.values())) < len(bids):
-            notes.append("subjects: the BIDS sub-<label> of each file (several scans of one subject stay in one split)")
-    rest = [vid for vid in ids if vid not in out and "/" in vid]
-    folders: dict[str, set[str]] = {}
-    for vid in rest:
-        folder, name = vid.rsplit("/", 1)
-        folders.setdefault(name, set()).add(folder)
-    if any(len(f) > 1 for f in folders.values()):  # names recur across folders: per-person folders
-        out.update({vid: vid.rsplit("/", 1)[0] for vid in rest})
-        if len({out[v] for v in rest}) < len(rest):
-            notes.append("subjects: the sub-folder of each file (the same file names recur in several "
-                         "sub-folders: one folder per subject); subject_pattern sets it otherwise")
+            notes.append("subjects: the BIDS sub-<label> of each file (one person's scans stay in one split)")
+    by_folder: dict[str, list[str]] = {}
+    for vid in ids:
+        if vid not in out and "/" in vid:
+            folder, name = vid.rsplit("/", 1)
+            by_folder.setdefault(folder, []).append(name)
+    seen_in: dict[str, int] = {}
+    for names in by_folder.values():
+        for name in set(names):
+            seen_in[name] = seen_in.get(name, 0) + 1
+    grouped = []
+    for folder, names in by_folder.items():
+        if len(names) < 2:
+            continue
+        base = folder.rsplit("/", 1)[-1]
+        own = len(base) >= 3 and all(n.startswith(base) for n in names)
+        kinds = len({re.sub(r"\d+", "#", n) for n in names}) == len(names)  # differ beyond numbers
+        if own or (kinds and any(seen_in[n] > 1 for n in names)):
+            out.update({f"{folder}/{n}": folder for n in names})
+            grouped.append(folder)
+    if grouped:
+        notes.append(f"subjects: {len(grouped)} sub-folder(s) taken for one person's scans each ({grouped[0]}, ...: "
+                     "several kinds of scan, or names that begin with the folder's); set subject_pattern "
+                     "if that is wrong")
     return out
 
 
