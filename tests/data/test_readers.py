@@ -644,6 +644,9 @@ def test_a_detected_layout_names_the_other_data_set_it_passes_over(tmp_path):
     assert src.layout == "folder" and len(src.volumes) == 1
     assert any("pickle(s)" in s.reason and "--layout pickle" in s.reason for s in src.skipped), src.summary()
     assert open_source(tmp_path / "pk", layout="pickle").skipped == []  # asked for: nothing to say
+    for i in range(5):  # more scans than pickles: an nnU-Net splits_final.pkl beside them is no data set
+        _save(tmp_path / "pk" / f"case{i}.nii.gz", _image(i))
+    assert not any("pickle" in s.reason for s in open_source(tmp_path / "pk").skipped)
     make_lpba40(tmp_path / "mix", n=2)
     make_mindboggle(tmp_path / "mb", per_subset=1, extra_subset=False)
     next((tmp_path / "mb").iterdir()).rename(tmp_path / "mix" / "NKI-RS-22_volumes")

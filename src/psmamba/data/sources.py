@@ -414,11 +414,11 @@ def open_source(path: str | os.PathLike, layout: str | None = None, **options: A
             raise PsmambaError(f"the {layout} reader has no option {name!r}; it takes {', '.join(accepted)}")
     src = reader(path, **options)
     if detected and Path(path).is_dir():
-        src.skipped.extend(_other_layouts(Path(path), layout))
+        src.skipped.extend(_other_layouts(Path(path), layout, len(src.volumes)))
     return src
 
 
-def _other_layouts(p: Path, chosen: str) -> list["Skipped"]:
+def _other_layouts(p: Path, chosen: str, n_volumes: int) -> list["Skipped"]:
     """What a detected layout passes over in a folder that also holds another data set's files
     (one stray NIfTI beside Train/ Val/ Test/ pickles made them a 'folder' of one volume; a
     Mindboggle subset folder beside LPBA40's subjects hid all forty), as left-out entries."""
@@ -439,7 +439,8 @@ def _other_layouts(p: Path, chosen: str) -> list["Skipped"]:
     if chosen != "pickle":
         pickles = [f for g in ("*.pkl", "*.pickle", "*/*.pkl", "*/*.pickle") for f in p.glob(g)
                    if f.is_file() and not f.name.startswith("._")]
-        if pickles:
+        if len(pickles) > n_volumes:  # more pickles than scans read: the data set is the pickles
+            # (one splits_final.pkl beside an images/ + labels/ folder is not)
             found.append(Skipped(str(pickles[0].parent), f"{len(pickles)} pickle(s) ({pickles[0].name}, ...), not read: "
                                  f"this folder holds image files too, so it was read as {chosen}; give --layout "
                                  "pickle to read the pickles"))
