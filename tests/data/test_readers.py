@@ -673,6 +673,8 @@ def test_one_persons_scans_stay_in_one_split(tmp_path):
             by_id = {v.id: v.subject for v in src.volumes}
             train, test = ({by_id[v] for v in parts[k]} for k in ("train", "test"))
             assert train and test and not train & test, (seed, parts)
+        pairs = src.pairs_for("train", src.ids)  # no pair of one person's two scans
+        assert len(pairs) == 8 * 7 - 4 * 2 and all(by_id[m] != by_id[f] for m, f in pairs)
     # file names that do not recur: each file its own subject, as before
     src = open_source(tmp_path / "oasis", layout="folder", image_glob="*/aligned_norm.nii.gz")
     assert len({v.subject for v in src.volumes}) == 4

@@ -257,13 +257,16 @@ class SourceData:
         return split_subjects(self.ids, subj, val=val, test=test, seed=seed)
 
     def pairs_for(self, split: str, ids: Sequence[str]) -> list[tuple[str, str]]:
-        """The explicit pair list of ``split`` if there is one (restricted to ``ids``), else all ordered pairs."""
+        """The explicit pair list of ``split`` if there is one (restricted to ``ids``), else all
+        ordered pairs of volumes of different subjects (two scans of one person, or a scan and
+        its brain-extracted copy, are no inter-subject pair: they would inflate Dice)."""
         from psmamba.data.pairs import all_pairs
 
         if split in self.pairs:
             keep = set(ids)
             return [(m, f) for m, f in self.pairs[split] if m in keep and f in keep]
-        return all_pairs(ids)
+        subject = self.subjects()
+        return [(m, f) for m, f in all_pairs(ids) if subject.get(m, m) != subject.get(f, f)]
 
     def pair_dataset(
         self,
