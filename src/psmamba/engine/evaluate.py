@@ -397,7 +397,8 @@ def evaluate_pairs(
         if say is not None:
             say(
                 f"[{k}/{len(pairs)}] {pair.pair_id}: Dice {prow['dice_before_mean']:.4f} -> {prow['dice_mean']:.4f}, "
-                f"HD95 {prow['hd95_mean_mm']:.2f} mm, folding {prow['folding_percent']:.3f}%, "
+                + (f"HD95 {prow['hd95_mean_mm']:.2f} mm, " if hd95 else "")
+                + f"folding {prow['folding_percent']:.3f}%, "
                 f"SDlogJ {prow['sdlogj']:.3f}, {prow['seconds']:.2f} s"
             )
     return result
