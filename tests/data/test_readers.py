@@ -723,3 +723,13 @@ def test_data_prepare_leaves_out_an_empty_label_map_as_inspect_does(tmp_path, ca
     assert main(["data", "prepare", str(tmp_path / "l"), "--cache-dir", str(tmp_path / "c")]) == 1
     out = capsys.readouterr().out
     assert "prepared 1 of 2" in out and "holds no label" in out
+
+
+def test_bids_derivative_label_maps_pair_with_their_subjects_scan(tmp_path):
+    """derivatives/<pipeline>/sub-01/anat/sub-01_dseg: 'label map without an image' before."""
+    for i in range(1, 4):
+        _save(tmp_path / f"sub-0{i}" / "anat" / f"sub-0{i}_T1w.nii.gz", _image(i))
+        _save(tmp_path / "derivatives" / "fs" / f"sub-0{i}" / "anat" / f"sub-0{i}_dseg.nii.gz", _labels([1, 2], i))
+    src = open_source(tmp_path, layout="folder")
+    assert len(src.volumes) == 3 and all(v.has_labels for v in src.volumes) and src.skipped == [], src.summary()
+    assert src.volumes[0].label_path.parent.parts[-3:] == ("fs", "sub-01", "anat")

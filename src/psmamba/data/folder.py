@@ -14,7 +14,8 @@ Folder matching (:func:`read_folder`):
   below the folder is read, and files named ``<id>_seg``/``_label(s)``/``_aseg``/``_dseg``/
   ``_mask`` are the label maps of ``<id>`` in the same folder. Either way a label map of ``<id>``
   also pairs with a lone image ``<id>_image``/``_T1w``/``_t1``/``_ct``/... (BIDS ``sub-01_T1w`` with
-  ``sub-01_dseg``).
+  ``sub-01_dseg``), and a label map left over pairs with the one image of its BIDS subject and
+  session (``derivatives/fs/sub-01/anat/sub-01_dseg`` with ``sub-01/anat/sub-01_T1w``).
 
 Manifest (:func:`read_manifest`): CSV with a header, or JSON (a list of objects, or
 ``{"volumes": [...], "pairs": {"train": [[moving, fixed], ...]}}``); columns/keys ``image``
@@ -65,6 +66,29 @@ def _pair_by_image_suffix(images: dict[str, Path], labels: dict[str, Path]) -> N
             by_stem.setdefault(head + m.group("id"), []).append(vid)
     for lid in [k for k in labels if k not in images]:
         match = by_stem.get(lid, [])
+        if len(match) == 1 and match[0] not in labels:
+            labels[match[0]] = labels.pop(lid)
+
+
+_BIDS_KEY = re.compile(r"(?:^|[/_])(sub-[A-Za-z0-9]+)(?:.*?[/_](ses-[A-Za-z0-9]+))?")
+
+
+def _pair_by_bids_subject(images: dict[str, Path], labels: dict[str, Path]) -> None:
+    """Re-key a label map that matches no image id to the one image without a label map of the
+    same BIDS subject (and session): ``derivatives/<pipeline>/sub-01/anat/sub-01_dseg`` with
+    ``sub-01/anat/sub-01_T1w``. Unique matches only (T1w and T2w of one subject: left as is)."""
+    def key(vid: str):
+        m = _BIDS_KEY.search(vid)
+        return None if m is None else (m.group(1), m.group(2))
+
+    free: dict[tuple, list[str]] = {}
+    for vid in images:
+        k = key(vid)
+        if k is not None and vid not in labels:
+            free.setdefault(k, []).append(vid)
+    for lid in [k for k in labels if k not in images]:
+        k = key(lid)
+        match = free.get(k, []) if k is not None else []
         if len(match) == 1 and match[0] not in labels:
             labels[match[0]] = labels.pop(lid)
 
@@ -197,6 +221,7 @@ def read_folder(
     if not images:
         raise PsmambaError(f"{root}: no images found (expected {expected})")
     _pair_by_image_suffix(images, labels)
+    _pair_by_bids_subject(images, labels)
     if subject_pattern:
         try:
             subject_rx = re.compile(subject_pattern)
