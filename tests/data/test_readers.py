@@ -733,3 +733,18 @@ def test_bids_derivative_label_maps_pair_with_their_subjects_scan(tmp_path):
     src = open_source(tmp_path, layout="folder")
     assert len(src.volumes) == 3 and all(v.has_labels for v in src.volumes) and src.skipped == [], src.summary()
     assert src.volumes[0].label_path.parent.parts[-3:] == ("fs", "sub-01", "anat")
+
+
+def test_numbered_segmentations_are_label_maps_not_images(tmp_path):
+    """neurite-OASIS aligned_seg35 / aligned_seg4 were read as images (9 volumes, 0 labelled)."""
+    for i in range(1, 3):
+        d = tmp_path / f"OASIS_OAS1_000{i}_MR1"
+        _save(d / "aligned_norm.nii.gz", _image(i))
+        _save(d / "aligned_seg35.nii.gz", _labels([1, 2, 3], i))
+        _save(d / "aligned_seg4.nii.gz", _labels([1, 2], i))
+    src = open_source(tmp_path, layout="folder")
+    assert [v.id for v in src.volumes] == ["OASIS_OAS1_0001_MR1/aligned_norm", "OASIS_OAS1_0002_MR1/aligned_norm"]
+    assert all(v.label_path.name == "aligned_seg35.nii.gz" for v in src.volumes)  # the folder's one image
+    assert sorted(s.reason.split(" (")[0] for s in src.skipped) == ["second label map for id OASIS_OAS1_0001_MR1/aligned",
+                                                                    "second label map for id OASIS_OAS1_0002_MR1/aligned"]
+    assert not any("seg" in v.id for v in src.volumes)

@@ -15,7 +15,9 @@ Folder matching (:func:`read_folder`):
   ``_mask`` are the label maps of ``<id>`` in the same folder. Either way a label map of ``<id>``
   also pairs with a lone image ``<id>_image``/``_T1w``/``_t1``/``_ct``/... (BIDS ``sub-01_T1w`` with
   ``sub-01_dseg``), and a label map left over pairs with the one image of its BIDS subject and
-  session (``derivatives/fs/sub-01/anat/sub-01_dseg`` with ``sub-01/anat/sub-01_T1w``).
+  session (``derivatives/fs/sub-01/anat/sub-01_dseg`` with ``sub-01/anat/sub-01_T1w``), or with
+  the only image of its folder (``OAS1_0001/aligned_seg35`` with ``OAS1_0001/aligned_norm``; a
+  label suffix may end in a number).
 
 Manifest (:func:`read_manifest`): CSV with a header, or JSON (a list of objects, or
 ``{"volumes": [...], "pairs": {"train": [[moving, fixed], ...]}}``); columns/keys ``image``
@@ -40,7 +42,7 @@ from psmamba.errors import PsmambaError
 
 __all__ = ["read_folder", "read_manifest", "glob_to_regex"]
 
-_LABEL_SUFFIX = re.compile(r"^(?P<id>.+?)[_.-](seg|segmentation|label|labels|labelmap|aseg|dseg|mask|parc)$", re.I)
+_LABEL_SUFFIX = re.compile(r"^(?P<id>.+?)[_.-](seg|segmentation|label|labels|labelmap|aseg|dseg|mask|parc)\d*$", re.I)
 #: an image's name with a modality or "image" suffix (``S1_image``, BIDS ``sub-01_T1w``): the id
 #: its label map may carry without it (``S1_label``, ``sub-01_dseg``)
 _IMAGE_SUFFIX = re.compile(r"^(?P<id>.+?)[_.-](image|img|t1|t1w|t2|t2w|flair|ct|mr|mri|brain|scan|vol|volume)$", re.I)
@@ -91,6 +93,21 @@ def _pair_by_bids_subject(images: dict[str, Path], labels: dict[str, Path]) -> N
         match = free.get(k, []) if k is not None else []
         if len(match) == 1 and match[0] not in labels:
             labels[match[0]] = labels.pop(lid)
+
+
+def _pair_in_folder(images: dict[str, Path], labels: dict[str, Path]) -> None:
+    """A label map left over pairs with the only image of its folder when that one has none
+    (``OAS1_0001/aligned_norm`` with ``OAS1_0001/aligned_seg35``)."""
+    def folder(vid: str) -> str:
+        return vid.rsplit("/", 1)[0] if "/" in vid else ""
+
+    by_folder: dict[str, list[str]] = {}
+    for vid in images:
+        by_folder.setdefault(folder(vid), []).append(vid)
+    for lid in [k for k in labels if k not in images]:
+        alone = by_folder.get(folder(lid), [])
+        if len(alone) == 1 and alone[0] not in labels:
+            labels[alone[0]] = labels.pop(lid)
 
 
 def glob_to_regex(pattern: str) -> re.Pattern:
@@ -222,6 +239,7 @@ def read_folder(
         raise PsmambaError(f"{root}: no images found (expected {expected})")
     _pair_by_image_suffix(images, labels)
     _pair_by_bids_subject(images, labels)
+    _pair_in_folder(images, labels)
     if subject_pattern:
         try:
             subject_rx = re.compile(subject_pattern)
