@@ -656,40 +656,37 @@ def test_a_detected_layout_names_the_other_data_set_it_passes_over(tmp_path):
 
 
 def test_one_persons_scans_stay_in_one_split(tmp_path):
-    """Per-person sub-folders whose file names recur (neurite-OASIS: OAS1_0001/aligned_norm,
-    aligned_orig) and BIDS sub-<label> files: every file was its own subject, so one person's
-    scans could fall in both the training and the test part."""
+    """BIDS sub-<label> files are one subject (sub-01_T1w and sub-01_desc-brain_T1w fell in
+    training and test), scoped by the folders above (site1/sub-01 and site2/sub-01 are two
+    people). Sub-folders of several scans are not guessed (a person's folder, or a modality's,
+    a cohort's, a split's: merging people was a silent wrong result): a note names them and
+    subject_pattern, which groups them when asked."""
     for i in range(1, 5):
-        for name in ("aligned_norm", "aligned_orig"):
-            _save(tmp_path / "oasis" / f"OASIS_OAS1_000{i}_MR1" / f"{name}.nii.gz", _image(10 * i + len(name)))
         for name in ("sub-0{i}_T1w", "sub-0{i}_desc-brain_T1w"):
             _save(tmp_path / "bids" / f"sub-0{i}" / "anat" / f"{name.format(i=i)}.nii.gz", _image(i))
-    for folder, n_subjects in (("oasis", 4), ("bids", 4)):
+        for site in (1, 2):
+            _save(tmp_path / "bsite" / f"site{site}" / f"sub-0{i}" / "anat" / f"sub-0{i}_T1w.nii.gz", _image(i + site))
+        for name in ("aligned_norm", "aligned_orig"):
+            _save(tmp_path / "oasis" / f"OASIS_OAS1_000{i}_MR1" / f"{name}.nii.gz", _image(10 * i + len(name)))
+        for mod in ("T1", "T2"):
+            _save(tmp_path / "mod" / mod / f"person{i}.nii.gz", _image(i))
+    src = open_source(tmp_path / "bids", layout="folder")
+    by_id = {v.id: v.subject for v in src.volumes}
+    assert len(src.volumes) == 8 and len(set(by_id.values())) == 4 and any("BIDS" in n for n in src.notes)
+    for seed in range(5):
+        parts = src.make_splits(val=0, test=0.5, seed=seed)
+        train, test = ({by_id[v] for v in parts[k]} for k in ("train", "test"))
+        assert train and test and not train & test, (seed, parts)
+    pairs = src.pairs_for("train", src.ids)  # no pair of one person's two scans
+    assert len(pairs) == 8 * 7 - 4 * 2 and all(by_id[m] != by_id[f] for m, f in pairs)
+    src = open_source(tmp_path / "bsite", layout="folder")
+    assert sorted({v.subject for v in src.volumes}) == [f"site{s}/sub-0{i}" for s in (1, 2) for i in range(1, 5)]
+    for folder in ("oasis", "mod"):
         src = open_source(tmp_path / folder, layout="folder")
-        assert len(src.volumes) == 8 and len({v.subject for v in src.volumes}) == n_subjects, src.summary()
-        assert any(n.startswith("subjects:") for n in src.notes)
-        for seed in range(5):
-            parts = src.make_splits(val=0, test=0.5, seed=seed)
-            by_id = {v.id: v.subject for v in src.volumes}
-            train, test = ({by_id[v] for v in parts[k]} for k in ("train", "test"))
-            assert train and test and not train & test, (seed, parts)
-        pairs = src.pairs_for("train", src.ids)  # no pair of one person's two scans
-        assert len(pairs) == 8 * 7 - 4 * 2 and all(by_id[m] != by_id[f] for m, f in pairs)
-    # file names that do not recur: each file its own subject, as before
-    src = open_source(tmp_path / "oasis", layout="folder", image_glob="*/aligned_norm.nii.gz")
+        assert len({v.subject for v in src.volumes}) == 8, folder
+        assert any("hold several scans" in n and "subject_pattern" in n for n in src.notes), src.notes
+    src = open_source(tmp_path / "oasis", layout="folder", subject_pattern=r"^([^/]+)/")
     assert len({v.subject for v in src.volumes}) == 4
-    # scans named after their folder (OAS1_0001_MR1/OAS1_0001_MR1_mpr-1, _mpr-2): one person
-    for i in range(1, 4):
-        for r in (1, 2):
-            _save(tmp_path / "own" / f"OAS1_000{i}_MR1" / f"OAS1_000{i}_MR1_mpr-{r}.nii.gz", _image(i + r))
-    src = open_source(tmp_path / "own", layout="folder")
-    assert len(src.volumes) == 6 and len({v.subject for v in src.volumes}) == 3
-    # site folders sharing subject numbers (site1/sub01, site2/sub01): different people, kept apart
-    for site in (1, 2, 3):
-        for i in range(1, 5):
-            _save(tmp_path / "sites" / f"site{site}" / f"sub0{i}.nii.gz", _image(10 * site + i))
-    src = open_source(tmp_path / "sites", layout="folder")
-    assert len({v.subject for v in src.volumes}) == 12 and not any(n.startswith("subjects:") for n in src.notes)
 
 
 def test_empty_subject_folders_are_named(tmp_path):
@@ -748,3 +745,30 @@ def test_numbered_segmentations_are_label_maps_not_images(tmp_path):
     assert sorted(s.reason.split(" (")[0] for s in src.skipped) == ["second label map for id OASIS_OAS1_0001_MR1/aligned",
                                                                     "second label map for id OASIS_OAS1_0002_MR1/aligned"]
     assert not any("seg" in v.id for v in src.volumes)
+
+
+def test_file_links_wrong_pairs_and_probability_maps(tmp_path):
+    """A scan linked under a second name was two volumes (one in training, one in test); a label
+    map left over was paired with its folder's only scan whatever its name (a T2 segmentation
+    scored on the T1); fMRIPrep's _probseg maps were read as scans."""
+    for i in range(1, 4):
+        _save(tmp_path / "fl" / "v2" / f"sub0{i}.nii.gz", _image(i))
+        (tmp_path / "fl" / "latest").mkdir(exist_ok=True)
+        (tmp_path / "fl" / "latest" / f"sub0{i}.nii.gz").symlink_to(f"../v2/sub0{i}.nii.gz")
+    src = open_source(tmp_path / "fl", layout="folder")
+    assert src.ids == ["v2/sub01", "v2/sub02", "v2/sub03"]
+    assert sum("(a link): read once" in s.reason for s in src.skipped) == 3
+    for i in range(1, 3):
+        _save(tmp_path / "mc" / f"p{i}" / "t1.nii.gz", _image(i))
+        _save(tmp_path / "mc" / f"p{i}" / "t2_seg.nii.gz", _labels([1], i))
+    src = open_source(tmp_path / "mc", layout="folder")
+    assert not any(v.has_labels for v in src.volumes)
+    assert sum("label map without an image" in s.reason and "--image-glob" in s.reason for s in src.skipped) == 2
+    anat = tmp_path / "fp" / "derivatives" / "fmriprep" / "sub-01" / "anat"
+    _save(anat / "sub-01_desc-preproc_T1w.nii.gz", _image(1))
+    _save(anat / "sub-01_dseg.nii.gz", _labels([1, 2, 3], 1))
+    for t in ("CSF", "GM", "WM"):
+        _save(anat / f"sub-01_label-{t}_probseg.nii.gz", _image(2))
+    src = open_source(tmp_path / "fp", layout="folder")
+    assert [v.label_path.name for v in src.volumes] == ["sub-01_dseg.nii.gz"]
+    assert sum("_probseg" in s.reason for s in src.skipped) == 3

@@ -96,18 +96,31 @@ def _pair_by_bids_subject(images: dict[str, Path], labels: dict[str, Path]) -> N
 
 
 def _pair_in_folder(images: dict[str, Path], labels: dict[str, Path]) -> None:
-    """A label map left over pairs with the only image of its folder when that one has none
-    (``OAS1_0001/aligned_norm`` with ``OAS1_0001/aligned_seg35``)."""
-    def folder(vid: str) -> str:
-        return vid.rsplit("/", 1)[0] if "/" in vid else ""
-
-    by_folder: dict[str, list[str]] = {}
-    for vid in images:
-        by_folder.setdefault(folder(vid), []).append(vid)
+    """A label map left over (id ``<folder>/<name>``) pairs with the one image of its folder
+    named ``<name>_<kind>`` that has none (``OAS1_0001/aligned_seg35`` with
+    ``OAS1_0001/aligned_norm``); never with an image of another name (``t2_seg`` with ``t1``)."""
     for lid in [k for k in labels if k not in images]:
-        alone = by_folder.get(folder(lid), [])
-        if len(alone) == 1 and alone[0] not in labels:
-            labels[alone[0]] = labels.pop(lid)
+        head = lid + "_", lid + "-", lid + "."
+        match = [vid for vid in images if vid.startswith(head) and "/" not in vid[len(lid):] and vid not in labels]
+        if len(match) == 1:
+            labels[match[0]] = labels.pop(lid)
+
+
+def _one_per_file(images: dict[str, Path], skipped: list[Skipped]) -> None:
+    """One volume per file: an image reached under two names (a link ``latest/sub01.nii.gz ->
+    ../v2/sub01.nii.gz``) is read once, under the name that is not a link (it was two
+    volumes, one in training and one in test)."""
+    first: dict[tuple[int, int], str] = {}
+    for vid in sorted(images, key=lambda v: (images[v].is_symlink(), v)):
+        try:
+            st = images[vid].stat()
+        except OSError:
+            continue
+        key = (st.st_dev, st.st_ino)
+        if key in first:
+            skipped.append(Skipped(str(images.pop(vid)), f"the same file as {first[key]} (a link): read once"))
+        else:
+            first[key] = vid
 
 
 def glob_to_regex(pattern: str) -> re.Pattern:
@@ -228,6 +241,9 @@ def read_folder(
             for p in sorted(find_files(root, "**/*", skipped), key=_mask_last):
                 rel = p.relative_to(root)
                 stem = strip_image_ext(p.name)
+                if re.search(r"[_.-]probseg$", stem, re.I):  # BIDS tissue probabilities (fMRIPrep)
+                    skipped.append(Skipped(str(p), "a probability map (BIDS _probseg): neither a scan nor a label map"))
+                    continue
                 prefix = "" if rel.parent == Path(".") else rel.parent.as_posix() + "/"
                 m = _LABEL_SUFFIX.match(stem)
                 if m:
@@ -237,6 +253,7 @@ def read_folder(
             expected = f"image files ({', '.join(IMAGE_EXTS)}) below {root}"
     if not images:
         raise PsmambaError(f"{root}: no images found (expected {expected})")
+    _one_per_file(images, skipped)
     _pair_by_image_suffix(images, labels)
     _pair_by_bids_subject(images, labels)
     _pair_in_folder(images, labels)
@@ -259,7 +276,8 @@ def read_folder(
             subject = m.group(1) if m and m.groups() else (m.group(0) if m else vid)
         volumes.append(FileVolumeRef(vid, images[vid], lab, subject=subject, label_map=label_map))
     for vid, p in labels.items():
-        skipped.append(Skipped(str(p), f"label map without an image (id {vid})"))
+        skipped.append(Skipped(str(p), f"label map without an image (id {vid}; taken for a label map by its name: "
+                                       "--image-glob/--label-glob choose otherwise)"))
     n_lab = sum(v.has_labels for v in volumes)
     if 0 < n_lab < len(volumes):
         notes.append(f"{len(volumes) - n_lab} of {len(volumes)} images have no label map")
@@ -271,42 +289,29 @@ _BIDS_SUBJECT = re.compile(r"(?:^|/)(sub-[A-Za-z0-9]+)(?:/|_|$)")
 
 
 def _default_subjects(ids: list[str], notes: list[str]) -> dict[str, str]:
-    """Whose scans are these, when no ``subject_pattern`` says. A BIDS ``sub-<label>`` in the
-    id; else a sub-folder is taken for one person's when it holds several files and either
-    their names begin with the folder's (``OAS1_0001_MR1/OAS1_0001_MR1_mpr-1``, ``..._mpr-2``) or
-    they are the same few kinds of scan as in other folders (``OAS1_0001/aligned_norm``,
-    ``aligned_orig``; ``OAS1_0002/aligned_norm``, ...). Folders whose files differ only in their
-    numbers (``site1/sub01``, ``site1/sub02``: several people) stay one subject per file.
-    Without this every file was its own subject: one person's scans in training and test."""
+    """Whose scans are these, when no ``subject_pattern`` says: the BIDS ``sub-<label>`` of an
+    id, with the folders above it (``site1/sub-01`` and ``site2/sub-01`` are two people; a
+    ``derivatives/<pipeline>/`` part is dropped), so one person's scans stay in one split. Other
+    files are a subject each; a sub-folder holding several scans is named in a note (one person's
+    folder or a group of people: only ``subject_pattern`` can say which)."""
     out: dict[str, str] = {}
-    bids = {vid: m.group(1) for vid in ids if (m := _BIDS_SUBJECT.search(vid))}
-    if bids:
-        out.update(bids)
-        if len(set(bids.values())) < len(bids):
-            notes.append("subjects: the BIDS sub-<label> of each file (one person's scans stay in one split)")
-    by_folder: dict[str, list[str]] = {}
+    for vid in ids:
+        m = _BIDS_SUBJECT.search(vid)
+        if m:
+            above = re.sub(r"(?:^|/)derivatives/[^/]+$", "", vid[: m.start(1)].rstrip("/"))
+            out[vid] = f"{above}/{m.group(1)}" if above else m.group(1)
+    if len(set(out.values())) < len(out):
+        notes.append("subjects: the BIDS sub-<label> of each file (one person's scans stay in one split)")
+    per_folder: dict[str, int] = {}
     for vid in ids:
         if vid not in out and "/" in vid:
-            folder, name = vid.rsplit("/", 1)
-            by_folder.setdefault(folder, []).append(name)
-    seen_in: dict[str, int] = {}
-    for names in by_folder.values():
-        for name in set(names):
-            seen_in[name] = seen_in.get(name, 0) + 1
-    grouped = []
-    for folder, names in by_folder.items():
-        if len(names) < 2:
-            continue
-        base = folder.rsplit("/", 1)[-1]
-        own = len(base) >= 3 and all(n.startswith(base) for n in names)
-        kinds = len({re.sub(r"\d+", "#", n) for n in names}) == len(names)  # differ beyond numbers
-        if own or (kinds and any(seen_in[n] > 1 for n in names)):
-            out.update({f"{folder}/{n}": folder for n in names})
-            grouped.append(folder)
-    if grouped:
-        notes.append(f"subjects: {len(grouped)} sub-folder(s) taken for one person's scans each ({grouped[0]}, ...: "
-                     "several kinds of scan, or names that begin with the folder's); set subject_pattern "
-                     "if that is wrong")
+            folder = vid.rsplit("/", 1)[0]
+            per_folder[folder] = per_folder.get(folder, 0) + 1
+    crowded = sorted(f for f, n in per_folder.items() if n > 1)
+    if crowded:
+        notes.append(f"subjects: each file is its own; {len(crowded)} sub-folder(s) hold several scans "
+                     f"({crowded[0]}/, ...): if a sub-folder is one person's, set subject_pattern "
+                     "(e.g. data.options.subject_pattern: '^([^/]+)/') so that person stays in one split")
     return out
 
 

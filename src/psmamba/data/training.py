@@ -287,13 +287,16 @@ def prepare_before_use(ds) -> None:
 
 
 def report_left_out(src, splits: dict[str, list[str]], stream=None) -> None:
-    """Print to ``stream`` (stderr) what a run on ``src`` will not use: the files its reader
-    left out, with the reason, and volumes in no split (nothing when all are used)."""
+    """Print to ``stream`` (stderr) the reader's notes (how it read the data: subjects, counts)
+    and what a run on ``src`` will not use: the files it left out, with the reason, and volumes
+    in no split (nothing when there is nothing to say)."""
     import sys
 
+    out = sys.stderr if stream is None else stream
+    for note in src.notes:
+        print(f"psmamba: note: {src.root}: {note}", file=out)
     lines = src.left_out_report(splits)
     if lines:
-        out = sys.stderr if stream is None else stream
         print(f"psmamba: note: {src.root}: not used:", file=out)
         for line in lines:
             print(f"  - {line}", file=out)
