@@ -772,3 +772,13 @@ def test_file_links_wrong_pairs_and_probability_maps(tmp_path):
     src = open_source(tmp_path / "fp", layout="folder")
     assert [v.label_path.name for v in src.volumes] == ["sub-01_dseg.nii.gz"]
     assert sum("_probseg" in s.reason for s in src.skipped) == 3
+
+
+def test_inspect_takes_a_subject_pattern(tmp_path, capsys):
+    for i in range(1, 4):
+        for name in ("norm", "orig"):
+            _save(tmp_path / f"P{i}" / f"{name}.nii.gz", _image(i))
+    assert main(["data", "inspect", str(tmp_path)]) == 0
+    assert "--subject-pattern" in capsys.readouterr().out
+    assert main(["data", "inspect", str(tmp_path), "--subject-pattern", "^([^/]+)/"]) == 0
+    assert "subjects: 3 (several volumes of one subject" in capsys.readouterr().out

@@ -1,6 +1,6 @@
 """``psmamba data``: look at a data source, or prepare (cache) it before training.
 
-    psmamba data inspect SOURCE [--layout L] [--image-glob G] [--label-glob G] [--max-volumes N]
+    psmamba data inspect SOURCE [--layout L] [--image-glob G] [--label-glob G] [--subject-pattern RE] [--max-volumes N]
     psmamba data inspect demo [--size small|full]
     psmamba data prepare SOURCE [--layout L] [--pipeline P] [--cache-dir DIR]
 
@@ -27,6 +27,9 @@ def _source_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--label-glob", metavar="GLOB", help="label files, relative to SOURCE")
     p.add_argument("--label-map", metavar="NAME",
                    help="label protocol: lpba40, dkt31, abdomen, subcortical14 (default: the layout's own)")
+    p.add_argument("--subject-pattern", metavar="REGEX",
+                   help="folder sources: a regular expression whose first group, searched in each volume id, "
+                        "is its subject (e.g. '^([^/]+)/': one person per sub-folder)")
     p.add_argument("--size", default="small", choices=("small", "full"), help="demo size (default small)")
     p.add_argument("--cache-dir", metavar="DIR", help="cache folder (default $PSMAMBA_CACHE or ~/.cache/psmamba)")
 
@@ -51,6 +54,8 @@ def _options(args: argparse.Namespace) -> dict:
         opts["label_glob"] = args.label_glob
     if args.label_map:
         opts["label_map"] = args.label_map
+    if args.subject_pattern:
+        opts["subject_pattern"] = args.subject_pattern
     return opts
 
 

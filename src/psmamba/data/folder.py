@@ -310,8 +310,9 @@ def _default_subjects(ids: list[str], notes: list[str]) -> dict[str, str]:
     crowded = sorted(f for f, n in per_folder.items() if n > 1)
     if crowded:
         notes.append(f"subjects: each file is its own; {len(crowded)} sub-folder(s) hold several scans "
-                     f"({crowded[0]}/, ...): if a sub-folder is one person's, set subject_pattern "
-                     "(e.g. data.options.subject_pattern: '^([^/]+)/') so that person stays in one split")
+                     f"({crowded[0]}/, ...): if a sub-folder is one person's, give a subject pattern "
+                     "(--subject-pattern '^([^/]+)/', data.options.subject_pattern in a config) so that "
+                     "person stays in one split")
     return out
 
 

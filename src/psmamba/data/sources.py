@@ -330,6 +330,9 @@ class SourceData:
         lines = [f"{self.layout} source at {self.root}: {len(self.volumes)} volumes"
                  + (("" if self.layout == "pickle" else  # a pickle's labels are known once it is read
                      f" ({sum(v.has_labels for v in self.volumes)} with labels)") if self.volumes else "")]
+        n_subjects = len({v.subject for v in self.volumes})
+        if n_subjects < len(self.volumes):
+            lines.append(f"subjects: {n_subjects} (several volumes of one subject stay in one split)")
         if self.label_map is not None:
             lines.append(f"labels: protocol {self.label_map.name}, {self.label_map.num_labels} ROIs")
         for name, ids in self.splits.items():
