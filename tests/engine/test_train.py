@@ -393,7 +393,8 @@ def test_an_unusable_volume_fails_before_training_without_output(tmp_path, capsy
 
 def test_validation_pairs_with_no_shared_label_do_not_stop_training(tmp_path):
     """Validation maps of two protocols (codes 3 and 4): `labels names no label code` after the
-    training steps, leaving a folder that blocked the rerun. Now such a pair has no Dice."""
+    training steps, leaving a folder that blocked the rerun. Now such a pair has no Dice, and
+    with no Dice at all best.pt is chosen by validation loss (it was never written)."""
     root = make_folder(tmp_path / "scans")
     for k, code in ((4, 3), (5, 4)):
         path = root / f"sub{k}_seg.nii.gz"
@@ -406,9 +407,12 @@ def test_validation_pairs_with_no_shared_label_do_not_stop_training(tmp_path):
     cfg = tiny_config(root / "list.csv", tmp_path / "cache", optim={"epochs": 1},
                       data={"source": "manifest", "val_fraction": 0.0})
     path = write_yaml(tmp_path / "c.yaml", cfg)
-    assert main(["train", "--config", str(path), "--out", str(tmp_path / "out")]) == 0
+    with pytest.warns(UserWarning, match="best.pt is chosen by validation loss"):
+        assert main(["train", "--config", str(path), "--out", str(tmp_path / "out")]) == 0
     val = [r for r in csv_rows(tmp_path / "out" / "metrics.csv") if r["split"] == "val"]
     assert val and all(r["dice"] in ("", "nan") for r in val)
+    best = torch.load(tmp_path / "out" / "best.pt", map_location="cpu", weights_only=False)  # chosen by loss
+    assert best["train_summary"]["best"]["metric"] == "val_loss"
 
 
 @pytest.mark.parametrize("out_exists", [False, True])

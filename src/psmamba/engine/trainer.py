@@ -185,6 +185,8 @@ class Trainer:
         if was != self.cfg.optim.epochs:
             self._reschedule(was)
         self.best = dict(state.get("best", {}))
+        if self.best.get("metric") == "val_loss":  # chosen by loss before (see validate_and_select)
+            self.best_metric = "val_loss"
         self.csv_rows = state.get("metrics", {}).get("csv_rows")
         self.history = list(state.get("metrics", {}).get("history", []))
         rngs = state.get("rng") or []
@@ -427,6 +429,12 @@ class Trainer:
             self.tb.images(images, self.global_step)
             self.history.append({k: row[k] for k in ("epoch", "step", "loss", "dice", "folding_percent", "lr")})
             self.last_val = res
+            if self.best_metric == "val_dice" and math.isnan(res["dice"]) and not self.best:
+                # no validation pair's label maps share a code (two protocols): no Dice to select
+                # by, and no best.pt would ever be written; decided once, at the first validation
+                warnings.warn("validation: no pair's label maps share a label code, so there is no validation "
+                              "Dice; best.pt is chosen by validation loss")
+                self.best_metric = "val_loss"
             if self._improved(res):
                 self.best.update({"metric": self.best_metric, "value": self._metric(res),
                                   "epoch": self.epoch + 1, "step": self.global_step})
