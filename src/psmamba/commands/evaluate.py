@@ -184,8 +184,8 @@ def run(args: argparse.Namespace) -> int:
 
         pairs = demo_pairs(size=args.demo_size or "small", split=args.split)
     elif args.config:
+        _check_not_trained_on(args, ckpt)  # before split_pairs reads and checks every test volume
         pairs = split_pairs(args.config, split=args.split)
-        _check_not_trained_on(args, ckpt)
     else:
         from psmamba.engine.methods import train_config_of
 

@@ -144,8 +144,7 @@ def read_abdomen(
             leave_out(vid, img, "listed in the JSON but not on disk")
             continue
         if lab is not None and not lab.is_file():
-            skipped.append(Skipped(str(lab), "label map listed in the JSON but not on disk"))
-            why.setdefault(vid, f"{lab}: label map listed in the JSON but not on disk")
+            leave_out(vid, lab, "label map listed in the JSON but not on disk")
             lab = None
         if lab is None and require_labels:
             leave_out(vid, img, f"no label map in {label_dir}/")

@@ -72,7 +72,19 @@ def _pair_by_image_suffix(images: dict[str, Path], labels: dict[str, Path]) -> N
             labels[match[0]] = labels.pop(lid)
 
 
-_BIDS_KEY = re.compile(r"(?:^|[/_])(sub-[A-Za-z0-9]+)(?:.*?[/_](ses-[A-Za-z0-9]+))?")
+_BIDS_SUBJECT = re.compile(r"(?:^|/)(sub-[A-Za-z0-9]+)(?:/|_|$)")
+_BIDS_SESSION = re.compile(r"(?:^|[/_])(ses-[A-Za-z0-9]+)(?:/|_|$)")
+
+
+def _bids_subject(vid: str) -> str | None:
+    """The BIDS ``sub-<label>`` of an id with the folders above it (``site1/sub-01`` and
+    ``site2/sub-01`` are two people; a ``derivatives/<pipeline>/`` part is dropped, so a
+    derivative belongs to its raw scan's subject), or None."""
+    m = _BIDS_SUBJECT.search(vid)
+    if m is None:
+        return None
+    above = re.sub(r"(?:^|/)derivatives/[^/]+$", "", vid[: m.start(1)].rstrip("/"))
+    return f"{above}/{m.group(1)}" if above else m.group(1)
 
 
 def _pair_by_bids_subject(images: dict[str, Path], labels: dict[str, Path]) -> None:
@@ -80,8 +92,9 @@ def _pair_by_bids_subject(images: dict[str, Path], labels: dict[str, Path]) -> N
     same BIDS subject (and session): ``derivatives/<pipeline>/sub-01/anat/sub-01_dseg`` with
     ``sub-01/anat/sub-01_T1w``. Unique matches only (T1w and T2w of one subject: left as is)."""
     def key(vid: str):
-        m = _BIDS_KEY.search(vid)
-        return None if m is None else (m.group(1), m.group(2))
+        subject = _bids_subject(vid)
+        session = _BIDS_SESSION.search(vid)
+        return None if subject is None else (subject, session and session.group(1))
 
     free: dict[tuple, list[str]] = {}
     for vid in images:
@@ -285,21 +298,13 @@ def read_folder(
                       skipped=skipped, notes=notes, preprocessing=preprocessing)
 
 
-_BIDS_SUBJECT = re.compile(r"(?:^|/)(sub-[A-Za-z0-9]+)(?:/|_|$)")
-
-
 def _default_subjects(ids: list[str], notes: list[str]) -> dict[str, str]:
     """Whose scans are these, when no ``subject_pattern`` says: the BIDS ``sub-<label>`` of an
     id, with the folders above it (``site1/sub-01`` and ``site2/sub-01`` are two people; a
     ``derivatives/<pipeline>/`` part is dropped), so one person's scans stay in one split. Other
     files are a subject each; a sub-folder holding several scans is named in a note (one person's
     folder or a group of people: only ``subject_pattern`` can say which)."""
-    out: dict[str, str] = {}
-    for vid in ids:
-        m = _BIDS_SUBJECT.search(vid)
-        if m:
-            above = re.sub(r"(?:^|/)derivatives/[^/]+$", "", vid[: m.start(1)].rstrip("/"))
-            out[vid] = f"{above}/{m.group(1)}" if above else m.group(1)
+    out = {vid: s for vid in ids if (s := _bids_subject(vid)) is not None}
     if len(set(out.values())) < len(out):
         notes.append("subjects: the BIDS sub-<label> of each file (one person's scans stay in one split)")
     per_folder: dict[str, int] = {}

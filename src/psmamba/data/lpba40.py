@@ -120,10 +120,11 @@ def read_lpba40(
         skipped.append(Skipped(str(lab), f"label map without an image for {sid}"))
     # subject folders beside the subjects' that hold no image (an empty S16/): named, not just counted
     named = {Path(s.what) for s in skipped} | {Path(s.what).parent for s in skipped}
-    subject_dirs = {p.parent for p in images if _subject_id(p.parent, rx) is not None}
+    image_dirs = {p.parent for p in images}
+    subject_dirs = {d for d in image_dirs if _subject_id(d, rx) is not None}
     for folder in sorted({d.parent for d in subject_dirs if d.parent == root or root in d.parent.parents}):
         for d in sorted(c for c in folder.iterdir() if c.is_dir()):
-            if _subject_id(d, rx) is not None and d not in named and not any(p.parent == d for p in images):
+            if _subject_id(d, rx) is not None and d not in named and d not in image_dirs:
                 skipped.append(Skipped(str(d), f"subject folder without an image matching {image_glob!r}"))
     if not volumes:
         raise PsmambaError(f"{root}: no usable LPBA40 subject (an image with its label map)" + _reasons(skipped))

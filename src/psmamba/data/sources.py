@@ -319,8 +319,7 @@ class SourceData:
         lines = [str(s) for s in self.skipped]
         unused = self.not_in_splits(splits)
         if unused:
-            lines.append(f"{len(unused)} volume(s) in no split, unused: {', '.join(unused[:8])}"
-                         + (" ..." if len(unused) > 8 else ""))
+            lines.append(f"{len(unused)} volume(s) in no split, unused: {_some(unused)}")
         if len(lines) > most:
             lines = lines[:most] + [f"... and {len(lines) - most} more (psmamba data inspect {self.root} lists them)"]
         return lines
@@ -343,7 +342,7 @@ class SourceData:
         unused = self.not_in_splits()
         if unused:
             lines.append(f"in no published split (unused by train and evaluate): {len(unused)} volumes: "
-                         + ", ".join(unused[:8]) + (" ..." if len(unused) > 8 else ""))
+                         f"{_some(unused)}")
         if self.skipped:
             lines.append(f"left out: {len(self.skipped)}")
             lines.extend(f"  - {s}" for s in self.skipped)
@@ -382,8 +381,7 @@ def detect_layout(path: str | os.PathLike) -> str:
         return "mindboggle"
     if _glob(p, "**/*.delineation.skullstripped.*"):
         return "lpba40"
-    if any(next(p.glob(g), None) is not None for g in ("*.pkl", "*.pickle", "*/*.pkl", "*/*.pickle")) and not any(
-            image_ext(f.name) for f in p.rglob("*") if f.is_file()):
+    if _pickle_files(p) and not any(image_ext(f.name) for f in p.rglob("*") if f.is_file()):
         return "pickle"  # pickles here or in Train/ Val/ Test/ sub-folders, and no NIfTI/Analyze file
     return "folder"
 
@@ -424,6 +422,16 @@ def open_source(path: str | os.PathLike, layout: str | None = None, **options: A
     return src
 
 
+def _some(ids: Sequence[str], most: int = 8) -> str:
+    return ", ".join(ids[:most]) + (" ..." if len(ids) > most else "")
+
+
+def _pickle_files(p: Path) -> list[Path]:
+    """Pickles in ``p`` or one folder down (``Train/ Val/ Test/``), macOS litter aside."""
+    return [f for g in ("*.pkl", "*.pickle", "*/*.pkl", "*/*.pickle") for f in p.glob(g)
+            if f.is_file() and not f.name.startswith("._")]
+
+
 def _other_layouts(p: Path, chosen: str, n_volumes: int) -> list["Skipped"]:
     """What a detected layout passes over in a folder that also holds another data set's files
     (one stray NIfTI beside Train/ Val/ Test/ pickles made them a 'folder' of one volume; a
@@ -437,14 +445,13 @@ def _other_layouts(p: Path, chosen: str, n_volumes: int) -> list["Skipped"]:
             found.append(Skipped(f"{p}/{subsets[0]}" + (f" (+{len(subsets) - 1} more)" if len(subsets) > 1 else ""),
                                  f"Mindboggle subset folder, not read: this folder was read as {chosen}; "
                                  "give --layout mindboggle to read that"))
-    if chosen != "lpba40":
+    if chosen in ("abdomen", "mindboggle"):  # detection looked for LPBA40 files only after these
         lpba = find_files(p, "**/*.delineation.skullstripped.*")  # an Analyze pair counts once
         if lpba:
             found.append(Skipped(str(lpba[0].parent.parent), f"{len(lpba)} LPBA40 image(s) ({lpba[0].name}, ...), not "
                                  f"read: this folder was read as {chosen}; give --layout lpba40 to read them"))
     if chosen != "pickle":
-        pickles = [f for g in ("*.pkl", "*.pickle", "*/*.pkl", "*/*.pickle") for f in p.glob(g)
-                   if f.is_file() and not f.name.startswith("._")]
+        pickles = _pickle_files(p)
         if len(pickles) > n_volumes:  # more pickles than scans read: the data set is the pickles
             # (one splits_final.pkl beside an images/ + labels/ folder is not)
             found.append(Skipped(str(pickles[0].parent), f"{len(pickles)} pickle(s) ({pickles[0].name}, ...), not read: "

@@ -255,12 +255,11 @@ def split_pairs(config: Any, split: str = "test") -> LazyPairs:
         return LazyPairs(demo.pair_dataset(split, labels=True), f"demo {d.size} {split}")
     if d.source == "synth":
         raise PsmambaError("data.source synth has no test split: evaluate on --pairs, --demo or a data folder")
-    from psmamba.data.training import open_file_source
+    from psmamba.data.training import open_file_source, prepare_before_use, report_left_out
 
     root = Path(str(d.root)).expanduser()
-    src, splits, engine_opts = open_file_source(cfg)
-    from psmamba.data.training import report_left_out
 
+    src, splits, engine_opts = open_file_source(cfg)
     report_left_out(src, splits)
     if not splits.get(split):
         raise PsmambaError(f"{root}: the {split!r} split holds no volumes")
@@ -268,8 +267,6 @@ def split_pairs(config: Any, split: str = "test") -> LazyPairs:
                           cache_dir=engine_opts.get("cache_dir"), labels=True)
     if not len(ds):
         raise PsmambaError(f"{root}: the {split!r} split holds no pairs")
-    from psmamba.data.training import prepare_before_use
-
     prepare_before_use(ds)  # an unusable volume fails before the first pair, not at pair 3 of 90
     return LazyPairs(ds, f"{root} {split}")
 
