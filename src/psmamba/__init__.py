@@ -21,7 +21,8 @@ def register(fixed, moving, *, out=None, method=None, **options):
     Args:
         fixed, moving: paths (NIfTI, Analyze), :class:`psmamba.io.Image` objects or 3-D arrays.
         out: a folder to write the outputs to (``warped.nii.gz``, ``ddf.nii.gz``,
-            ``ddf_inverse.nii.gz``, ``affine.txt``, ``summary.json``, ...), or None.
+            ``ddf_inverse.nii.gz``, ``affine.txt``, ``summary.json``, ...; with ``itk=True`` also
+            ``warp_itk.nii.gz`` and ``warp_itk_inverse.nii.gz`` for ANTs/ITK), or None.
         method: ``"default"`` (None), ``"identity"``, ``"affine"``, ``"io"``, ``"affine+io"``,
             ``"network"``, ``"network+io"``, ``"affine+network+io"``, ...
         options: any keyword of :func:`psmamba.engine.register.register_pair` (``fixed_labels``,

@@ -46,6 +46,7 @@ __all__ = [
     "save_image",
     "save_labels",
     "save_ddf",
+    "save_itk_warp",
     "SUFFIXES",
     "READ_SUFFIXES",
     "as_image",
@@ -309,23 +310,55 @@ def load_labels(path, what: str = "labels") -> Image:
 
 
 def load_ddf(path, what: str = "displacement field") -> Image:
-    """Read a displacement field in the Learn2Reg layout ``(D, H, W, 3)``, voxel units.
+    """Read a displacement field as voxel displacements in the Learn2Reg layout ``(D, H, W, 3)``.
 
-    NIfTI vector images stored as ``(D, H, W, 1, 3)`` are accepted too. ``data`` comes back as
-    float32 ``(D, H, W, 3)``; use :func:`psmamba.spatial.ddf_from_l2r` for the tensor layout.
+    Two kinds of file are read:
+
+    * psmamba's ``ddf.nii.gz`` / Learn2Reg fields: ``(D, H, W, 3)`` (or ``(D, H, W, 1, 3)``)
+      voxel displacements on the file's own grid, read as they are;
+    * ITK / ANTs displacement field transforms (``warp_itk.nii.gz`` of ``psmamba register --itk``,
+      ``antsRegistration``'s ``1Warp.nii.gz``): ``(D, H, W, 1, 3)`` with the NIfTI intent
+      ``vector`` (components in LPS mm, ITK's and ANTs' convention) or ``displacement vector``
+      (components in RAS mm); converted to voxels of the file's grid, ``A^-1 v``.
+
+    ``data`` comes back as float32 ``(D, H, W, 3)``; use :func:`psmamba.spatial.ddf_from_l2r`
+    for the tensor layout.
     """
     img, data, p = _read(path, what)
+    intent = _intent_code(img)
     if data.ndim == 5 and data.shape[3] == 1:
         data = data[:, :, :, 0, :]
     if data.ndim != 4 or data.shape[-1] != 3:
         raise PsmambaError(f"{what} {p}: expected shape (D, H, W, 3), got {tuple(data.shape)}")
     _check_finite(data, what, p)
+    affine = np.asarray(img.affine, dtype=np.float64)
+    if intent in (_INTENT_VECTOR, _INTENT_DISPVECT):  # world mm (ITK): back to voxels of this grid
+        linear = affine[:3, :3]
+        if abs(np.linalg.det(linear)) < 1e-12:
+            raise PsmambaError(f"{what} {p}: its affine is singular (a world displacement cannot be read in voxels)")
+        ras = data.astype(np.float64) * (_LPS if intent == _INTENT_VECTOR else 1.0)
+        data = np.einsum("ij,...j->...i", np.linalg.inv(linear), ras)
     return Image(
         data=data.astype(np.float32, copy=False),
-        affine=np.asarray(img.affine, dtype=np.float64),
+        affine=affine,
         header=img.header,
         path=p,
     )
+
+
+#: NIfTI intent codes of vector fields: ``vector`` (ITK and ANTs write displacement fields with it,
+#: components in LPS mm) and ``displacement vector`` (components in RAS mm, the NIfTI standard's
+#: meaning; ITK >= 5.3 reads and writes it so)
+_INTENT_VECTOR, _INTENT_DISPVECT = 1007, 1006
+#: RAS <-> LPS for a vector's components (x and y point the other way)
+_LPS = np.array([-1.0, -1.0, 1.0])
+
+
+def _intent_code(img) -> int:
+    try:
+        return int(img.header.get_intent("code")[0])
+    except Exception:  # Analyze headers have no intent; an unknown code reads as none
+        return 0
 
 
 # --------------------------------------------------------------------------- writing
@@ -496,6 +529,46 @@ def save_ddf(path, ddf, affine) -> Path:
     field = ddf_to_l2r(arr).astype(np.float32)
     _check_finite(field, "ddf for", p)
     return _atomic_save(_build(field, _affine(affine, p)), p)
+
+
+def save_itk_warp(path, ddf, affine) -> Path:
+    """Write a voxel displacement field as an ITK / ANTs displacement field transform.
+
+    The file is what ``antsApplyTransforms -t``, SimpleITK's ``DisplacementFieldTransform``
+    (after ``sitk.ReadImage``), ``ants.apply_transforms`` and 3D Slicer read: NIfTI, float32,
+    shape ``(D, H, W, 1, 3)`` (ITK's vector image), intent ``vector``, the grid's affine, and at
+    each voxel ``p`` the displacement in LPS mm: the point ``x`` (LPS) of voxel ``p`` maps to
+    ``x + v[p]``. As every ITK transform it maps the points of the output (fixed) grid to the
+    input (moving) image, the direction resampling pulls along.
+
+    Args:
+        path: destination (``.nii.gz`` or ``.nii``).
+        ddf: ``(1, 3, D, H, W)`` or ``(3, D, H, W)`` voxel displacements of the grid of
+            ``affine`` (psmamba's convention: voxel ``p`` reads the other image, resampled onto
+            this grid through the headers, at ``p + ddf[p]``), tensor or array.
+        affine: the grid's ``(4, 4)`` voxel -> world RAS+ mm matrix.
+
+    :func:`load_ddf` reads the file back as voxel displacements.
+    """
+    from psmamba.spatial import ddf_to_l2r
+
+    p = _as_path(path, "output")
+    if _suffix(p) not in (".nii.gz", ".nii"):
+        raise PsmambaError(f"output {p}: an ITK displacement field is written as .nii.gz or .nii")
+    arr = _to_numpy(ddf, "ddf")
+    if arr.ndim not in (4, 5) or arr.shape[-4] != 3 or (arr.ndim == 5 and arr.shape[0] != 1):
+        raise PsmambaError(f"ddf for {p}: expected shape (1, 3, D, H, W) or (3, D, H, W), got {tuple(arr.shape)}")
+    a = _affine(affine, p)
+    field = ddf_to_l2r(arr)
+    _check_finite(field, "ddf for", p)
+    m = (a[:3, :3] * _LPS[:, None]).tolist()  # voxel -> LPS mm, a component at a time in float32
+    field = field.astype(np.float32, copy=False)
+    out = np.empty(field.shape[:3] + (1, 3), dtype=np.float32)
+    for i in range(3):
+        out[:, :, :, 0, i] = m[i][0] * field[..., 0] + m[i][1] * field[..., 1] + m[i][2] * field[..., 2]
+    img = _build(out, a)
+    img.header.set_intent("vector")
+    return _atomic_save(img, p)
 
 
 def _in_memory(arr: np.ndarray, what: str, labels: bool, kind: str) -> np.ndarray:

@@ -103,7 +103,8 @@ def test_register_iters_raises_dice_and_writes_outputs(blob_pair, tmp_path, caps
     printed = capsys.readouterr().out
     assert "Dice:" in printed and "folding:" in printed
     for name in OUTPUT_FILES:
-        assert (out / name).is_file() == (name != "affine.txt"), name  # no affine stage with --iters
+        # no affine stage with --iters; the ITK fields only with --itk
+        assert (out / name).is_file() == (name != "affine.txt" and "itk" not in name), name
     summary = json.loads((out / "summary.json").read_text())
     before, after = summary["dice_before"]["mean"], summary["dice_after"]["mean"]
     assert after > before + 0.1, (before, after)
@@ -481,3 +482,113 @@ def test_masks_are_non_zero_inside_and_finite(blob_pair):
     nan = Image(np.where(lab > 0, np.nan, 0.0), blob_pair["affine"], None, None)
     with pytest.raises(PsmambaError, match="fixed mask holds NaN"):  # accepted before
         register_pair(blob_pair["fixed"], blob_pair["moving"], method="identity", fixed_mask=nan)
+
+
+# --------------------------------------------------------------------------- ITK displacement fields
+def _rotation(deg_x: float, deg_z: float) -> np.ndarray:
+    ax, az = np.radians(deg_x), np.radians(deg_z)
+    rx = np.array([[1, 0, 0], [0, np.cos(ax), -np.sin(ax)], [0, np.sin(ax), np.cos(ax)]])
+    rz = np.array([[np.cos(az), -np.sin(az), 0], [np.sin(az), np.cos(az), 0], [0, 0, 1]])
+    return rz @ rx
+
+
+def _oblique_registration(tmp_path, capsys):
+    """A pair whose moving grid is oblique (rotated 12 and 20 degrees), anisotropic and mirrored,
+    registered with ``--itk``; returns the files, the fixed labels and the arrays' grids."""
+    fshape, mshape = (24, 26, 22), (20, 18, 21)
+    faff = grid_affine(shape=fshape)
+    maff = np.eye(4)
+    maff[:3, :3] = _rotation(12, 20) @ np.diag([-1.3, 1.2, 1.1])
+    maff[:3, 3] = -maff[:3, :3] @ ((np.asarray(mshape) - 1) / 2.0) + [1.0, -0.5, 0.5]
+    fimg, flab = world_blobs(fshape, faff)
+    mimg, _ = world_blobs(mshape, maff, shift_mm=(2.0, -1.5, 1.5), wobble=0.8)
+    f, m = save(tmp_path / "f.nii.gz", fimg, faff), save(tmp_path / "m.nii.gz", mimg, maff)
+    fl = save(tmp_path / "fl.nii.gz", flab, faff)
+    out = tmp_path / "out"
+    assert main(["register", "--fixed", str(f), "--moving", str(m), "--method", "affine+io", "--itk",
+                 "--no-overview", "--io-iterations", "20", "10", "1", "--device", "cpu", "--out", str(out)]) == 0
+    assert "warp_itk.nii.gz, warp_itk_inverse.nii.gz" in capsys.readouterr().out
+    for name, shape in (("warp_itk.nii.gz", fshape), ("warp_itk_inverse.nii.gz", mshape)):
+        hdr = nib.load(str(out / name)).header
+        assert hdr.get_data_shape() == shape + (1, 3) and hdr.get_intent()[0] == "vector", name
+    ddf = np.asarray(nib.load(str(out / "ddf.nii.gz")).dataobj)
+    # where the whole map lands at least a voxel inside the moving grid (ITK, ANTs and psmamba
+    # treat the border differently)
+    idx = np.stack(np.meshgrid(*[np.arange(n) for n in fshape], indexing="ij"), -1)
+    world = (idx + ddf) @ faff[:3, :3].T + faff[:3, 3]
+    q = (world - maff[:3, 3]) @ np.linalg.inv(maff[:3, :3]).T
+    inner = np.all((q >= 1) & (q <= np.asarray(mshape) - 2), axis=-1)
+    assert inner.mean() > 0.5 and np.abs(ddf).max() > 1.0  # a map worth checking: not the identity
+    return {"fixed": f, "moving": m, "fixed_labels": fl, "out": out, "flab": flab, "faff": faff, "maff": maff,
+            "inner": inner, "max": float(mimg.max())}
+
+
+def test_itk_warps_applied_by_simpleitk_match_psmamba(tmp_path, capsys):
+    """``--itk``: SimpleITK, reading the images and warp_itk.nii.gz from disk (its own header and
+    LPS conventions), resamples the moving image onto the fixed grid as psmamba's warped.nii.gz,
+    and warp_itk_inverse.nii.gz carries the fixed labels onto the moving grid as ddf_inverse does."""
+    sitk = pytest.importorskip("SimpleITK")
+    r = _oblique_registration(tmp_path, capsys)
+    out, m, f, fl, faff, maff = r["out"], r["moving"], r["fixed"], r["fixed_labels"], r["faff"], r["maff"]
+    mshape, flab = nib.load(str(m)).shape, r["flab"]
+    warped = np.asarray(nib.load(str(out / "warped.nii.gz")).dataobj)
+
+    def apply(warp, image, reference, interp):
+        field = sitk.Cast(sitk.ReadImage(str(out / warp)), sitk.sitkVectorFloat64)
+        tx = sitk.DisplacementFieldTransform(field)
+        res = sitk.Resample(sitk.ReadImage(str(image), sitk.sitkFloat32), sitk.ReadImage(str(reference)), tx,
+                            interp, 0.0)
+        return sitk.GetArrayFromImage(res).transpose(2, 1, 0)  # sitk (k, j, i) -> file order
+
+    theirs = apply("warp_itk.nii.gz", m, f, sitk.sitkLinear)
+    assert np.abs(theirs - warped)[r["inner"]].max() < 1e-3 * r["max"]
+    # the inverse: fixed labels onto the moving grid, against psmamba's own pull through ddf_inverse
+    inv = np.asarray(nib.load(str(out / "ddf_inverse.nii.gz")).dataobj)
+    labels_on_moving = apply("warp_itk_inverse.nii.gz", fl, m, sitk.sitkNearestNeighbor)
+    ridx = np.stack(np.meshgrid(*[np.arange(n) for n in mshape], indexing="ij"), -1)
+    world = (ridx + inv) @ maff[:3, :3].T + maff[:3, 3]
+    p = np.rint((world - faff[:3, 3]) @ np.linalg.inv(faff[:3, :3]).T).astype(int)
+    ok = np.all((p >= 0) & (p < np.asarray(flab.shape)), axis=-1)
+    ours = np.zeros(mshape, flab.dtype)
+    ours[ok] = flab[tuple(p[ok].T)]
+    assert (ours > 0).sum() > 100
+    assert (labels_on_moving == ours).mean() > 0.99  # nearest neighbour: rounding ties may differ
+
+
+def test_itk_warp_applied_by_ants_matches_psmamba(tmp_path, capsys):
+    """The same with ANTs itself (antspyx's antsApplyTransforms; the benchmarks' extra, skipped
+    where it is not installed)."""
+    ants = pytest.importorskip("ants")
+    r = _oblique_registration(tmp_path, capsys)
+    out = r["out"]
+    res = ants.apply_transforms(ants.image_read(str(r["fixed"])), ants.image_read(str(r["moving"])),
+                                transformlist=[str(out / "warp_itk.nii.gz")], interpolator="linear")
+    warped = np.asarray(nib.load(str(out / "warped.nii.gz")).dataobj)
+    assert np.abs(res.numpy() - warped)[r["inner"]].max() < 1e-3 * r["max"]
+
+
+def test_itk_warp_round_trip_and_ants_style_files(tmp_path):
+    """load_ddf reads warp_itk files (intent vector, LPS mm) and NIfTI 'displacement vector' files
+    (RAS mm) back as voxel displacements; psmamba's own ddf.nii.gz as it is."""
+    from psmamba.io import load_ddf, save_ddf, save_itk_warp
+
+    aff = np.eye(4)
+    aff[:3, :3] = _rotation(10, -25) @ np.diag([0.9, 1.4, 2.0])
+    aff[:3, 3] = [5.0, -3.0, 7.0]
+    rng = np.random.default_rng(0)
+    ddf = rng.normal(size=(3, 6, 7, 5)).astype(np.float32)
+    back = load_ddf(save_itk_warp(tmp_path / "w.nii.gz", ddf, aff)).data
+    np.testing.assert_allclose(back, np.moveaxis(ddf, 0, -1), atol=1e-5)
+    mm = np.einsum("ij,j...->...i", aff[:3, :3], ddf)  # RAS mm, NIfTI's displacement vector intent
+    img = nib.Nifti1Image(mm[:, :, :, None, :].astype(np.float32), aff)
+    img.header.set_intent(1006)
+    nib.save(img, str(tmp_path / "ras.nii.gz"))
+    np.testing.assert_allclose(load_ddf(tmp_path / "ras.nii.gz").data, np.moveaxis(ddf, 0, -1), atol=1e-5)
+    np.testing.assert_array_equal(load_ddf(save_ddf(tmp_path / "d.nii.gz", ddf, aff)).data, np.moveaxis(ddf, 0, -1))
+    with pytest.raises(PsmambaError, match="written as .nii.gz or .nii"):
+        save_itk_warp(tmp_path / "w.hdr", ddf, aff)
+    with pytest.raises(PsmambaError, match="NaN"):
+        save_itk_warp(tmp_path / "n.nii.gz", np.full((3, 4, 4, 4), np.nan), aff)
+    assert not list(tmp_path.glob("n*"))
+    with pytest.raises(PsmambaError, match="give out_dir"):
+        register_pair(tmp_path / "x.nii.gz", tmp_path / "y.nii.gz", itk=True)

@@ -60,6 +60,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="grid the network runs on (default: training size stored in the checkpoint)")
     run_.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
     run_.add_argument("--no-overview", action="store_true", help="do not draw overview.png")
+    run_.add_argument("--itk", action="store_true",
+                      help="also write warp_itk.nii.gz and warp_itk_inverse.nii.gz: the whole map and its inverse as "
+                      "ITK/ANTs displacement field transforms (antsApplyTransforms, SimpleITK, 3D Slicer)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -110,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
         similarity=args.similarity, fixed_window=args.fixed_window, moving_window=args.moving_window,
         deformable=deformable or None,
         device=args.device, out_dir=args.out, model_size=args.model_size,
-        overview=not args.no_overview,
+        overview=not args.no_overview, itk=args.itk,
     )
     s = result.summary
     t = s["timings_s"]

@@ -25,7 +25,8 @@ each a function of its own:
    before/after; when ``out_dir`` is given, everything is written into a temporary folder moved
    into place only after everything succeeded: ``warped.nii.gz``, ``ddf.nii.gz``,
    ``ddf_inverse.nii.gz``, ``affine.txt``, ``warped_labels.nii.gz``, ``jacobian.nii.gz``,
-   ``summary.json``, ``overview.png``.
+   ``summary.json``, ``overview.png``, and with ``itk=True`` ``warp_itk.nii.gz`` and
+   ``warp_itk_inverse.nii.gz``.
 
 The displacement field ``ddf.nii.gz`` is the WHOLE map (affine and deformable) in voxels of the
 fixed grid, Learn2Reg layout ``(D, H, W, 3)``: fixed voxel ``p`` takes its value from the moving
@@ -35,6 +36,10 @@ a grid this is exactly the Learn2Reg convention; otherwise the map to the moving
 the mirror convention: moving voxel ``r`` takes its value from the fixed image resampled onto the
 moving grid through the headers at ``r + ddf_inverse[r]`` (labels drawn on the fixed image
 carried onto the moving one). ``affine.txt`` is the linear stage alone, an ITK text transform.
+``warp_itk.nii.gz`` is the same whole map as ``ddf.nii.gz`` in ITK's form (displacements in LPS
+mm, :func:`psmamba.io.save_itk_warp`): ``antsApplyTransforms -t warp_itk.nii.gz`` alone carries the
+moving image onto the fixed grid; ``warp_itk_inverse.nii.gz`` (moving grid) carries fixed-space
+images onto the moving one.
 """
 
 from __future__ import annotations
@@ -64,12 +69,14 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["RegistrationResult", "Pipeline", "build_pipeline", "register_pair", "OUTPUT_FILES", "MIN_SIZE"]
 
 #: The files ``register_pair(..., out_dir=...)`` writes (``warped_labels`` only with moving labels,
-#: ``affine.txt`` only when a rigid/affine stage ran).
+#: ``affine.txt`` only when a rigid/affine stage ran, ``warp_itk*`` only with ``itk=True``).
 OUTPUT_FILES = (
     "warped.nii.gz",
     "ddf.nii.gz",
     "ddf_inverse.nii.gz",
     "affine.txt",
+    "warp_itk.nii.gz",
+    "warp_itk_inverse.nii.gz",
     "warped_labels.nii.gz",
     "jacobian.nii.gz",
     "summary.json",
@@ -142,18 +149,19 @@ class RegistrationResult:
         d = self.summary.get("dice_after")
         return None if d is None else d["mean"]
 
-    def save(self, out_dir: str | os.PathLike, overview: bool = True) -> Path:
-        """Write the outputs into ``out_dir`` atomically (see :data:`OUTPUT_FILES`).
+    def save(self, out_dir: str | os.PathLike, overview: bool = True, itk: bool = False) -> Path:
+        """Write the outputs into ``out_dir`` atomically (see :data:`OUTPUT_FILES`); ``itk``: also
+        the whole map and its inverse as ITK / ANTs displacement field transforms.
 
         Files are first written into a temporary folder beside ``out_dir`` and moved into
         place only when all of them were written, so a failure leaves nothing behind.
         """
         with StagingDir(out_dir, owned=OUTPUT_FILES) as staging:
-            self._write(staging.tmp, overview=overview)
+            self._write(staging.tmp, overview=overview, itk=itk)
             self.out_dir = staging.commit()
         return self.out_dir
 
-    def _write(self, folder: Path, overview: bool = True) -> list[str]:
+    def _write(self, folder: Path, overview: bool = True, itk: bool = False) -> list[str]:
         from psmamba import io
 
         written = []
@@ -168,6 +176,13 @@ class RegistrationResult:
         if self.linear is not None:
             self.linear.save_itk(folder / "affine.txt")
             written.append("affine.txt")
+        if itk:  # the whole map (fixed grid) and its inverse (moving grid), LPS mm, for ANTs/ITK/Slicer
+            io.save_itk_warp(folder / "warp_itk.nii.gz", self.ddf, self.affine)
+            written.append("warp_itk.nii.gz")
+            if self.ddf_inverse is not None:
+                aff = self.affine if self.moving_affine is None else self.moving_affine
+                io.save_itk_warp(folder / "warp_itk_inverse.nii.gz", self.ddf_inverse, aff)
+                written.append("warp_itk_inverse.nii.gz")
         if self.warped_labels is not None:
             io.save_labels(folder / "warped_labels.nii.gz", self.warped_labels, self.affine)
             written.append("warped_labels.nii.gz")
@@ -697,6 +712,7 @@ def register_pair(
     model_size: Sequence[int] | None = None,
     overview: bool = True,
     labels: Sequence[int] | None = None,
+    itk: bool = False,
 ) -> RegistrationResult:
     """Register ``moving`` onto ``fixed``; optionally write the outputs to ``out_dir``.
 
@@ -733,6 +749,9 @@ def register_pair(
         out_dir: when given, the outputs are written there atomically (see module docstring).
         model_size: ``(D, H, W)`` grid the network runs on (default: its training grid).
         overview: also draw ``overview.png`` when writing outputs.
+        itk: also write ``warp_itk.nii.gz`` (the whole map, affine and deformable, on the fixed
+            grid) and ``warp_itk_inverse.nii.gz`` (its inverse on the moving grid) as ITK / ANTs
+            displacement field transforms (:func:`psmamba.io.save_itk_warp`).
         labels: the label codes Dice is computed on (default: the codes found in both the fixed
             and the moving label map, :func:`psmamba.metrics.shared_labels`; the others are
             listed in the summary's ``labels_not_scored``).
@@ -753,6 +772,9 @@ def register_pair(
     labels = check_label_list(labels, "labels")
     if out_dir is not None and not str(out_dir).strip():  # wrote into the working folder
         raise PsmambaError("out_dir (--out) is empty: name the output folder")
+    if itk and out_dir is None:
+        raise PsmambaError("itk=True writes the ITK displacement fields into out_dir: give out_dir, "
+                           "or call result.save(folder, itk=True)")
     if isinstance(method, str) and not method.strip():  # ran the default pipeline
         raise PsmambaError("method (--method) is empty: name a method (default, io, affine+io, ...)")
     fixed_window = _check_window("--fixed-window", fixed_window)
@@ -787,20 +809,21 @@ def register_pair(
             "affine": None if lin is None else lin.time_s,
             "register": t_reg - t_prep, "metrics": time.perf_counter() - t_reg,
         }
-        _write_outputs(result, staging, overview, t_start)
+        _write_outputs(result, staging, overview, t_start, itk)
         return result
     finally:
         if staging is not None:
             staging.cleanup()
 
 
-def _write_outputs(result: RegistrationResult, staging: StagingDir | None, overview: bool, t_start: float) -> None:
+def _write_outputs(result: RegistrationResult, staging: StagingDir | None, overview: bool, t_start: float,
+                   itk: bool = False) -> None:
     """Write the staged outputs and move them into place; the timings get ``write`` and ``total``."""
     timings = result.summary["timings_s"]
     if staging is not None:
         t_w = time.perf_counter()
         timings["total"] = t_w - t_start  # written into summary.json
-        result._write(staging.tmp, overview=overview)
+        result._write(staging.tmp, overview=overview, itk=itk)
         result.out_dir = staging.commit()
         timings["write"] = time.perf_counter() - t_w
     timings["total"] = time.perf_counter() - t_start
