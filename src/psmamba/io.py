@@ -355,10 +355,20 @@ _LPS = np.array([-1.0, -1.0, 1.0])
 
 
 def _intent_code(img) -> int:
+    return _header_intent(img.header)
+
+
+def _header_intent(header) -> int:
     try:
-        return int(img.header.get_intent("code")[0])
+        return int(header.get_intent("code")[0])
     except Exception:  # Analyze headers have no intent; an unknown code reads as none
         return 0
+
+
+def is_itk_field(header) -> bool:
+    """Whether a header read by :func:`load_ddf` is an ITK / ANTs displacement field's (world
+    millimetres, converted to voxels on reading), not a voxel field's."""
+    return _header_intent(header) in (_INTENT_VECTOR, _INTENT_DISPVECT)
 
 
 # --------------------------------------------------------------------------- writing

@@ -339,3 +339,123 @@ def test_evaluate_config_checks_every_volume_before_the_first_pair(tmp_path, cap
     captured = capsys.readouterr()
     assert "differs from image shape" in captured.err and f"{last}_seg" in captured.err and "[1/" not in captured.out + captured.err
     assert not out.exists()
+
+
+# --------------------------------------------------------------------------- fields computed elsewhere
+def _fields_case(tmp_path):
+    """The hand case with a field per pair: 'shifted' a constant one-voxel shift along axis 0
+    (label 1 then overlaps exactly: Dice 1; label 2, moved along axis 2, overlaps 2 of 8 + 8
+    voxels: Dice 0.25), 'same' the zero field; written as a voxel field (psmamba's ddf.nii.gz
+    convention) and as an ITK/ANTs displacement field (LPS mm)."""
+    from psmamba.io import save_ddf, save_itk_warp
+
+    csv_path, paths = _hand_case(tmp_path)
+    shift = np.zeros((3, S, S, S), np.float32)
+    shift[0] = 1.0
+    save_ddf(tmp_path / "shift.nii.gz", shift, np.eye(4))
+    save_itk_warp(tmp_path / "shift_itk.nii.gz", shift, np.eye(4))
+    save_ddf(tmp_path / "zero.nii.gz", np.zeros_like(shift), np.eye(4))
+    return csv_path, paths
+
+
+@pytest.mark.parametrize("shift_file", ["shift.nii.gz", "shift_itk.nii.gz"])
+def test_fields_computed_elsewhere_are_scored_by_the_same_protocol(tmp_path, capsys, shift_file):
+    _fields_case(tmp_path)
+    listed = tmp_path / "fields.csv"
+    listed.write_text("moving,fixed,moving_labels,fixed_labels,pair_id,ddf\n"
+                      f"m.nii.gz,f.nii.gz,ml.nii.gz,fl.nii.gz,shifted,{shift_file}\n"
+                      "f.nii.gz,f.nii.gz,fl.nii.gz,fl.nii.gz,same,zero.nii.gz\n")
+    out = tmp_path / "res" / "tool.csv"
+    assert main(["evaluate", "--pairs", str(listed), "--fields", "--name", "other tool", "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert "2 displacement fields" in captured.err and "| other tool | 2 |" in captured.out
+    by = {(r["pair_id"], int(r["label"])): r for r in csv.DictReader(open(out))}
+    assert float(by[("shifted", 1)]["dice"]) == pytest.approx(1.0)
+    assert float(by[("shifted", 2)]["dice"]) == pytest.approx(0.25)
+    assert float(by[("shifted", 1)]["dice_before"]) == pytest.approx(0.75)
+    assert float(by[("same", 1)]["dice"]) == 1.0
+    assert all(r["method"] == "other tool" and float(r["folding_percent"]) == 0.0 for r in by.values())
+    pairs = {r["pair_id"]: r for r in csv.DictReader(open(tmp_path / "res" / "tool_pairs.csv"))}
+    assert float(pairs["shifted"]["dice_mean"]) == pytest.approx(0.625)
+    assert pairs["shifted"]["seconds"] in ("", "nan")  # another tool's time is not known here
+    # the results compare with psmamba's own like any other method's
+    ident = tmp_path / "res" / "identity.csv"
+    assert main(["evaluate", "--pairs", str(tmp_path / "pairs.csv"), "--identity", "--out", str(ident), "--quiet"]) == 0
+    assert main(["evaluate", "--compare", str(out), str(ident)]) == 0
+
+
+def _fails(capsys, argv) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("psmamba: error:"), err
+    return err[0]
+
+
+def test_given_fields_bad_input_fails_before_any_output(tmp_path, capsys):
+    from psmamba.data.pairs import id_pairs, read_pair_list
+    from psmamba.io import save_ddf, save_itk_warp
+
+    csv_path, _ = _fields_case(tmp_path)
+    save_ddf(tmp_path / "small.nii.gz", np.zeros((3, S, S, S - 1), np.float32), np.eye(4))
+    moved = np.eye(4)
+    moved[:3, 3] = 5.0
+    save_itk_warp(tmp_path / "moved_itk.nii.gz", np.zeros((3, S, S, S), np.float32), moved)
+    save_ddf(tmp_path / "moved.nii.gz", np.zeros((3, S, S, S), np.float32), moved)
+    nan = np.zeros((S, S, S, 3), np.float32)
+    nan[1, 2, 3, 0] = np.nan
+    _save(tmp_path / "nan.nii.gz", nan)
+    out = tmp_path / "res" / "x.csv"
+
+    def listed(ddf, name="l.csv"):
+        p = tmp_path / name
+        p.write_text("moving,fixed,moving_labels,fixed_labels,pair_id,ddf\n"
+                     "f.nii.gz,f.nii.gz,fl.nii.gz,fl.nii.gz,same,zero.nii.gz\n"
+                     f"m.nii.gz,f.nii.gz,ml.nii.gz,fl.nii.gz,shifted,{ddf}\n")
+        return str(p)
+
+    run = ["evaluate", "--fields", "--out", str(out), "--pairs"]
+    msg = _fails(capsys, run + [listed("small.nii.gz")])
+    assert "pair shifted" in msg and "is not the fixed image" in msg and "small.nii.gz" in msg
+    assert "its affine is not" in _fails(capsys, run + [listed("moved_itk.nii.gz")])
+    assert "its affine is not" in _fails(capsys, run + [listed("moved.nii.gz")])
+    assert "NaN" in _fails(capsys, run + [listed("nan.nii.gz")])
+    assert "displacement field (ddf) file" in _fails(capsys, run + [listed("missing.nii.gz")])
+    assert "name no displacement field" in _fails(capsys, run + [str(csv_path)])
+    assert "add --fields" in _fails(capsys, ["evaluate", "--identity", "--out", str(out), "--pairs", listed("zero.nii.gz")])
+    assert "do not combine" in _fails(capsys, run + [listed("zero.nii.gz"), "--method", "io"])
+    assert "--pairs list" in _fails(capsys, ["evaluate", "--fields", "--demo", "--out", str(out)])
+    assert not out.parent.exists() or not list(out.parent.iterdir())
+    with pytest.raises(PsmambaError, match="only 'psmamba evaluate"):
+        id_pairs(read_pair_list(listed("zero.nii.gz")), ["f.nii.gz", "m.nii.gz"])
+    # a voxel field's file without geometry (the identity affine) is read as voxels of the fixed
+    # grid; an ITK field's millimetres need the fixed image's own affine
+    f2 = _save(tmp_path / "f2.nii.gz", np.asarray(nib.load(str(tmp_path / "f.nii.gz")).dataobj), moved)
+    fl2 = _save(tmp_path / "fl2.nii.gz", np.asarray(nib.load(str(tmp_path / "fl.nii.gz")).dataobj), moved)
+    save_itk_warp(tmp_path / "eye_itk.nii.gz", np.zeros((3, S, S, S), np.float32), np.eye(4))
+    pair = Pair("p", f2, f2, fl2, fl2, ddf=tmp_path / "zero.nii.gz")
+    assert evaluate_pairs([pair], fields=True).pair_rows[0]["dice_mean"] == 1.0
+    pair.ddf = tmp_path / "eye_itk.nii.gz"
+    with pytest.raises(PsmambaError, match="its affine is not"):
+        evaluate_pairs([pair], fields=True)
+
+
+def test_an_ants_registration_scored_by_evaluate_fields_matches_ants_own_labels(tmp_path):
+    """A real other tool: ANTs SyN (antspyx, the benchmarks' extra; skipped where it is not
+    installed), its transforms composed into one displacement field, scored with --fields: the
+    Dice of the labels ANTs itself warps."""
+    ants = pytest.importorskip("ants")
+    from psmamba import metrics
+
+    pair = _blob_pair(tmp_path)
+    fixed, moving = ants.image_read(str(pair.fixed)), ants.image_read(str(pair.moving))
+    reg = ants.registration(fixed, moving, type_of_transform="SyN", outprefix=str(tmp_path / "ants_"))
+    whole = ants.apply_transforms(fixed, moving, transformlist=reg["fwdtransforms"], compose=str(tmp_path / "c_"))
+    theirs = ants.apply_transforms(fixed, ants.image_read(str(pair.moving_labels)), transformlist=reg["fwdtransforms"],
+                                   interpolator="nearestNeighbor").numpy().round().astype(np.int16)
+    fl = np.asarray(nib.load(str(pair.fixed_labels)).dataobj)
+    pair.ddf = whole
+    res = evaluate_pairs([pair], fields=True, name="ANTs SyN")
+    assert res.pair_rows[0]["dice_mean"] == pytest.approx(metrics.mean_dice(fl, theirs), abs=0.01)
+    from psmamba.io import load_ddf
+
+    assert np.abs(load_ddf(whole).data).max() > 0.5  # ANTs moved the image: a comparison worth making

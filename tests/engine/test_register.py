@@ -592,3 +592,11 @@ def test_itk_warp_round_trip_and_ants_style_files(tmp_path):
     assert not list(tmp_path.glob("n*"))
     with pytest.raises(PsmambaError, match="give out_dir"):
         register_pair(tmp_path / "x.nii.gz", tmp_path / "y.nii.gz", itk=True)
+
+
+def test_inverse_false_skips_the_inverse_map(blob_pair, tmp_path):
+    res = register_pair(blob_pair["fixed"], blob_pair["moving"], method="network", device="cpu", inverse=False,
+                        out_dir=tmp_path / "o", overview=False, itk=True)
+    assert res.ddf_inverse is None and np.abs(res.ddf).max() > 0
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == [
+        "ddf.nii.gz", "jacobian.nii.gz", "summary.json", "warp_itk.nii.gz", "warped.nii.gz"]

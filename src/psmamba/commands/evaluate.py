@@ -13,7 +13,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     src = parser.add_argument_group(
         "pairs (one of; default: the test split of the data the --checkpoint was trained on)")
     src.add_argument("--pairs", metavar="CSV",
-                     help="pair list: moving,fixed[,moving_labels,fixed_labels][,pair_id] (header optional)")
+                     help="pair list: moving,fixed[,moving_labels,fixed_labels][,pair_id] (header optional; "
+                     "a header may add a ddf column for --fields)")
     src.add_argument("--demo", action="store_true", help="the built-in demo data set (its test pairs)")
     src.add_argument("--demo-size", default=None, choices=("small", "full"), help="demo grid: small (64x80x64, default) or full")
     src.add_argument("--config", metavar="YAML", help="a psmamba train config: the data set and split it describes")
@@ -36,6 +37,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     meth.add_argument("--method", metavar="NAME",
                       help="the registration pipeline, as psmamba register's --method: default, identity, affine, "
                       "io, affine+io, network, network+io, affine+network+io, ... (the network: --checkpoint's, else the shipped one)")
+    meth.add_argument("--fields", action="store_true",
+                      help="score the displacement fields named in the --pairs list's ddf column (another tool's "
+                      "results: psmamba/Learn2Reg voxel fields or ITK/ANTs warps, the whole map on the fixed grid) "
+                      "instead of registering")
     meth.add_argument("--name", metavar="NAME", help="name in the method column (default: the method's own name; "
                       "without --method, a network is named after its checkpoint file)")
     meth.add_argument("--labels", metavar="L", help="comma-separated label codes to score (default: all non-zero)")
@@ -104,6 +109,13 @@ def _method(args: argparse.Namespace):
     from psmamba.engine.methods import Identity, load_model, method_from_options, training_size
     from psmamba.errors import PsmambaError
 
+    if getattr(args, "fields", False):
+        if args.checkpoint or args.iters or args.method or args.identity:
+            raise PsmambaError("--fields scores the displacement fields the pair list gives: do not combine it with "
+                               "--method, --checkpoint, --identity or --iters")
+        if not args.pairs:
+            raise PsmambaError("--fields reads the displacement fields from the ddf column of a --pairs list")
+        return None, None
     if args.identity:
         if args.checkpoint or args.iters or args.method:
             raise PsmambaError("--identity scores unregistered pairs: do not combine it with --method, a checkpoint "
@@ -123,7 +135,7 @@ def _method(args: argparse.Namespace):
         return build_pipeline(args.method, lr=args.lr, lam=args.lam, model_size=args.model_size,
                               device=args.device), None
     if not args.checkpoint and not args.iters:
-        raise PsmambaError("nothing to evaluate: give --method NAME, a checkpoint, --identity or --iters N")
+        raise PsmambaError("nothing to evaluate: give --method NAME, a checkpoint, --identity, --iters N or --fields")
     model = ckpt = None
     grid = args.model_size
     if args.checkpoint:
@@ -157,7 +169,7 @@ def run(args: argparse.Namespace) -> int:
 
     _check_numbers(args)
     if args.compare:
-        if args.pairs or args.demo or args.checkpoint or args.identity or args.iters or args.method:
+        if args.pairs or args.demo or args.checkpoint or args.identity or args.iters or args.method or args.fields:
             raise PsmambaError("--compare reads result files only: do not combine it with pairs or a method")
         return _compare(args)
 
@@ -197,7 +209,7 @@ def run(args: argparse.Namespace) -> int:
     if args.max_pairs is not None:
         pairs = pairs[: args.max_pairs]
     result = evaluate_pairs(pairs, method=method, device=args.device, labels=labels, hd95=not args.no_hd95,
-                            name=args.name, progress=not args.quiet)
+                            name=args.name, progress=not args.quiet, fields=args.fields)
     written = result.write(out)
     print(format_summary_table([result.summary()]))
     print(f"wrote {', '.join(str(p) for p in written)}")

@@ -51,7 +51,8 @@ def atlas_pairs(atlas: str, ids: Sequence[str], direction: str = "to_atlas") -> 
 @dataclass(frozen=True)
 class PairRow:
     """One row of a pair list: the moving and fixed entries (volume ids or file paths, as the
-    list holds them), optional label-map entries and pair id, and where it came from."""
+    list holds them), optional label-map entries, pair id and displacement field (``ddf``: a
+    field computed elsewhere, scored by ``psmamba evaluate --fields``), and where it came from."""
 
     moving: str
     fixed: str
@@ -59,17 +60,21 @@ class PairRow:
     fixed_labels: str | None = None
     pair_id: str | None = None
     where: str = ""  # "FILE line N" / "FILE pair N", for error messages
+    ddf: str | None = None
 
 
-_COLUMNS = ("moving", "fixed", "moving_labels", "fixed_labels", "pair_id")
+_COLUMNS = ("moving", "fixed", "moving_labels", "fixed_labels", "pair_id", "ddf")
+#: the columns of a list without a header, in this order (``ddf`` is named in a header only)
+_POSITIONAL = _COLUMNS[:5]
 
 
 def read_pair_list(path: str | os.PathLike) -> list[PairRow]:
     """Read a pair list: a CSV or a JSON file.
 
-    CSV: columns ``moving, fixed[, moving_labels, fixed_labels][, pair_id]``. A header row is
-    optional: when the first row names the columns (any order) they are matched by name,
-    otherwise they are positional. A first row that names some columns but not ``moving`` and
+    CSV: columns ``moving, fixed[, moving_labels, fixed_labels][, pair_id]``, and ``ddf`` (a
+    displacement field computed elsewhere, for ``psmamba evaluate --fields``) named in a header. A
+    header row is optional: when the first row names the columns (any order) they are matched by
+    name, otherwise the first five are positional. A first row that names some columns but not ``moving`` and
     ``fixed``, or that holds no image file names above a row that does (``source,target``), is
     a header of the wrong columns: an error, not a pair. Empty rows and rows starting with ``#`` are skipped; an empty
     label cell means "no labels". JSON: a list (or ``{"pairs": [...]}``) of objects with those
@@ -117,7 +122,7 @@ def _csv_rows(path: Path) -> list[PairRow]:
         cols = {name: header.index(name) for name in _COLUMNS if name in header}
         raw = raw[1:]
     else:
-        cols = {name: i for i, name in enumerate(_COLUMNS)}  # positional: all five, in order
+        cols = {name: i for i, name in enumerate(_POSITIONAL)}  # positional: the five, in order
     width = max(cols.values()) + 1
     out = []
     for n, row in raw:
@@ -129,7 +134,8 @@ def _csv_rows(path: Path) -> list[PairRow]:
             raise PsmambaError(f"pair list {path} line {n}: {len(row)} columns, expected at most {width} "
                                f"({', '.join(sorted(cols, key=cols.get))})")
         out.append(PairRow(cells["moving"], cells["fixed"], cells.get("moving_labels") or None,
-                           cells.get("fixed_labels") or None, cells.get("pair_id") or None, f"{path} line {n}"))
+                           cells.get("fixed_labels") or None, cells.get("pair_id") or None, f"{path} line {n}",
+                           cells.get("ddf") or None))
     return out
 
 
@@ -164,7 +170,7 @@ def _json_rows(path: Path) -> list[PairRow]:
                 raise PsmambaError(f"{where}: unknown key(s) {unknown}; expected some of {list(_COLUMNS)}")
             get = lambda k: None if item.get(k) in (None, "") else str(item[k])  # noqa: E731
             out.append(PairRow(str(item["moving"]), str(item["fixed"]), get("moving_labels"), get("fixed_labels"),
-                               get("pair_id"), where))
+                               get("pair_id"), where, get("ddf")))
         elif isinstance(item, (list, tuple)) and len(item) == 2:
             out.append(PairRow(str(item[0]), str(item[1]), where=where))
         else:
@@ -180,6 +186,9 @@ def id_pairs(rows: Sequence[PairRow], known_ids: Sequence[str]) -> list[tuple[st
     """
     known = set(known_ids)
     for row in rows:
+        if row.ddf:
+            raise PsmambaError(f"{row.where}: names a displacement field (ddf column), which only "
+                               "'psmamba evaluate --pairs LIST --fields' reads; drop the column here")
         for v in (row.moving, row.fixed):
             if v not in known:
                 raise PsmambaError(f"{row.where}: names volume {v!r}, which the source does not have")

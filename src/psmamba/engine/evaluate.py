@@ -50,6 +50,8 @@ class Pair:
     Attributes:
         pair_id: unique name of the pair (used to match pairs across methods).
         moving, fixed: the images; ``moving_labels``, ``fixed_labels``: their label maps or None.
+        ddf: a displacement field computed elsewhere for this pair (scored by
+            ``evaluate_pairs(fields=True)``, :class:`psmamba.engine.methods.GivenField`), or None.
     """
 
     pair_id: str
@@ -57,6 +59,7 @@ class Pair:
     fixed: Any
     moving_labels: Any = None
     fixed_labels: Any = None
+    ddf: Any = None
 
 
 def _stem(p: Any) -> str:
@@ -83,7 +86,7 @@ def pair_files(path: str | os.PathLike) -> list[Pair]:
     seen: set[str] = set()
     for row in read_pair_list(path):
         files: dict[str, Path | None] = {}
-        for name in ("moving", "fixed", "moving_labels", "fixed_labels"):
+        for name in ("moving", "fixed", "moving_labels", "fixed_labels", "ddf"):
             value = getattr(row, name)
             if value is None:
                 files[name] = None
@@ -95,7 +98,8 @@ def pair_files(path: str | os.PathLike) -> list[Pair]:
                 if not pairs and not value.lower().endswith(READ_SUFFIXES):
                     hint = (" (if this row is a header, name its columns moving, fixed[, moving_labels, "
                             "fixed_labels][, pair_id])")
-                raise PsmambaError(f"pair list {row.where}: {name.replace('_', ' ')} file {p} does not exist{hint}")
+                what = "displacement field (ddf)" if name == "ddf" else name.replace("_", " ")
+                raise PsmambaError(f"pair list {row.where}: {what} file {p} does not exist{hint}")
             files[name] = p
         pid = row.pair_id or f"{_stem(files['moving'])}_to_{_stem(files['fixed'])}"
         if pid in seen:
@@ -104,7 +108,8 @@ def pair_files(path: str | os.PathLike) -> list[Pair]:
             raise PsmambaError(f"pair list {row.where}: the same moving and fixed files as an earlier row (pair id "
                                f"{pid!r}, made from their names): give each row a pair_id to tell them apart")
         seen.add(pid)
-        pairs.append(Pair(pid, files["moving"], files["fixed"], files["moving_labels"], files["fixed_labels"]))
+        pairs.append(Pair(pid, files["moving"], files["fixed"], files["moving_labels"], files["fixed_labels"],
+                          files["ddf"]))
     return pairs
 
 
@@ -114,6 +119,7 @@ def check_pairs(
     labels: Sequence[int] | None = None,
     min_size: int | None = None,
     why: str | None = None,
+    fields: bool = False,
 ) -> int:
     """Check every input of every pair before the first one is registered.
 
@@ -130,6 +136,8 @@ def check_pairs(
         min_size, why: the fewest voxels a side the method needs of both images, and why
             (:func:`psmamba.checks.check_size`); the fixed image also needs
             :data:`psmamba.checks.METRICS_MIN_SIZE` for the metrics.
+        fields: each pair's ``ddf`` too (read, finite, on its fixed image's grid:
+            :meth:`psmamba.engine.methods.GivenField.check`).
 
     Returns:
         The number of files read.
@@ -163,6 +171,13 @@ def check_pairs(
                   facts(pair.fixed_labels, "fixed labels", True), facts(pair.moving_labels, "moving labels", True)]
         try:
             check_inputs(*inputs, labels=labels, min_size=min_size, why=why)
+            if fields:
+                from psmamba.engine.methods import GivenField
+
+                fixed = inputs[0]
+                shape = fixed.shape if hasattr(fixed, "shape") else fixed.data.shape
+                named = isinstance(pair.fixed, (str, os.PathLike))
+                GivenField(pair.ddf).check(shape, fixed.affine, f"the fixed image {pair.fixed}" if named else "the fixed image")
         except PsmambaError as exc:
             raise PsmambaError(f"pair {pair.pair_id}: {exc}") from None
         if labels is not None:
@@ -328,8 +343,9 @@ def evaluate_pairs(
     name: str | None = None,
     model_size: Sequence[int] | None = None,
     progress: bool | Callable[[str], None] = False,
+    fields: bool = False,
 ) -> EvaluationResult:
-    """Register and score every pair.
+    """Register and score every pair (or, with ``fields``, score the fields the pairs give).
 
     Args:
         pairs: the pairs (:class:`Pair`); ids must be unique.
@@ -348,6 +364,10 @@ def evaluate_pairs(
         hd95: also compute HD95 (the slowest metric on large volumes).
         name: the name in the ``method`` column (default: the method's own name).
         progress: print one line per pair to stderr (or call this function with it).
+        fields: score each pair's own ``ddf`` (a field computed elsewhere, another tool's result:
+            :class:`psmamba.engine.methods.GivenField`) instead of registering; exclusive with
+            the method options; its ``seconds`` are not known (NaN); ``name`` names it (default
+            ``"given field"``).
 
     Every input of every pair is checked before the first pair is registered
     (:func:`check_pairs`; the method's ``min_size`` / ``min_size_why`` attributes, when it has
@@ -359,17 +379,30 @@ def evaluate_pairs(
     from psmamba.engine.distributed import resolve_device
     from psmamba.engine.register import register_pair
 
+    if fields and (identity or checkpoint is not None or model is not None or iters or method is not None):
+        raise PsmambaError("--fields scores the displacement fields the pair list gives: do not combine it with "
+                           "--method, a checkpoint, --identity or --iters")
     if identity and (checkpoint is not None or model is not None or iters or method is not None):
         raise PsmambaError("--identity scores unregistered pairs: do not combine it with a checkpoint or --iters")
-    if method is None and not identity and checkpoint is None and model is None and not iters:
-        raise PsmambaError("nothing to evaluate: give --method NAME, a checkpoint, --identity or --iters N")
+    if method is None and not (identity or fields) and checkpoint is None and model is None and not iters:
+        raise PsmambaError("nothing to evaluate: give --method NAME, a checkpoint, --identity, --iters N or --fields")
     if not pairs:
         raise PsmambaError("no pairs to evaluate")
+    given = [] if isinstance(pairs, LazyPairs) else [p.pair_id for p in pairs if getattr(p, "ddf", None) is not None]
+    if fields and len(given) < len(pairs):
+        lacking = [p.pair_id for p in pairs if getattr(p, "ddf", None) is None]
+        raise PsmambaError(f"--fields: {len(lacking)} of {len(pairs)} pair(s) name no displacement field (a ddf "
+                           f"column in the pair list), e.g. {lacking[0]}")
+    if given and not fields:
+        raise PsmambaError(f"the pairs name displacement fields (a ddf column: {given[0]}, ...): add --fields to "
+                           "score them, or drop the column to register the pairs")
     ids = list(getattr(pairs, "pair_ids", None) or [p.pair_id for p in pairs])
     dup = sorted({i for i in ids if ids.count(i) > 1})
     if dup:
         raise PsmambaError(f"duplicate pair ids: {dup[:5]}")
     dev = resolve_device(device)
+    if fields:
+        return _score_fields(pairs, name or "given field", dev, labels, hd95, _say(progress))
     if isinstance(method, str):  # a pipeline by name ("default", "affine+io", ...), built once
         from psmamba.engine.register import build_pipeline
 
@@ -401,6 +434,30 @@ def evaluate_pairs(
     return result
 
 
+def _score_fields(pairs: Sequence[Pair], name: str, dev, labels, hd95: bool,
+                  say: Callable[[str], None] | None) -> EvaluationResult:
+    """``evaluate_pairs(fields=True)``: every pair's given field, checked first, then scored."""
+    from psmamba.engine.methods import GivenField
+    from psmamba.engine.register import register_pair
+
+    t0 = time.perf_counter()
+    n_files = check_pairs(pairs, labels=labels, fields=True)
+    if say is not None:
+        say(f"checked {n_files} files and {len(pairs)} displacement fields of {len(pairs)} pairs "
+            f"in {time.perf_counter() - t0:.1f} s")
+    result = EvaluationResult(method=name)
+    for k, pair in enumerate(pairs, start=1):
+        res = register_pair(pair.fixed, pair.moving, moving_labels=pair.moving_labels, fixed_labels=pair.fixed_labels,
+                            method=GivenField(pair.ddf, name=name), device=dev, overview=False, labels=labels,
+                            inverse=False)
+        prow = _score(result, pair, res, hd95, timed=False)
+        if say is not None:
+            say(f"[{k}/{len(pairs)}] {pair.pair_id}: Dice {prow['dice_before_mean']:.4f} -> {prow['dice_mean']:.4f}, "
+                + (f"HD95 {prow['hd95_mean_mm']:.2f} mm, " if hd95 else "")
+                + f"folding {prow['folding_percent']:.3f}%, SDlogJ {prow['sdlogj']:.3f}")
+    return result
+
+
 def _method_of(checkpoint, model, iters, refine, lr, lam, model_size, dev) -> RegistrationMethod:
     """The method of ``evaluate_pairs``' options; a checkpoint's network is named after its file."""
     from psmamba.engine.methods import load_model, method_from_options, training_size
@@ -424,13 +481,14 @@ def _say(progress: bool | Callable[[str], None]) -> Callable[[str], None] | None
     return None
 
 
-def _score(result: EvaluationResult, pair: Pair, res, hd95: bool) -> dict[str, Any]:
-    """Append one registered pair's label rows and pair row to ``result``; returns the pair row."""
+def _score(result: EvaluationResult, pair: Pair, res, hd95: bool, timed: bool = True) -> dict[str, Any]:
+    """Append one registered pair's label rows and pair row to ``result``; returns the pair row
+    (``timed``: False for a field computed elsewhere, whose seconds are not known)."""
     from psmamba import metrics
     from psmamba.engine.results import nanmean
 
     s = res.summary
-    seconds = s["timings_s"]["preprocess"] + s["timings_s"]["register"]
+    seconds = s["timings_s"]["preprocess"] + s["timings_s"]["register"] if timed else float("nan")
     common = {
         "method": result.method, "pair_id": pair.pair_id,
         "moving": s.get("moving") or "", "fixed": s.get("fixed") or "",

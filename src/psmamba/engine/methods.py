@@ -38,7 +38,7 @@ from psmamba.engine.objective import Objective, train_step
 from psmamba.errors import PsmambaError, first_line
 
 __all__ = [
-    "RegistrationMethod", "Identity", "Network", "NetworkFineTuned", "InstanceOptimisation", "Diffeomorphic",
+    "RegistrationMethod", "Identity", "GivenField", "Network", "NetworkFineTuned", "InstanceOptimisation", "Diffeomorphic",
     "Chain",
     "MethodSpec", "STAGES", "SPECIAL_METHODS", "parse_method", "deformable_method",
     "method_from_options", "load_model", "training_size", "train_config_of", "NetworkSpace", "training_space",
@@ -100,6 +100,70 @@ class Identity(RegistrationMethod):
 
     def run(self, moving, fixed, init):
         return torch.zeros((1, 3) + tuple(fixed.shape[2:]), device=fixed.device, dtype=fixed.dtype)
+
+
+class GivenField(RegistrationMethod):
+    """A displacement field computed elsewhere (another tool's result), returned as a method's:
+    what ``psmamba evaluate --fields`` scores under the same protocol as psmamba's own methods.
+
+    Args:
+        ddf: a file :func:`psmamba.io.load_ddf` reads -- psmamba's ``ddf.nii.gz`` or a Learn2Reg
+            field (voxel displacements of the fixed grid, the same convention), or an ITK / ANTs
+            displacement field (``warp_itk.nii.gz``, ``antsApplyTransforms -o [warp.nii.gz,1]``;
+            world mm, converted) -- the WHOLE map (affine and deformable) on the fixed grid; or
+            an array / tensor ``(3, D, H, W)`` of voxel displacements.
+        name: what the results call it (default ``"given field"``).
+
+    :meth:`check` reads the file and checks it against the fixed image before any work; a voxel
+    field's file must have the fixed image's affine or none (the identity), an ITK field's the
+    fixed image's (its millimetres are read through it).
+    """
+
+    name = "given field"
+
+    def __init__(self, ddf: Any, name: str | None = None) -> None:
+        self.ddf = ddf
+        if name:
+            self.name = name
+
+    def _load(self):
+        """``(field (3, D, H, W) float32 tensor, the file's affine or None, world: bool)``."""
+        import numpy as np
+
+        from psmamba import io
+
+        if isinstance(self.ddf, (str, os.PathLike)):
+            img = io.load_ddf(self.ddf)
+            field = torch.from_numpy(np.ascontiguousarray(np.moveaxis(img.data, -1, 0)))
+            return field, img.affine, io.is_itk_field(img.header)
+        field = torch.as_tensor(self.ddf, dtype=torch.float32).detach().cpu()
+        if field.ndim == 5 and field.shape[0] == 1:
+            field = field[0]
+        if field.ndim != 4 or field.shape[0] != 3 or not bool(torch.isfinite(field).all()):
+            raise PsmambaError(f"given field: expected finite (3, D, H, W) voxel displacements, got {tuple(field.shape)}")
+        return field, None, False
+
+    def check(self, fixed_shape: Sequence[int], fixed_affine: Any = None, fixed_name: str = "the fixed image"):
+        """The field as ``(1, 3, D, H, W)`` after checking it lies on the fixed grid."""
+        import numpy as np
+
+        field, aff, world = self._load()
+        what = f"displacement field {self.ddf}" if isinstance(self.ddf, (str, os.PathLike)) else "given field"
+        if tuple(field.shape[1:]) != tuple(int(n) for n in fixed_shape):
+            raise PsmambaError(f"{what}: grid {tuple(field.shape[1:])} is not {fixed_name}'s {tuple(fixed_shape)} "
+                               "(a field must lie on the fixed image's grid)")
+        if aff is not None and fixed_affine is not None:
+            same = np.allclose(aff, fixed_affine, atol=1e-3)
+            if not same and (world or not np.allclose(aff, np.eye(4))):
+                raise PsmambaError(f"{what}: its affine is not {fixed_name}'s (the field was written on another "
+                                   "grid: a reoriented or resampled copy of the fixed image?)")
+        return field[None]
+
+    def __call__(self, moving, fixed, init=None, mask=None, affine=None):
+        return self.check(fixed.shape[2:], affine).to(device=fixed.device, dtype=torch.float32)
+
+    def settings(self) -> dict[str, Any]:
+        return {"method": self.name, "ddf": str(self.ddf) if isinstance(self.ddf, (str, os.PathLike)) else "array"}
 
 
 class Network(RegistrationMethod):

@@ -466,8 +466,8 @@ def _method_grid(method, f_shape) -> list[int]:
     return [int(s) for s in (grids[0] if grids else f_shape)]
 
 
-def _register(plan: Pipeline, inp: _Inputs, prep: _Prepared):
-    """Step 3: the linear stage, then the fixed-grid method; the whole map and its inverse."""
+def _register(plan: Pipeline, inp: _Inputs, prep: _Prepared, inverse: bool = True):
+    """Step 3: the linear stage, then the fixed-grid method; the whole map and (``inverse``) its inverse."""
     from psmamba.affine import affine_ddf
     from psmamba.deformable import invert_ddf
     from psmamba.engine.methods import call_options
@@ -477,10 +477,12 @@ def _register(plan: Pipeline, inp: _Inputs, prep: _Prepared):
     matrix = _world_matrix(lin)
     moving_al, mask = _aligned(prep, matrix, f_shape)
     u = plan.method(moving_al, prep.fixed_s, None, **call_options(plan.method, mask, prep.a_f)).detach().float()
+    ddf = affine_ddf(matrix, prep.a_f, f_shape, ddf=u) if lin is not None else u
+    if not inverse:
+        return lin, ddf, None
     u_inv = getattr(plan.method, "inverse", None)
     if u_inv is None or tuple(u_inv.shape) != tuple(u.shape):
         u_inv = invert_ddf(u) if bool(u.abs().max() > 0) else u.clone()
-    ddf = affine_ddf(matrix, prep.a_f, f_shape, ddf=u) if lin is not None else u
     inverse = _inverse_on_moving_grid(u_inv.detach().float(), matrix, prep, prep.moving_t.shape[2:])
     return lin, ddf, inverse
 
@@ -538,7 +540,8 @@ def _finish(inp: _Inputs, prep: _Prepared, plan: Pipeline, lin, ddf_t, inv_t, de
         warped=warped_t[0, 0].cpu().numpy().astype(np.float32), ddf=ddf_np, jacobian=jac,
         affine=np.asarray(inp.fixed.affine, dtype=np.float64), fixed=prep.fixed_np, moving=prep.moving_np,
         warped_labels=wlab_np, moving_labels=prep.mlab_np, fixed_labels=prep.flab_np, summary=summary,
-        ddf_inverse=inv_t[0].cpu().numpy().astype(np.float32), moving_affine=prep.a_m, linear=lin,
+        ddf_inverse=None if inv_t is None else inv_t[0].cpu().numpy().astype(np.float32), moving_affine=prep.a_m,
+        linear=lin,
     )
 
 
@@ -713,6 +716,7 @@ def register_pair(
     overview: bool = True,
     labels: Sequence[int] | None = None,
     itk: bool = False,
+    inverse: bool = True,
 ) -> RegistrationResult:
     """Register ``moving`` onto ``fixed``; optionally write the outputs to ``out_dir``.
 
@@ -752,6 +756,8 @@ def register_pair(
         itk: also write ``warp_itk.nii.gz`` (the whole map, affine and deformable, on the fixed
             grid) and ``warp_itk_inverse.nii.gz`` (its inverse on the moving grid) as ITK / ANTs
             displacement field transforms (:func:`psmamba.io.save_itk_warp`).
+        inverse: also find the inverse map (``ddf_inverse``; False: None, nothing written for
+            it, and the time a method without its own inverse would spend on it saved).
         labels: the label codes Dice is computed on (default: the codes found in both the fixed
             and the moving label map, :func:`psmamba.metrics.shared_labels`; the others are
             listed in the summary's ``labels_not_scored``).
@@ -797,7 +803,7 @@ def register_pair(
                 "stage: --method affine+io)".replace("  ", " ")
             )
         t_prep = time.perf_counter()
-        lin, ddf_t, inv_t = _register(plan, inp, prep)
+        lin, ddf_t, inv_t = _register(plan, inp, prep, inverse)
         _synchronize(dev)  # accelerator kernels run asynchronously: time them to completion
         t_reg = time.perf_counter()
         result = _finish(inp, prep, plan, lin, ddf_t, inv_t, dev, labels)
