@@ -151,7 +151,7 @@ class GivenField(RegistrationMethod):
         what = f"displacement field {self.ddf}" if isinstance(self.ddf, (str, os.PathLike)) else "given field"
         if tuple(field.shape[1:]) != tuple(int(n) for n in fixed_shape):
             raise PsmambaError(f"{what}: grid {tuple(field.shape[1:])} is not {fixed_name}'s {tuple(fixed_shape)} "
-                               "(a field must lie on the fixed image's grid)")
+                               "(the field must lie on the grid of the image it maps onto)")
         if aff is not None and fixed_affine is not None:
             same = np.allclose(aff, fixed_affine, atol=1e-3)
             if not same and (world or not np.allclose(aff, np.eye(4))):

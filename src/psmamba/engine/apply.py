@@ -1,0 +1,153 @@
+"""Carry an image through a registration's map: ``psmamba apply``.
+
+A registration's field -- ``register``'s ``ddf.nii.gz`` (moving onto fixed) or
+``ddf_inverse.nii.gz`` (fixed onto moving), an ITK / ANTs displacement field (``warp_itk*.nii.gz``,
+``antsApplyTransforms -o [warp.nii.gz,1]``) -- lies on a TARGET grid: target voxel ``p`` takes its
+value from the world point ``A_t (p + ddf[p])`` (``A_t``: the target grid's affine; an ITK field's
+millimetres are converted to voxels of its grid first, :func:`psmamba.io.load_ddf`). Any image in
+the SOURCE's world space -- the moving image itself, its label map, another scan of the same
+session co-registered in world coordinates -- is read at that point through its own header
+(trilinear, or nearest-neighbour for a label map), whatever its grid: exactly how ``register``
+makes ``warped.nii.gz`` and ``warped_labels.nii.gz`` (one interpolation, from the image's own
+voxels).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from psmamba.errors import PsmambaError
+
+__all__ = ["Field", "load_field", "apply_field"]
+
+
+@dataclass
+class Field:
+    """A map read for :func:`apply_field`: ``ddf`` ``(3, D, H, W)`` voxel displacements of the
+    target grid, whose ``(4, 4)`` affine is ``affine``; ``path``: the file (None in memory)."""
+
+    ddf: np.ndarray
+    affine: np.ndarray
+    path: Path | None = None
+
+
+def load_field(field: Any, reference: Any = None) -> Field:
+    """The map of ``field`` (a file :func:`psmamba.io.load_ddf` reads, or a :class:`Field`) on
+    the target grid; ``reference`` (an image on the target grid, e.g. the fixed image of
+    ``ddf.nii.gz``) gives that grid its affine when the field's file has none (a Learn2Reg field
+    saved with the identity), and is checked against it.
+
+    Raises:
+        PsmambaError: an unreadable field, or a reference on another grid (one line each).
+    """
+    from psmamba import io
+    from psmamba.engine.methods import GivenField
+
+    if isinstance(field, Field):
+        fld = field
+    else:
+        img = io.load_ddf(field, what="field")
+        fld = Field(np.ascontiguousarray(np.moveaxis(img.data, -1, 0)), img.affine, img.path)
+    if reference is None:
+        return fld
+    ref = io.as_image(reference, "reference image")
+    name = f"the reference image {ref.path}" if ref.path is not None else "the reference image"
+    GivenField(fld.ddf if fld.path is None else fld.path).check(ref.data.shape, ref.affine, name)
+    return Field(fld.ddf, np.asarray(ref.affine, dtype=np.float64), fld.path)
+
+
+def _output(out: str | os.PathLike) -> Path:
+    """``out`` checked before any work: a NIfTI/Analyze name in a folder that exists or is made now."""
+    from psmamba import io
+
+    if not isinstance(out, (str, os.PathLike)) or not str(out).strip():
+        raise PsmambaError(f"output (--out): expected a file name, got {out!r}")
+    p = Path(out).expanduser()
+    if not io._suffix(p):
+        raise PsmambaError(f"output {p}: unsupported file type (expected one of {', '.join(io.SUFFIXES)})")
+    if p.is_dir():
+        raise PsmambaError(f"output {p}: is a folder (name the file to write)")
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise PsmambaError(f"output {p}: its folder cannot be made ({exc.strerror or exc})") from None
+    if not os.access(p.parent, os.W_OK):
+        raise PsmambaError(f"output {p}: folder {p.parent} is not writable")
+    return p
+
+
+def _integer_looking(data: np.ndarray) -> int | None:
+    """The number of distinct values of an integer-typed image with few of them (a label map
+    given as an image), else None."""
+    if not np.issubdtype(data.dtype, np.integer):
+        return None
+    n = np.unique(data[:: max(1, data.shape[0] // 32)]).size
+    return n if n <= 256 else None
+
+
+def apply_field(field: Any, image: Any, *, reference: Any = None, labels: bool = False,
+                out: str | os.PathLike | None = None, device: str = "cpu", padding: float = 0.0):
+    """``image`` carried through ``field`` onto the field's (target) grid.
+
+    Args:
+        field: the map: a file (``ddf.nii.gz``, ``ddf_inverse.nii.gz``, an ITK / ANTs
+            displacement field) or a :class:`Field` (see the module docstring).
+        image: a path, :class:`psmamba.io.Image` or 3-D array in the source's world space, on
+            any grid.
+        reference: an image on the target grid (optional, see :func:`load_field`).
+        labels: ``image`` is a label map: integer codes, nearest-neighbour (its dtype is kept).
+        out: write the result there (``.nii.gz``, ``.nii``, ``.hdr``/``.img``; its folder is
+            created), with the target grid's affine; atomically.
+        device: where the resampling runs.
+        padding: the value outside the image (0; label maps always 0).
+
+    Returns:
+        :class:`psmamba.io.Image` on the target grid (``path``: ``out`` or None).
+    """
+    import torch
+
+    from psmamba import io
+    from psmamba.engine.distributed import resolve_device
+    from psmamba.engine.register import _apply, _sample_at
+    from psmamba.spatial import identity_grid
+
+    if not np.isfinite(padding):
+        raise PsmambaError(f"padding must be a finite number, got {padding}")
+    out = None if out is None else _output(out)
+    dev = resolve_device(device)
+    fld = load_field(field, reference)
+    img = io.as_image(image, "label map" if labels else "image", labels=labels)
+    n = None if labels else _integer_looking(np.asarray(img.data))
+    if n is not None:
+        import warnings
+
+        where = f"{img.path} " if img.path is not None else "the image "
+        warnings.warn(f"{where}holds {n} integer values: if it is a label map, apply it with labels=True "
+                      "(--labels: nearest neighbour; trilinear mixes the codes)", stacklevel=2)
+    shape = tuple(int(s) for s in fld.ddf.shape[1:])
+    to_image = np.linalg.inv(np.asarray(img.affine, dtype=np.float64)) @ fld.affine
+    with torch.no_grad():
+        ddf = torch.from_numpy(np.ascontiguousarray(fld.ddf, dtype=np.float32))[None].to(dev)
+        pos = _apply(to_image, identity_grid(shape, device=dev) + ddf)
+        del ddf
+        data = np.asarray(img.data)
+        if labels:
+            vol = torch.from_numpy(np.ascontiguousarray(data.astype(np.int64)))[None, None].to(dev)
+            result = _sample_at(vol, pos, mode="nearest")[0, 0].cpu().numpy().astype(data.dtype)
+        else:
+            vol = torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32))[None, None].to(dev)
+            if padding:
+                vol = vol - padding  # grid_sample pads with zeros: shift so the outside reads `padding`
+            result = _sample_at(vol, pos)[0, 0].cpu().numpy().astype(np.float32)
+            if padding:
+                result += np.float32(padding)
+    written = None
+    if out is not None:
+        save = io.save_labels if labels else io.save_image
+        written = save(out, result, fld.affine)
+    return io.Image(data=result, affine=np.asarray(fld.affine, dtype=np.float64), header=None, path=written)

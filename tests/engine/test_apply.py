@@ -1,0 +1,123 @@
+"""psmamba apply: a registration's map carried onto other images, as register itself resamples."""
+
+from __future__ import annotations
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from psmamba.cli import main
+from psmamba.engine.apply import Field, apply_field
+from psmamba.errors import PsmambaError
+
+from .test_register import grid_affine, save, world_blobs
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def data(path):
+    return np.asarray(nib.load(str(path)).dataobj)
+
+
+@pytest.fixture()
+def registered(tmp_path):
+    """A pair on two grids (the moving one coarser and mirrored), registered with labels and --itk."""
+    fshape, mshape = (24, 24, 24), (18, 20, 17)
+    faff = grid_affine(shape=fshape)
+    maff = grid_affine(spacing=(1.3, 1.2, 1.4), shape=mshape, flip0=True)
+    fimg, flab = world_blobs(fshape, faff)
+    mimg, mlab = world_blobs(mshape, maff, shift_mm=(2.0, -1.5, 1.5), wobble=0.8)
+    files = {"f": save(tmp_path / "f.nii.gz", fimg, faff), "m": save(tmp_path / "m.nii.gz", mimg, maff),
+             "fl": save(tmp_path / "fl.nii.gz", flab, faff), "ml": save(tmp_path / "ml.nii.gz", mlab, maff)}
+    out = tmp_path / "reg"
+    assert main(["register", "--fixed", str(files["f"]), "--moving", str(files["m"]), "--fixed-labels",
+                 str(files["fl"]), "--moving-labels", str(files["ml"]), "--method", "affine+io", "--itk",
+                 "--io-iterations", "20", "10", "1", "--no-overview", "--device", "cpu", "--out", str(out)]) == 0
+    return {**files, "out": out, "faff": faff, "maff": maff, "fshape": fshape, "mshape": mshape}
+
+
+def test_apply_reproduces_registers_own_resampling(registered, tmp_path, capsys):
+    r, out = registered, registered["out"]
+    for field in ("ddf.nii.gz", "warp_itk.nii.gz"):  # psmamba's field and the ITK/ANTs one: the same map
+        assert main(["apply", "--field", str(out / field), "--image", str(r["ml"]), "--labels",
+                     "--out", str(tmp_path / "a" / "wl.nii.gz")]) == 0
+        np.testing.assert_array_equal(data(tmp_path / "a" / "wl.nii.gz"), data(out / "warped_labels.nii.gz"))
+        assert main(["apply", "--field", str(out / field), "--image", str(r["m"]), "--reference", str(r["f"]),
+                     "--out", str(tmp_path / "a" / "w.nii.gz")]) == 0
+        np.testing.assert_allclose(data(tmp_path / "a" / "w.nii.gz"), data(out / "warped.nii.gz"), atol=1e-5)
+        assert "warning" not in capsys.readouterr().err
+    img = nib.load(str(tmp_path / "a" / "wl.nii.gz"))
+    np.testing.assert_allclose(img.affine, r["faff"], atol=1e-5)
+    assert np.issubdtype(img.get_data_dtype(), np.integer)
+    # the inverse map carries the fixed labels onto the moving grid, where they match the moving labels
+    assert main(["apply", "--field", str(out / "ddf_inverse.nii.gz"), "--image", str(r["fl"]), "--labels",
+                 "--out", str(tmp_path / "a" / "fl_on_m.nii.gz")]) == 0
+    back = nib.load(str(tmp_path / "a" / "fl_on_m.nii.gz"))
+    assert back.shape == r["mshape"]
+    np.testing.assert_allclose(back.affine, r["maff"], atol=1e-5)
+    from psmamba import metrics
+
+    summary_after = __import__("json").loads((out / "summary.json").read_text())["dice_after"]["mean"]
+    assert metrics.mean_dice(data(r["ml"]), np.asarray(back.dataobj)) > summary_after - 0.05
+
+
+def test_an_image_on_another_grid_in_the_same_world(registered, tmp_path):
+    """Another scan of the moving subject on its own grid (here the same anatomy sampled finer and
+    unflipped) is read through its own header."""
+    r = registered
+    oshape = (30, 26, 28)
+    oaff = grid_affine(spacing=(0.8, 0.9, 0.85), shape=oshape)
+    other, _ = world_blobs(oshape, oaff, shift_mm=(2.0, -1.5, 1.5), wobble=0.8)
+    res = apply_field(r["out"] / "ddf.nii.gz", save(tmp_path / "o.nii.gz", other, oaff))
+    assert res.data.shape == r["fshape"] and res.path is None
+    warped = data(r["out"] / "warped.nii.gz")
+    assert np.corrcoef(res.data.ravel(), warped.ravel())[0, 1] > 0.98
+
+
+def test_learn2reg_field_without_geometry_and_padding(tmp_path):
+    """A voxel field saved with the identity affine takes the reference's; outside the image the
+    result is --padding."""
+    aff = grid_affine(spacing=(2.0, 2.0, 2.0), shape=(10, 10, 10))
+    img = np.random.default_rng(0).random((10, 10, 10)).astype(np.float32) + 1
+    ddf = np.zeros((3, 10, 10, 10), np.float32)
+    ddf[0] = 3.0  # everything reads three voxels further along axis 0
+    from psmamba.io import save_ddf
+
+    save_ddf(tmp_path / "l2r.nii.gz", ddf, np.eye(4))
+    ref = save(tmp_path / "ref.nii.gz", img, aff)
+    res = apply_field(tmp_path / "l2r.nii.gz", ref, reference=ref, padding=-5.0, out=tmp_path / "x" / "r.nii.gz")
+    np.testing.assert_allclose(res.data[:7], img[3:], atol=1e-5)
+    np.testing.assert_allclose(res.data[8:], -5.0)
+    np.testing.assert_allclose(nib.load(str(tmp_path / "x" / "r.nii.gz")).affine, aff, atol=1e-5)
+    # in memory: a Field and an Image (an array alone would be taken on 1 mm voxels)
+    from psmamba.io import Image
+
+    res2 = apply_field(Field(ddf, aff), Image(data=img, affine=aff, header=None, path=None))
+    np.testing.assert_allclose(res2.data, res.data.clip(0), atol=1e-5)
+
+
+def test_bad_input_one_line_before_any_output(registered, tmp_path, capsys):
+    r, out = registered, registered["out"]
+    target = tmp_path / "bad" / "x.nii.gz"
+
+    def fails(*argv):
+        assert main(["apply", *argv]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("psmamba: error:"), err
+        return err[0]
+
+    ddf, m = str(out / "ddf.nii.gz"), str(r["m"])
+    assert "expected shape (D, H, W, 3)" in fails("--field", m, "--image", m, "--out", str(target))
+    assert "does not exist" in fails("--field", ddf, "--image", str(tmp_path / "no.nii.gz"), "--out", str(target))
+    assert "unsupported file type" in fails("--field", ddf, "--image", m, "--out", str(tmp_path / "x.txt"))
+    assert "is not the reference image" in fails("--field", ddf, "--image", m, "--reference", m, "--out", str(target))
+    assert "integer values" in fails("--field", ddf, "--image", m, "--labels", "--out", str(target))
+    assert "--padding" in fails("--field", ddf, "--image", m, "--padding", "nan", "--out", str(target))
+    assert "label map's outside is 0" in fails("--field", ddf, "--image", str(r["ml"]), "--labels", "--padding", "1",
+                                               "--out", str(target))
+    assert not target.exists()
+    # a label map carried as an image works, with a warning that names the flag
+    with pytest.warns(UserWarning, match="if it is a label map, apply it with labels=True .--labels"):
+        assert main(["apply", "--field", ddf, "--image", str(r["ml"]), "--out", str(target)]) == 0
+    with pytest.raises(PsmambaError, match="expected a file name"):
+        apply_field(out / "ddf.nii.gz", r["m"], out="  ")
