@@ -518,7 +518,7 @@ def affine_register(
     fixed_mask=None,
     moving_mask=None,
     similarity: str = "lncc",
-    init: str = "com",
+    init: "str | np.ndarray" = "com",
     shrink: Sequence[int] | None = None,
     iterations: int | Sequence[int] | None = None,
     rigid_iterations: int | Sequence[int] | None = None,
@@ -541,7 +541,9 @@ def affine_register(
         similarity: ``"lncc"`` (one modality; local correlation, ``window`` voxels at each
             level) or ``"mi"`` (Mattes mutual information, ``bins`` bins; across modalities).
         init: ``"com"`` superposes the intensity centres of mass; ``"geometry"`` the grid
-            centres; ``"none"`` starts from the identity in world space (the headers).
+            centres; ``"none"`` starts from the identity in world space (the headers); or a
+            ``(4, 4)`` fixed world -> moving world matrix (RAS mm) to start from (a transform
+            found before, e.g. read with :func:`psmamba.transforms.read_itk_affine`).
         shrink: pyramid levels as shrink factors of the finest voxel size, coarse to fine
             (default: two levels chosen by size, see :func:`_auto_shrink`; a 1 mm
             160x192x160 image works at shrink 6 then 3).
@@ -574,8 +576,9 @@ def affine_register(
     t0 = time.perf_counter()
     if similarity not in SIMILARITIES:
         raise PsmambaError(f"similarity must be one of {SIMILARITIES}, got {similarity!r}")
-    if init not in _INITS:
-        raise PsmambaError(f"init must be one of {_INITS}, got {init!r}")
+    init_given = None if isinstance(init, str) else check_init_matrix(init, "init")
+    if init_given is None and init not in _INITS:
+        raise PsmambaError(f"init must be one of {_INITS} or a 4x4 matrix, got {init!r}")
     if not (rigid or affine):
         raise PsmambaError("rigid and affine are both False: nothing to do")
     if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
@@ -614,7 +617,7 @@ def affine_register(
     # ---- initialisation (world mm, float64 on the CPU)
     def centre(x, a, m):
         w = x if m is None else x * m
-        if init == "geometry" or float(w.sum()) <= 0:
+        if init_given is not None or init == "geometry" or float(w.sum()) <= 0:
             idx = (np.asarray(x.shape, dtype=np.float64) - 1) / 2
         else:
             axes = [torch.arange(s, device=x.device, dtype=torch.float64) for s in x.shape]
@@ -627,9 +630,13 @@ def affine_register(
 
     c_f = centre(fx, fa, fmask)
     c_m = centre(mv, ma, mmask)
-    t_init = c_m - c_f if init != "none" else np.zeros(3)
-    init_mat = np.eye(4)
-    init_mat[:3, 3] = t_init
+    if init_given is not None:  # x -> lin (x - c) + c + t with lin, t making the given matrix
+        init_mat = init_given
+        t_init = init_mat[:3, 3] - c_f + init_mat[:3, :3] @ c_f
+    else:
+        t_init = c_m - c_f if init != "none" else np.zeros(3)
+        init_mat = np.eye(4)
+        init_mat[:3, 3] = t_init
     # the radius that turns rotation / matrix parameters into mm of motion at the image's edge
     ext = np.abs(fa[:3, :3] @ (np.asarray(fx.shape, dtype=np.float64) - 1))
     radius = float(np.linalg.norm(ext) / 2 / math.sqrt(3))
@@ -648,7 +655,7 @@ def affine_register(
         sim_lncc = LNCC(window=int(window), eps=_LNCC_EPS)
 
     history: list[dict[str, Any]] = []
-    lin0 = torch.eye(3, dtype=dtype, device=device)
+    lin0 = torch.as_tensor(init_mat[:3, :3], dtype=dtype, device=device)
     trans0 = torch.as_tensor(t_init, dtype=dtype, device=device)
 
     def run_stage(stage: str, lin_start: torch.Tensor, trans_start: torch.Tensor):
@@ -728,6 +735,21 @@ def affine_register(
         history=history,
         time_s=time.perf_counter() - t0,
     )
+
+
+def check_init_matrix(matrix: Any, what: str) -> np.ndarray:
+    """A given fixed world -> moving world matrix: a finite, invertible 4x4 affine (float64)."""
+    try:
+        m = np.asarray(matrix.detach().cpu() if torch.is_tensor(matrix) else matrix, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise PsmambaError(f"{what}: expected a 4x4 matrix of numbers, got {type(matrix).__name__}") from None
+    if m.shape != (4, 4) or not np.all(np.isfinite(m)):
+        raise PsmambaError(f"{what}: expected a finite 4x4 matrix, got shape {m.shape}")
+    if not np.allclose(m[3], [0, 0, 0, 1]):
+        raise PsmambaError(f"{what}: the last row must be 0 0 0 1, got {m[3].tolist()}")
+    if abs(np.linalg.det(m[:3, :3])) < 1e-6:
+        raise PsmambaError(f"{what}: the matrix is singular (it flattens space)")
+    return m
 
 
 def _level_loss(lev: _Level, similarity: str, sim, rng: torch.Generator, dtype):

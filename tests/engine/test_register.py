@@ -600,3 +600,55 @@ def test_inverse_false_skips_the_inverse_map(blob_pair, tmp_path):
     assert res.ddf_inverse is None and np.abs(res.ddf).max() > 0
     assert sorted(p.name for p in (tmp_path / "o").iterdir()) == [
         "ddf.nii.gz", "jacobian.nii.gz", "summary.json", "warp_itk.nii.gz", "warped.nii.gz"]
+
+
+def test_initial_transform_from_another_tool(tmp_path, capsys):
+    """--initial-transform: an affine found before (an ITK/ANTs file) is the linear stage of a
+    method without one, as it is, and the start of the affine stage of one with it."""
+    from psmamba.transforms import read_itk_affine, write_itk_affine
+
+    shape = (24, 24, 24)
+    aff = grid_affine(shape=shape)
+    shift = (2.5, -2.0, 2.0)
+    fimg, flab = world_blobs(shape, aff)
+    mimg, mlab = world_blobs(shape, aff, shift_mm=shift)
+    f, m = save(tmp_path / "f.nii.gz", fimg, aff), save(tmp_path / "m.nii.gz", mimg, aff)
+    fl, ml = save(tmp_path / "fl.nii.gz", flab, aff), save(tmp_path / "ml.nii.gz", mlab, aff)
+    truth = np.eye(4)
+    truth[:3, 3] = shift  # fixed world -> moving world
+    t = write_itk_affine(tmp_path / "prior.mat", truth)
+    out = tmp_path / "given"
+    assert main(["register", "--fixed", str(f), "--moving", str(m), "--fixed-labels", str(fl), "--moving-labels",
+                 str(ml), "--method", "identity", "--initial-transform", str(t), "--no-overview", "--device", "cpu",
+                 "--out", str(out)]) == 0
+    assert "affine: as given by --initial-transform" in capsys.readouterr().out
+    s = json.loads((out / "summary.json").read_text())
+    assert s["affine"]["stage"] == "given" and s["initial_transform"]["file"] == str(t)
+    assert s["dice_before"]["mean"] < 0.4 and s["dice_after"]["mean"] > 0.85  # (half-voxel shifts: not 1)
+    np.testing.assert_allclose(read_itk_affine(out / "affine.txt"), truth, atol=1e-9)
+    ddf = np.asarray(nib.load(str(out / "ddf.nii.gz")).dataobj)
+    np.testing.assert_allclose(ddf, np.broadcast_to(shift, ddf.shape), atol=1e-4)  # 1 mm voxels, same axes
+    # the affine stage starts there (and stays: it is the answer)
+    res = register_pair(f, m, method="affine", initial_transform=truth, device="cpu")
+    np.testing.assert_allclose(res.linear.init_matrix, truth)
+    assert np.abs(res.matrix - truth).max() < 0.3
+    for bad, match in ((tmp_path / "none.txt", "does not exist"), (f, "unsupported type"),
+                       (np.diag([1.0, 1.0, 0.0, 1.0]), "singular")):
+        with pytest.raises(PsmambaError, match=match):
+            register_pair(f, m, method="affine", initial_transform=bad, out_dir=tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()
+
+
+def test_an_ants_affine_given_as_is_matches_ants_own_resampling(blob_pair, tmp_path):
+    """ANTs' 0GenericAffine.mat (antspyx, where installed) as --initial-transform of a method
+    without a linear stage: the warped labels are ANTs' own, label for label."""
+    ants = pytest.importorskip("ants")
+    fixed, moving = ants.image_read(str(blob_pair["fixed"])), ants.image_read(str(blob_pair["moving"]))
+    reg = ants.registration(fixed, moving, type_of_transform="Affine", outprefix=str(tmp_path / "ants_"))
+    mat = [t for t in reg["fwdtransforms"] if t.endswith(".mat")][0]
+    theirs = ants.apply_transforms(fixed, ants.image_read(str(blob_pair["moving_labels"])), transformlist=[mat],
+                                   interpolator="nearestNeighbor").numpy().round()
+    res = register_pair(blob_pair["fixed"], blob_pair["moving"], moving_labels=blob_pair["moving_labels"],
+                        method="identity", initial_transform=mat, device="cpu")
+    assert np.abs(res.matrix - np.eye(4)).max() > 0.1  # ANTs moved it
+    assert (res.warped_labels == theirs).mean() > 0.999

@@ -24,6 +24,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "affine+network+io, ...",
     )
     meth.add_argument("--affine-only", action="store_true", help="stop after the affine stage (= --method affine)")
+    meth.add_argument("--initial-transform", metavar="T",
+                      help="an affine found before, as an ITK/ANTs transform file (.txt, .tfm, .mat: ANTs' "
+                      "0GenericAffine.mat, an earlier affine.txt): the rigid/affine stage starts from it; a method "
+                      "without one (io, network+io, identity) uses it as it is")
     meth.add_argument("--checkpoint", metavar="C",
                       help="trained psmamba checkpoint (psmamba train) instead of the shipped network")
     meth.add_argument("--similarity", default="lncc", choices=("lncc", "mi"),
@@ -113,13 +117,17 @@ def run(args: argparse.Namespace) -> int:
         similarity=args.similarity, fixed_window=args.fixed_window, moving_window=args.moving_window,
         deformable=deformable or None,
         device=args.device, out_dir=args.out, model_size=args.model_size,
-        overview=not args.no_overview, itk=args.itk,
+        overview=not args.no_overview, itk=args.itk, initial_transform=args.initial_transform,
     )
     s = result.summary
     t = s["timings_s"]
     print(f"method: {s['method']} on {s['device']}")
-    if s.get("affine"):
-        print(f"affine stage: {s['affine']['stage']} ({s['affine']['similarity']}) in {s['affine']['time_s']:.1f} s")
+    if s.get("affine") and s["affine"]["stage"] == "given":
+        print(f"affine: as given by --initial-transform {args.initial_transform}")
+    elif s.get("affine"):
+        start = f", from --initial-transform {args.initial_transform}" if args.initial_transform else ""
+        print(f"affine stage: {s['affine']['stage']} ({s['affine']['similarity']}{start}) in "
+              f"{s['affine']['time_s']:.1f} s")
     if s.get("dice_after") is not None:
         print(f"Dice: {s['dice_before']['mean']:.4f} before -> {s['dice_after']['mean']:.4f} after "
               f"({len(s['dice_after']['per_label'])} labels)")

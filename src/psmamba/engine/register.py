@@ -380,16 +380,20 @@ def _prepare(inp: _Inputs, dev, fixed_window=None, moving_window=None) -> _Prepa
                      mv[None, None], fmask, mmask, a_f, a_m)
 
 
-def _linear_stage(plan: Pipeline, inp: _Inputs, prep: _Prepared):
-    """Step 3a: rigid or affine registration in world space (None when the plan has none)."""
-    if plan.linear is None:
-        return None
-    from psmamba.affine import affine_register
+def _linear_stage(plan: Pipeline, inp: _Inputs, prep: _Prepared, initial: np.ndarray | None = None):
+    """Step 3a: rigid or affine registration in world space, from ``initial`` when given; the
+    ``initial`` matrix itself when the plan has no linear stage (None without either)."""
+    from psmamba.affine import AffineResult, affine_register
 
+    if plan.linear is None:
+        if initial is None:
+            return None
+        return AffineResult(matrix=initial, rigid_matrix=initial, init_matrix=initial, center=np.zeros(3),
+                            similarity="given")
     return affine_register(
         (prep.fixed_s[0, 0], prep.a_f), (prep.moving_s[0, 0], prep.a_m),
         fixed_mask=prep.fixed_mask, moving_mask=prep.moving_mask, similarity=plan.similarity,
-        affine=plan.linear == "affine", device=prep.fixed_s.device,
+        affine=plan.linear == "affine", device=prep.fixed_s.device, init="com" if initial is None else initial,
     )
 
 
@@ -466,14 +470,15 @@ def _method_grid(method, f_shape) -> list[int]:
     return [int(s) for s in (grids[0] if grids else f_shape)]
 
 
-def _register(plan: Pipeline, inp: _Inputs, prep: _Prepared, inverse: bool = True):
+def _register(plan: Pipeline, inp: _Inputs, prep: _Prepared, inverse: bool = True,
+              initial: np.ndarray | None = None):
     """Step 3: the linear stage, then the fixed-grid method; the whole map and (``inverse``) its inverse."""
     from psmamba.affine import affine_ddf
     from psmamba.deformable import invert_ddf
     from psmamba.engine.methods import call_options
 
     f_shape = tuple(int(s) for s in prep.fixed_np.shape)
-    lin = _linear_stage(plan, inp, prep)
+    lin = _linear_stage(plan, inp, prep, initial)
     matrix = _world_matrix(lin)
     moving_al, mask = _aligned(prep, matrix, f_shape)
     u = plan.method(moving_al, prep.fixed_s, None, **call_options(plan.method, mask, prep.a_f)).detach().float()
@@ -517,7 +522,7 @@ def _finish(inp: _Inputs, prep: _Prepared, plan: Pipeline, lin, ddf_t, inv_t, de
         "method": plan.name,
         "method_settings": settings,
         "checkpoint": _find_setting(settings, "checkpoint"),
-        "affine": None if lin is None else {**lin.summary(), "stage": plan.linear},
+        "affine": None if lin is None else {**lin.summary(), "stage": plan.linear or "given"},
         "device": str(dev),
         "fixed_shape": f_shape,
         "moving_shape": [int(s) for s in inp.moving.data.shape],
@@ -717,6 +722,7 @@ def register_pair(
     labels: Sequence[int] | None = None,
     itk: bool = False,
     inverse: bool = True,
+    initial_transform: Any = None,
 ) -> RegistrationResult:
     """Register ``moving`` onto ``fixed``; optionally write the outputs to ``out_dir``.
 
@@ -758,6 +764,12 @@ def register_pair(
             displacement field transforms (:func:`psmamba.io.save_itk_warp`).
         inverse: also find the inverse map (``ddf_inverse``; False: None, nothing written for
             it, and the time a method without its own inverse would spend on it saved).
+        initial_transform: an affine found before (another tool's, an earlier run's
+            ``affine.txt``): an ITK / ANTs transform file (``.txt``, ``.tfm``, ``.mat``:
+            :func:`psmamba.transforms.read_itk_affine`) or a ``(4, 4)`` fixed world -> moving
+            world matrix (RAS mm). The rigid/affine stage starts from it; a method without one
+            (``io``, ``network+io``, ``identity``, a method object, ``iters``) uses it as its
+            linear stage as it is.
         labels: the label codes Dice is computed on (default: the codes found in both the fixed
             and the moving label map, :func:`psmamba.metrics.shared_labels`; the others are
             listed in the summary's ``labels_not_scored``).
@@ -785,6 +797,7 @@ def register_pair(
         raise PsmambaError("method (--method) is empty: name a method (default, io, affine+io, ...)")
     fixed_window = _check_window("--fixed-window", fixed_window)
     moving_window = _check_window("--moving-window", moving_window)
+    initial = _initial_matrix(initial_transform)
     staging = StagingDir(out_dir, owned=OUTPUT_FILES) if out_dir is not None else None
     try:
         dev = resolve_device(device)
@@ -803,10 +816,14 @@ def register_pair(
                 "stage: --method affine+io)".replace("  ", " ")
             )
         t_prep = time.perf_counter()
-        lin, ddf_t, inv_t = _register(plan, inp, prep, inverse)
+        lin, ddf_t, inv_t = _register(plan, inp, prep, inverse, initial)
         _synchronize(dev)  # accelerator kernels run asynchronously: time them to completion
         t_reg = time.perf_counter()
         result = _finish(inp, prep, plan, lin, ddf_t, inv_t, dev, labels)
+        if initial is not None:
+            named = isinstance(initial_transform, (str, os.PathLike))
+            result.summary["initial_transform"] = {"file": str(initial_transform) if named else None,
+                                                   "matrix_ras": initial.tolist()}
         if overlap is not None:
             result.summary["label_overlap"] = {"shared": sorted(overlap.shared), "fixed_only": sorted(overlap.fixed_only),
                                                "moving_only": sorted(overlap.moving_only)}
@@ -820,6 +837,19 @@ def register_pair(
     finally:
         if staging is not None:
             staging.cleanup()
+
+
+def _initial_matrix(initial: Any) -> np.ndarray | None:
+    """``initial_transform`` as a fixed world -> moving world matrix (RAS mm), read and checked."""
+    if initial is None:
+        return None
+    from psmamba.affine import check_init_matrix
+
+    if isinstance(initial, (str, os.PathLike)):
+        from psmamba.transforms import read_itk_affine
+
+        return check_init_matrix(read_itk_affine(Path(initial).expanduser()), f"--initial-transform {initial}")
+    return check_init_matrix(initial, "initial_transform")
 
 
 def _write_outputs(result: RegistrationResult, staging: StagingDir | None, overview: bool, t_start: float,
