@@ -848,7 +848,11 @@ def _initial_matrix(initial: Any) -> np.ndarray | None:
     if isinstance(initial, (str, os.PathLike)):
         from psmamba.transforms import read_itk_affine
 
-        return check_init_matrix(read_itk_affine(Path(initial).expanduser()), f"--initial-transform {initial}")
+        try:
+            matrix = read_itk_affine(Path(initial).expanduser())
+        except PsmambaError as exc:
+            raise PsmambaError(f"--initial-transform: {exc}") from None
+        return check_init_matrix(matrix, f"--initial-transform {initial}")
     return check_init_matrix(initial, "initial_transform")
 
 
