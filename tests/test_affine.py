@@ -430,3 +430,41 @@ def test_a_given_start_matrix_is_refined(tmp_path):
                        (np.vstack([np.eye(4)[:3], [1, 0, 0, 1]]), "last row"), (np.full((4, 4), np.nan), "finite")):
         with pytest.raises(PsmambaError, match=match):
             affine_register((fixed, GRID), (moving, GRID), init=bad)
+
+
+def test_a_rigid_stage_alone_starts_from_the_rotation_of_an_affine_start():
+    fixed, moving = pair(RIGID)
+    scaled = RIGID @ homogeneous(np.diag([0.8, 0.9, 1.1]), [0.0, 0.0, 0.0])
+    res = affine_register((fixed, GRID), (moving, GRID), init=scaled, affine=False)
+    assert np.allclose(np.linalg.svd(res.matrix[:3, :3])[1], 1.0, atol=1e-4)  # a rotation: rigid as named
+    assert np.allclose(np.linalg.svd(res.init_matrix[:3, :3])[1], 1.0, atol=1e-9)
+    err = point_error(res.matrix, RIGID, fixed)
+    assert err.max() < MAX_ERR and err.mean() < MEAN_ERR, (err.mean(), err.max())
+    with pytest.raises(PsmambaError, match="mirrors"):
+        affine_register((fixed, GRID), (moving, GRID), init=np.diag([-1.0, 1.0, 1.0, 1.0]), affine=False)
+
+
+@pytest.mark.parametrize("suffix", [".txt", ".mat"])
+def test_reads_itk_rigid_and_similarity_types_as_simpleitk_applies_them(tmp_path, suffix, sitk):
+    """Euler3D (both angle orders), VersorRigid3D and Similarity3D files, written by SimpleITK:
+    psmamba's matrix sends points where SimpleITK's TransformPoint does (LPS <-> RAS)."""
+    euler = sitk.Euler3DTransform((3.0, -2.0, 5.0), 0.2, -0.3, 0.4, (1.0, 2.0, -3.0))
+    euler_zyx = sitk.Euler3DTransform((3.0, -2.0, 5.0), 0.2, -0.3, 0.4, (1.0, 2.0, -3.0))
+    euler_zyx.SetComputeZYX(True)
+    versor = sitk.VersorRigid3DTransform()
+    versor.SetCenter((1.0, 2.0, 3.0))
+    versor.SetRotation((0.2, 0.5, -0.3), 0.7)
+    versor.SetTranslation((4.0, -1.0, 2.0))
+    similarity = sitk.Similarity3DTransform()
+    similarity.SetCenter((1.0, -2.0, 3.0))
+    similarity.SetRotation((0.1, 0.5, 0.3), -0.6)
+    similarity.SetTranslation((4.0, -1.0, 2.0))
+    similarity.SetScale(1.2)
+    points = np.array([[10.0, -20.0, 30.0, 1.0], [-5.0, 7.0, 0.5, 1.0]])
+    for name, tx in (("euler", euler), ("euler_zyx", euler_zyx), ("versor", versor), ("similarity", similarity)):
+        path = tmp_path / f"{name}{suffix}"
+        sitk.WriteTransform(tx, str(path))
+        m = read_itk_affine(path)
+        for x in points:
+            y_lps = np.array(tx.TransformPoint(tuple((FLIP @ x)[:3])))
+            np.testing.assert_allclose(FLIP[:3, :3] @ y_lps, (m @ x)[:3], atol=1e-9, err_msg=name)

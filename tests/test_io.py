@@ -320,3 +320,33 @@ def test_a_path_or_affine_of_the_wrong_type_is_named(tmp_path, call):
     with pytest.raises(PsmambaError, match="file path|affine for"):
         call(tmp_path)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_headers_itk_reads_otherwise_are_named(tmp_path):
+    """A qform and an sform that disagree (psmamba reads the sform, ITK-based tools may read the
+    qform) give one warning naming the file; psmamba writes both, equal, so ITK reads its files
+    as psmamba does, even an sform with a slight shear ITK could not read alone."""
+    import warnings
+
+    from psmamba.io import load_image, qform_sform_gap, save_image
+
+    data = np.random.default_rng(0).random((8, 9, 10)).astype(np.float32)
+    img = nib.Nifti1Image(data, np.eye(4))
+    shifted = np.eye(4)
+    shifted[:3, 3] = [8.0, -6.0, 4.0]
+    img.set_sform(np.eye(4), code=2)
+    img.set_qform(shifted, code=1)
+    nib.save(img, str(tmp_path / "qs.nii.gz"))
+    with pytest.warns(UserWarning, match=r"qs.nii.gz: its qform and sform disagree by up to 10.77 mm"):
+        load_image(tmp_path / "qs.nii.gz")
+    sheared = np.diag([1.2, 1.0, 1.5, 1.0])
+    sheared[0, 1] = 1e-3
+    out = save_image(tmp_path / "out.nii.gz", data, sheared)
+    hdr = nib.load(str(out)).header
+    assert int(hdr["qform_code"]) > 0 and int(hdr["sform_code"]) > 0
+    assert qform_sform_gap(hdr) < 0.02
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_image(out)  # psmamba's own files: no warning
+    sitk = pytest.importorskip("SimpleITK")
+    assert sitk.ReadImage(str(out)).GetSize() == (8, 9, 10)  # an sform alone with this shear: ITK refuses it

@@ -543,7 +543,9 @@ def affine_register(
         init: ``"com"`` superposes the intensity centres of mass; ``"geometry"`` the grid
             centres; ``"none"`` starts from the identity in world space (the headers); or a
             ``(4, 4)`` fixed world -> moving world matrix (RAS mm) to start from (a transform
-            found before, e.g. read with :func:`psmamba.transforms.read_itk_affine`).
+            found before, e.g. read with :func:`psmamba.transforms.read_itk_affine`); a rigid
+            stage alone (``affine=False``) starts from its rotation (the nearest one) and keeps
+            where it sends the fixed image's centre.
         shrink: pyramid levels as shrink factors of the finest voxel size, coarse to fine
             (default: two levels chosen by size, see :func:`_auto_shrink`; a 1 mm
             160x192x160 image works at shrink 6 then 3).
@@ -631,8 +633,16 @@ def affine_register(
     c_f = centre(fx, fa, fmask)
     c_m = centre(mv, ma, mmask)
     if init_given is not None:  # x -> lin (x - c) + c + t with lin, t making the given matrix
+        t_init = init_given[:3, 3] - c_f + init_given[:3, :3] @ c_f
         init_mat = init_given
-        t_init = init_mat[:3, 3] - c_f + init_mat[:3, :3] @ c_f
+        if not affine:  # a rigid result: the start's rotation (nearest, by SVD), keeping where c_f goes
+            u, _, vt = np.linalg.svd(init_given[:3, :3])
+            if np.linalg.det(u @ vt) < 0:
+                raise PsmambaError("init: the start mirrors space; a rigid stage alone cannot start from it "
+                                   "(use the affine stage)")
+            init_mat = np.eye(4)
+            init_mat[:3, :3] = u @ vt
+            init_mat[:3, 3] = c_f + t_init - init_mat[:3, :3] @ c_f
     else:
         t_init = c_m - c_f if init != "none" else np.zeros(3)
         init_mat = np.eye(4)

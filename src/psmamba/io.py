@@ -215,7 +215,54 @@ def _read(path, what: str) -> tuple[Any, np.ndarray, Path]:
         raise
     except Exception as exc:  # nibabel, gzip, zlib and OS errors all mean "unreadable"
         raise PsmambaError(f"{what} {p}: cannot be read as NIfTI/Analyze ({_short(exc)})") from exc
+    _warn_geometry(img.header, data.shape[:3], f"{what} {p}")
     return img, np.asarray(data), p
+
+
+#: qform and sform farther apart than this (mm, at a corner of the grid) are said to disagree
+_QS_TOLERANCE_MM = 0.01
+
+
+def qform_sform_gap(header, shape=None) -> float | None:
+    """How far apart (mm, the largest at the grid's corners) a NIfTI header's qform and sform place
+    the voxels when both are set (codes > 0); None otherwise (one of them, or an Analyze header)."""
+    try:
+        q, qc = header.get_qform(coded=True)
+        s, sc = header.get_sform(coded=True)
+    except Exception:  # Analyze headers have neither
+        return None
+    if q is None or s is None or not qc or not sc:
+        return None
+    dims = np.asarray(shape if shape is not None else header.get_data_shape()[:3], dtype=np.float64) - 1
+    corners = np.array([[i, j, k, 1.0] for i in (0, dims[0]) for j in (0, dims[1]) for k in (0, dims[2])]).T
+    return float(np.sqrt((((q - s) @ corners)[:3] ** 2).sum(0)).max())
+
+
+def _warn_geometry(header, shape, name: str) -> None:
+    """One warning per file whose qform and sform disagree: psmamba (nibabel) reads the sform,
+    ITK-based tools (ANTs, SimpleITK, ITK-SNAP, 3D Slicer) may read the qform."""
+    gap = qform_sform_gap(header, shape)
+    if gap is not None and gap > _QS_TOLERANCE_MM:
+        import warnings
+
+        warnings.warn(f"{name}: its qform and sform disagree by up to {gap:.2f} mm; psmamba reads the sform "
+                      "(nibabel's rule), ITK-based tools (ANTs, ITK-SNAP, Slicer) may read the qform: fix the "
+                      "header before exchanging transforms with them", stacklevel=3)
+
+
+def has_orientation(header) -> bool:
+    """False for a NIfTI header with neither a qform nor an sform (codes 0: nibabel falls back to a
+    default affine); True otherwise (Analyze files: nibabel's reading, see :func:`plain_analyze`)."""
+    try:
+        return bool(int(header["qform_code"]) or int(header["sform_code"]))
+    except (KeyError, ValueError, TypeError):
+        return True
+
+
+def plain_analyze(header) -> bool:
+    """An Analyze 7.5 header (no orientation: psmamba reads nibabel's default, ITK-based tools
+    orient such files their own way)."""
+    return header is not None and not isinstance(header, nib.Nifti1Header)
 
 
 def _squeeze_to(data: np.ndarray, ndim: int) -> np.ndarray:
@@ -326,6 +373,15 @@ def load_ddf(path, what: str = "displacement field") -> Image:
     """
     img, data, p = _read(path, what)
     intent = _intent_code(img)
+    name = str(img.header.get_intent()[2]) if intent else ""
+    if intent not in (0, _INTENT_VECTOR, _INTENT_DISPVECT):
+        raise PsmambaError(f"{what} {p}: NIfTI intent code {intent} ({img.header.get_intent()[0]}) is not a "
+                           "displacement field psmamba reads (voxel displacements, or ITK/ANTs 'vector' / "
+                           "'displacement vector' fields): convert it first")
+    if name.upper().startswith("NREG"):  # NiftyReg writes positions (a deformation), not displacements
+        raise PsmambaError(f"{what} {p}: a NiftyReg transformation ({name}) holds positions, not displacements: "
+                           "convert it with reg_transform -disp first")
+    check_scalar_dtype(data.dtype, f"{what} {p}")
     if data.ndim == 5 and data.shape[3] == 1:
         data = data[:, :, :, 0, :]
     if data.ndim != 4 or data.shape[-1] != 3:
@@ -467,6 +523,10 @@ def _nifti_header(header) -> nib.Nifti1Header | None:
 
 def _build(arr: np.ndarray, affine: np.ndarray, header=None) -> nib.Nifti1Image:
     img = nib.Nifti1Image(arr, affine, header=_nifti_header(header))
+    # the same grid in the sform and the qform: ITK-based tools (ANTs, ITK-SNAP, Slicer) read the
+    # qform when both are set and cannot read an sform alone that is not orthonormal (a shear)
+    img.set_sform(affine, code=int(img.header["sform_code"]) or 2)
+    img.set_qform(affine, code=int(img.header["qform_code"]) or 1)
     # the data decides the stored type, never a template header (it may come from another file)
     img.set_data_dtype(arr.dtype)
     img.header.set_slope_inter(None, None)  # no scaling: values are stored as given

@@ -39,6 +39,45 @@ TRANSFORM_SUFFIXES = (".txt", ".tfm", ".mat")
 _FLIP = np.diag([-1.0, -1.0, 1.0, 1.0])
 # ITK classes whose 12 parameters are "matrix row-major, translation" about FixedParameters
 _MATRIX_OFFSET = re.compile(r"^(AffineTransform|MatrixOffsetTransformBase)_(double|float)_3_3$")
+# ITK's rigid and similarity classes (what SimpleITK's initialisers and registrations write), read
+# into the same 12 parameters
+_RIGID_LIKE = re.compile(r"^(Euler3DTransform|VersorRigid3DTransform|Similarity3DTransform)_(double|float)_3_3$")
+
+
+def _rotation_xyz(ax: float, ay: float, az: float, zyx: bool) -> np.ndarray:
+    """ITK Euler3DTransform's matrix: ``Rz Rx Ry`` (``Rz Ry Rx`` with ComputeZYX)."""
+    cx, sx, cy, sy, cz, sz = np.cos(ax), np.sin(ax), np.cos(ay), np.sin(ay), np.cos(az), np.sin(az)
+    rx = np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
+    ry = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
+    rz = np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
+    return rz @ ry @ rx if zyx else rz @ rx @ ry
+
+
+def _versor(v: np.ndarray) -> np.ndarray:
+    """The rotation of ITK's versor (the unit quaternion's vector part; w >= 0 follows)."""
+    x, y, z = v
+    w = np.sqrt(max(0.0, 1.0 - float(v @ v)))
+    return np.array([
+        [1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)],
+        [2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)],
+        [2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)],
+    ])
+
+
+def _as_matrix_offset(kind: str, params: np.ndarray, fixed: np.ndarray, p: Path) -> tuple[np.ndarray, np.ndarray]:
+    """A rigid/similarity transform's parameters -> the 12 of ``AffineTransform`` and the centre."""
+    name = kind.split("_")[0]
+    counts = {"Euler3DTransform": 6, "VersorRigid3DTransform": 6, "Similarity3DTransform": 7}[name]
+    if params.shape != (counts,) or fixed.size not in ((3, 4) if name == "Euler3DTransform" else (3,)):
+        raise PsmambaError(f"transform file {p}: {name} expects {counts} parameters and 3 fixed parameters, "
+                           f"got {params.size} and {fixed.size}")
+    if name == "Euler3DTransform":
+        a = _rotation_xyz(*params[:3], zyx=bool(fixed.size == 4 and fixed[3]))
+    else:
+        if float(params[:3] @ params[:3]) > 1.0 + 1e-9:
+            raise PsmambaError(f"transform file {p}: the versor {params[:3].tolist()} is longer than 1")
+        a = _versor(params[:3]) * (params[6] if name == "Similarity3DTransform" else 1.0)
+    return np.concatenate([a.reshape(-1), params[3:6]]), fixed[:3]
 
 
 def ras_to_lps(matrix) -> np.ndarray:
@@ -136,9 +175,10 @@ def write_itk_affine(path, matrix, center=None) -> Path:
 def read_itk_affine(path) -> np.ndarray:
     """Read an ITK affine transform file -> ``(4, 4)`` fixed world -> moving world, RAS+ mm.
 
-    Accepts ``AffineTransform_{double,float}_3_3`` and ``MatrixOffsetTransformBase_*_3_3``
-    (text ``.txt``/``.tfm``, or ITK/ANTs ``.mat``). A file holding several transforms (a
-    composite) is refused: only one affine is read.
+    Accepts ``AffineTransform_{double,float}_3_3`` and ``MatrixOffsetTransformBase_*_3_3``, and
+    ITK's rigid and similarity types ``Euler3DTransform``, ``VersorRigid3DTransform`` and
+    ``Similarity3DTransform`` (text ``.txt``/``.tfm``, or ITK/ANTs ``.mat``). A file holding
+    several transforms (a composite) is refused: only one is read.
 
     Raises:
         PsmambaError: missing or unreadable file, another transform type, wrong parameter counts.
@@ -154,11 +194,12 @@ def read_itk_affine(path) -> np.ndarray:
             content = loadmat(str(p))
         except Exception as exc:  # scipy raises several types for a corrupt file
             raise PsmambaError(f"transform file {p}: not a readable MATLAB file ({exc})") from None
-        kinds = [k for k in content if _MATRIX_OFFSET.match(k)]
+        kinds = [k for k in content if _MATRIX_OFFSET.match(k) or _RIGID_LIKE.match(k)]
         if len(kinds) != 1 or "fixed" not in content:
             names = [k for k in content if not k.startswith("__")]
             raise PsmambaError(f"transform file {p}: no single 3-D affine transform in it (variables {names})")
-        params = np.asarray(content[kinds[0]], dtype=np.float64).reshape(-1)
+        kind = kinds[0]
+        params = np.asarray(content[kind], dtype=np.float64).reshape(-1)
         fixed = np.asarray(content["fixed"], dtype=np.float64).reshape(-1)
     else:
         try:
@@ -175,13 +216,19 @@ def read_itk_affine(path) -> np.ndarray:
         kinds = fields.get("Transform", [])
         if len(kinds) != 1:
             raise PsmambaError(f"transform file {p}: holds {len(kinds)} transforms {kinds}, expected one affine")
-        if not _MATRIX_OFFSET.match(kinds[0]):
-            raise PsmambaError(f"transform file {p}: transform type {kinds[0]} is not a 3-D affine")
+        kind = kinds[0]
+        if not (_MATRIX_OFFSET.match(kind) or _RIGID_LIKE.match(kind)):
+            raise PsmambaError(f"transform file {p}: transform type {kind} is not a 3-D affine, rigid or "
+                               "similarity transform")
         try:
             params = np.array([float(v) for v in fields["Parameters"][0].split()])
             fixed = np.array([float(v) for v in fields["FixedParameters"][0].split()])
         except (KeyError, ValueError):
             raise PsmambaError(f"transform file {p}: missing or malformed Parameters/FixedParameters") from None
+    if not (np.all(np.isfinite(params)) and np.all(np.isfinite(fixed))):
+        raise PsmambaError(f"transform file {p}: parameters hold NaN or Inf")
+    if _RIGID_LIKE.match(kind):
+        params, fixed = _as_matrix_offset(kind, params, fixed, p)
     if params.shape != (12,) or fixed.shape != (3,):
         raise PsmambaError(
             f"transform file {p}: expected 12 parameters and 3 fixed parameters, got {params.size} and {fixed.size}"

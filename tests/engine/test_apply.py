@@ -115,9 +115,29 @@ def test_bad_input_one_line_before_any_output(registered, tmp_path, capsys):
     assert "--padding" in fails("--field", ddf, "--image", m, "--padding", "nan", "--out", str(target))
     assert "label map's outside is 0" in fails("--field", ddf, "--image", str(r["ml"]), "--labels", "--padding", "1",
                                                "--out", str(target))
-    assert not target.exists()
+    assert "is an input of this command" in fails("--field", ddf, "--image", m, "--out", m)
+    tiny = tmp_path / "tiny.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((1, 1, 1, 3), np.float32), np.eye(4)), str(tiny))
+    assert "not a 3-D grid" in fails("--field", str(tiny), "--image", m, "--out", str(target))
+    bare = nib.Nifti1Image(np.zeros((4, 4, 4, 3), np.float32), None)
+    bare.header.set_qform(None, code=0)
+    bare.header.set_sform(None, code=0)
+    nib.save(bare, str(tmp_path / "bare.nii.gz"))
+    assert "give --reference" in fails("--field", str(tmp_path / "bare.nii.gz"), "--image", m, "--out", str(target))
+    assert "file name is empty" in fails("--field", "", "--image", m, "--out", str(target))
+    assert not target.parent.exists()  # no folder made for a result that was never written
     # a label map carried as an image works, with a warning that names the flag
     with pytest.warns(UserWarning, match="if it is a label map, apply it with labels=True .--labels"):
         assert main(["apply", "--field", ddf, "--image", str(r["ml"]), "--out", str(target)]) == 0
     with pytest.raises(PsmambaError, match="expected a file name"):
         apply_field(out / "ddf.nii.gz", r["m"], out="  ")
+    # an 8-bit intensity image (many values) gets no label-map warning; a mask does
+    import warnings
+
+    rng = np.random.default_rng(0)
+    u8 = save(tmp_path / "u8.nii.gz", rng.integers(0, 256, r["mshape"]).astype(np.uint8), r["maff"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        apply_field(out / "ddf.nii.gz", u8)
+    with pytest.warns(UserWarning, match="holds 2 integer values"):
+        apply_field(out / "ddf.nii.gz", save(tmp_path / "mask.nii.gz", (data(r["ml"]) > 0).astype(np.uint8), r["maff"]))

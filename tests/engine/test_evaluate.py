@@ -424,6 +424,23 @@ def test_given_fields_bad_input_fails_before_any_output(tmp_path, capsys):
     assert "add --fields" in _fails(capsys, ["evaluate", "--identity", "--out", str(out), "--pairs", listed("zero.nii.gz")])
     assert "do not combine" in _fails(capsys, run + [listed("zero.nii.gz"), "--method", "io"])
     assert "--pairs list" in _fails(capsys, ["evaluate", "--fields", "--demo", "--out", str(out)])
+    twice = tmp_path / "twice.csv"
+    twice.write_text("moving,fixed,ddf,ddf\nm.nii.gz,f.nii.gz,zero.nii.gz,shift.nii.gz\n")
+    assert "names ['ddf'] more than once" in _fails(capsys, run + [str(twice)])
+    headless = tmp_path / "headless.csv"
+    headless.write_text("m.nii.gz,f.nii.gz,ml.nii.gz,fl.nii.gz,p1,shift.nii.gz\n")
+    assert "a ddf column is read when a header names it" in _fails(capsys, run + [str(headless)])
+    # fields of other tools psmamba does not read as displacements: refused, not misread
+    fsl = nib.Nifti1Image(np.zeros((S, S, S, 3), np.float32), np.eye(4))
+    fsl.header.set_intent(2006, allow_unknown=True)  # FSL FNIRT's displacement field (mm)
+    nib.save(fsl, str(tmp_path / "fsl.nii.gz"))
+    assert "intent code 2006" in _fails(capsys, run + [listed("fsl.nii.gz")])
+    nreg = nib.Nifti1Image(np.zeros((S, S, S, 1, 3), np.float32), np.eye(4))
+    nreg.header.set_intent(1006, name="NREG_TRANS")
+    nib.save(nreg, str(tmp_path / "nreg.nii.gz"))
+    assert "reg_transform -disp" in _fails(capsys, run + [listed("nreg.nii.gz")])
+    _save(tmp_path / "complex.nii.gz", np.zeros((S, S, S, 3), np.complex64))
+    assert "complex or RGB" in _fails(capsys, run + [listed("complex.nii.gz")])
     assert not out.parent.exists() or not list(out.parent.iterdir())
     with pytest.raises(PsmambaError, match="only 'psmamba evaluate"):
         id_pairs(read_pair_list(listed("zero.nii.gz")), ["f.nii.gz", "m.nii.gz"])
@@ -433,6 +450,12 @@ def test_given_fields_bad_input_fails_before_any_output(tmp_path, capsys):
     fl2 = _save(tmp_path / "fl2.nii.gz", np.asarray(nib.load(str(tmp_path / "fl.nii.gz")).dataobj), moved)
     save_itk_warp(tmp_path / "eye_itk.nii.gz", np.zeros((3, S, S, S), np.float32), np.eye(4))
     pair = Pair("p", f2, f2, fl2, fl2, ddf=tmp_path / "zero.nii.gz")
+    assert evaluate_pairs([pair], fields=True).pair_rows[0]["dice_mean"] == 1.0
+    bare = nib.Nifti1Image(np.zeros((S, S, S, 3), np.float32), None)  # no orientation at all (codes 0)
+    bare.header.set_qform(None, code=0)
+    bare.header.set_sform(None, code=0)
+    nib.save(bare, str(tmp_path / "bare.nii.gz"))
+    pair.ddf = tmp_path / "bare.nii.gz"
     assert evaluate_pairs([pair], fields=True).pair_rows[0]["dice_mean"] == 1.0
     pair.ddf = tmp_path / "eye_itk.nii.gz"
     with pytest.raises(PsmambaError, match="its affine is not"):

@@ -652,3 +652,16 @@ def test_an_ants_affine_given_as_is_matches_ants_own_resampling(blob_pair, tmp_p
                         method="identity", initial_transform=mat, device="cpu")
     assert np.abs(res.matrix - np.eye(4)).max() > 0.1  # ANTs moved it
     assert (res.warped_labels == theirs).mean() > 0.999
+
+
+def test_plain_analyze_inputs_warn_when_transforms_leave_for_itk(tmp_path):
+    import warnings
+
+    img = np.random.default_rng(0).random((16, 16, 16)).astype(np.float32)
+    nib.save(nib.AnalyzeImage(img, np.eye(4)), str(tmp_path / "a.hdr"))
+    with pytest.warns(UserWarning, match="a.hdr: a plain Analyze file"):
+        register_pair(tmp_path / "a.hdr", tmp_path / "a.hdr", method="identity", out_dir=tmp_path / "o", itk=True,
+                      overview=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing leaves for ITK: no warning
+        register_pair(tmp_path / "a.hdr", tmp_path / "a.hdr", method="identity", overview=False)

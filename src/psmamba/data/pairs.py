@@ -116,6 +116,9 @@ def _csv_rows(path: Path) -> list[PairRow]:
                            f"a header but names no known column; expected columns {', '.join(_COLUMNS)} "
                            "(moving and fixed required; the header is optional)")
     if "moving" in header and "fixed" in header:
+        twice = sorted({c for c in header if c and header.count(c) > 1})
+        if twice:
+            raise PsmambaError(f"pair list {path} line {raw[0][0]}: the header names {twice} more than once")
         unknown = [c for c in header if c and c not in _COLUMNS]
         if unknown:
             raise PsmambaError(f"pair list {path}: unknown column(s) {unknown}; expected some of {list(_COLUMNS)}")
@@ -131,8 +134,9 @@ def _csv_rows(path: Path) -> list[PairRow]:
             raise PsmambaError(f"pair list {path} line {n}: expected moving,fixed[,moving_labels,fixed_labels][,pair_id]")
         extra = [c for c in row[width:] if c.strip()]
         if extra:
+            hint = " (a ddf column is read when a header names it)" if "ddf" not in cols else ""
             raise PsmambaError(f"pair list {path} line {n}: {len(row)} columns, expected at most {width} "
-                               f"({', '.join(sorted(cols, key=cols.get))})")
+                               f"({', '.join(sorted(cols, key=cols.get))}){hint}")
         out.append(PairRow(cells["moving"], cells["fixed"], cells.get("moving_labels") or None,
                            cells.get("fixed_labels") or None, cells.get("pair_id") or None, f"{path} line {n}",
                            cells.get("ddf") or None))

@@ -40,10 +40,11 @@ def load_field(field: Any, reference: Any = None) -> Field:
     """The map of ``field`` (a file :func:`psmamba.io.load_ddf` reads, or a :class:`Field`) on
     the target grid; ``reference`` (an image on the target grid, e.g. the fixed image of
     ``ddf.nii.gz``) gives that grid its affine when the field's file has none (a Learn2Reg field
-    saved with the identity), and is checked against it.
+    saved with the identity, or with no orientation at all), and is checked against it.
 
     Raises:
-        PsmambaError: an unreadable field, or a reference on another grid (one line each).
+        PsmambaError: an unreadable field, a field too small to be a 3-D grid, a field without
+            orientation and no reference, or a reference on another grid (one line each).
     """
     from psmamba import io
     from psmamba.engine.methods import GivenField
@@ -51,8 +52,16 @@ def load_field(field: Any, reference: Any = None) -> Field:
     if isinstance(field, Field):
         fld = field
     else:
+        if isinstance(field, str) and not field.strip():
+            raise PsmambaError("field (--field): the file name is empty")
         img = io.load_ddf(field, what="field")
         fld = Field(np.ascontiguousarray(np.moveaxis(img.data, -1, 0)), img.affine, img.path)
+        if reference is None and not io.has_orientation(img.header):
+            raise PsmambaError(f"field {img.path}: its file has no orientation (qform and sform codes 0): give "
+                               "--reference, an image on its grid (the fixed image of a ddf.nii.gz)")
+    if min(fld.ddf.shape[1:]) < 2:
+        raise PsmambaError(f"field {fld.path or ''}: grid {tuple(fld.ddf.shape[1:])} is not a 3-D grid "
+                           "(at least 2 voxels a side)".replace("field :", "field:"))
     if reference is None:
         return fld
     ref = io.as_image(reference, "reference image")
@@ -61,8 +70,9 @@ def load_field(field: Any, reference: Any = None) -> Field:
     return Field(fld.ddf, np.asarray(ref.affine, dtype=np.float64), fld.path)
 
 
-def _output(out: str | os.PathLike) -> Path:
-    """``out`` checked before any work: a NIfTI/Analyze name in a folder that exists or is made now."""
+def _output(out: str | os.PathLike, inputs: tuple[Any, ...] = ()) -> Path:
+    """``out`` checked before any work: a NIfTI/Analyze name, not one of the ``inputs``, in a folder
+    that exists or can be made (made only when the result is written)."""
     from psmamba import io
 
     if not isinstance(out, (str, os.PathLike)) or not str(out).strip():
@@ -72,22 +82,32 @@ def _output(out: str | os.PathLike) -> Path:
         raise PsmambaError(f"output {p}: unsupported file type (expected one of {', '.join(io.SUFFIXES)})")
     if p.is_dir():
         raise PsmambaError(f"output {p}: is a folder (name the file to write)")
-    try:
-        p.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise PsmambaError(f"output {p}: its folder cannot be made ({exc.strerror or exc})") from None
-    if not os.access(p.parent, os.W_OK):
-        raise PsmambaError(f"output {p}: folder {p.parent} is not writable")
+    for x in inputs:
+        if isinstance(x, (str, os.PathLike)) and p.exists() and Path(x).expanduser().exists() \
+                and os.path.samefile(p, Path(x).expanduser()):
+            raise PsmambaError(f"output {p}: is an input of this command (name another file)")
+    parent = p.parent if str(p.parent) else Path(".")
+    existing = parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise PsmambaError(f"output {p}: {existing} is not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PsmambaError(f"output {p}: folder {existing} is not writable")
     return p
 
 
 def _integer_looking(data: np.ndarray) -> int | None:
-    """The number of distinct values of an integer-typed image with few of them (a label map
-    given as an image), else None."""
-    if not np.issubdtype(data.dtype, np.integer):
+    """The number of distinct values of an integer-typed image with few of them (at most 128: a
+    label map or a mask given as an image, where an 8-bit intensity image has more), else None."""
+    if not np.issubdtype(data.dtype, np.integer) or data.size == 0:
         return None
-    n = np.unique(data[:: max(1, data.shape[0] // 32)]).size
-    return n if n <= 256 else None
+    lo, hi = int(data.min()), int(data.max())
+    if hi - lo < 1 << 20:
+        n = int(np.count_nonzero(np.bincount((data.ravel() - lo).astype(np.intp, copy=False))))
+    else:
+        n = int(np.unique(data).size)
+    return n if n <= 128 else None
 
 
 def apply_field(field: Any, image: Any, *, reference: Any = None, labels: bool = False,
@@ -100,7 +120,8 @@ def apply_field(field: Any, image: Any, *, reference: Any = None, labels: bool =
         image: a path, :class:`psmamba.io.Image` or 3-D array in the source's world space, on
             any grid.
         reference: an image on the target grid (optional, see :func:`load_field`).
-        labels: ``image`` is a label map: integer codes, nearest-neighbour (its dtype is kept).
+        labels: ``image`` is a label map: integer codes kept, nearest-neighbour (stored in the
+            smallest integer type that holds them, as :func:`psmamba.io.load_labels` reads them).
         out: write the result there (``.nii.gz``, ``.nii``, ``.hdr``/``.img``; its folder is
             created), with the target grid's affine; atomically.
         device: where the resampling runs.
@@ -118,7 +139,7 @@ def apply_field(field: Any, image: Any, *, reference: Any = None, labels: bool =
 
     if not np.isfinite(padding):
         raise PsmambaError(f"padding must be a finite number, got {padding}")
-    out = None if out is None else _output(out)
+    out = None if out is None else _output(out, (field, image, reference))
     dev = resolve_device(device)
     fld = load_field(field, reference)
     img = io.as_image(image, "label map" if labels else "image", labels=labels)
@@ -148,6 +169,10 @@ def apply_field(field: Any, image: Any, *, reference: Any = None, labels: bool =
                 result += np.float32(padding)
     written = None
     if out is not None:
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise PsmambaError(f"output {out}: its folder cannot be made ({exc.strerror or exc})") from None
         save = io.save_labels if labels else io.save_image
         written = save(out, result, fld.affine)
     return io.Image(data=result, affine=np.asarray(fld.affine, dtype=np.float64), header=None, path=written)

@@ -115,11 +115,13 @@ class GivenField(RegistrationMethod):
         name: what the results call it (default ``"given field"``).
 
     :meth:`check` reads the file and checks it against the fixed image before any work; a voxel
-    field's file must have the fixed image's affine or none (the identity), an ITK field's the
-    fixed image's (its millimetres are read through it).
+    field's file must have the fixed image's affine or none (no orientation, or the identity), an
+    ITK field's the fixed image's (its millimetres are read through it).
     """
 
     name = "given field"
+    #: computed by another tool (register warns where the images' headers may be read otherwise)
+    external = True
 
     def __init__(self, ddf: Any, name: str | None = None) -> None:
         self.ddf = ddf
@@ -133,9 +135,15 @@ class GivenField(RegistrationMethod):
         from psmamba import io
 
         if isinstance(self.ddf, (str, os.PathLike)):
+            if isinstance(self.ddf, str) and not self.ddf.strip():
+                raise PsmambaError("displacement field: the file name is empty")
             img = io.load_ddf(self.ddf)
             field = torch.from_numpy(np.ascontiguousarray(np.moveaxis(img.data, -1, 0)))
-            return field, img.affine, io.is_itk_field(img.header)
+            world, oriented = io.is_itk_field(img.header), io.has_orientation(img.header)
+            if world and not oriented:
+                raise PsmambaError(f"displacement field {self.ddf}: an ITK/ANTs field (millimetres) whose file has no "
+                                   "orientation (qform and sform codes 0) cannot be read in voxels")
+            return field, (img.affine if oriented else None), world
         field = torch.as_tensor(self.ddf, dtype=torch.float32).detach().cpu()
         if field.ndim == 5 and field.shape[0] == 1:
             field = field[0]

@@ -807,6 +807,8 @@ def register_pair(
                               deformable=deformable)
         overlap = check_inputs(inp.fixed, inp.moving, inp.fixed_labels, inp.moving_labels, labels=labels,
                                min_size=MIN_SIZE, why=f"registration needs {MIN_SIZE} voxels a side")
+        if itk or initial is not None or getattr(plan.method, "external", False):
+            _warn_plain_analyze(inp)
         t_load = time.perf_counter()
         prep = _prepare(inp, dev, fixed_window, moving_window)
         if plan.linear is None and not np.any(prep.moving_np) and np.any(np.asarray(inp.moving.data)):
@@ -839,6 +841,21 @@ def register_pair(
             staging.cleanup()
 
 
+def _warn_plain_analyze(inp: _Inputs) -> None:
+    """Transforms exchanged with ITK-based tools (``--itk``, ``--initial-transform``, fields scored
+    by ``evaluate --fields``) assume both read the images alike; plain Analyze files have no
+    orientation, and nibabel and ITK orient them differently."""
+    import warnings
+
+    from psmamba.io import plain_analyze
+
+    for what, img in (("fixed", inp.fixed), ("moving", inp.moving)):
+        if plain_analyze(getattr(img, "header", None)):
+            warnings.warn(f"{what} image {_name(img) or ''}: a plain Analyze file (no orientation): ITK-based tools "
+                          "(ANTs, SimpleITK) orient it otherwise than psmamba (nibabel), so transforms exchanged "
+                          "with them do not match; convert the images to NIfTI first", stacklevel=3)
+
+
 def _initial_matrix(initial: Any) -> np.ndarray | None:
     """``initial_transform`` as a fixed world -> moving world matrix (RAS mm), read and checked."""
     if initial is None:
@@ -847,6 +864,9 @@ def _initial_matrix(initial: Any) -> np.ndarray | None:
 
     if isinstance(initial, (str, os.PathLike)):
         from psmamba.transforms import read_itk_affine
+
+        if not str(initial).strip():
+            raise PsmambaError("--initial-transform: the file name is empty")
 
         try:
             matrix = read_itk_affine(Path(initial).expanduser())
