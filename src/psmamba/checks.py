@@ -526,6 +526,9 @@ def check_volume_file(
     if len(shape) != 3 or min(shape) == 0:
         _judge(_Stats(), tuple(shape), name, labels, None, None)
     affine = check_affine(img.affine, name)
+    from psmamba.io import _warn_geometry
+
+    _warn_geometry(img.header, shape, name, p)  # as the loader would, once per file
     check_scalar_dtype(img.get_data_dtype(), name)
     st = _scan(_slabs(img, p, what), labels)
     _judge(st, tuple(shape), name, labels, None if labels else min_size, why)

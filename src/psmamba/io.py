@@ -215,12 +215,26 @@ def _read(path, what: str) -> tuple[Any, np.ndarray, Path]:
         raise
     except Exception as exc:  # nibabel, gzip, zlib and OS errors all mean "unreadable"
         raise PsmambaError(f"{what} {p}: cannot be read as NIfTI/Analyze ({_short(exc)})") from exc
-    _warn_geometry(img.header, data.shape[:3], f"{what} {p}")
+    _warn_geometry(img.header, data.shape[:3], f"{what} {p}", p)
     return img, np.asarray(data), p
 
 
-#: qform and sform farther apart than this (mm, at a corner of the grid) are said to disagree
-_QS_TOLERANCE_MM = 0.01
+#: qform and sform farther apart than this (mm, at a corner of the grid) are said to disagree; a
+#: qform is a float32 quaternion, which near a half turn (an LPS-stored scan) places a large grid's
+#: corners a few hundredths of a mm away from the same matrix's sform
+_QS_TOLERANCE_MM = 0.1
+#: files warned about once already in this process (a shared atlas is read once per pair)
+_WARNED: set[tuple[str, str]] = set()
+
+
+def warn_once(key: tuple[str, str], message: str, stacklevel: int = 3) -> None:
+    """``warnings.warn(message)`` the first time ``key`` (a kind of warning, a resolved path) is seen."""
+    import warnings
+
+    if key in _WARNED:
+        return
+    _WARNED.add(key)
+    warnings.warn(message, stacklevel=stacklevel)
 
 
 def qform_sform_gap(header, shape=None) -> float | None:
@@ -238,16 +252,35 @@ def qform_sform_gap(header, shape=None) -> float | None:
     return float(np.sqrt((((q - s) @ corners)[:3] ** 2).sum(0)).max())
 
 
-def _warn_geometry(header, shape, name: str) -> None:
+def _warn_geometry(header, shape, name: str, path=None) -> None:
     """One warning per file whose qform and sform disagree: psmamba (nibabel) reads the sform,
-    ITK-based tools (ANTs, SimpleITK, ITK-SNAP, 3D Slicer) may read the qform."""
+    ITK-based tools (ANTs, SimpleITK, ITK-SNAP, 3D Slicer) may read the qform (a sheared sform,
+    which ITK cannot represent, is said as such)."""
     gap = qform_sform_gap(header, shape)
-    if gap is not None and gap > _QS_TOLERANCE_MM:
-        import warnings
+    if gap is None or gap <= _QS_TOLERANCE_MM:
+        return
+    key = ("qform", os.path.realpath(path) if path is not None else name)
+    s = np.asarray(header.get_sform(), dtype=np.float64)[:3, :3]
+    cols = s / np.linalg.norm(s, axis=0)
+    if np.abs(cols.T @ cols - np.eye(3)).max() > 1e-4:
+        warn_once(key, f"{name}: its grid is sheared (sform); ITK-based tools (ANTs, ITK-SNAP, Slicer) can only read "
+                  f"its nearest unsheared grid (the qform), up to {gap:.2f} mm away: transforms exchanged with them "
+                  "are off by as much", stacklevel=4)
+    else:
+        warn_once(key, f"{name}: its qform and sform disagree by up to {gap:.2f} mm; psmamba reads the sform "
+                  "(nibabel's rule), ITK-based tools (ANTs, ITK-SNAP, Slicer) may read the qform: fix the header "
+                  "before exchanging transforms with them", stacklevel=4)
 
-        warnings.warn(f"{name}: its qform and sform disagree by up to {gap:.2f} mm; psmamba reads the sform "
-                      "(nibabel's rule), ITK-based tools (ANTs, ITK-SNAP, Slicer) may read the qform: fix the "
-                      "header before exchanging transforms with them", stacklevel=3)
+
+def warn_plain_analyze(img, what: str) -> None:
+    """Once per file: a plain Analyze image (no orientation) whose transforms meet ITK-based tools,
+    which orient such files otherwise than psmamba (nibabel)."""
+    if plain_analyze(getattr(img, "header", None)):
+        path = getattr(img, "path", None)
+        warn_once(("analyze", os.path.realpath(path) if path is not None else what),
+                  f"{what} {path or ''}: a plain Analyze file (no orientation): ITK-based tools (ANTs, SimpleITK) "
+                  "orient it otherwise than psmamba (nibabel), so transforms exchanged with them do not match; "
+                  "convert the images to NIfTI first", stacklevel=4)
 
 
 def has_orientation(header) -> bool:

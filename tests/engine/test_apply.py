@@ -141,3 +141,34 @@ def test_bad_input_one_line_before_any_output(registered, tmp_path, capsys):
         apply_field(out / "ddf.nii.gz", u8)
     with pytest.warns(UserWarning, match="holds 2 integer values"):
         apply_field(out / "ddf.nii.gz", save(tmp_path / "mask.nii.gz", (data(r["ml"]) > 0).astype(np.uint8), r["maff"]))
+
+
+def test_a_pair_half_is_an_input_and_warnings_come_once_per_file(registered, tmp_path, capsys):
+    r, out = registered, registered["out"]
+    ml = nib.load(str(r["ml"]))
+    nib.save(nib.Nifti1Pair(np.asarray(ml.dataobj), ml.affine), str(tmp_path / "ML.hdr"))
+    assert main(["apply", "--field", str(out / "ddf.nii.gz"), "--image", str(tmp_path / "ML.hdr"), "--labels",
+                 "--out", str(tmp_path / "ML.img")]) == 2
+    assert "is an input of this command" in capsys.readouterr().err
+    assert main(["apply", "--field", str(out / "ddf.nii.gz"), "--image", "", "--out", str(tmp_path / "x.nii.gz")]) == 2
+    assert "--image: the file name is empty" in capsys.readouterr().err
+    # a file whose qform and sform disagree, read three times in one process: one warning
+    img = nib.Nifti1Image(np.asarray(ml.dataobj), ml.affine)
+    shifted = ml.affine.copy()
+    shifted[:3, 3] += [5.0, 0.0, 0.0]
+    img.set_qform(shifted, code=1)
+    nib.save(img, str(tmp_path / "qs.nii.gz"))
+    import warnings
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            apply_field(out / "ddf.nii.gz", tmp_path / "qs.nii.gz", labels=True)
+    assert [str(w.message) for w in seen if "qform" in str(w.message)] == [
+        f"image {tmp_path / 'qs.nii.gz'}: its qform and sform disagree by up to 5.00 mm; psmamba reads the sform "
+        "(nibabel's rule), ITK-based tools (ANTs, ITK-SNAP, Slicer) may read the qform: fix the header before "
+        "exchanging transforms with them".replace("image ", "label map ", 1)]
+    # an ITK field applied to a plain Analyze image: ITK read that image otherwise
+    nib.save(nib.AnalyzeImage(np.asarray(ml.dataobj).astype(np.int16), ml.affine), str(tmp_path / "an.hdr"))
+    with pytest.warns(UserWarning, match="an.hdr: a plain Analyze file"):
+        apply_field(out / "warp_itk.nii.gz", tmp_path / "an.hdr", labels=True)

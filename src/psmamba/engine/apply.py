@@ -34,6 +34,7 @@ class Field:
     ddf: np.ndarray
     affine: np.ndarray
     path: Path | None = None
+    itk: bool = False  # read from an ITK / ANTs field (world millimetres)
 
 
 def load_field(field: Any, reference: Any = None) -> Field:
@@ -55,7 +56,8 @@ def load_field(field: Any, reference: Any = None) -> Field:
         if isinstance(field, str) and not field.strip():
             raise PsmambaError("field (--field): the file name is empty")
         img = io.load_ddf(field, what="field")
-        fld = Field(np.ascontiguousarray(np.moveaxis(img.data, -1, 0)), img.affine, img.path)
+        fld = Field(np.ascontiguousarray(np.moveaxis(img.data, -1, 0)), img.affine, img.path,
+                    io.is_itk_field(img.header))
         if reference is None and not io.has_orientation(img.header):
             raise PsmambaError(f"field {img.path}: its file has no orientation (qform and sform codes 0): give "
                                "--reference, an image on its grid (the fixed image of a ddf.nii.gz)")
@@ -65,9 +67,11 @@ def load_field(field: Any, reference: Any = None) -> Field:
     if reference is None:
         return fld
     ref = io.as_image(reference, "reference image")
+    if fld.itk:
+        io.warn_plain_analyze(ref, "reference image")
     name = f"the reference image {ref.path}" if ref.path is not None else "the reference image"
     GivenField(fld.ddf if fld.path is None else fld.path).check(ref.data.shape, ref.affine, name)
-    return Field(fld.ddf, np.asarray(ref.affine, dtype=np.float64), fld.path)
+    return Field(fld.ddf, np.asarray(ref.affine, dtype=np.float64), fld.path, fld.itk)
 
 
 def _output(out: str | os.PathLike, inputs: tuple[Any, ...] = ()) -> Path:
@@ -83,8 +87,7 @@ def _output(out: str | os.PathLike, inputs: tuple[Any, ...] = ()) -> Path:
     if p.is_dir():
         raise PsmambaError(f"output {p}: is a folder (name the file to write)")
     for x in inputs:
-        if isinstance(x, (str, os.PathLike)) and p.exists() and Path(x).expanduser().exists() \
-                and os.path.samefile(p, Path(x).expanduser()):
+        if isinstance(x, (str, os.PathLike)) and str(x).strip() and _same_file(p, Path(x).expanduser()):
             raise PsmambaError(f"output {p}: is an input of this command (name another file)")
     parent = p.parent if str(p.parent) else Path(".")
     existing = parent
@@ -95,6 +98,26 @@ def _output(out: str | os.PathLike, inputs: tuple[Any, ...] = ()) -> Path:
     if not os.access(existing, os.W_OK | os.X_OK):
         raise PsmambaError(f"output {p}: folder {existing} is not writable")
     return p
+
+
+def _halves(p: Path) -> list[Path]:
+    """The files ``p`` names: itself, or both halves of an Analyze/NIfTI pair."""
+    from psmamba import io
+
+    suffix = io._suffix(p, io.READ_SUFFIXES)
+    if suffix in (".hdr", ".img", ".hdr.gz", ".img.gz"):
+        stem = p.name[: -len(suffix)]
+        return [p.with_name(stem + ext) for ext in (".hdr", ".img", ".hdr.gz", ".img.gz")]
+    return [p]
+
+
+def _same_file(out: Path, x: Path) -> bool:
+    """Whether writing ``out`` would replace the input ``x`` (or the other half of its pair)."""
+    for a in _halves(out):
+        for b in _halves(x):
+            if a.exists() and b.exists() and os.path.samefile(a, b):
+                return True
+    return False
 
 
 def _integer_looking(data: np.ndarray) -> int | None:
@@ -139,10 +162,15 @@ def apply_field(field: Any, image: Any, *, reference: Any = None, labels: bool =
 
     if not np.isfinite(padding):
         raise PsmambaError(f"padding must be a finite number, got {padding}")
+    for flag, x in (("--image", image), ("--reference", reference)):
+        if isinstance(x, str) and not x.strip():
+            raise PsmambaError(f"{flag}: the file name is empty")
     out = None if out is None else _output(out, (field, image, reference))
     dev = resolve_device(device)
     fld = load_field(field, reference)
     img = io.as_image(image, "label map" if labels else "image", labels=labels)
+    if fld.itk:  # millimetres from an ITK-based tool: it must have read the images as psmamba does
+        io.warn_plain_analyze(img, "label map" if labels else "image")
     n = None if labels else _integer_looking(np.asarray(img.data))
     if n is not None:
         import warnings

@@ -809,6 +809,9 @@ def register_pair(
                                min_size=MIN_SIZE, why=f"registration needs {MIN_SIZE} voxels a side")
         if itk or initial is not None or getattr(plan.method, "external", False):
             _warn_plain_analyze(inp)
+        if initial is not None and plan.linear == "rigid" and np.linalg.det(initial[:3, :3]) < 0:
+            raise PsmambaError("--initial-transform mirrors space; a rigid stage alone cannot start from it "
+                               "(use --method affine...)")
         t_load = time.perf_counter()
         prep = _prepare(inp, dev, fixed_window, moving_window)
         if plan.linear is None and not np.any(prep.moving_np) and np.any(np.asarray(inp.moving.data)):
@@ -845,15 +848,10 @@ def _warn_plain_analyze(inp: _Inputs) -> None:
     """Transforms exchanged with ITK-based tools (``--itk``, ``--initial-transform``, fields scored
     by ``evaluate --fields``) assume both read the images alike; plain Analyze files have no
     orientation, and nibabel and ITK orient them differently."""
-    import warnings
+    from psmamba.io import warn_plain_analyze
 
-    from psmamba.io import plain_analyze
-
-    for what, img in (("fixed", inp.fixed), ("moving", inp.moving)):
-        if plain_analyze(getattr(img, "header", None)):
-            warnings.warn(f"{what} image {_name(img) or ''}: a plain Analyze file (no orientation): ITK-based tools "
-                          "(ANTs, SimpleITK) orient it otherwise than psmamba (nibabel), so transforms exchanged "
-                          "with them do not match; convert the images to NIfTI first", stacklevel=3)
+    for what, img in (("fixed image", inp.fixed), ("moving image", inp.moving)):
+        warn_plain_analyze(img, what)
 
 
 def _initial_matrix(initial: Any) -> np.ndarray | None:
