@@ -405,7 +405,7 @@ def load_ddf(path, what: str = "displacement field") -> Image:
     for the tensor layout.
     """
     img, data, p = _read(path, what)
-    intent = _intent_code(img)
+    intent = _intent_code(img.header)
     name = str(img.header.get_intent()[2]) if intent else ""
     if intent not in (0, _INTENT_VECTOR, _INTENT_DISPVECT):
         raise PsmambaError(f"{what} {p}: NIfTI intent code {intent} ({img.header.get_intent()[0]}) is not a "
@@ -443,11 +443,7 @@ _INTENT_VECTOR, _INTENT_DISPVECT = 1007, 1006
 _LPS = np.array([-1.0, -1.0, 1.0])
 
 
-def _intent_code(img) -> int:
-    return _header_intent(img.header)
-
-
-def _header_intent(header) -> int:
+def _intent_code(header) -> int:
     try:
         return int(header.get_intent("code")[0])
     except Exception:  # Analyze headers have no intent; an unknown code reads as none
@@ -457,7 +453,7 @@ def _header_intent(header) -> int:
 def is_itk_field(header) -> bool:
     """Whether a header read by :func:`load_ddf` is an ITK / ANTs displacement field's (world
     millimetres, converted to voxels on reading), not a voxel field's."""
-    return _header_intent(header) in (_INTENT_VECTOR, _INTENT_DISPVECT)
+    return _intent_code(header) in (_INTENT_VECTOR, _INTENT_DISPVECT)
 
 
 # --------------------------------------------------------------------------- writing
@@ -623,15 +619,21 @@ def save_ddf(path, ddf, affine) -> Path:
         affine: the fixed image's ``(4, 4)`` affine (a displacement in mm is
             ``affine[:3, :3] @ d``, see :func:`psmamba.spatial.ddf_to_mm`).
     """
+    p = _as_path(path, "output")
+    return _atomic_save(_build(_field_l2r(ddf, p), _affine(affine, p)), p)
+
+
+def _field_l2r(ddf, p: Path) -> np.ndarray:
+    """A ``(1, 3, D, H, W)`` / ``(3, D, H, W)`` voxel field to write at ``p``: checked, float32
+    ``(D, H, W, 3)``."""
     from psmamba.spatial import ddf_to_l2r
 
-    p = _as_path(path, "output")
     arr = _to_numpy(ddf, "ddf")
     if arr.ndim not in (4, 5) or arr.shape[-4] != 3 or (arr.ndim == 5 and arr.shape[0] != 1):
         raise PsmambaError(f"ddf for {p}: expected shape (1, 3, D, H, W) or (3, D, H, W), got {tuple(arr.shape)}")
-    field = ddf_to_l2r(arr).astype(np.float32)
+    field = ddf_to_l2r(arr).astype(np.float32, copy=False)
     _check_finite(field, "ddf for", p)
-    return _atomic_save(_build(field, _affine(affine, p)), p)
+    return field
 
 
 def save_itk_warp(path, ddf, affine) -> Path:
@@ -653,19 +655,12 @@ def save_itk_warp(path, ddf, affine) -> Path:
 
     :func:`load_ddf` reads the file back as voxel displacements.
     """
-    from psmamba.spatial import ddf_to_l2r
-
     p = _as_path(path, "output")
     if _suffix(p) not in (".nii.gz", ".nii"):
         raise PsmambaError(f"output {p}: an ITK displacement field is written as .nii.gz or .nii")
-    arr = _to_numpy(ddf, "ddf")
-    if arr.ndim not in (4, 5) or arr.shape[-4] != 3 or (arr.ndim == 5 and arr.shape[0] != 1):
-        raise PsmambaError(f"ddf for {p}: expected shape (1, 3, D, H, W) or (3, D, H, W), got {tuple(arr.shape)}")
+    field = _field_l2r(ddf, p)
     a = _affine(affine, p)
-    field = ddf_to_l2r(arr)
-    _check_finite(field, "ddf for", p)
     m = (a[:3, :3] * _LPS[:, None]).tolist()  # voxel -> LPS mm, a component at a time in float32
-    field = field.astype(np.float32, copy=False)
     out = np.empty(field.shape[:3] + (1, 3), dtype=np.float32)
     for i in range(3):
         out[:, :, :, 0, i] = m[i][0] * field[..., 0] + m[i][1] * field[..., 1] + m[i][2] * field[..., 2]

@@ -113,18 +113,19 @@ def _label_list(a, b, labels: Iterable[int] | None) -> list[int]:
     return check_label_list(labels, "labels", background=True)
 
 
-#: codes below this are counted with one ``np.bincount`` pass (O(n), a table of at most 32 MB);
-#: others (negative or larger codes) by sorting (``np.unique``, O(n log n))
+#: codes spanning fewer values than this are counted with one ``np.bincount`` pass (O(n), a table
+#: of at most 32 MB); wider ranges by sorting (``np.unique``, O(n log n))
 _BINCOUNT_MAX = 1 << 22
 
 
 def _counts(a: np.ndarray) -> dict[int, int]:
-    """``{code: voxels}`` of an integer label map (codes present only)."""
+    """``{code: voxels}`` of an integer array (codes present only)."""
     if a.size and np.issubdtype(a.dtype, np.integer):
         lo, hi = int(a.min()), int(a.max())
-        if lo >= 0 and hi < _BINCOUNT_MAX:
-            c = np.bincount(a.ravel().astype(np.intp, copy=False), minlength=hi + 1)
-            return {int(v): int(c[v]) for v in np.flatnonzero(c)}
+        if hi - lo < _BINCOUNT_MAX:
+            flat = a.ravel().astype(np.intp, copy=False)
+            c = np.bincount(flat - lo if lo else flat, minlength=hi - lo + 1)
+            return {int(v) + lo: int(c[v]) for v in np.flatnonzero(c)}
     values, counts = np.unique(a, return_counts=True)
     return {int(v): int(c) for v, c in zip(values, counts)}
 

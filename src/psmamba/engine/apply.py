@@ -51,16 +51,17 @@ def load_field(field: Any, reference: Any = None) -> Field:
     from psmamba.engine.methods import GivenField
 
     if isinstance(field, Field):
-        fld = field
+        fld, given = field, GivenField(field.ddf)
     else:
         if isinstance(field, str) and not field.strip():
             raise PsmambaError("field (--field): the file name is empty")
-        img = io.load_ddf(field, what="field")
-        fld = Field(np.ascontiguousarray(np.moveaxis(img.data, -1, 0)), img.affine, img.path,
-                    io.is_itk_field(img.header))
-        if reference is None and not io.has_orientation(img.header):
-            raise PsmambaError(f"field {img.path}: its file has no orientation (qform and sform codes 0): give "
+        given = GivenField(field)  # read once, here; its grid check below reuses it
+        ddf, aff, itk = given.load()
+        path = Path(field).expanduser()
+        if aff is None and reference is None:
+            raise PsmambaError(f"field {path}: its file has no orientation (qform and sform codes 0): give "
                                "--reference, an image on its grid (the fixed image of a ddf.nii.gz)")
+        fld = Field(ddf.numpy(), aff, path, itk)
     if min(fld.ddf.shape[1:]) < 2:
         raise PsmambaError(f"field {fld.path or ''}: grid {tuple(fld.ddf.shape[1:])} is not a 3-D grid "
                            "(at least 2 voxels a side)".replace("field :", "field:"))
@@ -70,7 +71,7 @@ def load_field(field: Any, reference: Any = None) -> Field:
     if fld.itk:
         io.warn_plain_analyze(ref, "reference image")
     name = f"the reference image {ref.path}" if ref.path is not None else "the reference image"
-    GivenField(fld.ddf if fld.path is None else fld.path).check(ref.data.shape, ref.affine, name)
+    given.check(ref.data.shape, ref.affine, name)
     return Field(fld.ddf, np.asarray(ref.affine, dtype=np.float64), fld.path, fld.itk)
 
 
@@ -123,13 +124,11 @@ def _same_file(out: Path, x: Path) -> bool:
 def _integer_looking(data: np.ndarray) -> int | None:
     """The number of distinct values of an integer-typed image with few of them (at most 128: a
     label map or a mask given as an image, where an 8-bit intensity image has more), else None."""
+    from psmamba.metrics import _counts
+
     if not np.issubdtype(data.dtype, np.integer) or data.size == 0:
         return None
-    lo, hi = int(data.min()), int(data.max())
-    if hi - lo < 1 << 20:
-        n = int(np.count_nonzero(np.bincount((data.ravel() - lo).astype(np.intp, copy=False))))
-    else:
-        n = int(np.unique(data).size)
+    n = len(_counts(data))
     return n if n <= 128 else None
 
 

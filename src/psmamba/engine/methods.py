@@ -125,11 +125,18 @@ class GivenField(RegistrationMethod):
 
     def __init__(self, ddf: Any, name: str | None = None) -> None:
         self.ddf = ddf
+        self._loaded: tuple[torch.Tensor, Any, bool] | None = None
         if name:
             self.name = name
 
-    def _load(self):
-        """``(field (3, D, H, W) float32 tensor, the file's affine or None, world: bool)``."""
+    def load(self) -> tuple[torch.Tensor, Any, bool]:
+        """``(field (3, D, H, W) float32 tensor, the file's affine or None when it has no
+        orientation (an array: None), whether it came from an ITK/ANTs field)``, read once."""
+        if self._loaded is None:
+            self._loaded = self._read()
+        return self._loaded
+
+    def _read(self) -> tuple[torch.Tensor, Any, bool]:
         import numpy as np
 
         from psmamba import io
@@ -155,7 +162,7 @@ class GivenField(RegistrationMethod):
         """The field as ``(1, 3, D, H, W)`` after checking it lies on the fixed grid."""
         import numpy as np
 
-        field, aff, world = self._load()
+        field, aff, world = self.load()
         what = f"displacement field {self.ddf}" if isinstance(self.ddf, (str, os.PathLike)) else "given field"
         if tuple(field.shape[1:]) != tuple(int(n) for n in fixed_shape):
             raise PsmambaError(f"{what}: grid {tuple(field.shape[1:])} is not {fixed_name}'s {tuple(fixed_shape)} "

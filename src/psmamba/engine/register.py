@@ -58,7 +58,7 @@ import numpy as np
 from psmamba.checks import check_inputs, check_label_list, check_number, check_same_grid, image_name
 from psmamba.errors import PsmambaError
 from psmamba.files import StagingDir, atomic_write_text
-from psmamba.io import as_image
+from psmamba.io import as_image, warn_plain_analyze
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -808,7 +808,9 @@ def register_pair(
         overlap = check_inputs(inp.fixed, inp.moving, inp.fixed_labels, inp.moving_labels, labels=labels,
                                min_size=MIN_SIZE, why=f"registration needs {MIN_SIZE} voxels a side")
         if itk or initial is not None or getattr(plan.method, "external", False):
-            _warn_plain_analyze(inp)
+            # transforms exchanged with ITK-based tools: they orient plain Analyze files otherwise
+            for what, img in (("fixed image", inp.fixed), ("moving image", inp.moving)):
+                warn_plain_analyze(img, what)
         if initial is not None and plan.linear == "rigid" and np.linalg.det(initial[:3, :3]) < 0:
             raise PsmambaError("--initial-transform mirrors space; a rigid stage alone cannot start from it "
                                "(use --method affine...)")
@@ -842,16 +844,6 @@ def register_pair(
     finally:
         if staging is not None:
             staging.cleanup()
-
-
-def _warn_plain_analyze(inp: _Inputs) -> None:
-    """Transforms exchanged with ITK-based tools (``--itk``, ``--initial-transform``, fields scored
-    by ``evaluate --fields``) assume both read the images alike; plain Analyze files have no
-    orientation, and nibabel and ITK orient them differently."""
-    from psmamba.io import warn_plain_analyze
-
-    for what, img in (("fixed image", inp.fixed), ("moving image", inp.moving)):
-        warn_plain_analyze(img, what)
 
 
 def _initial_matrix(initial: Any) -> np.ndarray | None:
