@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import math
+import os
 
 import nibabel as nib
 import numpy as np
@@ -264,3 +265,23 @@ def test_gzip_trailer_is_what_the_crc_check_adds(tmp_path):
     with pytest.raises(gzip.BadGzipFile):
         gzip.decompress(bytes(raw))
     assert math.isfinite(check_volume_file(good, "image").hi)
+
+
+def test_a_file_argument_that_is_a_folder_or_a_device_is_said_so(tmp_path):
+    """Pair lists, results files, transforms and checkpoints: missing, a folder, a device."""
+    from psmamba.data.pairs import read_pair_list
+    from psmamba.engine.methods import load_model
+    from psmamba.engine.results import read_results
+    from psmamba.transforms import read_itk_affine
+
+    for read, what, name in ((read_pair_list, "pair list", "p.csv"), (read_results, "results file", "r.csv"),
+                             (read_itk_affine, "transform file", "t.txt"), (load_model, "checkpoint", "c.pt")):
+        with pytest.raises(PsmambaError, match=f"^{what} .*{name} does not exist$"):
+            read(tmp_path / name)
+        folder = tmp_path / "folder" / name  # a folder with a file's name
+        folder.mkdir(parents=True)
+        with pytest.raises(PsmambaError, match=f"^{what} .*{name} is a folder, not a file$"):
+            read(folder)
+        if os.path.exists("/dev/null") and what != "transform file":  # (refused by its missing suffix first)
+            with pytest.raises(PsmambaError, match=f"^{what} /dev/null is not a regular file"):
+                read("/dev/null")

@@ -11,6 +11,20 @@ class PsmambaError(ValueError):
     """
 
 
+def require_file(path, what: str) -> None:
+    """A one-line PsmambaError unless ``path`` is a regular file: missing, a folder, or a device
+    or pipe (``/dev/null``), each said as such, with ``what`` (e.g. ``"pair list"``) and the path."""
+    import os
+
+    p = os.fspath(path)
+    if not os.path.exists(p):
+        raise PsmambaError(f"{what} {p} does not exist")
+    if os.path.isdir(p):
+        raise PsmambaError(f"{what} {p} is a folder, not a file")
+    if not os.path.isfile(p):
+        raise PsmambaError(f"{what} {p} is not a regular file (a device or a pipe)")
+
+
 def first_line(exc: BaseException, default: str | None = None) -> str:
     """The first non-empty line of an exception's message (its type name when it has none).
 

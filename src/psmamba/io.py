@@ -42,9 +42,11 @@ __all__ = [
     "Image",
     "load_image",
     "load_labels",
+    "load_series",
     "load_ddf",
     "save_image",
     "save_labels",
+    "save_series",
     "save_ddf",
     "save_itk_warp",
     "SUFFIXES",
@@ -389,6 +391,31 @@ def load_labels(path, what: str = "labels") -> Image:
     return image
 
 
+def load_series(path, what: str = "image", labels: bool = False) -> Image:
+    """Read a 3-D volume or a 4-D series of volumes on one grid (an fMRI or diffusion series, the
+    channels of a multi-contrast scan): ``data`` ``(D, H, W)`` or ``(D, H, W, T)``, ``header`` kept
+    (its 4th voxel size, the repetition time, is what :func:`save_series` writes back).
+
+    Trailing singleton axes are dropped; a 5-D file (a vector image such as a displacement field)
+    is refused. ``labels``: integer codes, as :func:`load_labels` reads them.
+
+    Raises:
+        PsmambaError: as :func:`load_image`, naming the file.
+    """
+    img, data, p = _read(path, what)
+    data = _squeeze_to(data, 3)
+    if data.ndim not in (3, 4) or min(data.shape) < 1:
+        raise PsmambaError(f"{what} {p}: expected a 3-D volume or a 4-D series of volumes, got shape "
+                           f"{tuple(data.shape)}" + (" (a vector image, e.g. a displacement field?)"
+                                                     if data.ndim == 5 else ""))
+    check_scalar_dtype(data.dtype, f"{what} {p}")
+    if labels:
+        data = _integer_labels(data, what, p)
+    else:
+        _check_finite(data, what, p)
+    return Image(data=data, affine=np.asarray(img.affine, dtype=np.float64), header=img.header, path=p)
+
+
 def load_ddf(path, what: str = "displacement field") -> Image:
     """Read a displacement field as voxel displacements in the Learn2Reg layout ``(D, H, W, 3)``.
 
@@ -563,6 +590,22 @@ def _build(arr: np.ndarray, affine: np.ndarray, header=None) -> nib.Nifti1Image:
     return img
 
 
+def _storable(arr: np.ndarray, p: Path) -> np.ndarray:
+    """An image's voxels in a type NIfTI stores as they are: bool -> uint8, float16 -> float32,
+    64-bit and uint32 integers -> int32 (when they fit)."""
+    if arr.dtype == bool:
+        return arr.astype(np.uint8)
+    if arr.dtype == np.float16:
+        return arr.astype(np.float32)
+    if arr.dtype in (np.int64, np.uint64, np.uint32):
+        if arr.size and (arr.min() < np.iinfo(np.int32).min or arr.max() > np.iinfo(np.int32).max):
+            raise PsmambaError(f"image for {p}: integer values do not fit in int32")
+        return arr.astype(np.int32)
+    if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
+        raise PsmambaError(f"image for {p}: unsupported dtype {arr.dtype}")
+    return arr
+
+
 def save_image(path, data, affine, header=None) -> Path:
     """Write a 3-D image atomically.
 
@@ -579,17 +622,7 @@ def save_image(path, data, affine, header=None) -> Path:
         The path written. Raises PsmambaError on bad input or when the file cannot be written.
     """
     p = _as_path(path, "output")
-    arr = _volume(data, "image", p)
-    if arr.dtype == bool:
-        arr = arr.astype(np.uint8)
-    elif arr.dtype == np.float16:
-        arr = arr.astype(np.float32)
-    elif arr.dtype in (np.int64, np.uint64, np.uint32):
-        if arr.size and (arr.min() < np.iinfo(np.int32).min or arr.max() > np.iinfo(np.int32).max):
-            raise PsmambaError(f"image for {p}: integer values do not fit in int32")
-        arr = arr.astype(np.int32)
-    elif not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
-        raise PsmambaError(f"image for {p}: unsupported dtype {arr.dtype}")
+    arr = _storable(_volume(data, "image", p), p)
     _check_finite(arr, "image for", p)
     return _atomic_save(_build(np.ascontiguousarray(arr), _affine(affine, p), header), p)
 
@@ -607,6 +640,49 @@ def save_labels(path, labels, affine, header=None) -> Path:
     p = _as_path(path, "output")
     arr = _integer_labels(_volume(labels, "labels", p), "labels for", p)
     return _atomic_save(_build(np.ascontiguousarray(arr), _affine(affine, p), header), p)
+
+
+def save_series(path, data, affine, header=None, labels: bool = False) -> Path:
+    """Write a 3-D volume or a 4-D series ``(D, H, W, T)`` atomically, as :func:`save_image`
+    (``labels``: as :func:`save_labels`); of ``header`` (the source series') the 4th voxel size
+    (the repetition time) and its unit are kept, nothing else."""
+    p = _as_path(path, "output")
+    arr = _to_numpy(data, "image")
+    if arr.ndim == 3:
+        return (save_labels if labels else save_image)(p, arr, affine, header)
+    if arr.ndim != 4 or min(arr.shape) < 1:
+        raise PsmambaError(f"image for {p}: expected a 3-D volume or a 4-D series (D, H, W, T), got shape {tuple(arr.shape)}")
+    if labels:
+        arr = _integer_labels(arr, "labels for", p)
+    else:
+        arr = _storable(arr, p)
+        _check_finite(arr, "image for", p)
+    img = _build(np.ascontiguousarray(arr), _affine(affine, p))
+    step, unit = _time_step(header)
+    if step is not None:
+        pixdim = img.header["pixdim"].copy()
+        pixdim[4] = step
+        img.header["pixdim"] = pixdim
+        img.header.set_xyzt_units("mm", unit)
+    return _atomic_save(img, p)
+
+
+def _time_step(header) -> tuple[float | None, str]:
+    """A series header's 4th voxel size (the repetition time) and its unit; (None, "unknown")
+    without one. Only these are carried to a resampled series: slice timing, the encoding
+    directions and the rest describe the source's grid, not the new one."""
+    if header is None:
+        return None, "unknown"
+    try:
+        zooms = header.get_zooms()
+        step = float(zooms[3]) if len(zooms) > 3 else None
+    except Exception:  # a header without voxel sizes
+        return None, "unknown"
+    try:
+        unit = header.get_xyzt_units()[1]
+    except Exception:  # Analyze: no units
+        unit = "unknown"
+    return (step if step is not None and np.isfinite(step) and step > 0 else None), unit
 
 
 def save_ddf(path, ddf, affine) -> Path:

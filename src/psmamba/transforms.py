@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from psmamba.errors import PsmambaError
+from psmamba.errors import PsmambaError, require_file
 
 __all__ = ["ras_to_lps", "lps_to_ras", "write_itk_affine", "read_itk_affine", "TRANSFORM_SUFFIXES"]
 
@@ -185,8 +185,7 @@ def read_itk_affine(path) -> np.ndarray:
     """
     p = Path(path)
     suffix = _suffix(p)
-    if not p.is_file():
-        raise PsmambaError(f"transform file {p} does not exist")
+    require_file(p, "transform file")
     if suffix == ".mat":
         from scipy.io import loadmat
 

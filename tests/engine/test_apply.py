@@ -96,6 +96,53 @@ def test_learn2reg_field_without_geometry_and_padding(tmp_path):
     np.testing.assert_allclose(res2.data, res.data.clip(0), atol=1e-5)
 
 
+def test_a_4d_series_goes_through_volume_by_volume(registered, tmp_path, capsys):
+    """A 4-D series (fMRI, diffusion, channels) of the moving subject: every volume through the same
+    map, each equal to that volume carried alone; the repetition time and its unit are kept."""
+    r, out = registered, registered["out"]
+    mimg = data(r["m"]).astype(np.float32)
+    series = np.stack([mimg * (1 + 0.1 * t) + t for t in range(4)], axis=-1)
+    img = nib.Nifti1Image(series, r["maff"])
+    img.header.set_zooms(img.header.get_zooms()[:3] + (2.5,))
+    img.header.set_xyzt_units("mm", "sec")
+    nib.save(img, str(tmp_path / "series.nii.gz"))
+    assert main(["apply", "--field", str(out / "ddf.nii.gz"), "--image", str(tmp_path / "series.nii.gz"),
+                 "--padding", "-1", "--out", str(tmp_path / "s" / "ws.nii.gz")]) == 0
+    assert "24x24x24x4" in capsys.readouterr().out
+    res = nib.load(str(tmp_path / "s" / "ws.nii.gz"))
+    assert res.shape == r["fshape"] + (4,)
+    assert res.header.get_zooms()[3] == pytest.approx(2.5) and res.header.get_xyzt_units() == ("mm", "sec")
+    np.testing.assert_allclose(res.affine, r["faff"], atol=1e-5)
+    got = np.asarray(res.dataobj)
+    for t in range(4):
+        one = save(tmp_path / f"v{t}.nii.gz", series[..., t], r["maff"])
+        np.testing.assert_array_equal(got[..., t], apply_field(out / "ddf.nii.gz", one, padding=-1.0).data)
+    # label maps in a series (one per rater, say) stay integer codes, nearest neighbour
+    lab = data(r["ml"])
+    labs = np.stack([lab, lab], axis=-1)
+    nib.save(nib.Nifti1Image(labs, r["maff"]), str(tmp_path / "labs.nii.gz"))
+    wl = apply_field(out / "ddf.nii.gz", tmp_path / "labs.nii.gz", labels=True, out=tmp_path / "s" / "wl.nii.gz")
+    np.testing.assert_array_equal(wl.data[..., 1], data(out / "warped_labels.nii.gz"))
+    assert np.issubdtype(nib.load(str(tmp_path / "s" / "wl.nii.gz")).get_data_dtype(), np.integer)
+    # in memory: an Image holding a series
+    from psmamba.io import Image
+
+    mem = apply_field(out / "ddf.nii.gz", Image(data=series, affine=r["maff"], header=None, path=None), padding=-1.0)
+    np.testing.assert_allclose(mem.data[..., 2], got[..., 2], atol=1e-4)  # (the file stores its affine in float32)
+    # refused before any output: a vector image (5-D), NaNs in any volume
+    target = tmp_path / "bad" / "x.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((4, 4, 4, 1, 3), np.float32), np.eye(4)), str(tmp_path / "vec.nii.gz"))
+    nan = series.copy()
+    nan[0, 0, 0, 3] = np.nan
+    nib.save(nib.Nifti1Image(nan, r["maff"]), str(tmp_path / "nan.nii.gz"))
+    for bad, words in (("vec.nii.gz", "a 3-D volume or a 4-D series"), ("nan.nii.gz", "1 NaN/Inf")):
+        assert main(["apply", "--field", str(out / "ddf.nii.gz"), "--image", str(tmp_path / bad),
+                     "--out", str(target)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and bad in err[0] and words in err[0], err
+    assert not target.parent.exists()
+
+
 def test_bad_input_one_line_before_any_output(registered, tmp_path, capsys):
     r, out = registered, registered["out"]
     target = tmp_path / "bad" / "x.nii.gz"

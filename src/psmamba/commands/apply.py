@@ -13,7 +13,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "moving), or an ITK/ANTs displacement field (warp_itk.nii.gz, antsApplyTransforms' composite)")
     parser.add_argument("--image", required=True, metavar="IMG",
                         help="the image to carry, on any grid, in the world space of the map's source (the moving "
-                        "image for ddf.nii.gz: its label map, another scan of the same session, ...)")
+                        "image for ddf.nii.gz: its label map, another scan of the same session, ...); a 4-D "
+                        "series (fMRI, diffusion) goes through volume by volume")
     parser.add_argument("--out", required=True, metavar="OUT", help="the result (.nii.gz, .nii, .hdr/.img) on the "
                         "field's grid; its folder is created")
     parser.add_argument("--labels", action="store_true",

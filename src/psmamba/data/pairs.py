@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from psmamba.errors import PsmambaError
+from psmamba.errors import PsmambaError, require_file
 
 __all__ = ["all_pairs", "atlas_pairs", "read_pair_list", "id_pairs", "PairRow", "split_subjects"]
 
@@ -90,8 +90,7 @@ def read_pair_list(path: str | os.PathLike) -> list[PairRow]:
             message names the file and line.
     """
     path = Path(path).expanduser()
-    if not path.is_file():
-        raise PsmambaError(f"pair list {path} does not exist")
+    require_file(path, "pair list")
     rows = _json_rows(path) if path.suffix.lower() == ".json" else _csv_rows(path)
     if not rows:
         raise PsmambaError(f"pair list {path} lists no pairs")

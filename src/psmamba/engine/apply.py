@@ -139,8 +139,9 @@ def apply_field(field: Any, image: Any, *, reference: Any = None, labels: bool =
     Args:
         field: the map: a file (``ddf.nii.gz``, ``ddf_inverse.nii.gz``, an ITK / ANTs
             displacement field) or a :class:`Field` (see the module docstring).
-        image: a path, :class:`psmamba.io.Image` or 3-D array in the source's world space, on
-            any grid.
+        image: a path, :class:`psmamba.io.Image` or array in the source's world space, on any
+            grid: a 3-D volume or a 4-D series ``(D, H, W, T)`` (fMRI, diffusion, channels), whose
+            every volume goes through the same map (the series' repetition time is kept).
         reference: an image on the target grid (optional, see :func:`load_field`).
         labels: ``image`` is a label map: integer codes kept, nearest-neighbour (stored in the
             smallest integer type that holds them, as :func:`psmamba.io.load_labels` reads them).
@@ -167,7 +168,7 @@ def apply_field(field: Any, image: Any, *, reference: Any = None, labels: bool =
     out = None if out is None else _output(out, (field, image, reference))
     dev = resolve_device(device)
     fld = load_field(field, reference)
-    img = io.as_image(image, "label map" if labels else "image", labels=labels)
+    img = _source(image, labels)
     if fld.itk:  # millimetres from an ITK-based tool: it must have read the images as psmamba does
         io.warn_plain_analyze(img, "label map" if labels else "image")
     n = None if labels else _integer_looking(np.asarray(img.data))
@@ -179,27 +180,59 @@ def apply_field(field: Any, image: Any, *, reference: Any = None, labels: bool =
                       "(--labels: nearest neighbour; trilinear mixes the codes)", stacklevel=2)
     shape = tuple(int(s) for s in fld.ddf.shape[1:])
     to_image = np.linalg.inv(np.asarray(img.affine, dtype=np.float64)) @ fld.affine
+    data = np.asarray(img.data)
+    series = data.ndim == 4  # (D, H, W, T): every volume through the same map
+    vols = data if series else data[..., None]
+    result = np.empty(shape + (vols.shape[3],), dtype=data.dtype if labels else np.float32)
     with torch.no_grad():
         ddf = torch.from_numpy(np.ascontiguousarray(fld.ddf, dtype=np.float32))[None].to(dev)
         pos = _apply(to_image, identity_grid(shape, device=dev) + ddf)
         del ddf
-        data = np.asarray(img.data)
-        if labels:
-            vol = torch.from_numpy(np.ascontiguousarray(data.astype(np.int64)))[None, None].to(dev)
-            result = _sample_at(vol, pos, mode="nearest")[0, 0].cpu().numpy().astype(data.dtype)
-        else:
-            vol = torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32))[None, None].to(dev)
-            if padding:
-                vol = vol - padding  # grid_sample pads with zeros: shift so the outside reads `padding`
-            result = _sample_at(vol, pos)[0, 0].cpu().numpy().astype(np.float32)
-            if padding:
-                result += np.float32(padding)
+        for t in range(vols.shape[3]):
+            v = vols[..., t]
+            if labels:
+                vol = torch.from_numpy(np.ascontiguousarray(v.astype(np.int64)))[None, None].to(dev)
+                result[..., t] = _sample_at(vol, pos, mode="nearest")[0, 0].cpu().numpy()
+            else:
+                vol = torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32))[None, None].to(dev)
+                if padding:
+                    vol = vol - padding  # grid_sample pads with zeros: shift so the outside reads `padding`
+                result[..., t] = _sample_at(vol, pos)[0, 0].cpu().numpy()
+    if padding and not labels:
+        result += np.float32(padding)
+    if not series:
+        result = result[..., 0]
     written = None
     if out is not None:
         try:
             out.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise PsmambaError(f"output {out}: its folder cannot be made ({exc.strerror or exc})") from None
-        save = io.save_labels if labels else io.save_image
-        written = save(out, result, fld.affine)
+        written = io.save_series(out, result, fld.affine, header=img.header if series else None, labels=labels)
     return io.Image(data=result, affine=np.asarray(fld.affine, dtype=np.float64), header=None, path=written)
+
+
+def _source(image: Any, labels: bool):
+    """The image to carry: a 3-D volume or a 4-D series ``(D, H, W, T)`` (a file, an
+    :class:`psmamba.io.Image` or an array), checked as :func:`psmamba.io.load_series` checks a file."""
+    from psmamba import io
+
+    what = "label map" if labels else "image"
+    if isinstance(image, (str, os.PathLike)):
+        path = Path(image).expanduser()
+        if not path.exists():
+            raise PsmambaError(f"{what} file {path} does not exist")
+        return io.load_series(path, what, labels=labels)
+    arr = image if isinstance(image, np.ndarray) else getattr(image, "data", None)
+    if not (isinstance(arr, np.ndarray) and arr.ndim == 4):
+        return io.as_image(image, what, labels=labels)
+    name = f"{what} {image.path}" if getattr(image, "path", None) is not None else what
+    io.check_scalar_dtype(arr.dtype, name)
+    if min(arr.shape) < 1:
+        raise PsmambaError(f"{name}: an empty series, shape {arr.shape}")
+    if labels:
+        arr = io._integer_labels(arr, name, None)
+    elif np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
+        raise PsmambaError(f"{name}: holds {int(arr.size - np.isfinite(arr).sum())} NaN/Inf voxel value(s)")
+    affine = np.eye(4) if isinstance(image, np.ndarray) else np.asarray(image.affine, dtype=np.float64)
+    return io.Image(data=arr, affine=affine, header=getattr(image, "header", None), path=getattr(image, "path", None))

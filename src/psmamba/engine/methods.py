@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from psmamba.engine.objective import Objective, train_step
-from psmamba.errors import PsmambaError, first_line
+from psmamba.errors import PsmambaError, first_line, require_file
 
 __all__ = [
     "RegistrationMethod", "Identity", "GivenField", "Network", "NetworkFineTuned", "InstanceOptimisation", "Diffeomorphic",
@@ -661,10 +661,7 @@ def load_model(checkpoint: str | os.PathLike, device: Any = "cpu"):
     from psmamba.engine.distributed import resolve_device
 
     path = Path(checkpoint).expanduser()
-    if not path.exists():
-        raise PsmambaError(f"checkpoint {path} does not exist")
-    if not path.is_file():
-        raise PsmambaError(f"checkpoint {path} is not a file")
+    require_file(path, "checkpoint")
     from psmamba.models import load_checkpoint
 
     try:

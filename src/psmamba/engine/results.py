@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from psmamba.engine.logs import format_cell
-from psmamba.errors import PsmambaError
+from psmamba.errors import PsmambaError, require_file
 from psmamba.files import atomic_write_all
 
 __all__ = [
@@ -214,8 +214,7 @@ def read_results(path: str | os.PathLike, name: str | None = None) -> MethodResu
         PsmambaError: missing file, or a CSV without ``pair_id`` and Dice columns.
     """
     path = Path(path).expanduser()
-    if not path.is_file():
-        raise PsmambaError(f"results file {path} does not exist")
+    require_file(path, "results file")
     try:
         with open(path, newline="", encoding="utf-8-sig") as fh:
             reader = csv.DictReader(fh)
