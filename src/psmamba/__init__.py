@@ -44,7 +44,8 @@ def apply(field, image, *, out=None, **options):
     Args:
         field: ``ddf.nii.gz`` (moving onto fixed), ``ddf_inverse.nii.gz`` (fixed onto moving) or
             an ITK / ANTs displacement field.
-        image: a path, :class:`psmamba.io.Image` or 3-D array in the world space of the map's source.
+        image: a path, :class:`psmamba.io.Image` or array in the world space of the map's source:
+            a 3-D volume or a 4-D series ``(D, H, W, T)``, volume by volume.
         out: a file to write the result to, or None.
         options: any keyword of :func:`psmamba.engine.apply.apply_field` (``labels=True``,
             ``reference``, ``padding``, ``device``).
