@@ -391,6 +391,21 @@ def test_transform_file_errors(tmp_path):
         write_itk_affine(tmp_path / "x.txt", np.eye(3))
 
 
+def test_a_coarse_or_thin_moving_image_onto_a_fine_fixed_one():
+    """A 3 mm moving image (a BOLD-like grid of 12x12x10 voxels) onto a 1 mm fixed one: its
+    levels take the fixed image's voxel size (it was shrunk by its own, to 6 voxels a side, and
+    refused); a slab of 10 slices keeps its thin axis unshrunk."""
+    fixed = sample(SHAPE, GRID)
+    for spacing, shape, mean_err in (((3.0, 3.0, 3.5), (12, 12, 10), 0.35), ((1.0, 1.0, 1.0), (32, 32, 10), 1.0)):
+        maff = np.diag([*spacing, 1.0])
+        maff[:3, 3] = [-(n - 1) * s / 2 for n, s in zip(shape, spacing)]
+        moving = sample(shape, maff, world_to_object=np.linalg.inv(RIGID))
+        res = affine_register((fixed, GRID), (moving, maff), affine=False)
+        assert [h["shrink"] for h in res.history] == [2, 1]
+        err = point_error(res.matrix, RIGID, fixed)
+        assert err.mean() < mean_err, (shape, err.mean())  # 0.18 and 0.71 mm measured (refused before)
+
+
 # --------------------------------------------------------------------------- input checks
 @pytest.mark.parametrize(
     "fixed, moving, kwargs, match",
@@ -400,7 +415,6 @@ def test_transform_file_errors(tmp_path):
         (None, (np.full((16, 16, 16), np.nan), np.eye(4)), {}, "moving holds NaN"),
         (None, (np.full((16, 16, 16), 2.0), np.eye(4)), {}, "moving is constant"),
         ((np.random.rand(6, 16, 16), np.eye(4)), None, {}, "fixed of shape .* too small"),
-        (None, None, {"shrink": (8, 1)}, "too small for shrink 8"),
         (None, None, {"similarity": "ncc"}, "similarity must be one of"),
         (None, None, {"fixed_mask": np.ones((4, 4, 4))}, "fixed_mask has shape"),
         (None, None, {"shrink": (2, 1), "iterations": (10, 10, 10)}, "iterations must be 2"),

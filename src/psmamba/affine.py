@@ -383,11 +383,27 @@ def _shrink(x: torch.Tensor, factors: Sequence[int]) -> torch.Tensor:
     return x
 
 
-def _level_factors(affine: np.ndarray, shape: Sequence[int], shrink: int) -> list[int]:
-    """Per-axis integer factors for a level that is about ``shrink`` times the finest voxel size."""
+def _level_factors(affine: np.ndarray, shape: Sequence[int], shrink: int, voxel: float | None = None,
+                   clamp: bool = True) -> list[int]:
+    """Per-axis integer factors for a level of voxels about ``shrink`` times ``voxel`` mm (default:
+    this grid's finest voxel size; the moving image's levels take the fixed image's, so both
+    images of a level have about the same resolution in the world, whatever their grids).
+
+    ``clamp``: an axis keeps at least ``_MIN_SIZE`` voxels (its factor lowered, down to 1), so a
+    coarse or thin image (a 3 mm EPI, a slab of 20 slices onto a 1 mm brain) is shrunk less
+    along the axes it cannot afford.
+    """
     spacing = np.sqrt((affine[:3, :3] ** 2).sum(0))
-    target = shrink * spacing.min()
-    return [max(1, int(round(target / s))) if shrink > 1 else 1 for s in spacing]
+    if shrink <= 1:
+        return [1, 1, 1]
+    target = shrink * (spacing.min() if voxel is None else voxel)
+    factors = []
+    for s, n in zip(spacing, shape):
+        k = max(1, int(round(target / s)))
+        while clamp and k > 1 and (int(n) - 1) // k + 1 < _MIN_SIZE:
+            k -= 1
+        factors.append(k)
+    return factors
 
 
 @dataclass
@@ -407,11 +423,11 @@ def _make_levels(shrinks: Sequence[int], fx, fa, fm, mv, ma, mm) -> list[_Level]
     instead of the full-resolution one; the extra smoothing is then ``ratio / 2`` voxels of the
     finer level (a total sigma a little above ``f / 2`` full-resolution voxels)."""
 
-    def pyramid(x, a, m):
+    def pyramid(x, a, m, voxel=None):
         out: dict[int, tuple] = {}
         prev = (1, [1, 1, 1], x[None, None], None if m is None else m[None, None])
         for f in sorted(shrinks):
-            fac = _level_factors(a, x.shape, f)
+            fac = _level_factors(a, x.shape, f, voxel)
             pf, pfac, px, pm = prev
             if all(k % q == 0 for k, q in zip(fac, pfac)):
                 rel = [k // q for k, q in zip(fac, pfac)]
@@ -425,7 +441,7 @@ def _make_levels(shrinks: Sequence[int], fx, fa, fm, mv, ma, mm) -> list[_Level]
         return out
 
     fp = pyramid(fx, fa, fm)
-    mp = pyramid(mv, ma, mm)
+    mp = pyramid(mv, ma, mm, float(np.sqrt((fa[:3, :3] ** 2).sum(0)).min()))  # the fixed levels' voxel size
     levels = []
     for f in shrinks:
         fixed_l, fixed_a, fixed_m = _crop_to_content(*fp[f])
@@ -493,7 +509,8 @@ def _check_schedule(shrink, iterations, name: str = "iterations") -> tuple[list[
 
 
 def _level_size(shape: Sequence[int], affine: np.ndarray, f: int) -> list[int]:
-    return [(n - 1) // k + 1 for n, k in zip(shape, _level_factors(affine, shape, f))]
+    """A level's grid before any axis is spared (what :func:`_auto_shrink` chooses by)."""
+    return [(n - 1) // k + 1 for n, k in zip(shape, _level_factors(affine, shape, f, clamp=False))]
 
 
 def _auto_shrink(shape: Sequence[int], affine: np.ndarray) -> list[int]:
@@ -606,13 +623,6 @@ def affine_register(
         rigid_iters = iters[:-1] + [0]
     else:
         rigid_iters = iters
-    for name, vol, aff in (("fixed", fx, fa), ("moving", mv, ma)):
-        size = _level_size(vol.shape, aff, levels_f[0])
-        if min(size) < _MIN_SIZE:
-            raise PsmambaError(
-                f"{name} of shape {tuple(vol.shape)} is too small for shrink {levels_f[0]} "
-                f"(level {tuple(size)}; at least {_MIN_SIZE} voxels per axis): use smaller shrink factors"
-            )
     fx = scale_intensity(fx, fmask, name="fixed")
     mv = scale_intensity(mv, mmask, name="moving")
 
