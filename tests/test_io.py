@@ -350,3 +350,18 @@ def test_headers_itk_reads_otherwise_are_named(tmp_path):
         load_image(out)  # psmamba's own files: no warning
     sitk = pytest.importorskip("SimpleITK")
     assert sitk.ReadImage(str(out)).GetSize() == (8, 9, 10)  # an sform alone with this shear: ITK refuses it
+
+
+def test_a_2d_file_with_both_qform_and_sform_is_refused_in_one_line(tmp_path):
+    """SimpleITK writes 2-D NIfTI files with both codes set: the qform/sform comparison read a third
+    axis that is not there (an IndexError traceback)."""
+    img = nib.Nifti1Image(np.random.default_rng(0).random((20, 24)).astype(np.float32), np.eye(4))
+    shifted = np.eye(4)
+    shifted[:3, 3] = 5.0  # disagreeing too: the comparison itself must cope with two axes
+    img.set_qform(shifted, code=1)
+    img.set_sform(np.eye(4), code=1)
+    nib.save(img, str(tmp_path / "slice.nii.gz"))
+    for load, words in ((load_image, "expected a 3-D volume"), (io.load_series, "expected a 3-D volume or a 4-D series")):
+        with pytest.warns(UserWarning, match="qform and sform disagree"), pytest.raises(PsmambaError, match=words):
+            load(tmp_path / "slice.nii.gz")
+        io._WARNED.clear()

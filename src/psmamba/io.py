@@ -249,7 +249,8 @@ def qform_sform_gap(header, shape=None) -> float | None:
         return None
     if q is None or s is None or not qc or not sc:
         return None
-    dims = np.asarray(shape if shape is not None else header.get_data_shape()[:3], dtype=np.float64) - 1
+    dims = list(shape if shape is not None else header.get_data_shape())[:3]
+    dims = np.asarray(dims + [1] * (3 - len(dims)), dtype=np.float64) - 1  # a 2-D image: one voxel deep
     corners = np.array([[i, j, k, 1.0] for i in (0, dims[0]) for j in (0, dims[1]) for k in (0, dims[2])]).T
     return float(np.sqrt((((q - s) @ corners)[:3] ** 2).sum(0)).max())
 
