@@ -365,3 +365,28 @@ def test_a_2d_file_with_both_qform_and_sform_is_refused_in_one_line(tmp_path):
         with pytest.warns(UserWarning, match="qform and sform disagree"), pytest.raises(PsmambaError, match=words):
             load(tmp_path / "slice.nii.gz")
         io._WARNED.clear()
+
+
+def test_float_round_off_of_label_codes_is_read_as_the_codes(tmp_path):
+    """Codes stored as float with round-off (17.00001) are those codes, with a warning, in the reader
+    and in the up-front file check alike; a value farther from a whole number is refused, printed
+    in full (it was printed as '17')."""
+    from psmamba.checks import check_volume_file
+
+    lab = np.zeros((10, 10, 10), np.float32)
+    lab[2:6, 2:6, 2:6] = 17
+    lab[6:9, 6:9, 6:9] = 2035
+    noisy = lab + (lab > 0) * np.float32(1e-5) * 17
+    nib.save(nib.Nifti1Image(noisy, np.eye(4)), str(tmp_path / "noisy.nii.gz"))
+    check_volume_file(tmp_path / "noisy.nii.gz", "moving labels", labels=True)
+    with pytest.warns(UserWarning, match=r"noisy.nii.gz: 91 voxel value\(s\) within 0.001 of a whole number"):
+        got = load_labels(tmp_path / "noisy.nii.gz")
+    np.testing.assert_array_equal(got.data, lab.astype(np.int16))
+    off = lab.copy()
+    off[2, 2, 2] = 17.01
+    nib.save(nib.Nifti1Image(off, np.eye(4)), str(tmp_path / "off.nii.gz"))
+    for read in (lambda: load_labels(tmp_path / "off.nii.gz"),
+                 lambda: check_volume_file(tmp_path / "off.nii.gz", "moving labels", labels=True)):
+        with pytest.raises(PsmambaError, match=r"off.nii.gz: a label map must hold integer values, found 1 "
+                                               r"non-integer voxel\(s\) \(e.g. 17.0100002\)"):
+            read()

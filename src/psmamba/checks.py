@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from psmamba.errors import PsmambaError
-from psmamba.io import _short, check_scalar_dtype
+from psmamba.io import _ROUND_OFF, _short, check_scalar_dtype
 
 __all__ = [
     "check_number",
@@ -167,12 +167,14 @@ def _scan(slabs: Iterable[np.ndarray], labels: bool) -> _Stats:
                 if a.size == 0:
                     continue
             if labels:
-                frac = a != np.round(a)
+                rounded = np.round(a)
+                frac = np.abs(a - rounded) > _ROUND_OFF  # (closer: float round-off of a code, read as it)
                 if frac.any():
                     st.n_fraction += int(np.count_nonzero(frac))
                     st.example_fraction = st.example_fraction if st.example_fraction is not None \
                         else float(a[frac].flat[0])
                     continue
+                a = rounded
         st.lo = min(st.lo, float(a.min()))
         st.hi = max(st.hi, float(a.max()))
         if labels and not st.n_fraction:
@@ -195,7 +197,7 @@ def _judge(st: _Stats, shape: tuple[int, ...], name: str, labels: bool, min_size
         raise PsmambaError(f"{name}: {kind} holds {' and '.join(parts)} voxel value(s) of {math.prod(shape)}")
     if labels and st.n_fraction:
         raise PsmambaError(f"{name}: a label map must hold integer values, found {st.n_fraction} "
-                           f"non-integer voxel(s) (e.g. {st.example_fraction:g})")
+                           f"non-integer voxel(s) (e.g. {st.example_fraction:.9g})")
     if labels and st.lo < 0:
         raise PsmambaError(f"{name}: a label map must hold codes >= 0 (0 is the background), found {st.lo:g}")
     check_size(shape, name, min_size, why)

@@ -315,6 +315,10 @@ def _check_finite(data: np.ndarray, what: str, p: Path) -> None:
             raise PsmambaError(f"{what} {p}: holds {bad} NaN/Inf voxel value(s)")
 
 
+#: a label map's float values this close to a whole number are float round-off of that code
+_ROUND_OFF = 1e-3
+
+
 def _integer_labels(data: np.ndarray, what: str, p) -> np.ndarray:
     """Integer-valued array -> the smallest of uint8/int16/int32 that holds its values (``p``: the
     file, None for an array given in memory)."""
@@ -325,13 +329,22 @@ def _integer_labels(data: np.ndarray, what: str, p) -> np.ndarray:
         bad = data.size - int(np.count_nonzero(np.isfinite(data)))
         if bad:
             raise PsmambaError(f"{what}: a label map holds {bad} NaN/Inf value(s)")
-        frac = data != np.round(data)
+        rounded = np.round(data)
+        frac = data != rounded
         if frac.any():
-            example = float(data[frac].flat[0])
-            raise PsmambaError(
-                f"{what}: a label map must hold integer values, found {int(frac.sum())} "
-                f"non-integer voxel(s) (e.g. {example:g})"
-            )
+            off = np.abs(data[frac] - rounded[frac])
+            if off.max() > _ROUND_OFF:
+                example = float(data[frac][np.argmax(off)])
+                raise PsmambaError(
+                    f"{what}: a label map must hold integer values, found {int(frac.sum())} "
+                    f"non-integer voxel(s) (e.g. {example:.9g})"
+                )
+            # float round-off of whole numbers (a tool that stored the codes as float32 after
+            # arithmetic, a scaling slope of 1.0000001): the codes are meant, and taken
+            warn_once(("round-off", str(p) if p is not None else what),
+                      f"{what}: {int(frac.sum())} voxel value(s) within {_ROUND_OFF:g} of a whole number (e.g. "
+                      f"{float(data[frac].flat[0]):.9g}) read as that whole number", stacklevel=4)
+            data = rounded
     elif not np.issubdtype(data.dtype, np.integer):
         raise PsmambaError(f"{what}: a label map must hold integers, got dtype {data.dtype}")
     if data.size == 0:
