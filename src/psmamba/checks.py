@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from psmamba.errors import PsmambaError
-from psmamba.io import _ROUND_OFF, _short, check_scalar_dtype
+from psmamba.io import _ROUND_OFF, NAN_HINT, _short, check_scalar_dtype
 
 __all__ = [
     "check_number",
@@ -185,7 +185,7 @@ def _scan(slabs: Iterable[np.ndarray], labels: bool) -> _Stats:
 
 
 def _judge(st: _Stats, shape: tuple[int, ...], name: str, labels: bool, min_size: int | None,
-           why: str | None) -> None:
+           why: str | None, nan_hint: str = "") -> None:
     """The one-line error for what :func:`_scan` found, if anything is wrong."""
     if len(shape) != 3:
         raise PsmambaError(f"{name}: expected a 3-D volume, got shape {tuple(shape)}")
@@ -194,7 +194,8 @@ def _judge(st: _Stats, shape: tuple[int, ...], name: str, labels: bool, min_size
     if st.n_nan or st.n_inf:
         parts = [f"{n} {kind}" for n, kind in ((st.n_nan, "NaN"), (st.n_inf, "Inf")) if n]
         kind = "a label map" if labels else "the image"
-        raise PsmambaError(f"{name}: {kind} holds {' and '.join(parts)} voxel value(s) of {math.prod(shape)}")
+        raise PsmambaError(f"{name}: {kind} holds {' and '.join(parts)} voxel value(s) of {math.prod(shape)}"
+                           + nan_hint)
     if labels and st.n_fraction:
         raise PsmambaError(f"{name}: a label map must hold integer values, found {st.n_fraction} "
                            f"non-integer voxel(s) (e.g. {st.example_fraction:.9g})")
@@ -533,5 +534,5 @@ def check_volume_file(
     _warn_geometry(img.header, shape, name, p)  # as the loader would, once per file
     check_scalar_dtype(img.get_data_dtype(), name)
     st = _scan(_slabs(img, p, what), labels)
-    _judge(st, tuple(shape), name, labels, None if labels else min_size, why)
+    _judge(st, tuple(shape), name, labels, None if labels else min_size, why, NAN_HINT)
     return VolumeFacts(p, tuple(shape), affine, st.codes, st.lo, st.hi)  # type: ignore[arg-type]

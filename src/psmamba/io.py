@@ -308,11 +308,16 @@ def _squeeze_to(data: np.ndarray, ndim: int) -> np.ndarray:
     return data
 
 
-def _check_finite(data: np.ndarray, what: str, p: Path) -> None:
+#: said with a NaN/Inf error: SPM and others mark the background with NaN
+NAN_HINT = "; if they mark the background (as SPM writes it), set them to 0 first (e.g. fslmaths IN -nan OUT)"
+
+
+def _check_finite(data: np.ndarray, what: str, p: Path, read: bool = True) -> None:
+    """No NaN/Inf voxels in ``data`` (``read``: of a file read, whose error says what to do)."""
     if np.issubdtype(data.dtype, np.floating) or np.issubdtype(data.dtype, np.complexfloating):
         bad = data.size - int(np.count_nonzero(np.isfinite(data)))
         if bad:
-            raise PsmambaError(f"{what} {p}: holds {bad} NaN/Inf voxel value(s)")
+            raise PsmambaError(f"{what} {p}: holds {bad} NaN/Inf voxel value(s)" + (NAN_HINT if read else ""))
 
 
 #: a label map's float values this close to a whole number are float round-off of that code
@@ -460,7 +465,7 @@ def load_ddf(path, what: str = "displacement field") -> Image:
         data = data[:, :, :, 0, :]
     if data.ndim != 4 or data.shape[-1] != 3:
         raise PsmambaError(f"{what} {p}: expected shape (D, H, W, 3), got {tuple(data.shape)}")
-    _check_finite(data, what, p)
+    _check_finite(data, what, p, read=False)  # (a field: no background to fill)
     affine = np.asarray(img.affine, dtype=np.float64)
     if intent in (_INTENT_VECTOR, _INTENT_DISPVECT):  # world mm (ITK): back to voxels of this grid
         linear = affine[:3, :3]
@@ -637,7 +642,7 @@ def save_image(path, data, affine, header=None) -> Path:
     """
     p = _as_path(path, "output")
     arr = _storable(_volume(data, "image", p), p)
-    _check_finite(arr, "image for", p)
+    _check_finite(arr, "image for", p, read=False)
     return _atomic_save(_build(np.ascontiguousarray(arr), _affine(affine, p), header), p)
 
 
@@ -670,7 +675,7 @@ def save_series(path, data, affine, header=None, labels: bool = False) -> Path:
         arr = _integer_labels(arr, "labels for", p)
     else:
         arr = _storable(arr, p)
-        _check_finite(arr, "image for", p)
+        _check_finite(arr, "image for", p, read=False)
     img = _build(np.ascontiguousarray(arr), _affine(affine, p))
     step, unit = _time_step(header)
     if step is not None:
@@ -710,7 +715,21 @@ def save_ddf(path, ddf, affine) -> Path:
             ``affine[:3, :3] @ d``, see :func:`psmamba.spatial.ddf_to_mm`).
     """
     p = _as_path(path, "output")
-    return _atomic_save(_build(_field_l2r(ddf, p), _affine(affine, p)), p)
+    img = _build(_field_l2r(ddf, p), _affine(affine, p))
+    img.header["descrip"] = DDF_DESCRIP  # what tells the file from a 3-volume series
+    return _atomic_save(img, p)
+
+
+#: the description (NIfTI ``descrip``) of the fields :func:`save_ddf` writes
+DDF_DESCRIP = b"psmamba displacement field (voxels)"
+
+
+def is_ddf_header(header) -> bool:
+    """Whether a header is that of a displacement field written by :func:`save_ddf`."""
+    try:
+        return bytes(np.asarray(header["descrip"]).tobytes()).rstrip(b"\0").startswith(DDF_DESCRIP)
+    except (KeyError, TypeError, ValueError):
+        return False
 
 
 def _field_l2r(ddf, p: Path) -> np.ndarray:
@@ -722,7 +741,7 @@ def _field_l2r(ddf, p: Path) -> np.ndarray:
     if arr.ndim not in (4, 5) or arr.shape[-4] != 3 or (arr.ndim == 5 and arr.shape[0] != 1):
         raise PsmambaError(f"ddf for {p}: expected shape (1, 3, D, H, W) or (3, D, H, W), got {tuple(arr.shape)}")
     field = ddf_to_l2r(arr).astype(np.float32, copy=False)
-    _check_finite(field, "ddf for", p)
+    _check_finite(field, "ddf for", p, read=False)
     return field
 
 

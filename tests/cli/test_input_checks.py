@@ -119,7 +119,8 @@ def test_every_file_is_loaded_before_the_first_pair(case, capsys):
     for second, needles in [
         ("m.nii.gz,crc.nii.gz", ("fixed image", "crc.nii.gz", "cannot be read", "CRC check failed")),
         ("m.nii.gz,cut.nii.gz", ("fixed image", "cut.nii.gz", "cannot be read")),
-        ("nan.nii.gz,f.nii.gz", ("moving image", "nan.nii.gz", "holds 2 NaN voxel value(s) of 1728")),
+        ("nan.nii.gz,f.nii.gz", ("moving image", "nan.nii.gz", "holds 2 NaN voxel value(s) of 1728; if they mark the "
+                                 "background (as SPM writes it), set them to 0 first")),
         ("const.nii.gz,f.nii.gz", ("moving image", "const.nii.gz", "constant (every voxel is 3)")),
         ("m.nii.gz,tiny.nii.gz", ("fixed image", "tiny.nii.gz", "of shape 4x4x4 is too small",
                                   "the metrics need 5 voxels a side")),

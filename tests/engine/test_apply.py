@@ -172,6 +172,15 @@ def test_bad_input_one_line_before_any_output(registered, tmp_path, capsys):
     nib.save(bare, str(tmp_path / "bare.nii.gz"))
     assert "give --reference" in fails("--field", str(tmp_path / "bare.nii.gz"), "--image", m, "--out", str(target))
     assert "file name is empty" in fails("--field", "", "--image", m, "--out", str(target))
+    # register's own field as the image (a 3-volume series by shape)
+    assert "is a displacement field (psmamba's ddf), not an image" in fails("--field", ddf, "--image", ddf,
+                                                                           "--out", str(target))
+    # an image of another world space: nothing of it is read (the result would be all padding)
+    far_aff = r["maff"].copy()
+    far_aff[:3, 3] += 500.0
+    far = save(tmp_path / "far.nii.gz", data(r["ml"]), far_aff)
+    err = fails("--field", ddf, "--image", str(far), "--labels", "--out", str(target))
+    assert "far.nii.gz: no voxel of the field's grid maps inside it" in err
     assert not target.parent.exists()  # no folder made for a result that was never written
     # a label map carried as an image works, with a warning that names the flag
     with pytest.warns(UserWarning, match="if it is a label map, apply it with labels=True .--labels"):

@@ -482,3 +482,15 @@ def test_an_ants_registration_scored_by_evaluate_fields_matches_ants_own_labels(
     from psmamba.io import load_ddf
 
     assert np.abs(load_ddf(whole).data).max() > 0.5  # ANTs moved the image: a comparison worth making
+
+
+def test_summary_says_how_many_pairs_a_mean_covers():
+    """A pair without label maps has no Dice: the table says the mean covers 1 of 2 pairs."""
+    rows = [{"pair_id": "a", "dice_mean": 0.5, "hd95_mean_mm": 3.0, "folding_percent": 0.0, "sdlogj": 0.1,
+             "seconds": 1.0},
+            {"pair_id": "b", "dice_mean": float("nan"), "hd95_mean_mm": float("nan"), "folding_percent": 0.0,
+             "sdlogj": 0.2, "seconds": 1.0}]
+    s = summarize(rows, "m")
+    assert s["pairs"] == 2 and s["dice_pairs"] == 1 and s["sdlogj_pairs"] == 2
+    table = format_summary_table([s])
+    assert "| m | 2 | 0.500 ± 0.000 (1 of 2 pairs) | 3.00 ± 0.00 (1 of 2 pairs) | 0.000 ± 0.000 | 0.150 ± 0.071 |" in table

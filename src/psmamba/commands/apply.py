@@ -18,7 +18,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, metavar="OUT", help="the result (.nii.gz, .nii, .hdr/.img) on the "
                         "field's grid; its folder is created")
     parser.add_argument("--labels", action="store_true",
-                        help="the image is a label map: nearest neighbour, integer codes and dtype kept")
+                        help="the image is a label map: nearest neighbour, integer codes kept (in the smallest integer type that holds them)")
     parser.add_argument("--reference", metavar="REF",
                         help="an image on the field's grid (the fixed image for ddf.nii.gz): checked against the "
                         "field, and its affine used when the field's file has none (a Learn2Reg field)")

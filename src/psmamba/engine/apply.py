@@ -188,6 +188,7 @@ def apply_field(field: Any, image: Any, *, reference: Any = None, labels: bool =
         ddf = torch.from_numpy(np.ascontiguousarray(fld.ddf, dtype=np.float32))[None].to(dev)
         pos = _apply(to_image, identity_grid(shape, device=dev) + ddf)
         del ddf
+        _check_overlap(pos, data.shape[:3], img, labels)
         for t in range(vols.shape[3]):
             v = vols[..., t]
             if labels:
@@ -212,6 +213,23 @@ def apply_field(field: Any, image: Any, *, reference: Any = None, labels: bool =
     return io.Image(data=result, affine=np.asarray(fld.affine, dtype=np.float64), header=None, path=written)
 
 
+def _check_overlap(pos, shape, img, labels: bool) -> None:
+    """A one-line error, before anything is written, when no voxel of the target grid reads inside
+    the image (the result would be all padding): another world space than the map's source."""
+    import torch
+
+    inside = torch.ones(pos.shape[2:], dtype=torch.bool, device=pos.device)
+    for axis, n in enumerate(shape):
+        inside &= (pos[0, axis] > -0.5) & (pos[0, axis] < n - 0.5)
+    if bool(inside.any()):
+        return
+    what = "label map" if labels else "image"
+    name = f"{what} {img.path}" if img.path is not None else f"the {what}"
+    raise PsmambaError(f"{name}: no voxel of the field's grid maps inside it (the result would be all padding): an "
+                       "image of another space than the map's source (ddf.nii.gz carries moving-space images, "
+                       "ddf_inverse.nii.gz fixed-space ones), or a wrong header?")
+
+
 def _source(image: Any, labels: bool):
     """The image to carry: a 3-D volume or a 4-D series ``(D, H, W, T)`` (a file, an
     :class:`psmamba.io.Image` or an array), checked as :func:`psmamba.io.load_series` checks a file."""
@@ -222,7 +240,11 @@ def _source(image: Any, labels: bool):
         path = Path(image).expanduser()
         if not path.exists():
             raise PsmambaError(f"{what} file {path} does not exist")
-        return io.load_series(path, what, labels=labels)
+        img = io.load_series(path, what, labels=labels)
+        if io.is_ddf_header(img.header):
+            raise PsmambaError(f"{what} {path}: is a displacement field (psmamba's ddf), not an image: a field is not "
+                               "carried through another one component by component")
+        return img
     arr = image if isinstance(image, np.ndarray) else getattr(image, "data", None)
     if not (isinstance(arr, np.ndarray) and arr.ndim == 4):
         return io.as_image(image, what, labels=labels)
@@ -233,6 +255,6 @@ def _source(image: Any, labels: bool):
     if labels:
         arr = io._integer_labels(arr, name, None)
     elif np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
-        raise PsmambaError(f"{name}: holds {int(arr.size - np.isfinite(arr).sum())} NaN/Inf voxel value(s)")
+        raise PsmambaError(f"{name}: holds {int(arr.size - np.isfinite(arr).sum())} NaN/Inf voxel value(s)" + io.NAN_HINT)
     affine = np.eye(4) if isinstance(image, np.ndarray) else np.asarray(image.affine, dtype=np.float64)
     return io.Image(data=arr, affine=affine, header=getattr(image, "header", None), path=getattr(image, "path", None))

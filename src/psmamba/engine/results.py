@@ -154,25 +154,29 @@ def summarize(pair_rows: Sequence[Mapping[str, Any]], method: str | None = None)
         ("dice", "dice_mean"), ("dice_before", "dice_before_mean"), ("hd95_mm", "hd95_mean_mm"),
         ("folding_percent", "folding_percent"), ("sdlogj", "sdlogj"), ("seconds", "seconds"),
     ):
-        mean, std, _ = _mean_std(r.get(col) for r in pair_rows)
+        mean, std, n = _mean_std(r.get(col) for r in pair_rows)
         out[key] = (mean, std)
+        out[f"{key}_pairs"] = n  # the pairs that have the metric (Dice: those with label maps)
     return out
 
 
 def format_summary_table(summaries: Sequence[Mapping[str, Any]]) -> str:
     """A markdown table in the layout of the paper's result tables (one row per method)."""
 
-    def ms(pair: tuple[float, float], digits: int) -> str:
-        m, s = pair
-        return "-" if math.isnan(m) else f"{m:.{digits}f} ± {s:.{digits}f}"
+    def ms(summary: Mapping[str, Any], key: str, digits: int) -> str:
+        m, s = summary[key]
+        if math.isnan(m):
+            return "-"
+        n, total = summary.get(f"{key}_pairs", summary["pairs"]), summary["pairs"]
+        return f"{m:.{digits}f} ± {s:.{digits}f}" + (f" ({n} of {total} pairs)" if n < total else "")
 
     head = "| method | pairs | Dice | HD95 (mm) | folding % (\\|J\\|<=0) | SDlogJ | time (s/pair) |"
     lines = [head, "|---|---:|---|---|---|---|---:|"]
     for s in summaries:
         t = s["seconds"][0]
         lines.append(
-            f"| {s['method']} | {s['pairs']} | {ms(s['dice'], 3)} | {ms(s['hd95_mm'], 2)} | "
-            f"{ms(s['folding_percent'], 3)} | {ms(s['sdlogj'], 3)} | {'-' if math.isnan(t) else f'{t:.2f}'} |"
+            f"| {s['method']} | {s['pairs']} | {ms(s, 'dice', 3)} | {ms(s, 'hd95_mm', 2)} | "
+            f"{ms(s, 'folding_percent', 3)} | {ms(s, 'sdlogj', 3)} | {'-' if math.isnan(t) else f'{t:.2f}'} |"
         )
     return "\n".join(lines)
 
