@@ -494,3 +494,30 @@ def test_summary_says_how_many_pairs_a_mean_covers():
     assert s["pairs"] == 2 and s["dice_pairs"] == 1 and s["sdlogj_pairs"] == 2
     table = format_summary_table([s])
     assert "| m | 2 | 0.500 ± 0.000 (1 of 2 pairs) | 3.00 ± 0.00 (1 of 2 pairs) | 0.000 ± 0.000 | 0.150 ± 0.071 |" in table
+
+
+def test_an_error_while_a_pair_runs_names_the_pair(tmp_path, monkeypatch, capsys):
+    """Past the up-front checks, an error inside one pair's registration says which pair, and that
+    nothing was written."""
+    import psmamba.engine.register as reg
+
+    pair = _blob_pair(tmp_path)
+    real, calls = reg.register_pair, []
+
+    def failing_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise PsmambaError("moving image: something only the registration finds")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(reg, "register_pair", failing_second)
+    lst = tmp_path / "two.csv"
+    lst.write_text(f"moving,fixed,moving_labels,fixed_labels,pair_id\n{pair.moving},{pair.fixed},{pair.moving_labels},"
+                   f"{pair.fixed_labels},first\n{pair.fixed},{pair.moving},{pair.fixed_labels},{pair.moving_labels},second\n")
+    out = tmp_path / "e" / "r.csv"
+    assert main(["evaluate", "--pairs", str(lst), "--identity", "--no-hd95", "--device", "cpu", "--out", str(out),
+                 "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["psmamba: error: pair second (2 of 2; nothing written): moving image: something only the "
+                   "registration finds"]
+    assert not out.exists()

@@ -21,6 +21,8 @@ list (:func:`pair_files`), the demo (:func:`demo_pairs`) or a training config's 
 
 from __future__ import annotations
 
+import contextlib
+
 import os
 import sys
 import time
@@ -421,8 +423,10 @@ def evaluate_pairs(
         say(f"checked {n_files} files of {len(pairs)} pairs in {time.perf_counter() - t0:.1f} s")
     result = EvaluationResult(method=name or method.name)
     for k, pair in enumerate(pairs, start=1):
-        res = register_pair(pair.fixed, pair.moving, moving_labels=pair.moving_labels,
-                            fixed_labels=pair.fixed_labels, method=method, device=dev, overview=False, labels=labels)
+        with _naming_pair(pair, k, len(pairs)):
+            res = register_pair(pair.fixed, pair.moving, moving_labels=pair.moving_labels,
+                                fixed_labels=pair.fixed_labels, method=method, device=dev, overview=False,
+                                labels=labels)
         prow = _score(result, pair, res, hd95)
         if say is not None:
             say(
@@ -432,6 +436,15 @@ def evaluate_pairs(
                 f"SDlogJ {prow['sdlogj']:.3f}, {prow['seconds']:.2f} s"
             )
     return result
+
+
+@contextlib.contextmanager
+def _naming_pair(pair, k: int, n: int):
+    """A one-line error raised while a pair runs (past the up-front checks) names that pair."""
+    try:
+        yield
+    except PsmambaError as exc:
+        raise PsmambaError(f"pair {pair.pair_id} ({k} of {n}; nothing written): {exc}") from None
 
 
 def _score_fields(pairs: Sequence[Pair], name: str, dev, labels, hd95: bool,
@@ -447,9 +460,10 @@ def _score_fields(pairs: Sequence[Pair], name: str, dev, labels, hd95: bool,
             f"in {time.perf_counter() - t0:.1f} s")
     result = EvaluationResult(method=name)
     for k, pair in enumerate(pairs, start=1):
-        res = register_pair(pair.fixed, pair.moving, moving_labels=pair.moving_labels, fixed_labels=pair.fixed_labels,
-                            method=GivenField(pair.ddf, name=name), device=dev, overview=False, labels=labels,
-                            inverse=False)
+        with _naming_pair(pair, k, len(pairs)):
+            res = register_pair(pair.fixed, pair.moving, moving_labels=pair.moving_labels,
+                                fixed_labels=pair.fixed_labels, method=GivenField(pair.ddf, name=name), device=dev,
+                                overview=False, labels=labels, inverse=False)
         prow = _score(result, pair, res, hd95, timed=False)
         if say is not None:
             say(f"[{k}/{len(pairs)}] {pair.pair_id}: Dice {prow['dice_before_mean']:.4f} -> {prow['dice_mean']:.4f}, "
