@@ -168,3 +168,53 @@ def test_cache_reads_ready_arrays_and_notices_changes(tmp_path, monkeypatch):
     assert default_cache_dir() == tmp_path / "env" and default_cache_dir(cache) == cache
     prepare(ArrayVolumeRef(Volume("m", data, np.eye(4))), None)
     assert len(list((tmp_path / "env" / "volumes").glob("m-*.npz"))) == 1
+
+
+def _brains_on_one_grid(root, shifts, affine=None, shape=(40, 44, 40)):
+    """Files of 'brains' (ellipsoids) on one grid, each shifted by its own voxels, with a mark at
+    one world point (voxel (12, 14, 12) of the grid) in every label map."""
+    root.mkdir(parents=True, exist_ok=True)
+    affine = np.diag([2.0, 2.0, 2.0, 1.0]) if affine is None else affine
+    z, y, x = np.mgrid[: shape[0], : shape[1], : shape[2]].astype(np.float32)
+    vols = []
+    for k, (dz, dy, dx) in enumerate(shifts):
+        a = affine if not callable(affine) else affine(k)
+        r = ((z - 20 - dz) / 12) ** 2 + ((y - 22 - dy) / 14) ** 2 + ((x - 20 - dx) / 12) ** 2
+        img = np.where(r < 1, 1.0 + 0.1 * k, 0.0).astype(np.float32)
+        lab = (r < 1).astype(np.int16)
+        lab[12, 14, 12] = 7
+        nib.save(nib.Nifti1Image(img, a), str(root / f"s{k}.nii.gz"))
+        nib.save(nib.Nifti1Image(lab, a), str(root / f"s{k}_seg.nii.gz"))
+        vols.append(FileVolumeRef(f"s{k}", root / f"s{k}.nii.gz", root / f"s{k}_seg.nii.gz"))
+    return vols
+
+
+def test_volumes_on_one_grid_share_one_crop_window(tmp_path):
+    """Cropped around each one's own foreground, volumes of one grid moved against each other
+    (training pairs arrays voxel for voxel); with the shared window they stay aligned."""
+    from psmamba.data.preprocess import CropOrPad, MinMax, Pipeline, Reorient, shared_window
+
+    vols = _brains_on_one_grid(tmp_path / "one", [(0, 0, 0), (3, -2, 1), (-2, 3, -3), (1, 1, 4)])
+    own = Pipeline([Reorient(), CropOrPad((36, 40, 36)), MinMax()])
+    shared = shared_window(own, vols)
+    assert shared is not own and shared.steps[1].start is not None
+    assert "start" in str(shared.describe())  # (part of the cache key)
+    marks_own, marks_shared, affines = set(), set(), []
+    for v in vols:
+        a, b = own(v.load()), shared(v.load())
+        marks_own.add(tuple(np.argwhere(a.labels == 7)[0]))
+        marks_shared.add(tuple(np.argwhere(b.labels == 7)[0]))
+        affines.append(b.affine)
+    assert len(marks_own) > 1  # each its own window: the same world point at different voxels
+    assert len(marks_shared) == 1 and all(np.allclose(a, affines[0]) for a in affines)
+    # the window still holds every brain (placed on their mean centre)
+    for v in vols:
+        assert shared(v.load()).labels.astype(bool).sum() == v.load().labels.astype(bool).sum()
+    # volumes on different grids keep their own windows
+    def moved(k):
+        a = np.diag([2.0, 2.0, 2.0, 1.0])
+        a[0, 3] = 2.0 * k
+        return a
+
+    other = _brains_on_one_grid(tmp_path / "two", [(0, 0, 0), (1, 0, 0)], affine=moved)
+    assert shared_window(own, other) is own

@@ -91,7 +91,6 @@ def run(args: argparse.Namespace) -> int:
         return 1 if report.problems else 0  # a volume unusable, or a listed file the reader left out
 
     from psmamba.data.dataset import PairDataset
-    from psmamba.data.preprocess import preset
     from psmamba.data.sources import open_source
 
     if is_demo:
@@ -101,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"demo ready: {len(ds.volumes)} volumes in {ds.root}")
         return 0
     src = open_source(args.source, layout=args.layout, **_options(args))
-    pipeline = preset(src.preprocessing if args.pipeline == "preset" else args.pipeline)
+    pipeline = src.pipeline(args.pipeline)
     print(src.summary())
     ids = src.ids
     ds = PairDataset(src.volumes, [(i, i) for i in ids], pipeline=pipeline, cache_dir=args.cache_dir)

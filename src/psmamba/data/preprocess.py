@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -42,6 +43,7 @@ __all__ = [
     "PRESETS",
     "resample_to_grid",
     "foreground_bbox",
+    "shared_window",
 ]
 
 
@@ -201,20 +203,28 @@ class CropOrPad(Step):
             image, or of non-zero labels with ``use_labels``) or ``"volume"`` (array centre).
         threshold: foreground threshold on the image.
         use_labels: take the bounding box from the labels instead of the image.
+        start: the window's first voxel, the same for every volume (``centre`` then unused): one
+            window for a data set whose volumes share a grid, so that they stay aligned voxel for
+            voxel (see :func:`shared_window`).
     """
 
     size: tuple[int, int, int] = (160, 192, 160)
     centre: str = "foreground"
     threshold: float = 0.0
     use_labels: bool = False
+    start: tuple[int, int, int] | None = None
 
     def __post_init__(self) -> None:
         self.size = _triple(self.size, "CropOrPad size", int)
+        if self.start is not None:
+            self.start = tuple(int(v) for v in self.start)  # type: ignore[assignment]
         if self.centre not in ("foreground", "volume"):
             raise PsmambaError(f"CropOrPad centre must be 'foreground' or 'volume', got {self.centre!r}")
 
     def window_start(self, vol: Volume) -> np.ndarray:
         """Index (in ``vol``) of the first voxel of the output window."""
+        if self.start is not None:
+            return np.asarray(self.start, dtype=int)
         shape = np.array(vol.shape)
         size = np.array(self.size)
         bbox = None
@@ -365,6 +375,54 @@ PRESETS: dict[str, str] = {
     "minmax": "min-max only",
     "none": "no preprocessing",
 }
+
+
+def _grid_of(vol) -> tuple[tuple[int, ...], np.ndarray] | None:
+    """A file volume's grid (shape, affine) from its image header alone; None when unknown."""
+    path = getattr(vol, "image_path", None)
+    if path is None:
+        return None
+    try:
+        import nibabel as nib
+
+        from psmamba import io
+
+        if io._suffix(Path(path), io.READ_SUFFIXES) in (".hdr", ".img", ".hdr.gz", ".img.gz"):
+            img = io._load_pair(*io.analyze_pair(Path(path)))
+        else:
+            img = nib.load(str(path))
+        return tuple(int(n) for n in img.shape[:3]), np.asarray(img.affine, dtype=np.float64)
+    except Exception:  # unreadable here: the volume's own load says why, later
+        return None
+
+
+def shared_window(pipeline: Pipeline, volumes: Sequence, most: int = 5) -> Pipeline:
+    """``pipeline`` with one crop window for all ``volumes`` when they share a grid.
+
+    A crop centred on each volume's own foreground (the paper's "around the brain") moves
+    volumes that were on one grid (LPBA40's delineation space, Mindboggle's MNI152, Learn2Reg's
+    AbdomenCTCT) by a few voxels against each other, and training, which pairs the arrays voxel
+    for voxel, then learns those shifts. When every volume's header gives the same grid, the
+    window is placed once: on the mean foreground centre of up to ``most`` volumes spread over
+    the data set (read through the steps before the crop), and used for every volume. Volumes on
+    different grids keep their own windows (align them to one grid first for training).
+    """
+    steps = list(pipeline.steps) if isinstance(pipeline, Pipeline) else []
+    k = next((i for i, st in enumerate(steps) if isinstance(st, CropOrPad) and st.start is None), None)
+    if k is None or len(volumes) < 2:
+        return pipeline
+    grids = [_grid_of(v) for v in volumes]
+    if any(g is None for g in grids):
+        return pipeline
+    shape0, aff0 = grids[0]  # type: ignore[misc]
+    if any(g[0] != shape0 or not np.allclose(g[1], aff0, atol=1e-3) for g in grids):  # type: ignore[index]
+        return pipeline
+    before, crop = Pipeline(steps[:k]), steps[k]
+    picks = sorted({round(i * (len(volumes) - 1) / max(most - 1, 1)) for i in range(min(most, len(volumes)))})
+    starts = [crop.window_start(before(volumes[i].load())) for i in picks]
+    start = tuple(int(v) for v in np.floor(np.mean(starts, axis=0) + 0.5))
+    fixed = CropOrPad(crop.size, crop.centre, crop.threshold, crop.use_labels, start=start)  # type: ignore[arg-type]
+    return Pipeline(steps[:k] + [fixed] + steps[k + 1:])
 
 
 def preset(name: str) -> Pipeline:

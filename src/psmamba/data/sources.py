@@ -268,6 +268,18 @@ class SourceData:
         subject = self.subjects()
         return [(m, f) for m, f in all_pairs(ids) if subject.get(m, m) != subject.get(f, f)]
 
+    def pipeline(self, name: str = "preset") -> "Pipeline":
+        """The preprocessing of preset ``name`` (``"preset"``: this protocol's) for these volumes:
+        one crop window for all when they share a grid (:func:`psmamba.data.preprocess.shared_window`,
+        placed once per source and preset)."""
+        from psmamba.data.preprocess import preset, shared_window
+
+        key = self.preprocessing if name == "preset" else name
+        cache = self.__dict__.setdefault("_pipelines", {})
+        if key not in cache:
+            cache[key] = shared_window(preset(key), self.volumes)
+        return cache[key]
+
     def pair_dataset(
         self,
         split: str = "train",
@@ -291,10 +303,9 @@ class SourceData:
                 demo, whose volumes are stored ready to use).
         """
         from psmamba.data.dataset import PairDataset
-        from psmamba.data.preprocess import preset
 
         if isinstance(pipeline, str):
-            pipeline = preset(self.preprocessing if pipeline == "preset" else pipeline)
+            pipeline = self.pipeline(pipeline)
         if pairs is None:
             splits = splits if splits is not None else self.make_splits()
             if split not in splits:
