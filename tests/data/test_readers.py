@@ -747,6 +747,42 @@ def test_numbered_segmentations_are_label_maps_not_images(tmp_path):
     assert not any("seg" in v.id for v in src.volumes)
 
 
+def test_a_whole_neurite_oasis_folder_and_label_words_alone(tmp_path, capsys):
+    """A neurite-OASIS subject folder as downloaded (aligned_norm/orig/seg4/seg35, norm, orig,
+    seg4, seg35, mask): the masks and the native-space segmentations were read as scans and
+    trained on; now each subject is aligned_norm with aligned_seg35, the rest left out by rule
+    (inspect: no problems). A per-subject folder of image.nii.gz + label.nii.gz read its label
+    maps as scans too."""
+    for i in range(1, 4):
+        d = tmp_path / "oasis" / f"OASIS_OAS1_000{i}_MR1"
+        for name in ("aligned_norm", "aligned_orig", "norm", "orig"):
+            _save(d / f"{name}.nii.gz", _image(10 * i + len(name)))
+        for name in ("aligned_seg35", "seg35"):
+            _save(d / f"{name}.nii.gz", _labels([1, 2, 3], i))
+        for name in ("aligned_seg4", "seg4", "mask"):
+            _save(d / f"{name}.nii.gz", _labels([1, 2], i))
+        for name, lab in (("image", "label"), ("t1", "seg")):
+            _save(tmp_path / name / f"s{i}" / f"{name}.nii.gz", _image(i))
+            _save(tmp_path / name / f"s{i}" / f"{lab}.nii.gz", _labels([1, 2], i))
+    src = open_source(tmp_path / "oasis", layout="folder")
+    assert [v.id for v in src.volumes] == [f"OASIS_OAS1_000{i}_MR1/aligned_norm" for i in range(1, 4)]
+    assert all(v.label_path.name == "aligned_seg35.nii.gz" for v in src.volumes)
+    assert len(src.skipped) == 3 * 7 and all(s.expected for s in src.skipped), [str(s) for s in src.skipped]
+    assert main(["data", "inspect", str(tmp_path / "oasis")]) == 0
+    assert "problems: none (21 more left out by the reader's rules: not problems)" in capsys.readouterr().out
+    for name, lab in (("image", "label"), ("t1", "seg")):
+        src = open_source(tmp_path / name, layout="folder")
+        assert [(v.id, v.label_path.name) for v in src.volumes] == [(f"s{i}/{name}", f"{lab}.nii.gz")
+                                                                    for i in range(1, 4)]
+    # a folder whose two scans neither is preferred: the label map pairs with neither, and is said
+    _save(tmp_path / "two" / "s1" / "t1.nii.gz", _image(1))
+    _save(tmp_path / "two" / "s1" / "t2.nii.gz", _image(2))
+    _save(tmp_path / "two" / "s1" / "seg.nii.gz", _labels([1, 2], 1))
+    src = open_source(tmp_path / "two", layout="folder")
+    assert len(src.volumes) == 2 and not any(v.has_labels for v in src.volumes)
+    assert [s.expected for s in src.skipped] == [False] and "label map without an image" in src.skipped[0].reason
+
+
 def test_file_links_wrong_pairs_and_probability_maps(tmp_path):
     """A scan linked under a second name was two volumes (one in training, one in test); a label
     map left over was paired with its folder's only scan whatever its name (a T2 segmentation

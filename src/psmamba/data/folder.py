@@ -43,6 +43,12 @@ from psmamba.errors import PsmambaError
 __all__ = ["read_folder", "read_manifest", "glob_to_regex"]
 
 _LABEL_SUFFIX = re.compile(r"^(?P<id>.+?)[_.-](seg|segmentation|label|labels|labelmap|aseg|dseg|mask|parc)\d*$", re.I)
+#: a file named by a label word alone (``sub1/label.nii.gz``, neurite-OASIS's ``seg35``, ``mask``):
+#: a label map (or mask) of its folder's image
+_LABEL_STEM = re.compile(r"^(seg|segmentation|label|labels|labelmap|aseg|dseg|mask|brainmask|parc)\d*$", re.I)
+#: of several images in a folder, the skull-stripped / normalised scan a segmentation belongs to
+#: (FreeSurfer's and neurite-OASIS's ``norm``, ``*_brain``)
+_PREFERRED_SCAN = re.compile(r"(^|[_.-])(norm|brain)($|[_.-])", re.I)
 #: an image's name with a modality or "image" suffix (``S1_image``, BIDS ``sub-01_T1w``): the id
 #: its label map may carry without it (``S1_label``, ``sub-01_dseg``)
 _IMAGE_SUFFIX = re.compile(r"^(?P<id>.+?)[_.-](image|img|t1|t1w|t2|t2w|flair|ct|mr|mri|brain|scan|vol|volume)$", re.I)
@@ -111,12 +117,43 @@ def _pair_by_bids_subject(images: dict[str, Path], labels: dict[str, Path]) -> N
 def _pair_in_folder(images: dict[str, Path], labels: dict[str, Path]) -> None:
     """A label map left over (id ``<folder>/<name>``) pairs with the one image of its folder
     named ``<name>_<kind>`` that has none (``OAS1_0001/aligned_seg35`` with
-    ``OAS1_0001/aligned_norm``); never with an image of another name (``t2_seg`` with ``t1``)."""
+    ``OAS1_0001/aligned_norm``); never with an image of another name (``t2_seg`` with ``t1``).
+    A label map named by a label word alone (``sub1/label``, ``seg35``) pairs with its folder's
+    one image without a label map. Of several candidates, the one scan named ``norm``/``brain``
+    (``aligned_norm`` beside ``aligned_orig``) is taken."""
     for lid in [k for k in labels if k not in images]:
-        head = lid + "_", lid + "-", lid + "."
-        match = [vid for vid in images if vid.startswith(head) and "/" not in vid[len(lid):] and vid not in labels]
-        if len(match) == 1:
+        folder, _, name = lid.rpartition("/")
+        if _LABEL_STEM.match(name):
+            head = (folder + "/") if folder else ""
+            match = [vid for vid in images if vid.startswith(head) and "/" not in vid[len(head):]]
+        else:
+            heads = lid + "_", lid + "-", lid + "."
+            match = [vid for vid in images if vid.startswith(heads) and "/" not in vid[len(lid):]]
+        if len(match) > 1:  # (among all the candidates, labelled or not: no second choice by elimination)
+            match = [vid for vid in match if _PREFERRED_SCAN.search(vid.rpartition("/")[2])]
+        if len(match) == 1 and match[0] not in labels:
             labels[match[0]] = labels.pop(lid)
+
+
+def _other_scans_of_labelled_folders(images: dict[str, Path], labels: dict[str, Path],
+                                     skipped: list[Skipped]) -> None:
+    """In a sub-folder where one image has the label map, the folder's other images (the raw
+    ``orig`` beside the ``norm`` a segmentation belongs to, a T2w beside the T1w) are left out
+    and said so: training would otherwise pair label-less other contrasts and processing stages."""
+    by_folder: dict[str, list[str]] = {}
+    for vid in images:
+        folder = vid.rpartition("/")[0]
+        if folder:
+            by_folder.setdefault(folder, []).append(vid)
+    for vids in by_folder.values():
+        with_labels = [v for v in vids if v in labels]
+        if len(with_labels) != 1 or len(vids) == 1:
+            continue
+        for v in vids:
+            if v not in labels:
+                skipped.append(Skipped(str(images.pop(v)), f"another image of the folder whose label map pairs with "
+                                                           f"{with_labels[0]} (--image-glob chooses otherwise)",
+                                       expected=True))
 
 
 def _one_per_file(images: dict[str, Path], skipped: list[Skipped]) -> None:
@@ -205,7 +242,8 @@ def read_folder(
         if vid is None:
             skipped.append(Skipped(str(p), f"could not derive a volume id for this {what}"))
         elif vid in table:
-            skipped.append(Skipped(str(p), f"second {what} for id {vid} (using {table[vid].name})"))
+            skipped.append(Skipped(str(p), f"second {what} for id {vid} (using {table[vid].name})",
+                                   expected=what == "label map"))
         else:
             table[vid] = p
 
@@ -255,12 +293,15 @@ def read_folder(
                 rel = p.relative_to(root)
                 stem = strip_image_ext(p.name)
                 if re.search(r"[_.-]probseg$", stem, re.I):  # BIDS tissue probabilities (fMRIPrep)
-                    skipped.append(Skipped(str(p), "a probability map (BIDS _probseg): neither a scan nor a label map"))
+                    skipped.append(Skipped(str(p), "a probability map (BIDS _probseg): neither a scan nor a label map",
+                                           expected=True))
                     continue
                 prefix = "" if rel.parent == Path(".") else rel.parent.as_posix() + "/"
                 m = _LABEL_SUFFIX.match(stem)
                 if m:
                     add(labels, prefix + m.group("id"), p, "label map")
+                elif _LABEL_STEM.match(stem):
+                    add(labels, prefix + stem, p, "label map")
                 else:
                     add(images, prefix + stem, p, "image")
             expected = f"image files ({', '.join(IMAGE_EXTS)}) below {root}"
@@ -270,6 +311,8 @@ def read_folder(
     _pair_by_image_suffix(images, labels)
     _pair_by_bids_subject(images, labels)
     _pair_in_folder(images, labels)
+    if image_glob is None:
+        _other_scans_of_labelled_folders(images, labels, skipped)
     if subject_pattern:
         try:
             subject_rx = re.compile(subject_pattern)
@@ -288,9 +331,14 @@ def read_folder(
             m = subject_rx.search(vid)
             subject = m.group(1) if m and m.groups() else (m.group(0) if m else vid)
         volumes.append(FileVolumeRef(vid, images[vid], lab, subject=subject, label_map=label_map))
+    labelled_folders = {v.id.rpartition("/")[0] for v in volumes if v.has_labels and "/" in v.id}
     for vid, p in labels.items():
+        # a mask, or a label map named by a label word alone beside a labelled scan (neurite-OASIS's
+        # native-space seg35 beside aligned_norm + aligned_seg35): expected, not broken data
+        bare = _LABEL_STEM.match(vid.rpartition("/")[2]) and vid.rpartition("/")[0] in labelled_folders
+        mask = re.search(r"mask\d*$", strip_image_ext(p.name), re.I) is not None
         skipped.append(Skipped(str(p), f"label map without an image (id {vid}; taken for a label map by its name: "
-                                       "--image-glob/--label-glob choose otherwise)"))
+                                       "--image-glob/--label-glob choose otherwise)", expected=bool(bare or mask)))
     n_lab = sum(v.has_labels for v in volumes)
     if 0 < n_lab < len(volumes):
         notes.append(f"{len(volumes) - n_lab} of {len(volumes)} images have no label map")

@@ -63,7 +63,7 @@ class InspectReport:
     def problems(self) -> list[tuple[str, str]]:
         """``[(what, reason)]``: volumes that failed plus what the reader left out."""
         out = [(v.id, v.problem) for v in self.volumes if v.problem]
-        out += [(s.what, s.reason) for s in self.source.skipped]
+        out += [(s.what, s.reason) for s in self.source.skipped if not s.expected]
         return out
 
     def format(self) -> str:
@@ -86,8 +86,11 @@ class InspectReport:
                 lines.append(f"labels found: {len(present)} ({format_codes(present, 12)})"
                              + (f" of {len(names)} defined" if names else ""))
         bad = [v for v in self.volumes if v.problem]
-        lines.append(f"problems: {len(bad)} volume(s) unusable, {len(self.source.skipped)} file(s) left out by the reader"
-                     if (bad or self.source.skipped) else "problems: none")
+        unexpected = [s for s in self.source.skipped if not s.expected]
+        by_rule = len(self.source.skipped) - len(unexpected)
+        rule = f" ({by_rule} more left out by the reader's rules: not problems)" if by_rule else ""
+        lines.append(f"problems: {len(bad)} volume(s) unusable, {len(unexpected)} file(s) left out by the reader{rule}"
+                     if (bad or unexpected) else f"problems: none{rule}")
         return "\n".join(lines)
 
 

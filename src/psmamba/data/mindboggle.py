@@ -81,7 +81,8 @@ def read_mindboggle(
         subset_dirs[name] = c
     for name, d in subset_dirs.items():
         if name not in subsets:
-            skipped.append(Skipped(str(d), f"subset {name} is not in the chosen subsets {subsets} (pass subsets= to add it)"))
+            skipped.append(Skipped(str(d), f"subset {name} is not in the chosen subsets {subsets} (pass subsets= to add it)",
+                                   expected=True))
     volumes: list[FileVolumeRef] = []
     subset_of: dict[str, str] = {}
     for name in subsets:

@@ -168,6 +168,10 @@ class Skipped:
 
     what: str
     reason: str
+    #: left out by a documented rule of the reader (a T2w beside the labelled T1w, a brain mask, a
+    #: Mindboggle subset outside the protocol), not a sign of broken data: ``data inspect`` says
+    #: it but does not count it as a problem
+    expected: bool = False
 
     def __str__(self) -> str:
         return f"{self.what}: {self.reason}"
