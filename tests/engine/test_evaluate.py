@@ -521,3 +521,24 @@ def test_an_error_while_a_pair_runs_names_the_pair(tmp_path, monkeypatch, capsys
     assert err == ["psmamba: error: pair second (2 of 2; nothing written): moving image: something only the "
                    "registration finds"]
     assert not out.exists()
+
+
+def test_a_manifests_own_val_split_without_pairs_gets_advice_that_fits(tmp_path):
+    """A manifest marking one volume val: the warning said 'raise data.val_fraction', which does
+    nothing when the data set's own split is used; now it says what does."""
+    import dataclasses
+
+    from psmamba.data.training import build_datasets
+
+    root = _six_cases(tmp_path / "d")
+    rows = ["image,label,split"] + [f"case{i}.nii.gz,case{i}_seg.nii.gz,{'val' if i == 5 else 'test' if i == 6 else 'train'}"
+                                    for i in range(1, 7)]
+    (root / "list.csv").write_text("\n".join(rows) + "\n")
+    cfg = _folder_config(root / "list.csv", 0.0)
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, source="manifest", val_fraction=0.5,
+                                                            options={"pipeline": "minmax"}))
+    with pytest.warns(UserWarning, match=r"validation split \(1 volumes\) holds no pairs; no validation, no best.pt "
+                                         r"\(the data set's own split names it: give at least two subjects' volumes "
+                                         r"the split val .*\); last.pt is written"):
+        train, val = build_datasets(cfg)
+    assert val is None and len(train) == 4 * 3

@@ -245,6 +245,9 @@ def test_stop_mid_epoch_then_resume_gives_the_same_weights(tmp_path, data_dir, c
     ref_rows = [r for r in csv_rows(reference_run / "metrics.csv") if r["split"] == "train"]
     got_rows = [r for r in csv_rows(out / "metrics.csv") if r["split"] == "train"]
     assert [(r["step"], r["loss"], r["lr"]) for r in got_rows] == [(r["step"], r["loss"], r["lr"]) for r in ref_rows]
+    # the time column continues across the resume (it restarted at 0)
+    times = [float(r["time"]) for r in csv_rows(out / "metrics.csv")]
+    assert times == sorted(times), times
 
 
 def _wait_for_rows(csv_path: Path, n: int, proc: subprocess.Popen, timeout: float = 120.0) -> None:

@@ -88,6 +88,6 @@ def run(args: argparse.Namespace) -> int:
     import os
 
     if int(os.environ.get("RANK", "0")) == 0:
-        print(f"training {status} after {result.epochs_completed} epochs, {result.steps} steps; {best}; "
-              f"checkpoints in {result.out_dir}")
+        epochs = f"{result.epochs_completed} full epoch{'' if result.epochs_completed == 1 else 's'}"
+        print(f"training {status} after {result.steps} steps ({epochs}); {best}; checkpoints in {result.out_dir}")
     return 130 if result.stopped == "signal" else 0

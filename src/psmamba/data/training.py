@@ -269,9 +269,11 @@ def build_datasets(cfg: TrainConfig):
     train, val = parts
     if train is None:  # before the validation warning, whose advice would not help
         raise PsmambaError(f"data.root {root}: the training split holds no pairs ({len(splits.get('train', []))} volumes)")
-    if val is None and d.val_fraction > 0:
+    if val is None and (d.val_fraction > 0 or "val" in src.splits):
+        advice = ("the data set's own split names it: give at least two subjects' volumes the split val "
+                  "(a manifest's split column, a Val/ folder)" if "val" in src.splits else "raise data.val_fraction")
         warnings.warn(f"data.root {root}: the validation split ({len(splits.get('val', []))} volumes) holds no pairs; "
-                      "no validation, no best.pt (raise data.val_fraction)")
+                      f"no validation, no best.pt ({advice}); last.pt is written")
     return train, val
 
 

@@ -46,6 +46,13 @@ class CsvLog:
                 rows = list(csv.DictReader(fh))
             rows = rows if keep_rows is None else rows[:keep_rows]
         self.rows = len(rows)
+        #: the ``time`` of the last row kept: a resumed run's clock continues from it
+        self.time_before = 0.0
+        if rows:
+            try:
+                self.time_before = max(float(rows[-1].get("time") or 0.0), 0.0)
+            except ValueError:
+                pass
 
         def write(name: str) -> None:
             with open(name, "w", newline="") as fh:

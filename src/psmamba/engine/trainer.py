@@ -362,7 +362,7 @@ class Trainer:
         rate = self.pairs_done / max(time.monotonic() - self.t_start, 1e-9)
         if self.info.is_main:
             vals = dict(zip(STEP_TERMS, means))
-            row = {"time": round(time.monotonic() - self.t_start, 3), "epoch": self.epoch + 1,
+            row = {"time": round(self.csv_log.time_before + time.monotonic() - self.t_start, 3), "epoch": self.epoch + 1,
                    "step": self.global_step, "split": "train", **vals, "lr": self.lr_now, "pairs_per_s": rate}
             self.csv_log.write(row)
             self.tb.scalars("train", {**vals, "lr": self.lr_now, "pairs_per_s": rate}, self.global_step)
@@ -422,7 +422,7 @@ class Trainer:
             return
         if self.info.is_main:
             res, images = self.validate()
-            row = {"time": round(time.monotonic() - self.t_start, 3), "epoch": self.epoch + 1,
+            row = {"time": round(self.csv_log.time_before + time.monotonic() - self.t_start, 3), "epoch": self.epoch + 1,
                    "step": self.global_step, "split": "val", **res, "lr": self.optim.param_groups[0]["lr"]}
             self.csv_log.write(row)
             self.tb.scalars("val", res, self.global_step)
