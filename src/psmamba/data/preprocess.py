@@ -419,7 +419,14 @@ def shared_window(pipeline: Pipeline, volumes: Sequence, most: int = 5) -> Pipel
         return pipeline
     before, crop = Pipeline(steps[:k]), steps[k]
     picks = sorted({round(i * (len(volumes) - 1) / max(most - 1, 1)) for i in range(min(most, len(volumes)))})
-    starts = [crop.window_start(before(volumes[i].load())) for i in picks]
+    starts = []
+    for i in picks:
+        try:
+            starts.append(crop.window_start(before(volumes[i].load())))
+        except PsmambaError:  # a broken volume is reported where the data are checked, not here
+            continue
+    if not starts:
+        return pipeline
     start = tuple(int(v) for v in np.floor(np.mean(starts, axis=0) + 0.5))
     fixed = CropOrPad(crop.size, crop.centre, crop.threshold, crop.use_labels, start=start)  # type: ignore[arg-type]
     return Pipeline(steps[:k] + [fixed] + steps[k + 1:])
