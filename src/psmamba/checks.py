@@ -458,27 +458,23 @@ class VolumeFacts:
 
 def _open(p: Path, what: str):
     """The nibabel image of ``p``; a ``.gz`` file is decompressed whole here (CRC checked)."""
-    import nibabel as nib
+    from psmamba.io import READ_SUFFIXES, _suffix, open_image
 
-    from psmamba.io import _load_pair, analyze_pair, check_file
-
-    suffix = check_file(p, what)
-    name = p.name.lower()
+    # the header only (voxels: memory-mapped or lazily); a pair, either half gzipped, any case, is
+    # read as the loader reads it (its gzip CRC checked there)
+    img, _ = open_image(p, what)
+    pair = _suffix(p, READ_SUFFIXES) in (".hdr", ".img", ".hdr.gz", ".img.gz")
+    if pair or not p.name.lower().endswith(".gz") or not hasattr(type(img), "from_bytes"):
+        return img
     try:
-        if suffix in (".hdr", ".img", ".hdr.gz", ".img.gz"):
-            # a pair, either half gzipped, any case: read as the loader reads it (gzip CRC checked)
-            return _load_pair(*analyze_pair(p))
-        img = nib.load(str(p))  # reads the header only (voxels: memory-mapped or lazily)
-        if name.endswith(".gz") and hasattr(type(img), "from_bytes"):
-            # nibabel reads only the bytes the voxels need, never the gzip trailer: a flipped
-            # bit near the end would pass. Decompressing the whole stream checks its CRC.
-            with gzip.open(p, "rb") as fh:
-                img = type(img).from_bytes(fh.read())
+        # nibabel reads only the bytes the voxels need, never the gzip trailer: a flipped bit
+        # near the end would pass. Decompressing the whole stream checks its CRC.
+        with gzip.open(p, "rb") as fh:
+            return type(img).from_bytes(fh.read())
     except MemoryError:
         raise
-    except Exception as exc:  # nibabel, gzip, zlib and OS errors: "unreadable"
+    except Exception as exc:  # gzip, zlib and OS errors: "unreadable"
         raise PsmambaError(f"{what} {p}: cannot be read as NIfTI/Analyze ({_short(exc)})") from exc
-    return img
 
 
 def _slabs(img, p: Path, what: str) -> Iterator[np.ndarray]:

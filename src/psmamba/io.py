@@ -202,20 +202,30 @@ def check_file(p: Path, what: str) -> str:
     return suffix
 
 
-def _read(path, what: str) -> tuple[Any, np.ndarray, Path]:
-    """Open ``path`` with nibabel and read its voxels; any failure -> one-line PsmambaError."""
+def open_image(path, what: str, mmap: bool = True) -> tuple[Any, Path]:
+    """The nibabel image of a volume file and its path, the header read and the voxels not yet
+    (an Analyze/NIfTI pair: both halves read, either gzipped); any failure -> one-line PsmambaError."""
     p = _as_path(path, what)
     suffix = check_file(p, what)
     try:
         if suffix in (".hdr", ".img", ".hdr.gz", ".img.gz"):
-            img = _load_pair(*analyze_pair(p))
-        else:
-            # mmap=False: a private in-memory array, no open file handle kept behind it
-            img = nib.load(str(p), mmap=False)
-        data = np.asanyarray(img.dataobj)
+            return _load_pair(*analyze_pair(p)), p
+        return nib.load(str(p), mmap=mmap), p
     except MemoryError:
         raise
     except Exception as exc:  # nibabel, gzip, zlib and OS errors all mean "unreadable"
+        raise PsmambaError(f"{what} {p}: cannot be read as NIfTI/Analyze ({_short(exc)})") from exc
+
+
+def _read(path, what: str) -> tuple[Any, np.ndarray, Path]:
+    """Open ``path`` with nibabel and read its voxels; any failure -> one-line PsmambaError."""
+    # mmap=False: a private in-memory array, no open file handle kept behind it
+    img, p = open_image(path, what, mmap=False)
+    try:
+        data = np.asanyarray(img.dataobj)
+    except MemoryError:
+        raise
+    except Exception as exc:
         raise PsmambaError(f"{what} {p}: cannot be read as NIfTI/Analyze ({_short(exc)})") from exc
     _warn_geometry(img.header, data.shape[:3], f"{what} {p}", p)
     return img, np.asarray(data), p
@@ -387,12 +397,25 @@ def load_image(path, what: str = "image") -> Image:
     Raises:
         PsmambaError: file missing, unreadable or corrupt, not 3-D, or holding NaN/Inf.
     """
+    return _read_scalar(path, what, series=False)
+
+
+def _read_scalar(path, what: str, series: bool, labels: bool = False) -> Image:
+    """A file's 3-D volume (``series``: or 4-D series) of real numbers, checked: trailing singleton
+    axes dropped, finite values (``labels``: integer codes, as :func:`load_labels` reads them)."""
     img, data, p = _read(path, what)
     data = _squeeze_to(data, 3)
-    if data.ndim != 3:
-        raise PsmambaError(f"{what} {p}: expected a 3-D volume, got shape {tuple(data.shape)}")
+    if data.ndim != 3 and not (series and data.ndim == 4 and min(data.shape) >= 1):
+        if not series:
+            raise PsmambaError(f"{what} {p}: expected a 3-D volume, got shape {tuple(data.shape)}")
+        raise PsmambaError(f"{what} {p}: expected a 3-D volume or a 4-D series of volumes, got shape "
+                           f"{tuple(data.shape)}" + (" (a vector image, e.g. a displacement field?)"
+                                                     if data.ndim == 5 else ""))
     check_scalar_dtype(data.dtype, f"{what} {p}")  # complex or RGB voxels: a numpy error deep inside before
-    _check_finite(data, what, p)
+    if labels:
+        data = _integer_labels(data, what, p)
+    else:
+        _check_finite(data, what, p)
     return Image(data=data, affine=np.asarray(img.affine, dtype=np.float64), header=img.header, path=p)
 
 
@@ -421,18 +444,7 @@ def load_series(path, what: str = "image", labels: bool = False) -> Image:
     Raises:
         PsmambaError: as :func:`load_image`, naming the file.
     """
-    img, data, p = _read(path, what)
-    data = _squeeze_to(data, 3)
-    if data.ndim not in (3, 4) or min(data.shape) < 1:
-        raise PsmambaError(f"{what} {p}: expected a 3-D volume or a 4-D series of volumes, got shape "
-                           f"{tuple(data.shape)}" + (" (a vector image, e.g. a displacement field?)"
-                                                     if data.ndim == 5 else ""))
-    check_scalar_dtype(data.dtype, f"{what} {p}")
-    if labels:
-        data = _integer_labels(data, what, p)
-    else:
-        _check_finite(data, what, p)
-    return Image(data=data, affine=np.asarray(img.affine, dtype=np.float64), header=img.header, path=p)
+    return _read_scalar(path, what, series=True, labels=labels)
 
 
 def load_ddf(path, what: str = "displacement field") -> Image:
@@ -778,21 +790,30 @@ def save_itk_warp(path, ddf, affine) -> Path:
     return _atomic_save(img, p)
 
 
-def _in_memory(arr: np.ndarray, what: str, labels: bool, kind: str) -> np.ndarray:
-    """A 3-D array given in memory, checked as a file would be: real numbers; for ``labels``
-    integer codes >= 0 (converted as :func:`load_labels` converts a file's)."""
-    if arr.ndim != 3:
-        raise PsmambaError(f"{what} must be a 3-D {kind}, got shape {arr.shape}")
+def _in_memory(arr: np.ndarray, what: str, labels: bool, kind: str, series: bool = False) -> np.ndarray:
+    """A 3-D array (``series``: or a 4-D series) given in memory, checked as a file would be: real
+    numbers; for ``labels`` integer codes >= 0 (converted as :func:`load_labels` converts a
+    file's); a series' values finite (a 3-D image's are checked by the command that takes it)."""
+    if arr.ndim != 3 and not (series and arr.ndim == 4):
+        raise PsmambaError(f"{what} must be a 3-D {kind}" + (" or a 4-D series" if series else "")
+                           + f", got shape {arr.shape}")
     if arr.dtype.kind not in "biuf":
         raise PsmambaError(f"{what} must hold real numbers, got dtype {arr.dtype}")
-    return _integer_labels(arr, what, None) if labels else arr
+    if arr.ndim == 4 and min(arr.shape) < 1:
+        raise PsmambaError(f"{what}: an empty series, shape {arr.shape}")
+    if labels:
+        return _integer_labels(arr, what, None)
+    if arr.ndim == 4 and arr.dtype.kind == "f" and not np.isfinite(arr).all():
+        raise PsmambaError(f"{what}: holds {int(arr.size - np.isfinite(arr).sum())} NaN/Inf voxel value(s)" + NAN_HINT)
+    return arr
 
 
-def as_image(obj: Any, what: str, labels: bool = False) -> Image | None:
+def as_image(obj: Any, what: str, labels: bool = False, series: bool = False) -> Image | None:
     """A path, an :class:`Image`, a :class:`psmamba.data.Volume` or a 3-D array -> an :class:`Image`.
 
     An array is taken with an identity affine (1 mm voxels); ``labels`` reads/keeps integer
-    label codes; ``what`` names the input in the one-line errors. None passes through.
+    label codes; ``series``: a 4-D series ``(D, H, W, T)`` is taken too (:func:`load_series`);
+    ``what`` names the input in the one-line errors. None passes through.
     """
     if obj is None:
         return None
@@ -801,17 +822,19 @@ def as_image(obj: Any, what: str, labels: bool = False) -> Image | None:
         path = Path(obj).expanduser()
         if not path.exists():
             raise PsmambaError(f"{what} file {path} does not exist")
+        if series:
+            return load_series(path, what, labels=labels)
         return load_labels(path, what=what) if labels else load_image(path, what=what)
     if isinstance(obj, np.ndarray):
-        arr = _in_memory(obj, what, labels, "array")
+        arr = _in_memory(obj, what, labels, "array", series)
         return Image(data=arr, affine=np.eye(4), header=None, path=None)  # type: ignore[arg-type]
     if hasattr(obj, "data") and hasattr(obj, "affine"):
         arr = np.asarray(obj.data)
-        if arr.ndim != 3:
+        if arr.ndim != 3 and not (series and arr.ndim == 4):
             raise PsmambaError(f"{what} must be a 3-D image, got shape {arr.shape}")
         from psmamba.checks import image_name  # (checks imports this module)
 
-        checked = _in_memory(arr, image_name(what, obj), labels, "image")
+        checked = _in_memory(arr, image_name(what, obj), labels, "image", series)
         if checked is arr:
             return obj
         return Image(data=checked, affine=np.asarray(obj.affine, dtype=np.float64), header=getattr(obj, "header", None),

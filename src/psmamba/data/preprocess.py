@@ -21,7 +21,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import numpy as np
 
@@ -382,18 +381,13 @@ def _grid_of(vol) -> tuple[tuple[int, ...], np.ndarray] | None:
     path = getattr(vol, "image_path", None)
     if path is None:
         return None
+    from psmamba.io import open_image
+
     try:
-        import nibabel as nib
-
-        from psmamba import io
-
-        if io._suffix(Path(path), io.READ_SUFFIXES) in (".hdr", ".img", ".hdr.gz", ".img.gz"):
-            img = io._load_pair(*io.analyze_pair(Path(path)))
-        else:
-            img = nib.load(str(path))
-        return tuple(int(n) for n in img.shape[:3]), np.asarray(img.affine, dtype=np.float64)
-    except Exception:  # unreadable here: the volume's own load says why, later
+        img, _ = open_image(path, "image")
+    except PsmambaError:  # unreadable here: the volume's own load says why, later
         return None
+    return tuple(int(n) for n in img.shape[:3]), np.asarray(img.affine, dtype=np.float64)
 
 
 def shared_window(pipeline: Pipeline, volumes: Sequence, most: int = 5) -> Pipeline:

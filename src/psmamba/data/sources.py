@@ -206,6 +206,8 @@ class SourceData:
     skipped: list[Skipped] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     preprocessing: str = "minmax"
+    #: pipelines placed for these volumes (:meth:`pipeline`), by preset
+    _pipelines: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         ids = [v.id for v in self.volumes]
@@ -279,10 +281,9 @@ class SourceData:
         from psmamba.data.preprocess import preset, shared_window
 
         key = self.preprocessing if name == "preset" else name
-        cache = self.__dict__.setdefault("_pipelines", {})
-        if key not in cache:
-            cache[key] = shared_window(preset(key), self.volumes)
-        return cache[key]
+        if key not in self._pipelines:
+            self._pipelines[key] = shared_window(preset(key), self.volumes)
+        return self._pipelines[key]
 
     def pair_dataset(
         self,

@@ -236,25 +236,8 @@ def _source(image: Any, labels: bool):
     from psmamba import io
 
     what = "label map" if labels else "image"
-    if isinstance(image, (str, os.PathLike)):
-        path = Path(image).expanduser()
-        if not path.exists():
-            raise PsmambaError(f"{what} file {path} does not exist")
-        img = io.load_series(path, what, labels=labels)
-        if io.is_ddf_header(img.header):
-            raise PsmambaError(f"{what} {path}: is a displacement field (psmamba's ddf), not an image: a field is not "
-                               "carried through another one component by component")
-        return img
-    arr = image if isinstance(image, np.ndarray) else getattr(image, "data", None)
-    if not (isinstance(arr, np.ndarray) and arr.ndim == 4):
-        return io.as_image(image, what, labels=labels)
-    name = f"{what} {image.path}" if getattr(image, "path", None) is not None else what
-    io.check_scalar_dtype(arr.dtype, name)
-    if min(arr.shape) < 1:
-        raise PsmambaError(f"{name}: an empty series, shape {arr.shape}")
-    if labels:
-        arr = io._integer_labels(arr, name, None)
-    elif np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
-        raise PsmambaError(f"{name}: holds {int(arr.size - np.isfinite(arr).sum())} NaN/Inf voxel value(s)" + io.NAN_HINT)
-    affine = np.eye(4) if isinstance(image, np.ndarray) else np.asarray(image.affine, dtype=np.float64)
-    return io.Image(data=arr, affine=affine, header=getattr(image, "header", None), path=getattr(image, "path", None))
+    img = io.as_image(image, what, labels=labels, series=True)
+    if io.is_ddf_header(img.header):
+        raise PsmambaError(f"{what} {img.path}: is a displacement field (psmamba's ddf), not an image: a field is not "
+                           "carried through another one component by component")
+    return img

@@ -22,7 +22,6 @@ list (:func:`pair_files`), the demo (:func:`demo_pairs`) or a training config's 
 from __future__ import annotations
 
 import contextlib
-
 import os
 import sys
 import time
