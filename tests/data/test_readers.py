@@ -774,6 +774,14 @@ def test_a_whole_neurite_oasis_folder_and_label_words_alone(tmp_path, capsys):
         src = open_source(tmp_path / name, layout="folder")
         assert [(v.id, v.label_path.name) for v in src.volumes] == [(f"s{i}/{name}", f"{lab}.nii.gz")
                                                                     for i in range(1, 4)]
+    # a bare `mask` beside a bare `seg`: the segmentation is the label map (the mask sorted first)
+    for i in (1, 2):
+        _save(tmp_path / "masked" / f"s{i}" / "image.nii.gz", _image(i))
+        _save(tmp_path / "masked" / f"s{i}" / "seg.nii.gz", _labels([1, 2, 3], i))
+        _save(tmp_path / "masked" / f"s{i}" / "mask.nii.gz", _labels([1], i))
+    src = open_source(tmp_path / "masked", layout="folder")
+    assert [v.label_path.name for v in src.volumes] == ["seg.nii.gz", "seg.nii.gz"]
+    assert all(s.expected and "mask.nii.gz" in s.what for s in src.skipped)
     # a folder whose two scans neither is preferred: the label map pairs with neither, and is said
     _save(tmp_path / "two" / "s1" / "t1.nii.gz", _image(1))
     _save(tmp_path / "two" / "s1" / "t2.nii.gz", _image(2))

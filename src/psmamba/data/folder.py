@@ -336,9 +336,8 @@ def read_folder(
         # a mask, or a label map named by a label word alone beside a labelled scan (neurite-OASIS's
         # native-space seg35 beside aligned_norm + aligned_seg35): expected, not broken data
         bare = _LABEL_STEM.match(vid.rpartition("/")[2]) and vid.rpartition("/")[0] in labelled_folders
-        mask = re.search(r"mask\d*$", strip_image_ext(p.name), re.I) is not None
         skipped.append(Skipped(str(p), f"label map without an image (id {vid}; taken for a label map by its name: "
-                                       "--image-glob/--label-glob choose otherwise)", expected=bool(bare or mask)))
+                                       "--image-glob/--label-glob choose otherwise)", expected=bool(bare or _is_mask(p))))
     n_lab = sum(v.has_labels for v in volumes)
     if 0 < n_lab < len(volumes):
         notes.append(f"{len(volumes) - n_lab} of {len(volumes)} images have no label map")
@@ -369,9 +368,14 @@ def _default_subjects(ids: list[str], notes: list[str]) -> dict[str, str]:
     return out
 
 
+def _is_mask(p: Path) -> bool:
+    """A (brain) mask by its name: ``*_mask``, ``mask``, ``brainmask``, ``mask2``."""
+    return re.search(r"mask\d*$", strip_image_ext(p.name), re.I) is not None
+
+
 def _mask_last(p: Path) -> tuple[bool, str]:
-    """Sort key: label maps named ``*_mask`` after the others (a segmentation wins over a mask)."""
-    return re.search(r"[_.-]mask$", strip_image_ext(p.name), re.I) is not None, str(p)
+    """Sort key: masks after the other label maps (a segmentation wins over a mask)."""
+    return _is_mask(p), str(p)
 
 
 def _natural_key(text: str):
